@@ -1,1 +1,47 @@
-fn main() {}
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use ebb_agent::config::Cli;
+use tokio::io::AsyncReadExt;
+
+fn main() -> anyhow::Result<()> {
+    init_logging();
+    let cli = Cli::parse();
+    let config = cli.load()?;
+    // One thread: the agent runs on every VM and must stay small.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        tokio::select! {
+            result = ebb_agent::run(config) => result,
+            () = shutdown_signal(cli.exit_on_stdin_eof) => Ok(()),
+        }
+    })
+}
+
+async fn shutdown_signal(exit_on_stdin_eof: bool) {
+    let stdin_closed = async {
+        if !exit_on_stdin_eof {
+            return std::future::pending().await;
+        }
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+        () = stdin_closed => {}
+    }
+    tracing::info!("Stopping.");
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EBB_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("EBB_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,313 @@
+//! The agent's configuration: `/etc/ebb/agent.toml` by default; `EBB_*` environment variables override the
+//! file and command-line flags override both.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::cpu::CpuSource;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ebb/agent.toml";
+
+/// A configuration that cannot be used; the message says where and what to change.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    /// The values are well-formed but unusable.
+    #[error("invalid agent configuration: {0}")]
+    Invalid(String),
+}
+
+/// Reads a TOML file into `T`, naming the file, the key path and what was expected on error.
+pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    let syntax = |message: String| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message,
+    };
+    let deserializer = toml::de::Deserializer::parse(text).map_err(|e| syntax(e.to_string()))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let line = e
+            .inner()
+            .span()
+            .map(|span| format!("line {}: ", text[..span.start].matches('\n').count() + 1))
+            .unwrap_or_default();
+        syntax(format!("{line}key `{}`: {}", e.path(), e.inner().message()))
+    })
+}
+
+/// The file's schema. Every key is optional except `member_id`, which may also come from the flags.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The member this agent speaks for.
+    #[serde(default)]
+    pub member_id: String,
+    /// The collector's telemetry endpoint.
+    #[serde(default = "default_collector_url")]
+    pub collector_url: String,
+    /// Seconds between samples; the collector may change it.
+    #[serde(default = "default_interval_secs")]
+    pub interval_secs: u32,
+    /// How many seconds of samples to keep while the collector is unreachable.
+    #[serde(default = "default_buffer_secs")]
+    pub buffer_secs: u32,
+    #[serde(default)]
+    pub cpu: CpuSource,
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    pub url: String,
+    #[serde(default = "default_health_timeout_ms")]
+    pub timeout_ms: u32,
+    /// Inclusive range of status codes that mean healthy.
+    #[serde(default = "default_healthy_statuses")]
+    pub healthy_statuses: [u16; 2],
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u32,
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u32,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: default_initial_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+        }
+    }
+}
+
+fn default_collector_url() -> String {
+    "http://127.0.0.1:7300".into()
+}
+fn default_interval_secs() -> u32 {
+    1
+}
+fn default_buffer_secs() -> u32 {
+    600
+}
+fn default_health_timeout_ms() -> u32 {
+    2000
+}
+fn default_healthy_statuses() -> [u16; 2] {
+    [200, 399]
+}
+fn default_initial_backoff_ms() -> u32 {
+    500
+}
+fn default_max_backoff_ms() -> u32 {
+    30_000
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        parse_toml(Path::new("(defaults)"), "").expect("the empty file is a valid configuration")
+    }
+}
+
+impl AgentConfig {
+    /// Samples kept while disconnected: `buffer_secs` worth at the configured interval.
+    pub fn buffer_samples(&self) -> usize {
+        (self.buffer_secs / self.interval_secs.max(1)).max(1) as usize
+    }
+
+    pub fn health_timeout(&self) -> Option<Duration> {
+        self.health_check.as_ref().map(|h| Duration::from_millis(h.timeout_ms.into()))
+    }
+
+    /// Checks what the types cannot, reporting every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.member_id.is_empty() {
+            problems.push("`member_id` is required (in the file, EBB_MEMBER_ID or --member-id)".to_string());
+        }
+        if !(self.collector_url.starts_with("http://") || self.collector_url.starts_with("https://")) {
+            problems.push(format!("`collector_url` must start with http:// or https://, not `{}`", self.collector_url));
+        }
+        if self.interval_secs == 0 {
+            problems.push("`interval_secs` must be at least 1".into());
+        }
+        if let Some(health) = &self.health_check {
+            if health.timeout_ms == 0 {
+                problems.push("`health_check.timeout_ms` must be at least 1".into());
+            }
+            if health.healthy_statuses[0] > health.healthy_statuses[1] {
+                problems.push("`health_check.healthy_statuses` must be [lowest, highest]".into());
+            }
+        }
+        if self.reconnect.initial_backoff_ms == 0 || self.reconnect.initial_backoff_ms > self.reconnect.max_backoff_ms {
+            problems.push("`reconnect.initial_backoff_ms` must be between 1 and `reconnect.max_backoff_ms`".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+}
+
+/// `ebb-agent`: samples this machine and streams to the collector.
+#[derive(Debug, Parser)]
+#[command(name = "ebb-agent", version, about)]
+pub struct Cli {
+    /// The configuration file. A missing default file is not an error.
+    #[arg(long, env = "EBB_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "EBB_MEMBER_ID")]
+    pub member_id: Option<String>,
+    #[arg(long, env = "EBB_COLLECTOR_URL")]
+    pub collector_url: Option<String>,
+    #[arg(long, env = "EBB_INTERVAL_SECS")]
+    pub interval_secs: Option<u32>,
+    /// URL of the HTTP health check (http:// only).
+    #[arg(long, env = "EBB_HEALTH_URL")]
+    pub health_url: Option<String>,
+    /// Measure the CPU of this process and its descendants instead of the host.
+    #[arg(long, env = "EBB_CPU_PID", conflicts_with = "cpu_cgroup")]
+    pub cpu_pid: Option<u32>,
+    /// Measure the CPU of the agent's own cgroup (v2) instead of the host.
+    #[arg(long, env = "EBB_CPU_CGROUP")]
+    pub cpu_cgroup: bool,
+    /// Exit when standard input closes: for a supervisor that starts the agent and wants it gone with itself.
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
+}
+
+impl Cli {
+    /// The file (if any), with environment and flags laid over it.
+    pub fn load(&self) -> Result<AgentConfig, ConfigError> {
+        let path = self.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => parse_toml(&path, &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.config.is_none() => AgentConfig::default(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        if let Some(member_id) = &self.member_id {
+            config.member_id = member_id.clone();
+        }
+        if let Some(url) = &self.collector_url {
+            config.collector_url = url.clone();
+        }
+        if let Some(interval) = self.interval_secs {
+            config.interval_secs = interval;
+        }
+        if let Some(url) = &self.health_url {
+            let mut health = config.health_check.take().unwrap_or(HealthCheckConfig {
+                url: String::new(),
+                timeout_ms: default_health_timeout_ms(),
+                healthy_statuses: default_healthy_statuses(),
+            });
+            health.url = url.clone();
+            config.health_check = Some(health);
+        }
+        if let Some(pid) = self.cpu_pid {
+            config.cpu = CpuSource::Process { pid };
+        } else if self.cpu_cgroup {
+            config.cpu = CpuSource::Cgroup;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn full_file() {
+        let config: AgentConfig = parse_toml(
+            Path::new("agent.toml"),
+            r#"
+            member_id = "web-3"
+            collector_url = "http://10.0.0.5:7300"
+            interval_secs = 2
+            cpu = { type = "process", pid = 77 }
+            [health_check]
+            url = "http://127.0.0.1/health"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.cpu, CpuSource::Process { pid: 77 });
+        assert_eq!(config.health_check.unwrap().timeout_ms, 2000);
+        assert_eq!(config.buffer_secs, 600);
+    }
+
+    #[test]
+    fn a_typo_names_file_key_and_line() {
+        let error = parse_toml::<AgentConfig>(Path::new("/etc/ebb/agent.toml"), "member_id = \"a\"\nintreval_secs = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("/etc/ebb/agent.toml: line 2:"), "{error}");
+        assert!(error.contains("unknown field `intreval_secs`"), "{error}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key_path_and_expected_type() {
+        let error = parse_toml::<AgentConfig>(Path::new("agent.toml"), "[health_check]\nurl = \"http://x/\"\ntimeout_ms = \"2s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("key `health_check.timeout_ms`"), "{error}");
+        assert!(error.contains("expected u32"), "{error}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "member_id = \"from-file\"\ninterval_secs = 5\n").unwrap();
+        let cli = Cli::parse_from(["ebb-agent", "--config", path.to_str().unwrap(), "--member-id", "from-flag", "--cpu-pid", "9"]);
+        let config = cli.load().unwrap();
+        assert_eq!(config.member_id, "from-flag");
+        assert_eq!(config.interval_secs, 5);
+        assert_eq!(config.cpu, CpuSource::Process { pid: 9 });
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let config = AgentConfig {
+            interval_secs: 0,
+            collector_url: "10.0.0.5:7300".into(),
+            ..AgentConfig::default()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("member_id"), "{error}");
+        assert!(error.contains("collector_url"), "{error}");
+        assert!(error.contains("interval_secs"), "{error}");
+    }
+
+    #[test]
+    fn an_explicit_missing_file_is_an_error() {
+        let cli = Cli::parse_from(["ebb-agent", "--config", "/nonexistent/agent.toml", "--member-id", "x"]);
+        assert!(matches!(cli.load(), Err(ConfigError::Read { .. })));
+    }
+}
