@@ -188,6 +188,9 @@ pub struct Cli {
     /// Measure the CPU of this process and its descendants instead of the host.
     #[arg(long, env = "EBB_CPU_PID", conflicts_with = "cpu_cgroup")]
     pub cpu_pid: Option<u32>,
+    /// With --cpu-pid: the CPUs the percentage is relative to (default: all online CPUs).
+    #[arg(long, env = "EBB_CPU_CAPACITY", requires = "cpu_pid")]
+    pub cpu_capacity: Option<f64>,
     /// Measure the CPU of the agent's own cgroup (v2) instead of the host.
     #[arg(long, env = "EBB_CPU_CGROUP")]
     pub cpu_cgroup: bool,
@@ -224,7 +227,10 @@ impl Cli {
             config.health_check = Some(health);
         }
         if let Some(pid) = self.cpu_pid {
-            config.cpu = CpuSource::Process { pid };
+            config.cpu = CpuSource::Process {
+                pid,
+                cpus: self.cpu_capacity,
+            };
         } else if self.cpu_cgroup {
             config.cpu = CpuSource::Cgroup;
         }
@@ -251,13 +257,13 @@ mod tests {
             member_id = "web-3"
             collector_url = "http://10.0.0.5:7300"
             interval_secs = 2
-            cpu = { type = "process", pid = 77 }
+            cpu = { type = "process", pid = 77, cpus = 1.0 }
             [health_check]
             url = "http://127.0.0.1/health"
             "#,
         )
         .unwrap();
-        assert_eq!(config.cpu, CpuSource::Process { pid: 77 });
+        assert_eq!(config.cpu, CpuSource::Process { pid: 77, cpus: Some(1.0) });
         assert_eq!(config.health_check.unwrap().timeout_ms, 2000);
         assert_eq!(config.buffer_secs, 600);
     }
@@ -289,7 +295,7 @@ mod tests {
         let config = cli.load().unwrap();
         assert_eq!(config.member_id, "from-flag");
         assert_eq!(config.interval_secs, 5);
-        assert_eq!(config.cpu, CpuSource::Process { pid: 9 });
+        assert_eq!(config.cpu, CpuSource::Process { pid: 9, cpus: None });
     }
 
     #[test]

@@ -26,8 +26,9 @@ pub enum CpuSource {
     Host,
     /// The cgroup the agent runs in, relative to its `cpu.max` quota (or to all online CPUs without one).
     Cgroup,
-    /// The process with this PID and all its descendants, relative to all online CPUs.
-    Process { pid: u32 },
+    /// The process with this PID and all its descendants, relative to `cpus` CPUs (default: all online
+    /// CPUs). A single-threaded service on a big host is best measured with `cpus = 1`.
+    Process { pid: u32, cpus: Option<f64> },
 }
 
 /// Why a reading failed.
@@ -136,10 +137,10 @@ impl CpuReader {
                     total: monotonic_secs * cpus,
                 })
             }
-            CpuSource::Process { pid } => Ok(CpuReading {
+            CpuSource::Process { pid, cpus } => Ok(CpuReading {
                 busy: self.process_tree_ticks(*pid)? as f64 / USER_HZ,
                 steal: 0.0,
-                total: monotonic_secs * self.online_cpus as f64,
+                total: monotonic_secs * cpus.unwrap_or(self.online_cpus as f64),
             }),
         }
     }
@@ -235,13 +236,16 @@ mod tests {
         write(&proc_root, "12/stat", &pid_stat(12, 11, 25)); // grandchild
         write(&proc_root, "13/stat", &pid_stat(13, 1, 1_000)); // a sibling: not counted
         write(&proc_root, "self/cgroup", "0::/\n");
-        let mut reader = CpuReader::new(CpuSource::Process { pid: 10 }, 2);
+        let mut reader = CpuReader::new(CpuSource::Process { pid: 10, cpus: None }, 2);
         reader.proc_root = proc_root;
         let reading = reader.read(7.0).unwrap();
         assert_eq!(reading.busy, 1.75);
         assert_eq!(reading.total, 14.0);
 
-        reader.source = CpuSource::Process { pid: 99 };
+        reader.source = CpuSource::Process { pid: 10, cpus: Some(0.5) };
+        assert_eq!(reader.read(7.0).unwrap().total, 3.5, "relative to the given CPUs");
+
+        reader.source = CpuSource::Process { pid: 99, cpus: None };
         let error = reader.read(7.0).unwrap_err().to_string();
         assert!(error.contains("99/stat"), "{error}");
     }

@@ -1,1 +1,82 @@
-fn main() {}
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ebb_collector::Collector;
+use ebb_collector::cli::{Cli, Command};
+use ebb_collector::config;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Workload(args) = cli.command {
+        // Plain threads: the workload must behave like a simple one-CPU server.
+        return report(ebb_collector::workload::run(args).map(|()| true));
+    }
+    init_logging(matches!(cli.command, Command::Demo(_)));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return report(Err(e.into())),
+    };
+    report(runtime.block_on(run(cli)))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = config::load(&config)?;
+            let collector = Collector::start(config).await?;
+            shutdown_signal().await;
+            tracing::info!("Stopping: no new evaluations; stopping local instances.");
+            collector.shutdown().await;
+            Ok(true)
+        }
+        Command::Demo(args) => ebb_collector::demo::run(args).await,
+        Command::Validate { config } => {
+            let parsed = config::load(&config)?;
+            println!("{}: valid, {} group(s)", config.display(), parsed.groups.len());
+            Ok(true)
+        }
+        Command::GenConfig => {
+            print!("{}", config::LOCAL_EXAMPLE);
+            Ok(true)
+        }
+        Command::Workload(_) => unreachable!("handled before the runtime starts"),
+        command => {
+            ebb_collector::cli::admin(&cli.server, command).await?;
+            Ok(true)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn report(result: anyhow::Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `EBB_LOG` is a tracing filter; `EBB_LOG_FORMAT=json` logs JSON. The demo logs only warnings by default,
+/// so that its own view stays readable.
+fn init_logging(quiet: bool) {
+    let default = if quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EBB_LOG").unwrap_or_else(|_| default.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("EBB_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

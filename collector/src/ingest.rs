@@ -1,0 +1,530 @@
+//! Ingest: validates samples, drops duplicates by sequence number, and keeps a sliding window of samples
+//! per member. One task owns all of it; the gRPC handlers and the group controllers talk to it through an
+//! [`IngestHandle`]. Samples live only in memory.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use ebb_proto::v1::health_check::Status as HealthStatus;
+use ebb_proto::v1::{AgentSettings, Hello, Rejection, Sample};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{Metric, Millis, Window};
+use crate::metrics::Metrics;
+
+/// How far ahead of the collector's clock a sample's timestamp may be.
+pub const MAX_CLOCK_AHEAD_MS: Millis = 60_000;
+
+/// Why an agent's stream was refused.
+#[derive(Debug, Error, PartialEq)]
+pub enum IngestError {
+    /// The member is not part of any group: it was never launched by ebb, or it has been terminated.
+    #[error("member `{0}` is not part of any group; only members launched or enrolled by this collector may report")]
+    UnknownMember(String),
+    /// The collector is shutting down.
+    #[error("the collector is shutting down")]
+    Closed,
+}
+
+/// Why one sample was refused; it is counted and never stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRejection {
+    /// Metric label: `not_finite`, `negative`, `above_100_percent`, `timestamp_in_future`, `no_sequence`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Checks one sample's values. `now` is the collector's clock.
+pub fn validate_sample(sample: &Sample, now: Millis) -> Result<(), SampleRejection> {
+    let reject = |reason, message: String| Err(SampleRejection { reason, message });
+    if sample.seq == 0 {
+        return reject("no_sequence", "sequence numbers start at 1".into());
+    }
+    if sample.timestamp_ms > now + MAX_CLOCK_AHEAD_MS {
+        return reject(
+            "timestamp_in_future",
+            format!(
+                "timestamp is {} s ahead of the collector's clock; fix the agent's clock (NTP)",
+                (sample.timestamp_ms - now) / 1000
+            ),
+        );
+    }
+    let values = [
+        ("load1", Some(sample.load1), false),
+        ("load5", Some(sample.load5), false),
+        ("load15", Some(sample.load15), false),
+        ("load1_per_cpu", Some(sample.load1_per_cpu), false),
+        ("load5_per_cpu", Some(sample.load5_per_cpu), false),
+        ("load15_per_cpu", Some(sample.load15_per_cpu), false),
+        ("cpu_busy_percent", sample.cpu_busy_percent, true),
+        ("cpu_steal_percent", sample.cpu_steal_percent, true),
+        ("mem_used_percent", Some(sample.mem_used_percent), true),
+    ];
+    for (name, value, is_percent) in values {
+        let Some(value) = value else { continue };
+        if !value.is_finite() {
+            return reject("not_finite", format!("{name} is {value}"));
+        }
+        if value < 0.0 {
+            return reject("negative", format!("{name} is {value}, below 0"));
+        }
+        if is_percent && value > 100.0 {
+            return reject("above_100_percent", format!("{name} is {value}, above 100%"));
+        }
+    }
+    Ok(())
+}
+
+/// What the group controller learns about one member.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observation {
+    /// `means[p][k]`: mean of the p-th requested metric over its k-th window.
+    pub means: Vec<Vec<Option<f64>>>,
+    pub latest: Option<LatestSample>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatestSample {
+    pub at: Millis,
+    pub cpu_busy_percent: Option<f64>,
+    pub load1: f64,
+    pub health: ebb_proto::v1::HealthCheck,
+}
+
+/// Metric values of one stored sample.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    at: Millis,
+    cpu: Option<f64>,
+    load: [f64; 6],
+    mem: f64,
+}
+
+impl Stored {
+    fn value(&self, metric: Metric) -> Option<f64> {
+        match metric {
+            Metric::Cpu => self.cpu,
+            Metric::Load1 => Some(self.load[0]),
+            Metric::Load5 => Some(self.load[1]),
+            Metric::Load15 => Some(self.load[2]),
+            Metric::Load1PerCpu => Some(self.load[3]),
+            Metric::Load5PerCpu => Some(self.load[4]),
+            Metric::Load15PerCpu => Some(self.load[5]),
+            Metric::Mem => Some(self.mem),
+        }
+    }
+}
+
+struct MemberRecord {
+    settings: AgentSettings,
+    run_id: Option<u64>,
+    highest_seq: u64,
+    /// Ordered by timestamp.
+    window: VecDeque<Stored>,
+    latest: Option<LatestSample>,
+}
+
+impl MemberRecord {
+    fn mean(&self, metric: Metric, window: Window) -> Option<f64> {
+        let start = self.window.partition_point(|s| s.at < window.start);
+        let (sum, count) = self
+            .window
+            .range(start..)
+            .take_while(|s| s.at < window.end)
+            .filter_map(|s| s.value(metric))
+            .fold((0.0, 0u32), |(sum, count), v| (sum + v, count + 1));
+        (count > 0).then(|| sum / f64::from(count))
+    }
+
+    fn store(&mut self, sample: &Sample) {
+        let stored = Stored {
+            at: sample.timestamp_ms,
+            cpu: sample.cpu_busy_percent,
+            load: [
+                sample.load1,
+                sample.load5,
+                sample.load15,
+                sample.load1_per_cpu,
+                sample.load5_per_cpu,
+                sample.load15_per_cpu,
+            ],
+            mem: sample.mem_used_percent,
+        };
+        let at = self.window.partition_point(|s| s.at <= stored.at);
+        self.window.insert(at, stored);
+        if self.latest.as_ref().is_none_or(|l| l.at <= stored.at) {
+            self.latest = Some(LatestSample {
+                at: stored.at,
+                cpu_busy_percent: stored.cpu,
+                load1: sample.load1,
+                health: sample.health.clone().unwrap_or_default(),
+            });
+        }
+    }
+}
+
+/// The result of a batch: what to acknowledge and what was refused.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BatchOutcome {
+    pub highest_seq: u64,
+    pub rejected: Vec<Rejection>,
+    /// What the member's agent should be doing now; `None` once the member is gone.
+    pub settings: Option<AgentSettings>,
+}
+
+enum Command {
+    Register {
+        member: String,
+        settings: AgentSettings,
+    },
+    Unregister {
+        member: String,
+    },
+    Hello {
+        hello: Hello,
+        reply: oneshot::Sender<Result<(u64, AgentSettings), IngestError>>,
+    },
+    Batch {
+        member: String,
+        run_id: u64,
+        samples: Vec<Sample>,
+        now: Millis,
+        reply: oneshot::Sender<BatchOutcome>,
+    },
+    Observe {
+        members: Vec<String>,
+        windows: Vec<(Metric, Vec<Window>)>,
+        reply: oneshot::Sender<Vec<Observation>>,
+    },
+}
+
+/// Cheap to clone; every clone talks to the one ingest task.
+#[derive(Clone)]
+pub struct IngestHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl IngestHandle {
+    /// Starts the ingest task. Samples older than `retention_ms` are forgotten.
+    pub fn spawn(metrics: Arc<Metrics>, retention_ms: Millis) -> Self {
+        let (commands, receiver) = mpsc::channel(1024);
+        tokio::spawn(run(receiver, metrics, retention_ms));
+        Self { commands }
+    }
+
+    /// Allows `member` to report, and sets what its agent should do.
+    pub async fn register(&self, member: &str, settings: AgentSettings) {
+        let _ = self
+            .commands
+            .send(Command::Register {
+                member: member.to_string(),
+                settings,
+            })
+            .await;
+    }
+
+    /// Forgets `member`: its samples and its right to report.
+    pub async fn unregister(&self, member: &str) {
+        let _ = self
+            .commands
+            .send(Command::Unregister {
+                member: member.to_string(),
+            })
+            .await;
+    }
+
+    /// Accepts an agent's hello: the highest sequence already stored for its run, and its settings.
+    pub async fn hello(&self, hello: Hello) -> Result<(u64, AgentSettings), IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Hello { hello, reply })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        answer.await.map_err(|_| IngestError::Closed)?
+    }
+
+    pub async fn batch(&self, member: &str, run_id: u64, samples: Vec<Sample>, now: Millis) -> Result<BatchOutcome, IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Batch {
+                member: member.to_string(),
+                run_id,
+                samples,
+                now,
+                reply,
+            })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        answer.await.map_err(|_| IngestError::Closed)
+    }
+
+    /// For each member, the mean of each metric over each of its windows, and its latest sample.
+    pub async fn observe(&self, members: Vec<String>, windows: Vec<(Metric, Vec<Window>)>) -> Vec<Observation> {
+        let count = members.len();
+        let (reply, answer) = oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::Observe { members, windows, reply })
+            .await;
+        match sent {
+            Ok(()) => answer.await.unwrap_or_else(|_| vec![Observation::default(); count]),
+            Err(_) => vec![Observation::default(); count],
+        }
+    }
+}
+
+async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, retention_ms: Millis) {
+    let mut members: HashMap<String, MemberRecord> = HashMap::new();
+    while let Some(command) = commands.recv().await {
+        match command {
+            Command::Register { member, settings } => {
+                members
+                    .entry(member)
+                    .and_modify(|record| record.settings = settings.clone())
+                    .or_insert_with(|| MemberRecord {
+                        settings,
+                        run_id: None,
+                        highest_seq: 0,
+                        window: VecDeque::new(),
+                        latest: None,
+                    });
+            }
+            Command::Unregister { member } => {
+                members.remove(&member);
+            }
+            Command::Hello { hello, reply } => {
+                let answer = match members.get_mut(&hello.member_id) {
+                    None => Err(IngestError::UnknownMember(hello.member_id)),
+                    Some(record) => {
+                        if record.run_id != Some(hello.run_id) {
+                            // A new agent process numbers its samples from 1 again.
+                            record.run_id = Some(hello.run_id);
+                            record.highest_seq = 0;
+                        }
+                        Ok((record.highest_seq, record.settings.clone()))
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Batch {
+                member,
+                run_id,
+                samples,
+                now,
+                reply,
+            } => {
+                let mut outcome = BatchOutcome::default();
+                match members.get_mut(&member) {
+                    // Unregistered since its hello (terminated): nothing to store, nothing to resend.
+                    None => outcome.highest_seq = samples.iter().map(|s| s.seq).max().unwrap_or(0),
+                    Some(record) if record.run_id != Some(run_id) => {
+                        outcome.highest_seq = samples.iter().map(|s| s.seq).max().unwrap_or(0);
+                    }
+                    Some(record) => {
+                        for sample in &samples {
+                            if sample.seq != 0 && sample.seq <= record.highest_seq {
+                                metrics.sample_duplicate();
+                                continue;
+                            }
+                            match validate_sample(sample, now) {
+                                Ok(()) => {
+                                    record.store(sample);
+                                    metrics.sample_ingested();
+                                }
+                                Err(rejection) => {
+                                    metrics.sample_rejected(rejection.reason);
+                                    tracing::debug!(member = %member, seq = sample.seq, reason = %rejection.message, "Rejected a sample.");
+                                    outcome.rejected.push(Rejection {
+                                        seq: sample.seq,
+                                        code: tonic::Code::InvalidArgument as i32,
+                                        message: rejection.message,
+                                    });
+                                }
+                            }
+                            record.highest_seq = record.highest_seq.max(sample.seq);
+                        }
+                        let horizon = now - retention_ms;
+                        while record.window.front().is_some_and(|s| s.at < horizon) {
+                            record.window.pop_front();
+                        }
+                        outcome.highest_seq = record.highest_seq;
+                        outcome.settings = Some(record.settings.clone());
+                    }
+                }
+                let _ = reply.send(outcome);
+            }
+            Command::Observe {
+                members: wanted,
+                windows,
+                reply,
+            } => {
+                let observations = wanted
+                    .iter()
+                    .map(|id| match members.get(id) {
+                        None => Observation {
+                            means: windows.iter().map(|(_, w)| vec![None; w.len()]).collect(),
+                            latest: None,
+                        },
+                        Some(record) => Observation {
+                            means: windows
+                                .iter()
+                                .map(|(metric, ws)| ws.iter().map(|w| record.mean(*metric, *w)).collect())
+                                .collect(),
+                            latest: record.latest.clone(),
+                        },
+                    })
+                    .collect();
+                let _ = reply.send(observations);
+            }
+        }
+    }
+}
+
+/// Whether the latest health check says the member is ready for traffic. Without a configured check,
+/// any sample at all means ready.
+pub fn is_healthy(latest: &LatestSample) -> bool {
+    matches!(
+        HealthStatus::try_from(latest.health.status),
+        Ok(HealthStatus::Healthy | HealthStatus::NotConfigured)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Millis = 1_700_000_000_000;
+
+    fn sample(seq: u64, at: Millis, cpu: f64) -> Sample {
+        Sample {
+            seq,
+            timestamp_ms: at,
+            cpu_busy_percent: Some(cpu),
+            load1: 0.5,
+            mem_used_percent: 40.0,
+            ..Sample::default()
+        }
+    }
+
+    fn rejected(sample: Sample) -> &'static str {
+        validate_sample(&sample, NOW).unwrap_err().reason
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_a_reason() {
+        assert!(validate_sample(&sample(1, NOW, 50.0), NOW).is_ok());
+        assert_eq!(rejected(sample(1, NOW, f64::NAN)), "not_finite");
+        assert_eq!(rejected(sample(1, NOW, f64::INFINITY)), "not_finite");
+        assert_eq!(rejected(sample(1, NOW, -1.0)), "negative");
+        assert_eq!(rejected(sample(1, NOW, 100.5)), "above_100_percent");
+        assert_eq!(
+            rejected(Sample {
+                load5: f64::NEG_INFINITY,
+                ..sample(1, NOW, 1.0)
+            }),
+            "not_finite"
+        );
+        assert_eq!(rejected(sample(1, NOW + 61_000, 1.0)), "timestamp_in_future");
+        assert!(validate_sample(&sample(1, NOW + 59_000, 1.0), NOW).is_ok(), "a little clock skew is fine");
+        assert_eq!(rejected(sample(0, NOW, 1.0)), "no_sequence");
+        // Load may exceed 100; it is not a percentage.
+        assert!(
+            validate_sample(
+                &Sample {
+                    load1: 250.0,
+                    ..sample(1, NOW, 1.0)
+                },
+                NOW
+            )
+            .is_ok()
+        );
+    }
+
+    fn hello(member: &str, run_id: u64) -> Hello {
+        Hello {
+            member_id: member.into(),
+            run_id,
+            ..Hello::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_members_are_refused() {
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000);
+        assert_eq!(ingest.hello(hello("stranger", 1)).await, Err(IngestError::UnknownMember("stranger".into())));
+        ingest.register("web-1", AgentSettings::default()).await;
+        assert!(ingest.hello(hello("web-1", 1)).await.is_ok());
+        ingest.unregister("web-1").await;
+        assert!(ingest.hello(hello("web-1", 1)).await.is_err(), "a terminated member may not report");
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_dropped_and_bad_samples_rejected_not_stored() {
+        let metrics = Arc::new(Metrics::default());
+        let ingest = IngestHandle::spawn(metrics.clone(), 600_000);
+        ingest.register("web-1", AgentSettings::default()).await;
+        ingest.hello(hello("web-1", 7)).await.unwrap();
+
+        let first = ingest
+            .batch("web-1", 7, vec![sample(1, NOW - 3000, 10.0), sample(2, NOW - 2000, f64::NAN)], NOW)
+            .await
+            .unwrap();
+        assert_eq!(first.highest_seq, 2);
+        assert_eq!(first.rejected.len(), 1);
+        assert_eq!(first.rejected[0].seq, 2);
+        assert_eq!(first.rejected[0].code, tonic::Code::InvalidArgument as i32);
+
+        // A replay after reconnect: 1 and 2 again, then 3.
+        let (highest, _) = ingest.hello(hello("web-1", 7)).await.unwrap();
+        assert_eq!(highest, 2);
+        let replay = ingest
+            .batch("web-1", 7, vec![sample(1, NOW - 3000, 10.0), sample(2, NOW - 2000, 99.0), sample(3, NOW - 1000, 30.0)], NOW)
+            .await
+            .unwrap();
+        assert_eq!(replay.highest_seq, 3);
+        assert!(replay.rejected.is_empty());
+
+        let observed = ingest
+            .observe(vec!["web-1".into()], vec![(Metric::Cpu, vec![Window { start: NOW - 10_000, end: NOW }])])
+            .await;
+        assert_eq!(observed[0].means[0][0], Some(20.0), "only samples 1 and 3 are stored, each once");
+        let text = metrics.render();
+        assert!(text.contains("ebb_samples_ingested_total 2"), "{text}");
+        assert!(text.contains("ebb_samples_duplicate_total 2"), "{text}");
+        assert!(text.contains("ebb_samples_rejected_total{reason=\"not_finite\"} 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_new_agent_run_numbers_from_one_again() {
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000);
+        ingest.register("web-1", AgentSettings::default()).await;
+        ingest.hello(hello("web-1", 1)).await.unwrap();
+        ingest.batch("web-1", 1, vec![sample(5, NOW - 5000, 10.0)], NOW).await.unwrap();
+        let (highest, _) = ingest.hello(hello("web-1", 2)).await.unwrap();
+        assert_eq!(highest, 0);
+        let outcome = ingest.batch("web-1", 2, vec![sample(1, NOW - 1000, 30.0)], NOW).await.unwrap();
+        assert_eq!(outcome.highest_seq, 1);
+        let observed = ingest
+            .observe(vec!["web-1".into()], vec![(Metric::Cpu, vec![Window { start: NOW - 10_000, end: NOW }])])
+            .await;
+        assert_eq!(observed[0].means[0][0], Some(20.0));
+    }
+
+    #[tokio::test]
+    async fn windows_select_by_sample_time_and_old_samples_are_forgotten() {
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 60_000);
+        ingest.register("a", AgentSettings::default()).await;
+        ingest.hello(hello("a", 1)).await.unwrap();
+        let samples = vec![sample(1, NOW - 120_000, 90.0), sample(2, NOW - 15_000, 80.0), sample(3, NOW - 4_000, 10.0)];
+        ingest.batch("a", 1, samples, NOW).await.unwrap();
+        let windows = vec![
+            (Metric::Cpu, vec![Window { start: NOW - 10_000, end: NOW }, Window { start: NOW - 20_000, end: NOW - 10_000 }]),
+            (Metric::Cpu, vec![Window { start: NOW - 200_000, end: NOW - 100_000 }]),
+        ];
+        let observed = ingest.observe(vec!["a".into(), "unknown".into()], windows).await;
+        assert_eq!(observed[0].means, vec![vec![Some(10.0), Some(80.0)], vec![None]]);
+        assert_eq!(observed[0].latest.as_ref().unwrap().at, NOW - 4_000);
+        assert_eq!(observed[1].means, vec![vec![None, None], vec![None]]);
+    }
+}

@@ -1,0 +1,249 @@
+//! The local provider, the embedded default: an instance is a process group on this machine, bound to its
+//! own loopback address (`<address_prefix>.N`, so instances never collide on a port), with its own
+//! `ebb-agent` measuring that instance's process tree. No cloud, no root.
+//!
+//! Both processes get a pipe on standard input that only the collector holds; the built-in workload and the
+//! agent exit when it closes, so even a collector killed with SIGKILL leaves nothing behind.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use super::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
+use crate::config::LocalProviderConfig;
+
+struct LocalInstance {
+    member_id: String,
+    group: String,
+    address: IpAddr,
+    /// The instance's process; its PID is the process group's id.
+    workload: Child,
+    agent: Child,
+}
+
+impl LocalInstance {
+    fn process_group(&self) -> Option<Pid> {
+        self.workload.id().map(|pid| Pid::from_raw(pid as i32))
+    }
+
+    fn signal(&self, signal: Signal) {
+        if let Some(group) = self.process_group() {
+            let _ = killpg(group, signal);
+        }
+    }
+}
+
+pub struct LocalProvider {
+    config: LocalProviderConfig,
+    agent_path: PathBuf,
+    collector_exe: PathBuf,
+    instances: Mutex<HashMap<String, LocalInstance>>,
+}
+
+impl LocalProvider {
+    /// Checks that the agent binary exists; its absence is the operator's to fix.
+    pub fn new(config: LocalProviderConfig) -> Result<Self, CloudError> {
+        let collector_exe = std::env::current_exe()
+            .map_err(|e| CloudError::Permanent(format!("cannot find this executable's path: {e}")))?;
+        let agent_path = match &config.agent_path {
+            Some(path) => path.clone(),
+            None => collector_exe.with_file_name("ebb-agent"),
+        };
+        if !agent_path.is_file() {
+            return Err(CloudError::Permanent(format!(
+                "the local provider needs ebb-agent, and {} does not exist: build it with `cargo build --release -p ebb-agent` or set provider.agent_path",
+                agent_path.display()
+            )));
+        }
+        Ok(Self {
+            config,
+            agent_path,
+            collector_exe,
+            instances: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The first `<prefix>.N` that no instance of ours uses and where `port` is free.
+    fn free_address(&self, port: u16) -> Result<IpAddr, CloudError> {
+        let taken: Vec<IpAddr> = self.instances.lock().unwrap().values().map(|i| i.address).collect();
+        (1..=254)
+            .filter_map(|n| format!("{}.{n}", self.config.address_prefix).parse::<IpAddr>().ok())
+            .filter(|ip| !taken.contains(ip))
+            .find(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, port)).is_ok())
+            .ok_or_else(|| {
+                CloudError::Retryable(format!(
+                    "no free address in {}.1-254 with port {port} free",
+                    self.config.address_prefix
+                ))
+            })
+    }
+
+    fn expand(&self, template: &str, spec: &LaunchSpec, address: IpAddr) -> String {
+        template
+            .replace("{address}", &address.to_string())
+            .replace("{port}", &spec.service_port.to_string())
+            .replace("{member_id}", &spec.member_id)
+            .replace("{ebb_collector}", &self.collector_exe.to_string_lossy())
+    }
+
+    fn log_file(&self, member_id: &str, process: &str) -> Stdio {
+        let Some(dir) = &self.config.log_dir else {
+            return Stdio::null();
+        };
+        let path = dir.join(format!("{member_id}.{process}.log"));
+        match std::fs::create_dir_all(dir).and_then(|()| std::fs::File::create(&path)) {
+            Ok(file) => Stdio::from(file),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "Cannot create the instance's log file.");
+                Stdio::null()
+            }
+        }
+    }
+
+    /// SIGTERM to the process group, SIGKILL after the grace period, and wait for both processes.
+    async fn stop(&self, mut instance: LocalInstance) {
+        instance.signal(Signal::SIGTERM);
+        let grace = Duration::from_secs(self.config.stop_grace_secs.into());
+        if tokio::time::timeout(grace, instance.workload.wait()).await.is_err() {
+            tracing::warn!(member = %instance.member_id, "The instance ignored SIGTERM; sending SIGKILL.");
+            instance.signal(Signal::SIGKILL);
+            let _ = instance.workload.wait().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(2), instance.agent.wait()).await.is_err() {
+            let _ = instance.agent.kill().await;
+        }
+        // Anything else left in the group.
+        instance.signal(Signal::SIGKILL);
+    }
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
+        let address = self.free_address(spec.service_port)?;
+        let argv: Vec<String> = self.config.command.iter().map(|arg| self.expand(arg, spec, address)).collect();
+        let mut workload = Command::new(&argv[0]);
+        workload
+            .args(&argv[1..])
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(self.log_file(&spec.member_id, "workload"))
+            .kill_on_drop(true);
+        let workload = workload
+            .spawn()
+            .map_err(|e| CloudError::Permanent(format!("cannot start `{}`: {e}", argv[0])))?;
+        let pid = workload.id().expect("a process that was just spawned has a pid");
+        let agent = Command::new(&self.agent_path)
+            .args(["--member-id", &spec.member_id, "--collector-url", &spec.collector_url])
+            .args(["--cpu-pid", &pid.to_string(), "--cpu-capacity", &self.config.instance_cpus.to_string()])
+            .arg("--exit-on-stdin-eof")
+            .env("EBB_CONFIG", "/dev/null")
+            .env("EBB_LOG", "warn")
+            .process_group(pid as i32)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(self.log_file(&spec.member_id, "agent"))
+            .kill_on_drop(true)
+            .spawn();
+        let instance = LocalInstance {
+            member_id: spec.member_id.clone(),
+            group: spec.group.clone(),
+            address,
+            workload,
+            agent: match agent {
+                Ok(agent) => agent,
+                Err(e) => {
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    return Err(CloudError::Permanent(format!("cannot start {}: {e}", self.agent_path.display())));
+                }
+            },
+        };
+        let id = format!("local-{pid}");
+        self.instances.lock().unwrap().insert(id.clone(), instance);
+        Ok(Instance {
+            id,
+            member_id: spec.member_id.clone(),
+            address: Some(address),
+            state: InstanceState::Running,
+        })
+    }
+
+    async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceState>, CloudError> {
+        let mut instances = self.instances.lock().unwrap();
+        Ok(ids
+            .iter()
+            .map(|id| match instances.get_mut(id) {
+                None => InstanceState::Terminated {
+                    reason: "no such local instance".into(),
+                },
+                Some(instance) => match instance.workload.try_wait() {
+                    Ok(None) => InstanceState::Running,
+                    Ok(Some(status)) => InstanceState::Terminated {
+                        reason: format!("the instance's process exited ({status})"),
+                    },
+                    Err(e) => InstanceState::Terminated {
+                        reason: format!("cannot check the instance's process: {e}"),
+                    },
+                },
+            })
+            .collect())
+    }
+
+    async fn terminate(&self, id: &str) -> Result<(), CloudError> {
+        let instance = self.instances.lock().unwrap().remove(id);
+        if let Some(instance) = instance {
+            self.stop(instance).await;
+        }
+        Ok(())
+    }
+
+    async fn list(&self, group: &str) -> Result<Vec<Instance>, CloudError> {
+        let ids: Vec<(String, String, IpAddr)> = self
+            .instances
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, i)| i.group == group)
+            .map(|(id, i)| (id.clone(), i.member_id.clone(), i.address))
+            .collect();
+        let states = self.describe(&ids.iter().map(|(id, _, _)| id.clone()).collect::<Vec<_>>()).await?;
+        Ok(ids
+            .into_iter()
+            .zip(states)
+            .map(|((id, member_id, address), state)| Instance {
+                id,
+                member_id,
+                address: Some(address),
+                state,
+            })
+            .collect())
+    }
+
+    async fn close(&self) {
+        let all: Vec<LocalInstance> = self.instances.lock().unwrap().drain().map(|(_, i)| i).collect();
+        // Signal them all first, so their grace periods run at the same time.
+        all.iter().for_each(|instance| instance.signal(Signal::SIGTERM));
+        for instance in all {
+            self.stop(instance).await;
+        }
+    }
+}
+
+impl Drop for LocalProvider {
+    /// A provider dropped without `close` (a panic, an early return) still leaves no process behind.
+    fn drop(&mut self) {
+        for instance in self.instances.get_mut().unwrap().values() {
+            instance.signal(Signal::SIGKILL);
+        }
+    }
+}
+

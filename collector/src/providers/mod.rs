@@ -1,0 +1,76 @@
+//! Where members come from: one folder per cloud behind the [`Provider`] trait. A provider knows nothing of
+//! policies; it launches, describes, lists and terminates instances, and maps its cloud's errors to
+//! [`CloudError`].
+
+pub mod fake;
+pub mod local;
+
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+/// A cloud call that failed, said once for providers and load balancers alike.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum CloudError {
+    /// Worth trying again later: throttling, a timeout, a temporary capacity shortage.
+    #[error("{0} (temporary; ebb will retry)")]
+    Retryable(String),
+    /// Will fail the same way until an operator changes something: credentials, quota, configuration.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl CloudError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, CloudError::Retryable(_))
+    }
+}
+
+/// What to launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchSpec {
+    pub group: String,
+    /// ebb's name for the member, which its agent reports as.
+    pub member_id: String,
+    /// Unique per launch attempt; clouds that take an idempotency key get this.
+    pub launch_id: String,
+    /// The port the member serves on.
+    pub service_port: u16,
+    /// The agent's address for its telemetry.
+    pub collector_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum InstanceState {
+    /// Launched, not running yet.
+    Pending,
+    Running,
+    /// Gone, with the cloud's reason.
+    Terminated { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// The cloud's id.
+    pub id: String,
+    pub member_id: String,
+    pub address: Option<IpAddr>,
+    pub state: InstanceState,
+}
+
+/// The one trait every cloud implements.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// Starts one instance for `spec`.
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError>;
+    /// The current state of each instance, in the order asked; an unknown id is `Terminated`.
+    async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceState>, CloudError>;
+    /// Stops an instance for good; terminating an unknown or already terminated instance succeeds.
+    async fn terminate(&self, id: &str) -> Result<(), CloudError>;
+    /// Every instance this provider holds for `group`.
+    async fn list(&self, group: &str) -> Result<Vec<Instance>, CloudError>;
+    /// Called once when the collector stops. Cloud instances keep running; the local provider stops its
+    /// processes, because they cannot outlive the collector that started them.
+    async fn close(&self) {}
+}

@@ -1,0 +1,558 @@
+//! One controller task per group: every second it notices instances that died, puts members that pass
+//! their health check behind the load balancer, asks the [engine](crate::engine) for a decision, and turns
+//! desired capacity into provider and load-balancer calls, recording each as an activity with its cause.
+//!
+//! The task owns the group's state and makes its calls one at a time, so there are never two operations
+//! on the same group at once. Operators' commands arrive on a channel; the latest state is published on a
+//! watch channel for the Admin API and the demo.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ebb_proto::v1::AgentSettings;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::MissedTickBehavior;
+
+use crate::activity::{Activity, ActivityKind, ActivityLog};
+use crate::config::GroupConfig;
+use crate::engine::{Decision, Engine, GroupInput, MemberInput, Metric, Millis, Window};
+use crate::ingest::{self, IngestHandle, LatestSample};
+use crate::lb::LoadBalancer;
+use crate::metrics::{GroupGauges, Metrics};
+use crate::providers::{CloudError, InstanceState, LaunchSpec, Provider};
+
+/// How often a group is evaluated.
+pub const TICK: Duration = Duration::from_secs(1);
+/// The window behind the status's CPU average.
+const STATUS_WINDOW_MS: Millis = 10_000;
+/// After a failed launch, the next attempt waits this long.
+const LAUNCH_RETRY_MS: Millis = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    /// Launched; waiting for its first healthy check.
+    Pending,
+    /// Behind the load balancer.
+    InService,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Pending => "pending",
+            MemberState::InService => "in_service",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberStatus {
+    pub id: String,
+    pub instance_id: String,
+    pub address: Option<SocketAddr>,
+    pub state: MemberState,
+    pub launched_at: Millis,
+    pub in_service_since: Option<Millis>,
+    pub latest: Option<LatestSample>,
+    pub lb_connections: u64,
+}
+
+/// What the Admin API and the demo see of a group.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GroupStatus {
+    pub name: String,
+    pub min_size: u32,
+    pub max_size: u32,
+    pub desired: u32,
+    pub members: Vec<MemberStatus>,
+    /// Average CPU of in-service members over the last 10 s.
+    pub cpu_avg: Option<f64>,
+    /// The latest evaluation's outcome in words.
+    pub last_evaluation: String,
+}
+
+impl GroupStatus {
+    pub fn in_service(&self) -> u32 {
+        self.members.iter().filter(|m| m.state == MemberState::InService).count() as u32
+    }
+
+    pub fn pending(&self) -> u32 {
+        self.members.iter().filter(|m| m.state == MemberState::Pending).count() as u32
+    }
+}
+
+/// What operators ask of a group's controller.
+pub enum Command {
+    SetDesired {
+        desired: u32,
+        reply: oneshot::Sender<Result<GroupStatus, String>>,
+    },
+}
+
+/// The handle the rest of the collector keeps for a group.
+#[derive(Clone)]
+pub struct GroupHandle {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<GroupStatus>,
+}
+
+impl GroupHandle {
+    pub fn status(&self) -> GroupStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Sets desired capacity as an operator; refused outside min..max.
+    pub async fn set_desired(&self, desired: u32) -> Result<GroupStatus, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::SetDesired { desired, reply })
+            .await
+            .map_err(|_| "the group's controller has stopped".to_string())?;
+        answer.await.map_err(|_| "the group's controller has stopped".to_string())?
+    }
+}
+
+/// Everything a controller needs from the rest of the collector.
+pub struct Dependencies {
+    pub provider: Arc<dyn Provider>,
+    pub load_balancer: Arc<dyn LoadBalancer>,
+    pub ingest: IngestHandle,
+    pub activities: ActivityLog,
+    pub metrics: Arc<Metrics>,
+    /// The URL agents use to reach the collector.
+    pub collector_url: String,
+}
+
+struct Member {
+    id: String,
+    instance_id: String,
+    address: Option<SocketAddr>,
+    state: MemberState,
+    launched_at: Millis,
+    in_service_since: Option<Millis>,
+}
+
+pub struct GroupController {
+    config: GroupConfig,
+    engine: Engine,
+    deps: Dependencies,
+    desired: u32,
+    last_scaling: Option<Millis>,
+    members: Vec<Member>,
+    launches: u64,
+    next_launch_at: Millis,
+    last_evaluation: String,
+    cpu_avg: Option<f64>,
+    latest: Vec<Option<LatestSample>>,
+    status: watch::Sender<GroupStatus>,
+}
+
+impl GroupController {
+    pub fn new(config: GroupConfig, deps: Dependencies) -> (Self, GroupHandle, mpsc::Receiver<Command>) {
+        let engine = Engine {
+            min_size: config.min_size,
+            max_size: config.max_size,
+            cooldown_secs: config.cooldown_secs,
+            warmup_secs: config.warmup_secs,
+            policies: config.policies.iter().map(|p| p.to_policy()).collect(),
+        };
+        let desired = config.desired_capacity.unwrap_or(config.min_size);
+        let (status, status_rx) = watch::channel(GroupStatus::default());
+        let (commands, commands_rx) = mpsc::channel(16);
+        let controller = Self {
+            config,
+            engine,
+            deps,
+            desired,
+            last_scaling: None,
+            members: Vec::new(),
+            launches: 0,
+            next_launch_at: 0,
+            last_evaluation: "not evaluated yet".into(),
+            cpu_avg: None,
+            latest: Vec::new(),
+            status,
+        };
+        controller.publish(Vec::new());
+        let handle = GroupHandle {
+            commands,
+            status: status_rx,
+        };
+        (controller, handle, commands_rx)
+    }
+
+    /// Runs until `stop` fires, then closes the provider.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.step(now_ms()).await,
+                Some(command) = commands.recv() => self.handle(command, now_ms()).await,
+                _ = stop.changed() => break,
+            }
+        }
+        self.deps.provider.close().await;
+    }
+
+    async fn handle(&mut self, command: Command, now: Millis) {
+        match command {
+            Command::SetDesired { desired, reply } => {
+                let result = if (self.config.min_size..=self.config.max_size).contains(&desired) {
+                    let from = self.desired;
+                    self.record(
+                        ActivityKind::SetDesired,
+                        format!("an operator set desired capacity {from} → {desired}"),
+                        Ok(String::new()),
+                        "",
+                        (from, desired),
+                    );
+                    self.desired = desired;
+                    self.last_scaling = Some(now);
+                    self.reconcile(now, "an operator set desired capacity").await;
+                    Ok(self.status_snapshot())
+                } else {
+                    Err(format!(
+                        "desired capacity {desired} is outside group {}'s min_size..max_size ({}..{}); change the group's limits in the configuration first",
+                        self.config.name, self.config.min_size, self.config.max_size
+                    ))
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// One evaluation: lost instances, health, decision, reconciliation, status.
+    pub async fn step(&mut self, now: Millis) {
+        self.forget_lost_instances(now).await;
+        let means = self.observe(now).await;
+        self.admit_healthy_members(now).await;
+
+        let input = GroupInput {
+            now,
+            desired: self.desired,
+            last_scaling: self.last_scaling,
+            members: self
+                .members
+                .iter()
+                .zip(means)
+                .map(|(member, means)| MemberInput {
+                    id: member.id.clone(),
+                    in_service_since: member.in_service_since,
+                    means,
+                })
+                .collect(),
+        };
+        let evaluation = self.engine.evaluate(&input);
+        let verdicts: Vec<&str> = evaluation.verdicts.iter().map(|v| v.explanation.as_str()).collect();
+        let cause = match evaluation.decision {
+            Decision::Hold { reason } => {
+                self.last_evaluation = format!("hold: {reason}; {}", verdicts.join("; "));
+                None
+            }
+            Decision::Scale { from, to, cause, .. } => {
+                self.last_evaluation = format!("scale {from} → {to}: {cause}");
+                let kind = if to > from {
+                    ActivityKind::ScaleOut
+                } else {
+                    ActivityKind::ScaleIn
+                };
+                self.record(kind, cause.clone(), Ok(String::new()), "", (from, to));
+                self.desired = to;
+                self.last_scaling = Some(now);
+                Some(cause)
+            }
+        };
+        let cause = cause.unwrap_or_else(|| format!("desired capacity is {}", self.desired));
+        self.reconcile(now, &cause).await;
+        let connections = self.load_balancer_connections().await;
+        self.publish(connections);
+    }
+
+    /// Members whose instance died on its own leave the group; the reconciler replaces them.
+    async fn forget_lost_instances(&mut self, now: Millis) {
+        if self.members.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = self.members.iter().map(|m| m.instance_id.clone()).collect();
+        let states = match self.deps.provider.describe(&ids).await {
+            Ok(states) => states,
+            Err(e) => {
+                tracing::warn!(group = %self.config.name, error = %e, "Cannot describe the group's instances.");
+                return;
+            }
+        };
+        for (id, state) in ids.iter().zip(states) {
+            let InstanceState::Terminated { reason } = state else { continue };
+            let Some(index) = self.members.iter().position(|m| &m.instance_id == id) else { continue };
+            let member = self.members.remove(index);
+            if member.state == MemberState::InService {
+                let result = self.deps.load_balancer.deregister(&member.id).await;
+                self.record(
+                    ActivityKind::Deregister,
+                    "its instance is gone".into(),
+                    result.map(|()| String::new()),
+                    &member.id,
+                    (self.desired, self.desired),
+                );
+            }
+            self.deps.ingest.unregister(&member.id).await;
+            let size = self.members.len() as u32;
+            self.record(
+                ActivityKind::InstanceLost,
+                reason,
+                Ok(format!("instance {id}")),
+                &member.id,
+                (size + 1, size),
+            );
+            let _ = now;
+        }
+    }
+
+    /// Per member and policy, the means over the engine's windows; also refreshes the latest samples and
+    /// the status's CPU average.
+    async fn observe(&mut self, now: Millis) -> Vec<Vec<Vec<Option<f64>>>> {
+        let mut windows: Vec<(Metric, Vec<Window>)> = self
+            .engine
+            .policies
+            .iter()
+            .map(|p| p.metric)
+            .zip(self.engine.windows(now))
+            .collect();
+        windows.push((
+            Metric::Cpu,
+            vec![Window {
+                start: now - STATUS_WINDOW_MS,
+                end: now,
+            }],
+        ));
+        let ids = self.members.iter().map(|m| m.id.clone()).collect();
+        let observations = self.deps.ingest.observe(ids, windows).await;
+        let status_cpu: Vec<f64> = self
+            .members
+            .iter()
+            .zip(&observations)
+            .filter(|(m, _)| m.state == MemberState::InService)
+            .filter_map(|(_, o)| o.means.last()?.first().copied().flatten())
+            .collect();
+        self.cpu_avg = (!status_cpu.is_empty()).then(|| status_cpu.iter().sum::<f64>() / status_cpu.len() as f64);
+        self.latest = observations.iter().map(|o| o.latest.clone()).collect();
+        observations
+            .into_iter()
+            .map(|mut o| {
+                o.means.pop();
+                o.means
+            })
+            .collect()
+    }
+
+    /// Pending members whose latest health check passed go behind the load balancer.
+    async fn admit_healthy_members(&mut self, now: Millis) {
+        for index in 0..self.members.len() {
+            let member = &self.members[index];
+            let healthy = self.latest.get(index).cloned().flatten().filter(|latest| {
+                latest.at >= member.launched_at && ingest::is_healthy(latest)
+            });
+            let (Some(latest), MemberState::Pending, Some(address)) = (healthy, member.state, member.address) else {
+                continue;
+            };
+            let id = member.id.clone();
+            let result = self.deps.load_balancer.register(&id, address).await;
+            let ok = result.is_ok();
+            self.record(
+                ActivityKind::Register,
+                format!("health check passed in {} ms", latest.health.latency_ms),
+                result.map(|()| address.to_string()),
+                &id,
+                (self.desired, self.desired),
+            );
+            if ok {
+                self.members[index].state = MemberState::InService;
+                self.members[index].in_service_since = Some(now);
+            }
+        }
+    }
+
+    /// Launches or terminates until the group has `desired` members.
+    async fn reconcile(&mut self, now: Millis, cause: &str) {
+        while (self.members.len() as u32) < self.desired && now >= self.next_launch_at {
+            if self.launch(now, cause).await.is_err() {
+                self.next_launch_at = now + LAUNCH_RETRY_MS;
+                break;
+            }
+        }
+        while self.members.len() as u32 > self.desired {
+            let victim = self.choose_victim();
+            self.remove(victim, cause).await;
+        }
+    }
+
+    async fn launch(&mut self, now: Millis, cause: &str) -> Result<(), CloudError> {
+        self.launches += 1;
+        let member_id = format!("{}-{}", self.config.name, self.launches);
+        let size = self.members.len() as u32;
+        // Allowed to report before the instance exists: its agent may be quicker than the launch call.
+        self.deps
+            .ingest
+            .register(&member_id, self.agent_settings(None))
+            .await;
+        let spec = LaunchSpec {
+            group: self.config.name.clone(),
+            member_id: member_id.clone(),
+            launch_id: format!("{}-{now}", member_id),
+            service_port: self.config.member_port,
+            collector_url: self.deps.collector_url.clone(),
+        };
+        let result = self.deps.provider.launch(&spec).await;
+        match &result {
+            Ok(instance) => {
+                let address = instance.address.map(|ip| SocketAddr::new(ip, self.config.member_port));
+                self.deps.ingest.register(&member_id, self.agent_settings(address)).await;
+                self.members.push(Member {
+                    id: member_id.clone(),
+                    instance_id: instance.id.clone(),
+                    address,
+                    state: MemberState::Pending,
+                    launched_at: now,
+                    in_service_since: None,
+                });
+            }
+            Err(_) => self.deps.ingest.unregister(&member_id).await,
+        }
+        let detail = result.as_ref().map(|i| format!("instance {}", i.id)).map_err(Clone::clone);
+        let new_size = self.members.len() as u32;
+        self.record(ActivityKind::Launch, cause.to_string(), detail, &member_id, (size, new_size));
+        result.map(|_| ())
+    }
+
+    /// Members not yet in service go first, then the most recently launched: long-running members keep
+    /// their warm caches.
+    fn choose_victim(&self) -> usize {
+        (0..self.members.len())
+            .max_by_key(|&i| (self.members[i].state == MemberState::Pending, self.members[i].launched_at, i))
+            .expect("there is a member to remove")
+    }
+
+    /// Out of the load balancer first, then terminated.
+    async fn remove(&mut self, index: usize, cause: &str) {
+        let member = self.members.remove(index);
+        let size = self.members.len() as u32;
+        if member.state == MemberState::InService {
+            let result = self.deps.load_balancer.deregister(&member.id).await;
+            self.record(
+                ActivityKind::Deregister,
+                cause.to_string(),
+                result.map(|()| String::new()),
+                &member.id,
+                (size + 1, size),
+            );
+        }
+        let result = self.deps.provider.terminate(&member.instance_id).await;
+        let failed = result.is_err();
+        self.record(
+            ActivityKind::Terminate,
+            cause.to_string(),
+            result.map(|()| format!("instance {}", member.instance_id)),
+            &member.id,
+            (size + 1, size),
+        );
+        if failed {
+            // Keep it: it may still be running, and the next pass tries again.
+            self.members.insert(index, Member {
+                state: MemberState::Pending,
+                ..member
+            });
+            return;
+        }
+        self.deps.ingest.unregister(&member.id).await;
+    }
+
+    fn agent_settings(&self, address: Option<SocketAddr>) -> AgentSettings {
+        AgentSettings {
+            interval_secs: self.config.agent_interval_secs,
+            health_check_url: address
+                .map(|a| format!("http://{a}{}", self.config.health_check.path))
+                .unwrap_or_default(),
+            health_check_timeout_ms: self.config.health_check.timeout_ms,
+        }
+    }
+
+    async fn load_balancer_connections(&self) -> Vec<(String, u64)> {
+        match self.deps.load_balancer.members().await {
+            Ok(backends) => backends.into_iter().map(|b| (b.member_id, b.connections)).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn record(&self, kind: ActivityKind, cause: String, result: Result<String, CloudError>, member: &str, capacity: (u32, u32)) {
+        let (outcome, detail) = match result {
+            Ok(detail) => ("ok", detail),
+            Err(e) => ("failed", e.to_string()),
+        };
+        self.deps.activities.record(Activity {
+            id: 0,
+            group: self.config.name.clone(),
+            kind,
+            cause,
+            outcome,
+            detail,
+            at: now_ms(),
+            from_capacity: capacity.0,
+            to_capacity: capacity.1,
+            member_id: member.to_string(),
+        });
+    }
+
+    fn status_snapshot(&self) -> GroupStatus {
+        self.status.borrow().clone()
+    }
+
+    fn publish(&self, connections: Vec<(String, u64)>) {
+        let members = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| MemberStatus {
+                id: m.id.clone(),
+                instance_id: m.instance_id.clone(),
+                address: m.address,
+                state: m.state,
+                launched_at: m.launched_at,
+                in_service_since: m.in_service_since,
+                latest: self.latest.get(i).cloned().flatten(),
+                lb_connections: connections.iter().find(|(id, _)| id == &m.id).map_or(0, |(_, c)| *c),
+            })
+            .collect();
+        let status = GroupStatus {
+            name: self.config.name.clone(),
+            min_size: self.config.min_size,
+            max_size: self.config.max_size,
+            desired: self.desired,
+            members,
+            cpu_avg: self.cpu_avg,
+            last_evaluation: self.last_evaluation.clone(),
+        };
+        let mut values = std::collections::BTreeMap::new();
+        if let Some(cpu) = status.cpu_avg {
+            values.insert("cpu_avg_percent", cpu);
+        }
+        self.deps.metrics.set_group(
+            &status.name,
+            GroupGauges {
+                desired: status.desired,
+                in_service: status.in_service(),
+                pending: status.pending(),
+                values,
+            },
+        );
+        self.status.send_replace(status);
+    }
+}
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
