@@ -79,9 +79,16 @@ mod tests {
         let bounds = [100, 200, 400, 800, 1000, 1000, 1000, 1000];
         for (delay, bound) in delays.iter().zip(bounds) {
             let bound = Duration::from_millis(bound);
-            assert!(*delay >= bound / 2 && *delay <= bound, "{delay:?} outside [{:?}, {bound:?}]", bound / 2);
+            assert!(
+                *delay >= bound / 2 && *delay <= bound,
+                "{delay:?} outside [{:?}, {bound:?}]",
+                bound / 2
+            );
         }
-        assert!(delays[4..].windows(2).any(|w| w[0] != w[1]), "jitter varies the capped delays: {delays:?}");
+        assert!(
+            delays[4..].windows(2).any(|w| w[0] != w[1]),
+            "jitter varies the capped delays: {delays:?}"
+        );
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));
     }

@@ -135,17 +135,26 @@ impl AgentConfig {
     }
 
     pub fn health_timeout(&self) -> Option<Duration> {
-        self.health_check.as_ref().map(|h| Duration::from_millis(h.timeout_ms.into()))
+        self.health_check
+            .as_ref()
+            .map(|h| Duration::from_millis(h.timeout_ms.into()))
     }
 
     /// Checks what the types cannot, reporting every problem at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         if self.member_id.is_empty() {
-            problems.push("`member_id` is required (in the file, EBB_MEMBER_ID or --member-id)".to_string());
+            problems.push(
+                "`member_id` is required (in the file, EBB_MEMBER_ID or --member-id)".to_string(),
+            );
         }
-        if !(self.collector_url.starts_with("http://") || self.collector_url.starts_with("https://")) {
-            problems.push(format!("`collector_url` must start with http:// or https://, not `{}`", self.collector_url));
+        if !(self.collector_url.starts_with("http://")
+            || self.collector_url.starts_with("https://"))
+        {
+            problems.push(format!(
+                "`collector_url` must start with http:// or https://, not `{}`",
+                self.collector_url
+            ));
         }
         if self.interval_secs == 0 {
             problems.push("`interval_secs` must be at least 1".into());
@@ -158,8 +167,13 @@ impl AgentConfig {
                 problems.push("`health_check.healthy_statuses` must be [lowest, highest]".into());
             }
         }
-        if self.reconnect.initial_backoff_ms == 0 || self.reconnect.initial_backoff_ms > self.reconnect.max_backoff_ms {
-            problems.push("`reconnect.initial_backoff_ms` must be between 1 and `reconnect.max_backoff_ms`".into());
+        if self.reconnect.initial_backoff_ms == 0
+            || self.reconnect.initial_backoff_ms > self.reconnect.max_backoff_ms
+        {
+            problems.push(
+                "`reconnect.initial_backoff_ms` must be between 1 and `reconnect.max_backoff_ms`"
+                    .into(),
+            );
         }
         if problems.is_empty() {
             Ok(())
@@ -202,10 +216,15 @@ pub struct Cli {
 impl Cli {
     /// The file (if any), with environment and flags laid over it.
     pub fn load(&self) -> Result<AgentConfig, ConfigError> {
-        let path = self.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
         let mut config = match std::fs::read_to_string(&path) {
             Ok(text) => parse_toml(&path, &text)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.config.is_none() => AgentConfig::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.config.is_none() => {
+                AgentConfig::default()
+            }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
         if let Some(member_id) = &self.member_id {
@@ -263,25 +282,37 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(config.cpu, CpuSource::Process { pid: 77, cpus: Some(1.0) });
+        assert_eq!(
+            config.cpu,
+            CpuSource::Process {
+                pid: 77,
+                cpus: Some(1.0)
+            }
+        );
         assert_eq!(config.health_check.unwrap().timeout_ms, 2000);
         assert_eq!(config.buffer_secs, 600);
     }
 
     #[test]
     fn a_typo_names_file_key_and_line() {
-        let error = parse_toml::<AgentConfig>(Path::new("/etc/ebb/agent.toml"), "member_id = \"a\"\nintreval_secs = 2\n")
-            .unwrap_err()
-            .to_string();
+        let error = parse_toml::<AgentConfig>(
+            Path::new("/etc/ebb/agent.toml"),
+            "member_id = \"a\"\nintreval_secs = 2\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.starts_with("/etc/ebb/agent.toml: line 2:"), "{error}");
         assert!(error.contains("unknown field `intreval_secs`"), "{error}");
     }
 
     #[test]
     fn a_wrong_type_names_the_key_path_and_expected_type() {
-        let error = parse_toml::<AgentConfig>(Path::new("agent.toml"), "[health_check]\nurl = \"http://x/\"\ntimeout_ms = \"2s\"\n")
-            .unwrap_err()
-            .to_string();
+        let error = parse_toml::<AgentConfig>(
+            Path::new("agent.toml"),
+            "[health_check]\nurl = \"http://x/\"\ntimeout_ms = \"2s\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("key `health_check.timeout_ms`"), "{error}");
         assert!(error.contains("expected u32"), "{error}");
     }
@@ -291,7 +322,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, "member_id = \"from-file\"\ninterval_secs = 5\n").unwrap();
-        let cli = Cli::parse_from(["ebb-agent", "--config", path.to_str().unwrap(), "--member-id", "from-flag", "--cpu-pid", "9"]);
+        let cli = Cli::parse_from([
+            "ebb-agent",
+            "--config",
+            path.to_str().unwrap(),
+            "--member-id",
+            "from-flag",
+            "--cpu-pid",
+            "9",
+        ]);
         let config = cli.load().unwrap();
         assert_eq!(config.member_id, "from-flag");
         assert_eq!(config.interval_secs, 5);
@@ -313,7 +352,13 @@ mod tests {
 
     #[test]
     fn an_explicit_missing_file_is_an_error() {
-        let cli = Cli::parse_from(["ebb-agent", "--config", "/nonexistent/agent.toml", "--member-id", "x"]);
+        let cli = Cli::parse_from([
+            "ebb-agent",
+            "--config",
+            "/nonexistent/agent.toml",
+            "--member-id",
+            "x",
+        ]);
         assert!(matches!(cli.load(), Err(ConfigError::Read { .. })));
     }
 }

@@ -33,7 +33,11 @@ pub struct HealthTarget {
 
 impl HealthTarget {
     /// Parses `http://host[:port][/path]`. HTTPS is not supported by the agent's check.
-    pub fn parse(url: &str, timeout: Duration, healthy_statuses: (u16, u16)) -> Result<Self, UrlError> {
+    pub fn parse(
+        url: &str,
+        timeout: Duration,
+        healthy_statuses: (u16, u16),
+    ) -> Result<Self, UrlError> {
         let error = |reason| UrlError {
             url: url.to_string(),
             reason,
@@ -48,7 +52,9 @@ impl HealthTarget {
         if authority.is_empty() {
             return Err(error("no host"));
         }
-        let has_port = authority.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
             && !authority.ends_with(']');
         Ok(Self {
             authority: if has_port {
@@ -69,7 +75,10 @@ impl HealthTarget {
         let outcome = tokio::time::timeout(self.timeout, self.fetch_status()).await;
         let latency_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
         let (status, reason) = match outcome {
-            Err(_) => (Status::Unhealthy, format!("no answer within {} ms", self.timeout.as_millis())),
+            Err(_) => (
+                Status::Unhealthy,
+                format!("no answer within {} ms", self.timeout.as_millis()),
+            ),
             Ok(Err(e)) => (Status::Unhealthy, e),
             Ok(Ok(code)) if (self.healthy_statuses.0..=self.healthy_statuses.1).contains(&code) => {
                 (Status::Healthy, String::new())
@@ -142,11 +151,19 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let target = HealthTarget::parse("http://127.0.1.3:8080/health", Duration::from_secs(1), HEALTHY).unwrap();
+        let target = HealthTarget::parse(
+            "http://127.0.1.3:8080/health",
+            Duration::from_secs(1),
+            HEALTHY,
+        )
+        .unwrap();
         assert_eq!(target.authority, "127.0.1.3:8080");
         assert_eq!(target.path, "/health");
         let target = HealthTarget::parse("http://web", Duration::from_secs(1), HEALTHY).unwrap();
-        assert_eq!((target.authority.as_str(), target.path.as_str()), ("web:80", "/"));
+        assert_eq!(
+            (target.authority.as_str(), target.path.as_str()),
+            ("web:80", "/")
+        );
         assert!(HealthTarget::parse("https://web/", Duration::from_secs(1), HEALTHY).is_err());
         assert!(HealthTarget::parse("http:///x", Duration::from_secs(1), HEALTHY).is_err());
     }
@@ -172,13 +189,23 @@ mod tests {
         assert_eq!(target.check().await.status, Status::Healthy as i32);
 
         let failing = server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
-        let result = HealthTarget::parse(&failing, Duration::from_secs(2), HEALTHY).unwrap().check().await;
+        let result = HealthTarget::parse(&failing, Duration::from_secs(2), HEALTHY)
+            .unwrap()
+            .check()
+            .await;
         assert_eq!(result.status, Status::Unhealthy as i32);
         assert_eq!(result.reason, "status 503, expected 200-399");
 
         let garbage = server("SSH-2.0-OpenSSH\r\n").await;
-        let result = HealthTarget::parse(&garbage, Duration::from_secs(2), HEALTHY).unwrap().check().await;
-        assert!(result.reason.starts_with("not an HTTP response"), "{}", result.reason);
+        let result = HealthTarget::parse(&garbage, Duration::from_secs(2), HEALTHY)
+            .unwrap()
+            .check()
+            .await;
+        assert!(
+            result.reason.starts_with("not an HTTP response"),
+            "{}",
+            result.reason
+        );
     }
 
     #[tokio::test]
@@ -186,9 +213,16 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
         drop(listener);
-        let result = HealthTarget::parse(&url, Duration::from_secs(2), HEALTHY).unwrap().check().await;
+        let result = HealthTarget::parse(&url, Duration::from_secs(2), HEALTHY)
+            .unwrap()
+            .check()
+            .await;
         assert_eq!(result.status, Status::Unhealthy as i32);
-        assert!(result.reason.contains("cannot connect"), "{}", result.reason);
+        assert!(
+            result.reason.contains("cannot connect"),
+            "{}",
+            result.reason
+        );
     }
 
     #[tokio::test]

@@ -32,7 +32,10 @@ pub fn parse_loadavg(text: &str) -> Result<LoadAverage, ParseError> {
     let mut fields = text.split_whitespace().map(|f| f.parse::<f64>());
     let mut next = |name: &str| match fields.next() {
         Some(Ok(value)) if value.is_finite() && value >= 0.0 => Ok(value),
-        _ => Err(parse_error("/proc/loadavg", format!("no valid {name} minute value"))),
+        _ => Err(parse_error(
+            "/proc/loadavg",
+            format!("no valid {name} minute value"),
+        )),
     };
     Ok(LoadAverage {
         one: next("1")?,
@@ -125,7 +128,10 @@ pub fn parse_online_cpus(text: &str) -> Result<u32, ParseError> {
     for part in text.trim().split(',').filter(|p| !p.is_empty()) {
         let bad = || parse_error(FILE, format!("bad range `{part}`"));
         let (first, last) = match part.split_once('-') {
-            Some((a, b)) => (a.parse::<u32>().map_err(|_| bad())?, b.parse::<u32>().map_err(|_| bad())?),
+            Some((a, b)) => (
+                a.parse::<u32>().map_err(|_| bad())?,
+                b.parse::<u32>().map_err(|_| bad())?,
+            ),
             None => {
                 let cpu = part.parse::<u32>().map_err(|_| bad())?;
                 (cpu, cpu)
@@ -183,7 +189,12 @@ pub fn parse_own_cgroup_v2(text: &str) -> Result<String, ParseError> {
     text.lines()
         .find_map(|line| line.strip_prefix("0::"))
         .map(|path| path.trim().to_string())
-        .ok_or_else(|| parse_error("/proc/self/cgroup", "no cgroup v2 (`0::`) line; is this a cgroup v1 host?"))
+        .ok_or_else(|| {
+            parse_error(
+                "/proc/self/cgroup",
+                "no cgroup v2 (`0::`) line; is this a cgroup v1 host?",
+            )
+        })
 }
 
 /// `usage_usec` from a cgroup v2 `cpu.stat`: CPU time used by the cgroup, in microseconds.
@@ -207,9 +218,12 @@ pub fn parse_cgroup_cpu_max(text: &str) -> Result<Option<f64>, ParseError> {
     if quota == "max" {
         return Ok(None);
     }
-    let quota: u64 = quota
-        .parse()
-        .map_err(|_| parse_error(FILE, format!("quota `{quota}` is neither `max` nor a number")))?;
+    let quota: u64 = quota.parse().map_err(|_| {
+        parse_error(
+            FILE,
+            format!("quota `{quota}` is neither `max` nor a number"),
+        )
+    })?;
     Ok(Some(quota as f64 / period as f64))
 }
 
@@ -218,14 +232,23 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> String {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     #[test]
     fn loadavg() {
         let load = parse_loadavg(&fixture("loadavg")).unwrap();
-        assert_eq!(load, LoadAverage { one: 1.52, five: 0.87, fifteen: 0.41 });
+        assert_eq!(
+            load,
+            LoadAverage {
+                one: 1.52,
+                five: 0.87,
+                fifteen: 0.41
+            }
+        );
         assert!(parse_loadavg("1.0 nan 2").is_err());
         assert!(parse_loadavg("").is_err());
     }
@@ -276,9 +299,15 @@ mod tests {
 
     #[test]
     fn cgroup_files() {
-        assert_eq!(parse_own_cgroup_v2(&fixture("self_cgroup")).unwrap(), "/system.slice/web.service");
+        assert_eq!(
+            parse_own_cgroup_v2(&fixture("self_cgroup")).unwrap(),
+            "/system.slice/web.service"
+        );
         assert!(parse_own_cgroup_v2("12:cpu,cpuacct:/foo\n").is_err());
-        assert_eq!(parse_cgroup_cpu_usage_usec(&fixture("cpu.stat")).unwrap(), 5_123_456);
+        assert_eq!(
+            parse_cgroup_cpu_usage_usec(&fixture("cpu.stat")).unwrap(),
+            5_123_456
+        );
         assert_eq!(parse_cgroup_cpu_max("max 100000\n").unwrap(), None);
         assert_eq!(parse_cgroup_cpu_max("50000 100000\n").unwrap(), Some(0.5));
         assert!(parse_cgroup_cpu_max("50000 0").is_err());

@@ -76,7 +76,10 @@ impl Sampler {
                     outbox.dropped - before
                 };
                 if dropped > 0 {
-                    tracing::warn!(seq, "The collector has not acknowledged samples for a long time; dropped the oldest.");
+                    tracing::warn!(
+                        seq,
+                        "The collector has not acknowledged samples for a long time; dropped the oldest."
+                    );
                 }
                 latest_seq.send_replace(seq);
             }
@@ -94,8 +97,11 @@ impl Sampler {
     }
 
     fn sample(&mut self, seq: u64, health: HealthCheck) -> anyhow::Result<Sample> {
-        let load = procfs::parse_loadavg(&std::fs::read_to_string(self.proc_root.join("loadavg"))?)?;
-        let mem_used_percent = procfs::parse_meminfo_used_percent(&std::fs::read_to_string(self.proc_root.join("meminfo"))?)?;
+        let load =
+            procfs::parse_loadavg(&std::fs::read_to_string(self.proc_root.join("loadavg"))?)?;
+        let mem_used_percent = procfs::parse_meminfo_used_percent(&std::fs::read_to_string(
+            self.proc_root.join("meminfo"),
+        )?)?;
         let cpu = self.read_cpu();
         let cpus = f64::from(self.online_cpus);
         Ok(Sample {
@@ -116,7 +122,9 @@ impl Sampler {
 }
 
 /// Runs the configured HTTP check once per interval; publishes the latest result.
-pub fn spawn_health_checker(mut settings: watch::Receiver<Settings>) -> watch::Receiver<HealthCheck> {
+pub fn spawn_health_checker(
+    mut settings: watch::Receiver<Settings>,
+) -> watch::Receiver<HealthCheck> {
     let (result_tx, result_rx) = watch::channel(crate::health::not_configured());
     tokio::spawn(async move {
         loop {

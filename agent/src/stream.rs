@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ebb_proto::v1::telemetry_client::TelemetryClient;
-use ebb_proto::v1::{Hello, ReportRequest, ReportResponse, SampleBatch, report_request, report_response};
+use ebb_proto::v1::{
+    Hello, ReportRequest, ReportResponse, SampleBatch, report_request, report_response,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -29,7 +31,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(config: &AgentConfig, outbox: Arc<Mutex<Outbox>>, settings: watch::Sender<Settings>) -> Self {
+    pub fn new(
+        config: &AgentConfig,
+        outbox: Arc<Mutex<Outbox>>,
+        settings: watch::Sender<Settings>,
+    ) -> Self {
         let mut random = Random::from_entropy();
         Self {
             url: config.collector_url.clone(),
@@ -60,7 +66,11 @@ impl Connection {
             }
             let delay = self.backoff.next_delay();
             let pending = self.outbox.lock().expect("outbox lock").len();
-            tracing::info!(delay_ms = delay.as_millis() as u64, pending, "Reconnecting after a pause.");
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                pending,
+                "Reconnecting after a pause."
+            );
             tokio::time::sleep(delay).await;
         }
     }
@@ -88,11 +98,17 @@ impl Connection {
         let mut sent_upto = 0u64;
         loop {
             loop {
-                let batch = self.outbox.lock().expect("outbox lock").after(sent_upto, BATCH_LIMIT);
+                let batch = self
+                    .outbox
+                    .lock()
+                    .expect("outbox lock")
+                    .after(sent_upto, BATCH_LIMIT);
                 let Some(last) = batch.last() else { break };
                 sent_upto = last.seq;
                 let message = ReportRequest {
-                    message: Some(report_request::Message::Batch(SampleBatch { samples: batch })),
+                    message: Some(report_request::Message::Batch(SampleBatch {
+                        samples: batch,
+                    })),
                 };
                 tokio::select! {
                     sent = requests.send(message) => sent?,
@@ -116,7 +132,10 @@ impl Connection {
                 for rejection in &ack.rejected {
                     tracing::warn!(seq = rejection.seq, code = rejection.code, reason = %rejection.message, "The collector rejected a sample.");
                 }
-                self.outbox.lock().expect("outbox lock").acknowledge(ack.highest_seq);
+                self.outbox
+                    .lock()
+                    .expect("outbox lock")
+                    .acknowledge(ack.highest_seq);
             }
             Some(report_response::Message::Settings(wanted)) => self.apply_settings(wanted),
             None => {}
@@ -135,10 +154,15 @@ impl Connection {
                 0 => Duration::from_secs(2),
                 ms => Duration::from_millis(ms.into()),
             };
-            let statuses = current.health.as_ref().map_or((200, 399), |h| h.healthy_statuses);
+            let statuses = current
+                .health
+                .as_ref()
+                .map_or((200, 399), |h| h.healthy_statuses);
             match HealthTarget::parse(&wanted.health_check_url, timeout, statuses) {
                 Ok(target) => next.health = Some(target),
-                Err(e) => tracing::warn!(error = %e, "Ignoring the collector's health-check setting."),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Ignoring the collector's health-check setting.")
+                }
             }
         }
         if next != current {

@@ -79,7 +79,8 @@ impl ActivityLog {
 
     /// Records an activity; its `id` is assigned here.
     pub fn record(&self, mut activity: Activity) -> Activity {
-        self.metrics.activity(&activity.group, activity.kind.as_str(), activity.outcome);
+        self.metrics
+            .activity(&activity.group, activity.kind.as_str(), activity.outcome);
         let level_ok = activity.outcome == "ok";
         if level_ok {
             tracing::info!(group = %activity.group, kind = activity.kind.as_str(), member = %activity.member_id, cause = %activity.cause, detail = %activity.detail, "Activity.");

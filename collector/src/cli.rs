@@ -5,17 +5,28 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use ebb_proto::v1::admin_client::AdminClient;
-use ebb_proto::v1::{ListActivitiesRequest, ListGroupsRequest, ListMembersRequest, SetDesiredCapacityRequest};
+use ebb_proto::v1::{
+    ListActivitiesRequest, ListGroupsRequest, ListMembersRequest, SetDesiredCapacityRequest,
+};
 
 use crate::config;
 use crate::demo::DemoArgs;
 use crate::workload::WorkloadArgs;
 
 #[derive(Debug, Parser)]
-#[command(name = "ebb-collector", version, about = "Keeps groups of VMs sized to their load.")]
+#[command(
+    name = "ebb-collector",
+    version,
+    about = "Keeps groups of VMs sized to their load."
+)]
 pub struct Cli {
     /// The collector's gRPC address, for the operator commands.
-    #[arg(long, global = true, env = "EBB_SERVER", default_value = "http://127.0.0.1:7300")]
+    #[arg(
+        long,
+        global = true,
+        env = "EBB_SERVER",
+        default_value = "http://127.0.0.1:7300"
+    )]
     pub server: String,
     #[command(subcommand)]
     pub command: Command,
@@ -66,13 +77,26 @@ pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot reach the collector at {server}: {e}; is it running? (--server / EBB_SERVER)"))?;
     match command {
         Command::Groups => {
-            let groups = client.list_groups(ListGroupsRequest {}).await?.into_inner().groups;
-            println!("{:<16} {:>4} {:>4} {:>8} {:>10} {:>8} {:>8}", "GROUP", "MIN", "MAX", "DESIRED", "IN_SERVICE", "PENDING", "CPU_AVG");
+            let groups = client
+                .list_groups(ListGroupsRequest {})
+                .await?
+                .into_inner()
+                .groups;
+            println!(
+                "{:<16} {:>4} {:>4} {:>8} {:>10} {:>8} {:>8}",
+                "GROUP", "MIN", "MAX", "DESIRED", "IN_SERVICE", "PENDING", "CPU_AVG"
+            );
             for g in &groups {
                 let cpu = g.cpu_avg_percent.map_or("-".into(), |c| format!("{c:.1}%"));
                 println!(
                     "{:<16} {:>4} {:>4} {:>8} {:>10} {:>8} {:>8}",
-                    g.name, g.min_size, g.max_size, g.desired_capacity, g.in_service, g.pending, cpu
+                    g.name,
+                    g.min_size,
+                    g.max_size,
+                    g.desired_capacity,
+                    g.in_service,
+                    g.pending,
+                    cpu
                 );
             }
             for g in &groups {
@@ -80,17 +104,35 @@ pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Members { group } => {
-            let members = client.list_members(ListMembersRequest { group }).await?.into_inner().members;
-            println!("{:<16} {:<12} {:<22} {:>7} {:>6} {:>10}  HEALTH", "MEMBER", "STATE", "ADDRESS", "CPU", "LOAD1", "LB_CONNS");
+            let members = client
+                .list_members(ListMembersRequest { group })
+                .await?
+                .into_inner()
+                .members;
+            println!(
+                "{:<16} {:<12} {:<22} {:>7} {:>6} {:>10}  HEALTH",
+                "MEMBER", "STATE", "ADDRESS", "CPU", "LOAD1", "LB_CONNS"
+            );
             for m in members {
-                let cpu = m.cpu_busy_percent.map_or("-".into(), |c| format!("{c:.1}%"));
+                let cpu = m
+                    .cpu_busy_percent
+                    .map_or("-".into(), |c| format!("{c:.1}%"));
                 let load = m.load1.map_or("-".into(), |l| format!("{l:.2}"));
                 let health = m.health.map_or("-".into(), |h| {
                     let status = ebb_proto::v1::health_check::Status::try_from(h.status)
-                        .map_or("unknown".to_string(), |s| s.as_str_name().trim_start_matches("STATUS_").to_lowercase());
-                    if h.reason.is_empty() { status } else { format!("{status}: {}", h.reason) }
+                        .map_or("unknown".to_string(), |s| {
+                            s.as_str_name().trim_start_matches("STATUS_").to_lowercase()
+                        });
+                    if h.reason.is_empty() {
+                        status
+                    } else {
+                        format!("{status}: {}", h.reason)
+                    }
                 });
-                println!("{:<16} {:<12} {:<22} {:>7} {:>6} {:>10}  {health}", m.id, m.state, m.address, cpu, load, m.lb_connections);
+                println!(
+                    "{:<16} {:<12} {:<22} {:>7} {:>6} {:>10}  {health}",
+                    m.id, m.state, m.address, cpu, load, m.lb_connections
+                );
             }
         }
         Command::Activities { group, limit } => {
@@ -98,10 +140,34 @@ pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
                 group: group.unwrap_or_default(),
                 limit,
             };
-            for a in client.list_activities(request).await?.into_inner().activities {
-                let member = if a.member_id.is_empty() { String::new() } else { format!(" {}", a.member_id) };
-                let detail = if a.detail.is_empty() { String::new() } else { format!(" [{}]", a.detail) };
-                println!("#{} {} {}{} {} {}→{}: {}{}", a.id, a.group, a.kind, member, a.outcome, a.from_capacity, a.to_capacity, a.cause, detail);
+            for a in client
+                .list_activities(request)
+                .await?
+                .into_inner()
+                .activities
+            {
+                let member = if a.member_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", a.member_id)
+                };
+                let detail = if a.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", a.detail)
+                };
+                println!(
+                    "#{} {} {}{} {} {}→{}: {}{}",
+                    a.id,
+                    a.group,
+                    a.kind,
+                    member,
+                    a.outcome,
+                    a.from_capacity,
+                    a.to_capacity,
+                    a.cause,
+                    detail
+                );
             }
         }
         Command::Scale { group, to } => {
@@ -114,7 +180,10 @@ pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
                 .map_err(|status| anyhow::anyhow!("{}", status.message()))?
                 .into_inner();
             if let Some(g) = response.group {
-                println!("{}: desired capacity {} ({} in service, {} pending)", g.name, g.desired_capacity, g.in_service, g.pending);
+                println!(
+                    "{}: desired capacity {} ({} in service, {} pending)",
+                    g.name, g.desired_capacity, g.in_service, g.pending
+                );
             }
         }
         _ => unreachable!("not an admin command"),

@@ -29,7 +29,10 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     /// Well-formed but unusable values; one line per problem.
     #[error("{path}: invalid configuration:\n  {}", problems.join("\n  "))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -207,9 +210,16 @@ fn default_health_timeout_ms() -> u32 {
     2000
 }
 fn default_local_command() -> Vec<String> {
-    ["{ebb_collector}", "workload", "--listen", "{address}:{port}", "--member-id", "{member_id}"]
-        .map(String::from)
-        .to_vec()
+    [
+        "{ebb_collector}",
+        "workload",
+        "--listen",
+        "{address}:{port}",
+        "--member-id",
+        "{member_id}",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_address_prefix() -> String {
     "127.0.1".into()
@@ -270,16 +280,29 @@ impl CollectorConfig {
             && !url.starts_with("http://")
             && !url.starts_with("https://")
         {
-            problems.push(format!("server.advertise_url: must start with http:// or https://, not `{url}`"));
+            problems.push(format!(
+                "server.advertise_url: must start with http:// or https://, not `{url}`"
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for (i, group) in self.groups.iter().enumerate() {
             let at = format!("groups[{i}]");
-            if group.name.is_empty() || !group.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                problems.push(format!("{at}.name: `{}` must be letters, digits, `-` or `_`", group.name));
+            if group.name.is_empty()
+                || !group
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                problems.push(format!(
+                    "{at}.name: `{}` must be letters, digits, `-` or `_`",
+                    group.name
+                ));
             }
             if !names.insert(&group.name) {
-                problems.push(format!("{at}.name: `{}` is used by an earlier group", group.name));
+                problems.push(format!(
+                    "{at}.name: `{}` is used by an earlier group",
+                    group.name
+                ));
             }
             if group.min_size > group.max_size {
                 problems.push(format!(
@@ -306,14 +329,19 @@ impl CollectorConfig {
                     if local.command.is_empty() {
                         problems.push(format!("{at}.provider.command: must name a program"));
                     }
-                    if format!("{}.1", local.address_prefix).parse::<IpAddr>().map_or(true, |ip| !ip.is_loopback()) {
+                    if format!("{}.1", local.address_prefix)
+                        .parse::<IpAddr>()
+                        .map_or(true, |ip| !ip.is_loopback())
+                    {
                         problems.push(format!(
                             "{at}.provider.address_prefix: `{}` must be three octets of a loopback address, like `127.0.1`",
                             local.address_prefix
                         ));
                     }
                     if !(local.instance_cpus > 0.0) {
-                        problems.push(format!("{at}.provider.instance_cpus: must be greater than 0"));
+                        problems.push(format!(
+                            "{at}.provider.instance_cpus: must be greater than 0"
+                        ));
                     }
                 }
             }
@@ -321,7 +349,10 @@ impl CollectorConfig {
             for (j, policy) in group.policies.iter().enumerate() {
                 let at = format!("{at}.policies[{j}]");
                 if !policy_names.insert(&policy.name) {
-                    problems.push(format!("{at}.name: `{}` is used by an earlier policy of this group", policy.name));
+                    problems.push(format!(
+                        "{at}.name: `{}` is used by an earlier policy of this group",
+                        policy.name
+                    ));
                 }
                 if policy.period_secs == 0 {
                     problems.push(format!("{at}.period_secs: must be at least 1"));
@@ -332,7 +363,9 @@ impl CollectorConfig {
                 if let Some(m) = policy.datapoints_to_alarm
                     && (m == 0 || m > policy.evaluation_periods)
                 {
-                    problems.push(format!("{at}.datapoints_to_alarm: must be between 1 and evaluation_periods"));
+                    problems.push(format!(
+                        "{at}.datapoints_to_alarm: must be between 1 and evaluation_periods"
+                    ));
                 }
                 if policy.adjustment == 0 {
                     problems.push(format!("{at}.adjustment: 0 would never change anything"));
@@ -360,8 +393,13 @@ mod tests {
     #[test]
     fn a_typo_names_file_line_and_key() {
         let text = LOCAL_EXAMPLE.replacen("cooldown_secs", "cooldown_sec", 1);
-        let error = parse(Path::new("/etc/ebb/collector.toml"), &text).unwrap_err().to_string();
-        assert!(error.starts_with("/etc/ebb/collector.toml: line "), "{error}");
+        let error = parse(Path::new("/etc/ebb/collector.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("/etc/ebb/collector.toml: line "),
+            "{error}"
+        );
         assert!(error.contains("key `groups[0].cooldown_sec`"), "{error}");
         assert!(error.contains("unknown field `cooldown_sec`"), "{error}");
     }
@@ -382,7 +420,17 @@ mod tests {
         let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &text) else {
             panic!("expected validation errors");
         };
-        assert!(problems.iter().any(|p| p.starts_with("groups[0].min_size: 9 is greater")), "{problems:?}");
-        assert!(problems.iter().any(|p| p.starts_with("groups[0].policies[0].period_secs")), "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("groups[0].min_size: 9 is greater")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("groups[0].policies[0].period_secs")),
+            "{problems:?}"
+        );
     }
 }

@@ -111,7 +111,10 @@ fn demo_config(args: &DemoArgs) -> anyhow::Result<config::CollectorConfig> {
         let LoadBalancerConfig::Builtin { listen } = &mut group.load_balancer;
         listen.set_port(0);
     }
-    anyhow::ensure!(!config.groups.is_empty(), "the demo needs a configuration with at least one group");
+    anyhow::ensure!(
+        !config.groups.is_empty(),
+        "the demo needs a configuration with at least one group"
+    );
     Ok(config)
 }
 
@@ -133,10 +136,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let mut peak = 0;
     let mut seen_activity = 0;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let interrupted = loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = tokio::signal::ctrl_c() => break true,
+            _ = terminate.recv() => break true,
         }
         let status = group.status();
         for activity in collector.activities.since(seen_activity, &group_name) {
@@ -148,13 +153,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         if load.is_none() && status.in_service() >= 1 {
             let window = (now, now + Duration::from_secs(args.load_secs));
             tokio::spawn(generate_load(front, args.rate, window.1, stats.clone()));
-            view.note(&format!("load: {} requests/s at {front} for {} s", args.rate, args.load_secs));
+            view.note(&format!(
+                "load: {} requests/s at {front} for {} s",
+                args.rate, args.load_secs
+            ));
             load = Some(window);
         }
         let loading = load.is_some_and(|(start, end)| now >= start && now < end);
         view.status(&status, if loading { args.rate } else { 0 });
         let load_over = load.is_some_and(|(_, end)| now >= end);
-        if load_over && peak > status.min_size && status.in_service() == status.min_size && status.desired == status.min_size {
+        if load_over
+            && peak > status.min_size
+            && status.in_service() == status.min_size
+            && status.desired == status.min_size
+        {
             break false;
         }
         if now >= deadline {
@@ -205,7 +217,10 @@ impl View {
             println!("ebb demo — group `{group}` on this machine, no cloud needed");
             println!("  load balancer  http://{front}/work");
             println!("  metrics        http://{}/metrics", collector.http_address);
-            println!("  admin          ebb-collector --server http://{} activities", collector.grpc_address);
+            println!(
+                "  admin          ebb-collector --server http://{} activities",
+                collector.grpc_address
+            );
             println!("  Ctrl-C stops the demo and every process it started.\n");
         }
     }
@@ -239,12 +254,22 @@ impl View {
             .members
             .iter()
             .map(|m| {
-                let cpu = m.latest.as_ref().and_then(|l| l.cpu_busy_percent).map_or("  -".into(), |c| format!("{c:3.0}%"));
-                let state = if m.state == MemberState::InService { "" } else { " (pending)" };
+                let cpu = m
+                    .latest
+                    .as_ref()
+                    .and_then(|l| l.cpu_busy_percent)
+                    .map_or("  -".into(), |c| format!("{c:3.0}%"));
+                let state = if m.state == MemberState::InService {
+                    ""
+                } else {
+                    " (pending)"
+                };
                 format!("{} {cpu}{state}", m.id)
             })
             .collect();
-        let cpu = status.cpu_avg.map_or("    -".into(), |c| format!("{c:5.1}%"));
+        let cpu = status
+            .cpu_avg
+            .map_or("    -".into(), |c| format!("{c:5.1}%"));
         println!(
             "{:>5.0}s  capacity {} (desired {})  cpu avg {cpu}  load {load_rps:>3} req/s   {}",
             self.elapsed(),
@@ -306,7 +331,10 @@ impl View {
         );
         println!(
             "  requests: {} ok, {} failed, {} skipped; served by {}",
-            summary["requests_ok"], summary["requests_failed"], summary["requests_skipped"], summary["served_by"]
+            summary["requests_ok"],
+            summary["requests_failed"],
+            summary["requests_skipped"],
+            summary["served_by"]
         );
         println!("  took {} s", summary["elapsed_secs"]);
     }

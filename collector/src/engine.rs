@@ -180,9 +180,17 @@ pub struct GroupInput {
 #[derive(Debug, Clone, PartialEq)]
 pub enum AlarmState {
     /// Enough periods breached; `value` is the newest period's.
-    Alarm { value: f64, breaching: u32 },
-    Ok { value: f64, breaching: u32 },
-    InsufficientData { reason: String },
+    Alarm {
+        value: f64,
+        breaching: u32,
+    },
+    Ok {
+        value: f64,
+        breaching: u32,
+    },
+    InsufficientData {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -280,11 +288,19 @@ impl Engine {
         let mut values = Vec::with_capacity(policy.evaluation_periods as usize);
         let mut silent = None;
         for k in 0..policy.evaluation_periods as usize {
-            let present: Vec<f64> = counted.iter().filter_map(|m| m.means.get(p)?.get(k).copied().flatten()).collect();
+            let present: Vec<f64> = counted
+                .iter()
+                .filter_map(|m| m.means.get(p)?.get(k).copied().flatten())
+                .collect();
             if present.len() < counted.len() && silent.is_none() {
                 silent = counted
                     .iter()
-                    .find(|m| m.means.get(p).and_then(|w| w.get(k).copied().flatten()).is_none())
+                    .find(|m| {
+                        m.means
+                            .get(p)
+                            .and_then(|w| w.get(k).copied().flatten())
+                            .is_none()
+                    })
                     .map(|m| (m.id.clone(), k));
             }
             values.push((!present.is_empty()).then(|| policy.statistic.apply(&present)));
@@ -303,7 +319,14 @@ impl Engine {
             );
         }
         let Some(newest) = values[0] else {
-            return insufficient(values, format!("no {} data in the last {} s", policy.metric.name(), policy.period_secs));
+            return insufficient(
+                values,
+                format!(
+                    "no {} data in the last {} s",
+                    policy.metric.name(),
+                    policy.period_secs
+                ),
+            );
         };
         let breaching = values
             .iter()
@@ -324,9 +347,15 @@ impl Engine {
         Verdict {
             policy: policy.name.clone(),
             state: if fired {
-                AlarmState::Alarm { value: newest, breaching }
+                AlarmState::Alarm {
+                    value: newest,
+                    breaching,
+                }
             } else {
-                AlarmState::Ok { value: newest, breaching }
+                AlarmState::Ok {
+                    value: newest,
+                    breaching,
+                }
             },
             values,
             explanation,
@@ -346,26 +375,39 @@ impl Engine {
                 ),
             };
         }
-        let firing = self.policies.iter().zip(verdicts).filter_map(|(policy, verdict)| match verdict.state {
-            AlarmState::Alarm { value, .. } => {
-                let target = self.clamp(current.saturating_add_signed(policy.adjustment));
-                Some((target, policy, value))
-            }
-            _ => None,
-        });
+        let firing =
+            self.policies
+                .iter()
+                .zip(verdicts)
+                .filter_map(|(policy, verdict)| match verdict.state {
+                    AlarmState::Alarm { value, .. } => {
+                        let target = self.clamp(current.saturating_add_signed(policy.adjustment));
+                        Some((target, policy, value))
+                    }
+                    _ => None,
+                });
         // The largest resulting capacity wins; among equals, the first policy.
-        let Some((target, policy, value)) = firing.fold(None, |best: Option<(u32, &Policy, f64)>, next| match best {
-            Some(b) if b.0 >= next.0 => Some(b),
-            _ => Some(next),
-        }) else {
+        let Some((target, policy, value)) =
+            firing.fold(None, |best: Option<(u32, &Policy, f64)>, next| match best {
+                Some(b) if b.0 >= next.0 => Some(b),
+                _ => Some(next),
+            })
+        else {
             return Decision::Hold {
                 reason: "no policy in alarm".into(),
             };
         };
         if target == current {
-            let bound = if policy.adjustment > 0 { "max_size" } else { "min_size" };
+            let bound = if policy.adjustment > 0 {
+                "max_size"
+            } else {
+                "min_size"
+            };
             return Decision::Hold {
-                reason: format!("{} in alarm, but capacity {current} is already at {bound}", policy.name),
+                reason: format!(
+                    "{} in alarm, but capacity {current} is already at {bound}",
+                    policy.name
+                ),
             };
         }
         if let Some(last) = input.last_scaling {
@@ -404,7 +446,10 @@ impl Engine {
 
 fn fmt_value(value: f64) -> String {
     let rounded = format!("{value:.1}");
-    rounded.strip_suffix(".0").map(str::to_string).unwrap_or(rounded)
+    rounded
+        .strip_suffix(".0")
+        .map(str::to_string)
+        .unwrap_or(rounded)
 }
 
 #[cfg(test)]
@@ -464,43 +509,89 @@ mod tests {
         engine.policies[0].evaluation_periods = 3;
         let windows = engine.windows(NOW);
         assert_eq!(windows[0].len(), 3);
-        assert_eq!(windows[0][0], Window { start: NOW - 10_000, end: NOW });
-        assert_eq!(windows[0][2], Window { start: NOW - 30_000, end: NOW - 20_000 });
+        assert_eq!(
+            windows[0][0],
+            Window {
+                start: NOW - 10_000,
+                end: NOW
+            }
+        );
+        assert_eq!(
+            windows[0][2],
+            Window {
+                start: NOW - 30_000,
+                end: NOW - 20_000
+            }
+        );
     }
 
     #[test]
     fn scales_out_with_the_policy_and_value_in_the_cause() {
         let evaluation = engine().evaluate(&group(1, vec![member("web-1", Some(85.0))]));
-        let Decision::Scale { from, to, policy, cause } = evaluation.decision else {
+        let Decision::Scale {
+            from,
+            to,
+            policy,
+            cause,
+        } = evaluation.decision
+        else {
             panic!("{evaluation:?}")
         };
         assert_eq!((from, to, policy.as_str()), (1, 3, "cpu-high"));
-        assert!(cause.contains("policy cpu-high") && cause.contains("avg cpu 85%") && cause.contains("> 60%"), "{cause}");
+        assert!(
+            cause.contains("policy cpu-high")
+                && cause.contains("avg cpu 85%")
+                && cause.contains("> 60%"),
+            "{cause}"
+        );
     }
 
     #[test]
     fn scale_out_is_clamped_to_max_and_says_so_at_max() {
-        let members = vec![member("a", Some(90.0)), member("b", Some(90.0)), member("c", Some(90.0))];
+        let members = vec![
+            member("a", Some(90.0)),
+            member("b", Some(90.0)),
+            member("c", Some(90.0)),
+        ];
         let evaluation = engine().evaluate(&group(3, members.clone()));
-        assert!(matches!(evaluation.decision, Decision::Scale { to: 4, .. }), "{evaluation:?}");
+        assert!(
+            matches!(evaluation.decision, Decision::Scale { to: 4, .. }),
+            "{evaluation:?}"
+        );
         let evaluation = engine().evaluate(&group(4, members));
-        let Decision::Hold { reason } = evaluation.decision else { panic!() };
+        let Decision::Hold { reason } = evaluation.decision else {
+            panic!()
+        };
         assert!(reason.contains("already at max_size"), "{reason}");
     }
 
     #[test]
     fn scales_in_when_idle_but_never_below_min() {
-        let evaluation = engine().evaluate(&group(2, vec![member("a", Some(5.0)), member("b", Some(3.0))]));
-        assert!(matches!(evaluation.decision, Decision::Scale { from: 2, to: 1, .. }), "{evaluation:?}");
+        let evaluation = engine().evaluate(&group(
+            2,
+            vec![member("a", Some(5.0)), member("b", Some(3.0))],
+        ));
+        assert!(
+            matches!(evaluation.decision, Decision::Scale { from: 2, to: 1, .. }),
+            "{evaluation:?}"
+        );
         let evaluation = engine().evaluate(&group(1, vec![member("a", Some(5.0))]));
-        assert!(matches!(evaluation.decision, Decision::Hold { .. }), "{evaluation:?}");
+        assert!(
+            matches!(evaluation.decision, Decision::Hold { .. }),
+            "{evaluation:?}"
+        );
     }
 
     #[test]
     fn a_silent_member_blocks_scale_in() {
-        let evaluation = engine().evaluate(&group(2, vec![member("a", Some(2.0)), member("b", None)]));
-        let Decision::Hold { .. } = evaluation.decision else { panic!("{evaluation:?}") };
-        let AlarmState::InsufficientData { reason } = &evaluation.verdicts[1].state else { panic!() };
+        let evaluation =
+            engine().evaluate(&group(2, vec![member("a", Some(2.0)), member("b", None)]));
+        let Decision::Hold { .. } = evaluation.decision else {
+            panic!("{evaluation:?}")
+        };
+        let AlarmState::InsufficientData { reason } = &evaluation.verdicts[1].state else {
+            panic!()
+        };
         assert!(reason.contains("member b sent no cpu data"), "{reason}");
     }
 
@@ -508,7 +599,12 @@ mod tests {
     fn no_data_at_all_never_scales() {
         let evaluation = engine().evaluate(&group(2, vec![member("a", None), member("b", None)]));
         assert!(matches!(evaluation.decision, Decision::Hold { .. }));
-        assert!(evaluation.verdicts.iter().all(|v| matches!(v.state, AlarmState::InsufficientData { .. })));
+        assert!(
+            evaluation
+                .verdicts
+                .iter()
+                .all(|v| matches!(v.state, AlarmState::InsufficientData { .. }))
+        );
     }
 
     #[test]
@@ -517,19 +613,28 @@ mod tests {
         booting.in_service_since = Some(NOW - 5_000); // warm-up is 30 s
         let mut pending = member("pending", Some(100.0));
         pending.in_service_since = None;
-        let evaluation = engine().evaluate(&group(3, vec![member("old", Some(40.0)), booting, pending]));
+        let evaluation =
+            engine().evaluate(&group(3, vec![member("old", Some(40.0)), booting, pending]));
         assert_eq!(evaluation.verdicts[0].values, [Some(40.0)]);
-        assert!(matches!(evaluation.decision, Decision::Hold { .. }), "{evaluation:?}");
+        assert!(
+            matches!(evaluation.decision, Decision::Hold { .. }),
+            "{evaluation:?}"
+        );
     }
 
     #[test]
     fn cooldown_holds_and_expires() {
         let mut input = group(1, vec![member("a", Some(90.0))]);
         input.last_scaling = Some(NOW - 50_000);
-        let Decision::Hold { reason } = engine().evaluate(&input).decision else { panic!() };
+        let Decision::Hold { reason } = engine().evaluate(&input).decision else {
+            panic!()
+        };
         assert!(reason.contains("cooldown for 10 more s"), "{reason}");
         input.last_scaling = Some(NOW - 60_000);
-        assert!(matches!(engine().evaluate(&input).decision, Decision::Scale { .. }));
+        assert!(matches!(
+            engine().evaluate(&input).decision,
+            Decision::Scale { .. }
+        ));
     }
 
     #[test]
@@ -540,10 +645,16 @@ mod tests {
         let mut m = member("a", None);
         m.means[0] = vec![Some(70.0), Some(50.0), Some(65.0)];
         let evaluation = engine.evaluate(&group(1, vec![m.clone()]));
-        assert!(matches!(evaluation.verdicts[0].state, AlarmState::Alarm { breaching: 2, .. }));
+        assert!(matches!(
+            evaluation.verdicts[0].state,
+            AlarmState::Alarm { breaching: 2, .. }
+        ));
         m.means[0] = vec![Some(70.0), Some(50.0), Some(55.0)];
         let evaluation = engine.evaluate(&group(1, vec![m]));
-        assert!(matches!(evaluation.verdicts[0].state, AlarmState::Ok { breaching: 1, .. }));
+        assert!(matches!(
+            evaluation.verdicts[0].state,
+            AlarmState::Ok { breaching: 1, .. }
+        ));
     }
 
     #[test]
@@ -557,13 +668,19 @@ mod tests {
         let mut m = member("a", Some(5.0));
         m.means.push(vec![Some(80.0)]);
         let evaluation = engine.evaluate(&group(2, vec![m]));
-        assert!(matches!(evaluation.decision, Decision::Scale { to: 3, ref policy, .. } if policy == "mem-high"), "{evaluation:?}");
+        assert!(
+            matches!(evaluation.decision, Decision::Scale { to: 3, ref policy, .. } if policy == "mem-high"),
+            "{evaluation:?}"
+        );
     }
 
     #[test]
     fn desired_outside_the_bounds_is_corrected() {
         let evaluation = engine().evaluate(&group(9, vec![]));
-        assert!(matches!(evaluation.decision, Decision::Scale { from: 9, to: 4, .. }), "{evaluation:?}");
+        assert!(
+            matches!(evaluation.decision, Decision::Scale { from: 9, to: 4, .. }),
+            "{evaluation:?}"
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub const MAX_CLOCK_AHEAD_MS: Millis = 60_000;
 #[derive(Debug, Error, PartialEq)]
 pub enum IngestError {
     /// The member is not part of any group: it was never launched by ebb, or it has been terminated.
-    #[error("member `{0}` is not part of any group; only members launched or enrolled by this collector may report")]
+    #[error(
+        "member `{0}` is not part of any group; only members launched or enrolled by this collector may report"
+    )]
     UnknownMember(String),
     /// The collector is shutting down.
     #[error("the collector is shutting down")]
@@ -70,7 +72,10 @@ pub fn validate_sample(sample: &Sample, now: Millis) -> Result<(), SampleRejecti
             return reject("negative", format!("{name} is {value}, below 0"));
         }
         if is_percent && value > 100.0 {
-            return reject("above_100_percent", format!("{name} is {value}, above 100%"));
+            return reject(
+                "above_100_percent",
+                format!("{name} is {value}, above 100%"),
+            );
         }
     }
     Ok(())
@@ -244,7 +249,13 @@ impl IngestHandle {
         answer.await.map_err(|_| IngestError::Closed)?
     }
 
-    pub async fn batch(&self, member: &str, run_id: u64, samples: Vec<Sample>, now: Millis) -> Result<BatchOutcome, IngestError> {
+    pub async fn batch(
+        &self,
+        member: &str,
+        run_id: u64,
+        samples: Vec<Sample>,
+        now: Millis,
+    ) -> Result<BatchOutcome, IngestError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Batch {
@@ -260,15 +271,25 @@ impl IngestHandle {
     }
 
     /// For each member, the mean of each metric over each of its windows, and its latest sample.
-    pub async fn observe(&self, members: Vec<String>, windows: Vec<(Metric, Vec<Window>)>) -> Vec<Observation> {
+    pub async fn observe(
+        &self,
+        members: Vec<String>,
+        windows: Vec<(Metric, Vec<Window>)>,
+    ) -> Vec<Observation> {
         let count = members.len();
         let (reply, answer) = oneshot::channel();
         let sent = self
             .commands
-            .send(Command::Observe { members, windows, reply })
+            .send(Command::Observe {
+                members,
+                windows,
+                reply,
+            })
             .await;
         match sent {
-            Ok(()) => answer.await.unwrap_or_else(|_| vec![Observation::default(); count]),
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| vec![Observation::default(); count]),
             Err(_) => vec![Observation::default(); count],
         }
     }
@@ -369,7 +390,9 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                         Some(record) => Observation {
                             means: windows
                                 .iter()
-                                .map(|(metric, ws)| ws.iter().map(|w| record.mean(*metric, *w)).collect())
+                                .map(|(metric, ws)| {
+                                    ws.iter().map(|w| record.mean(*metric, *w)).collect()
+                                })
                                 .collect(),
                             latest: record.latest.clone(),
                         },
@@ -425,8 +448,14 @@ mod tests {
             }),
             "not_finite"
         );
-        assert_eq!(rejected(sample(1, NOW + 61_000, 1.0)), "timestamp_in_future");
-        assert!(validate_sample(&sample(1, NOW + 59_000, 1.0), NOW).is_ok(), "a little clock skew is fine");
+        assert_eq!(
+            rejected(sample(1, NOW + 61_000, 1.0)),
+            "timestamp_in_future"
+        );
+        assert!(
+            validate_sample(&sample(1, NOW + 59_000, 1.0), NOW).is_ok(),
+            "a little clock skew is fine"
+        );
         assert_eq!(rejected(sample(0, NOW, 1.0)), "no_sequence");
         // Load may exceed 100; it is not a percentage.
         assert!(
@@ -452,11 +481,17 @@ mod tests {
     #[tokio::test]
     async fn unknown_members_are_refused() {
         let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000);
-        assert_eq!(ingest.hello(hello("stranger", 1)).await, Err(IngestError::UnknownMember("stranger".into())));
+        assert_eq!(
+            ingest.hello(hello("stranger", 1)).await,
+            Err(IngestError::UnknownMember("stranger".into()))
+        );
         ingest.register("web-1", AgentSettings::default()).await;
         assert!(ingest.hello(hello("web-1", 1)).await.is_ok());
         ingest.unregister("web-1").await;
-        assert!(ingest.hello(hello("web-1", 1)).await.is_err(), "a terminated member may not report");
+        assert!(
+            ingest.hello(hello("web-1", 1)).await.is_err(),
+            "a terminated member may not report"
+        );
     }
 
     #[tokio::test]
@@ -467,7 +502,12 @@ mod tests {
         ingest.hello(hello("web-1", 7)).await.unwrap();
 
         let first = ingest
-            .batch("web-1", 7, vec![sample(1, NOW - 3000, 10.0), sample(2, NOW - 2000, f64::NAN)], NOW)
+            .batch(
+                "web-1",
+                7,
+                vec![sample(1, NOW - 3000, 10.0), sample(2, NOW - 2000, f64::NAN)],
+                NOW,
+            )
             .await
             .unwrap();
         assert_eq!(first.highest_seq, 2);
@@ -479,20 +519,45 @@ mod tests {
         let (highest, _) = ingest.hello(hello("web-1", 7)).await.unwrap();
         assert_eq!(highest, 2);
         let replay = ingest
-            .batch("web-1", 7, vec![sample(1, NOW - 3000, 10.0), sample(2, NOW - 2000, 99.0), sample(3, NOW - 1000, 30.0)], NOW)
+            .batch(
+                "web-1",
+                7,
+                vec![
+                    sample(1, NOW - 3000, 10.0),
+                    sample(2, NOW - 2000, 99.0),
+                    sample(3, NOW - 1000, 30.0),
+                ],
+                NOW,
+            )
             .await
             .unwrap();
         assert_eq!(replay.highest_seq, 3);
         assert!(replay.rejected.is_empty());
 
         let observed = ingest
-            .observe(vec!["web-1".into()], vec![(Metric::Cpu, vec![Window { start: NOW - 10_000, end: NOW }])])
+            .observe(
+                vec!["web-1".into()],
+                vec![(
+                    Metric::Cpu,
+                    vec![Window {
+                        start: NOW - 10_000,
+                        end: NOW,
+                    }],
+                )],
+            )
             .await;
-        assert_eq!(observed[0].means[0][0], Some(20.0), "only samples 1 and 3 are stored, each once");
+        assert_eq!(
+            observed[0].means[0][0],
+            Some(20.0),
+            "only samples 1 and 3 are stored, each once"
+        );
         let text = metrics.render();
         assert!(text.contains("ebb_samples_ingested_total 2"), "{text}");
         assert!(text.contains("ebb_samples_duplicate_total 2"), "{text}");
-        assert!(text.contains("ebb_samples_rejected_total{reason=\"not_finite\"} 1"), "{text}");
+        assert!(
+            text.contains("ebb_samples_rejected_total{reason=\"not_finite\"} 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -500,13 +565,28 @@ mod tests {
         let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000);
         ingest.register("web-1", AgentSettings::default()).await;
         ingest.hello(hello("web-1", 1)).await.unwrap();
-        ingest.batch("web-1", 1, vec![sample(5, NOW - 5000, 10.0)], NOW).await.unwrap();
+        ingest
+            .batch("web-1", 1, vec![sample(5, NOW - 5000, 10.0)], NOW)
+            .await
+            .unwrap();
         let (highest, _) = ingest.hello(hello("web-1", 2)).await.unwrap();
         assert_eq!(highest, 0);
-        let outcome = ingest.batch("web-1", 2, vec![sample(1, NOW - 1000, 30.0)], NOW).await.unwrap();
+        let outcome = ingest
+            .batch("web-1", 2, vec![sample(1, NOW - 1000, 30.0)], NOW)
+            .await
+            .unwrap();
         assert_eq!(outcome.highest_seq, 1);
         let observed = ingest
-            .observe(vec!["web-1".into()], vec![(Metric::Cpu, vec![Window { start: NOW - 10_000, end: NOW }])])
+            .observe(
+                vec!["web-1".into()],
+                vec![(
+                    Metric::Cpu,
+                    vec![Window {
+                        start: NOW - 10_000,
+                        end: NOW,
+                    }],
+                )],
+            )
             .await;
         assert_eq!(observed[0].means[0][0], Some(20.0));
     }
@@ -516,14 +596,41 @@ mod tests {
         let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 60_000);
         ingest.register("a", AgentSettings::default()).await;
         ingest.hello(hello("a", 1)).await.unwrap();
-        let samples = vec![sample(1, NOW - 120_000, 90.0), sample(2, NOW - 15_000, 80.0), sample(3, NOW - 4_000, 10.0)];
+        let samples = vec![
+            sample(1, NOW - 120_000, 90.0),
+            sample(2, NOW - 15_000, 80.0),
+            sample(3, NOW - 4_000, 10.0),
+        ];
         ingest.batch("a", 1, samples, NOW).await.unwrap();
         let windows = vec![
-            (Metric::Cpu, vec![Window { start: NOW - 10_000, end: NOW }, Window { start: NOW - 20_000, end: NOW - 10_000 }]),
-            (Metric::Cpu, vec![Window { start: NOW - 200_000, end: NOW - 100_000 }]),
+            (
+                Metric::Cpu,
+                vec![
+                    Window {
+                        start: NOW - 10_000,
+                        end: NOW,
+                    },
+                    Window {
+                        start: NOW - 20_000,
+                        end: NOW - 10_000,
+                    },
+                ],
+            ),
+            (
+                Metric::Cpu,
+                vec![Window {
+                    start: NOW - 200_000,
+                    end: NOW - 100_000,
+                }],
+            ),
         ];
-        let observed = ingest.observe(vec!["a".into(), "unknown".into()], windows).await;
-        assert_eq!(observed[0].means, vec![vec![Some(10.0), Some(80.0)], vec![None]]);
+        let observed = ingest
+            .observe(vec!["a".into(), "unknown".into()], windows)
+            .await;
+        assert_eq!(
+            observed[0].means,
+            vec![vec![Some(10.0), Some(80.0)], vec![None]]
+        );
         assert_eq!(observed[0].latest.as_ref().unwrap().at, NOW - 4_000);
         assert_eq!(observed[1].means, vec![vec![None, None], vec![None]]);
     }

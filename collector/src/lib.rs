@@ -75,11 +75,21 @@ impl Collector {
 
         let grpc = TcpListener::bind(config.server.grpc_listen)
             .await
-            .with_context(|| format!("cannot listen on server.grpc_listen {}", config.server.grpc_listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on server.grpc_listen {}",
+                    config.server.grpc_listen
+                )
+            })?;
         let grpc_address = grpc.local_addr()?;
         let http = TcpListener::bind(config.server.http_listen)
             .await
-            .with_context(|| format!("cannot listen on server.http_listen {}", config.server.http_listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on server.http_listen {}",
+                    config.server.http_listen
+                )
+            })?;
         let http_address = http.local_addr()?;
         let collector_url = config
             .server
@@ -94,14 +104,18 @@ impl Collector {
         for group in config.groups {
             let provider: Arc<dyn Provider> = match &group.provider {
                 ProviderConfig::Local(local) => Arc::new(
-                    LocalProvider::new(local.clone()).with_context(|| format!("group {}: provider", group.name))?,
+                    LocalProvider::new(local.clone())
+                        .with_context(|| format!("group {}: provider", group.name))?,
                 ),
             };
             let load_balancer: Arc<dyn LoadBalancer> = match &group.load_balancer {
                 LoadBalancerConfig::Builtin { listen } => {
-                    let lb = BuiltinLoadBalancer::bind(*listen)
-                        .await
-                        .with_context(|| format!("group {}: cannot listen on load_balancer.listen {listen}", group.name))?;
+                    let lb = BuiltinLoadBalancer::bind(*listen).await.with_context(|| {
+                        format!(
+                            "group {}: cannot listen on load_balancer.listen {listen}",
+                            group.name
+                        )
+                    })?;
                     load_balancer_fronts.insert(group.name.clone(), lb.front());
                     Arc::new(lb)
                 }

@@ -34,7 +34,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Demo(args) => ebb_collector::demo::run(args).await,
         Command::Validate { config } => {
             let parsed = config::load(&config)?;
-            println!("{}: valid, {} group(s)", config.display(), parsed.groups.len());
+            println!(
+                "{}: valid, {} group(s)",
+                config.display(),
+                parsed.groups.len()
+            );
             Ok(true)
         }
         Command::GenConfig => {
@@ -50,7 +54,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 }
 
 async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
@@ -72,8 +77,11 @@ fn report(result: anyhow::Result<bool>) -> ExitCode {
 /// so that its own view stays readable.
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EBB_LOG").unwrap_or_else(|_| default.into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("EBB_LOG").unwrap_or_else(|_| default.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("EBB_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {

@@ -40,7 +40,12 @@ impl Metrics {
     }
 
     pub fn sample_rejected(&self, reason: &'static str) {
-        *self.samples_rejected.lock().expect("metrics lock").entry(reason).or_default() += 1;
+        *self
+            .samples_rejected
+            .lock()
+            .expect("metrics lock")
+            .entry(reason)
+            .or_default() += 1;
     }
 
     /// Counts a connected agent until the returned guard is dropped.
@@ -50,7 +55,10 @@ impl Metrics {
     }
 
     pub fn set_group(&self, group: &str, gauges: GroupGauges) {
-        self.groups.lock().expect("metrics lock").insert(group.to_string(), gauges);
+        self.groups
+            .lock()
+            .expect("metrics lock")
+            .insert(group.to_string(), gauges);
     }
 
     pub fn activity(&self, group: &str, kind: &'static str, outcome: &'static str) {
@@ -65,38 +73,117 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        header(&mut out, "ebb_samples_ingested_total", "counter", "Samples validated and stored.");
-        let _ = writeln!(out, "ebb_samples_ingested_total {}", self.samples_ingested.load(Ordering::Relaxed));
-        header(&mut out, "ebb_samples_duplicate_total", "counter", "Samples dropped because their sequence number was already stored (replays).");
-        let _ = writeln!(out, "ebb_samples_duplicate_total {}", self.samples_duplicate.load(Ordering::Relaxed));
-        header(&mut out, "ebb_samples_rejected_total", "counter", "Samples refused by validation, by reason; never stored.");
+        header(
+            &mut out,
+            "ebb_samples_ingested_total",
+            "counter",
+            "Samples validated and stored.",
+        );
+        let _ = writeln!(
+            out,
+            "ebb_samples_ingested_total {}",
+            self.samples_ingested.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "ebb_samples_duplicate_total",
+            "counter",
+            "Samples dropped because their sequence number was already stored (replays).",
+        );
+        let _ = writeln!(
+            out,
+            "ebb_samples_duplicate_total {}",
+            self.samples_duplicate.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "ebb_samples_rejected_total",
+            "counter",
+            "Samples refused by validation, by reason; never stored.",
+        );
         for (reason, count) in self.samples_rejected.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "ebb_samples_rejected_total{{reason=\"{reason}\"}} {count}");
+            let _ = writeln!(
+                out,
+                "ebb_samples_rejected_total{{reason=\"{reason}\"}} {count}"
+            );
         }
-        header(&mut out, "ebb_agents_connected", "gauge", "Agents with an open telemetry stream.");
-        let _ = writeln!(out, "ebb_agents_connected {}", self.agents_connected.load(Ordering::Relaxed));
+        header(
+            &mut out,
+            "ebb_agents_connected",
+            "gauge",
+            "Agents with an open telemetry stream.",
+        );
+        let _ = writeln!(
+            out,
+            "ebb_agents_connected {}",
+            self.agents_connected.load(Ordering::Relaxed)
+        );
         let groups = self.groups.lock().expect("metrics lock").clone();
-        header(&mut out, "ebb_group_desired_capacity", "gauge", "Members the group should have.");
+        header(
+            &mut out,
+            "ebb_group_desired_capacity",
+            "gauge",
+            "Members the group should have.",
+        );
         for (group, gauges) in &groups {
-            let _ = writeln!(out, "ebb_group_desired_capacity{{group=\"{group}\"}} {}", gauges.desired);
+            let _ = writeln!(
+                out,
+                "ebb_group_desired_capacity{{group=\"{group}\"}} {}",
+                gauges.desired
+            );
         }
-        header(&mut out, "ebb_group_in_service", "gauge", "Members registered with the load balancer.");
+        header(
+            &mut out,
+            "ebb_group_in_service",
+            "gauge",
+            "Members registered with the load balancer.",
+        );
         for (group, gauges) in &groups {
-            let _ = writeln!(out, "ebb_group_in_service{{group=\"{group}\"}} {}", gauges.in_service);
+            let _ = writeln!(
+                out,
+                "ebb_group_in_service{{group=\"{group}\"}} {}",
+                gauges.in_service
+            );
         }
-        header(&mut out, "ebb_group_pending", "gauge", "Members launched but not yet in service.");
+        header(
+            &mut out,
+            "ebb_group_pending",
+            "gauge",
+            "Members launched but not yet in service.",
+        );
         for (group, gauges) in &groups {
-            let _ = writeln!(out, "ebb_group_pending{{group=\"{group}\"}} {}", gauges.pending);
+            let _ = writeln!(
+                out,
+                "ebb_group_pending{{group=\"{group}\"}} {}",
+                gauges.pending
+            );
         }
-        header(&mut out, "ebb_group_metric", "gauge", "Aggregated member metrics over the last 10 s, by name.");
+        header(
+            &mut out,
+            "ebb_group_metric",
+            "gauge",
+            "Aggregated member metrics over the last 10 s, by name.",
+        );
         for (group, gauges) in &groups {
             for (name, value) in &gauges.values {
-                let _ = writeln!(out, "ebb_group_metric{{group=\"{group}\",name=\"{name}\"}} {value}");
+                let _ = writeln!(
+                    out,
+                    "ebb_group_metric{{group=\"{group}\",name=\"{name}\"}} {value}"
+                );
             }
         }
-        header(&mut out, "ebb_activities_total", "counter", "Scaling and lifecycle activities, by kind and outcome.");
-        for ((group, kind, outcome), count) in self.activities.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "ebb_activities_total{{group=\"{group}\",kind=\"{kind}\",outcome=\"{outcome}\"}} {count}");
+        header(
+            &mut out,
+            "ebb_activities_total",
+            "counter",
+            "Scaling and lifecycle activities, by kind and outcome.",
+        );
+        for ((group, kind, outcome), count) in self.activities.lock().expect("metrics lock").iter()
+        {
+            let _ = writeln!(
+                out,
+                "ebb_activities_total{{group=\"{group}\",kind=\"{kind}\",outcome=\"{outcome}\"}} {count}"
+            );
         }
         out
     }
@@ -124,15 +211,24 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut request = vec![0u8; 2048];
-            let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request)).await else {
+            let Ok(Ok(n)) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request))
+                    .await
+            else {
                 return;
             };
             let head = String::from_utf8_lossy(&request[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, content_type, body) = if head.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+            let (status, content_type, body) = if head.starts_with("GET ")
+                && (path == "/metrics" || path.starts_with("/metrics?"))
+            {
                 ("200 OK", "text/plain; version=0.0.4", metrics.render())
             } else {
-                ("404 Not Found", "text/plain", "Only GET /metrics is served here.\n".to_string())
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "Only GET /metrics is served here.\n".to_string(),
+                )
             };
             let response = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -74,11 +74,17 @@ pub struct GroupStatus {
 
 impl GroupStatus {
     pub fn in_service(&self) -> u32 {
-        self.members.iter().filter(|m| m.state == MemberState::InService).count() as u32
+        self.members
+            .iter()
+            .filter(|m| m.state == MemberState::InService)
+            .count() as u32
     }
 
     pub fn pending(&self) -> u32 {
-        self.members.iter().filter(|m| m.state == MemberState::Pending).count() as u32
+        self.members
+            .iter()
+            .filter(|m| m.state == MemberState::Pending)
+            .count() as u32
     }
 }
 
@@ -109,7 +115,9 @@ impl GroupHandle {
             .send(Command::SetDesired { desired, reply })
             .await
             .map_err(|_| "the group's controller has stopped".to_string())?;
-        answer.await.map_err(|_| "the group's controller has stopped".to_string())?
+        answer
+            .await
+            .map_err(|_| "the group's controller has stopped".to_string())?
     }
 }
 
@@ -149,7 +157,10 @@ pub struct GroupController {
 }
 
 impl GroupController {
-    pub fn new(config: GroupConfig, deps: Dependencies) -> (Self, GroupHandle, mpsc::Receiver<Command>) {
+    pub fn new(
+        config: GroupConfig,
+        deps: Dependencies,
+    ) -> (Self, GroupHandle, mpsc::Receiver<Command>) {
         let engine = Engine {
             min_size: config.min_size,
             max_size: config.max_size,
@@ -183,7 +194,11 @@ impl GroupController {
     }
 
     /// Runs until `stop` fires, then closes the provider.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -210,7 +225,8 @@ impl GroupController {
                     );
                     self.desired = desired;
                     self.last_scaling = Some(now);
-                    self.reconcile(now, "an operator set desired capacity").await;
+                    self.reconcile(now, "an operator set desired capacity")
+                        .await;
                     Ok(self.status_snapshot())
                 } else {
                     Err(format!(
@@ -225,7 +241,7 @@ impl GroupController {
 
     /// One evaluation: lost instances, health, decision, reconciliation, status.
     pub async fn step(&mut self, now: Millis) {
-        self.forget_lost_instances(now).await;
+        self.forget_lost_instances().await;
         let means = self.observe(now).await;
         self.admit_healthy_members(now).await;
 
@@ -245,13 +261,19 @@ impl GroupController {
                 .collect(),
         };
         let evaluation = self.engine.evaluate(&input);
-        let verdicts: Vec<&str> = evaluation.verdicts.iter().map(|v| v.explanation.as_str()).collect();
+        let verdicts: Vec<&str> = evaluation
+            .verdicts
+            .iter()
+            .map(|v| v.explanation.as_str())
+            .collect();
         let cause = match evaluation.decision {
             Decision::Hold { reason } => {
                 self.last_evaluation = format!("hold: {reason}; {}", verdicts.join("; "));
                 None
             }
-            Decision::Scale { from, to, cause, .. } => {
+            Decision::Scale {
+                from, to, cause, ..
+            } => {
                 self.last_evaluation = format!("scale {from} → {to}: {cause}");
                 let kind = if to > from {
                     ActivityKind::ScaleOut
@@ -264,14 +286,20 @@ impl GroupController {
                 Some(cause)
             }
         };
-        let cause = cause.unwrap_or_else(|| format!("desired capacity is {}", self.desired));
+        let cause = cause.unwrap_or_else(|| {
+            format!(
+                "the group has {} of its desired {} members",
+                self.members.len(),
+                self.desired
+            )
+        });
         self.reconcile(now, &cause).await;
         let connections = self.load_balancer_connections().await;
         self.publish(connections);
     }
 
     /// Members whose instance died on its own leave the group; the reconciler replaces them.
-    async fn forget_lost_instances(&mut self, now: Millis) {
+    async fn forget_lost_instances(&mut self) {
         if self.members.is_empty() {
             return;
         }
@@ -284,8 +312,12 @@ impl GroupController {
             }
         };
         for (id, state) in ids.iter().zip(states) {
-            let InstanceState::Terminated { reason } = state else { continue };
-            let Some(index) = self.members.iter().position(|m| &m.instance_id == id) else { continue };
+            let InstanceState::Terminated { reason } = state else {
+                continue;
+            };
+            let Some(index) = self.members.iter().position(|m| &m.instance_id == id) else {
+                continue;
+            };
             let member = self.members.remove(index);
             if member.state == MemberState::InService {
                 let result = self.deps.load_balancer.deregister(&member.id).await;
@@ -306,7 +338,6 @@ impl GroupController {
                 &member.id,
                 (size + 1, size),
             );
-            let _ = now;
         }
     }
 
@@ -336,7 +367,8 @@ impl GroupController {
             .filter(|(m, _)| m.state == MemberState::InService)
             .filter_map(|(_, o)| o.means.last()?.first().copied().flatten())
             .collect();
-        self.cpu_avg = (!status_cpu.is_empty()).then(|| status_cpu.iter().sum::<f64>() / status_cpu.len() as f64);
+        self.cpu_avg = (!status_cpu.is_empty())
+            .then(|| status_cpu.iter().sum::<f64>() / status_cpu.len() as f64);
         self.latest = observations.iter().map(|o| o.latest.clone()).collect();
         observations
             .into_iter()
@@ -351,10 +383,15 @@ impl GroupController {
     async fn admit_healthy_members(&mut self, now: Millis) {
         for index in 0..self.members.len() {
             let member = &self.members[index];
-            let healthy = self.latest.get(index).cloned().flatten().filter(|latest| {
-                latest.at >= member.launched_at && ingest::is_healthy(latest)
-            });
-            let (Some(latest), MemberState::Pending, Some(address)) = (healthy, member.state, member.address) else {
+            let healthy = self
+                .latest
+                .get(index)
+                .cloned()
+                .flatten()
+                .filter(|latest| latest.at >= member.launched_at && ingest::is_healthy(latest));
+            let (Some(latest), MemberState::Pending, Some(address)) =
+                (healthy, member.state, member.address)
+            else {
                 continue;
             };
             let id = member.id.clone();
@@ -407,8 +444,13 @@ impl GroupController {
         let result = self.deps.provider.launch(&spec).await;
         match &result {
             Ok(instance) => {
-                let address = instance.address.map(|ip| SocketAddr::new(ip, self.config.member_port));
-                self.deps.ingest.register(&member_id, self.agent_settings(address)).await;
+                let address = instance
+                    .address
+                    .map(|ip| SocketAddr::new(ip, self.config.member_port));
+                self.deps
+                    .ingest
+                    .register(&member_id, self.agent_settings(address))
+                    .await;
                 self.members.push(Member {
                     id: member_id.clone(),
                     instance_id: instance.id.clone(),
@@ -420,9 +462,18 @@ impl GroupController {
             }
             Err(_) => self.deps.ingest.unregister(&member_id).await,
         }
-        let detail = result.as_ref().map(|i| format!("instance {}", i.id)).map_err(Clone::clone);
+        let detail = result
+            .as_ref()
+            .map(|i| format!("instance {}", i.id))
+            .map_err(Clone::clone);
         let new_size = self.members.len() as u32;
-        self.record(ActivityKind::Launch, cause.to_string(), detail, &member_id, (size, new_size));
+        self.record(
+            ActivityKind::Launch,
+            cause.to_string(),
+            detail,
+            &member_id,
+            (size, new_size),
+        );
         result.map(|_| ())
     }
 
@@ -430,7 +481,13 @@ impl GroupController {
     /// their warm caches.
     fn choose_victim(&self) -> usize {
         (0..self.members.len())
-            .max_by_key(|&i| (self.members[i].state == MemberState::Pending, self.members[i].launched_at, i))
+            .max_by_key(|&i| {
+                (
+                    self.members[i].state == MemberState::Pending,
+                    self.members[i].launched_at,
+                    i,
+                )
+            })
             .expect("there is a member to remove")
     }
 
@@ -459,10 +516,13 @@ impl GroupController {
         );
         if failed {
             // Keep it: it may still be running, and the next pass tries again.
-            self.members.insert(index, Member {
-                state: MemberState::Pending,
-                ..member
-            });
+            self.members.insert(
+                index,
+                Member {
+                    state: MemberState::Pending,
+                    ..member
+                },
+            );
             return;
         }
         self.deps.ingest.unregister(&member.id).await;
@@ -480,12 +540,22 @@ impl GroupController {
 
     async fn load_balancer_connections(&self) -> Vec<(String, u64)> {
         match self.deps.load_balancer.members().await {
-            Ok(backends) => backends.into_iter().map(|b| (b.member_id, b.connections)).collect(),
+            Ok(backends) => backends
+                .into_iter()
+                .map(|b| (b.member_id, b.connections))
+                .collect(),
             Err(_) => Vec::new(),
         }
     }
 
-    fn record(&self, kind: ActivityKind, cause: String, result: Result<String, CloudError>, member: &str, capacity: (u32, u32)) {
+    fn record(
+        &self,
+        kind: ActivityKind,
+        cause: String,
+        result: Result<String, CloudError>,
+        member: &str,
+        capacity: (u32, u32),
+    ) {
         let (outcome, detail) = match result {
             Ok(detail) => ("ok", detail),
             Err(e) => ("failed", e.to_string()),
@@ -521,7 +591,10 @@ impl GroupController {
                 launched_at: m.launched_at,
                 in_service_since: m.in_service_since,
                 latest: self.latest.get(i).cloned().flatten(),
-                lb_connections: connections.iter().find(|(id, _)| id == &m.id).map_or(0, |(_, c)| *c),
+                lb_connections: connections
+                    .iter()
+                    .find(|(id, _)| id == &m.id)
+                    .map_or(0, |(_, c)| *c),
             })
             .collect();
         let status = GroupStatus {

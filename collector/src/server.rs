@@ -9,9 +9,9 @@ use std::sync::Arc;
 use ebb_proto::v1::admin_server::Admin;
 use ebb_proto::v1::telemetry_server::Telemetry;
 use ebb_proto::v1::{
-    Ack, ListActivitiesRequest, ListActivitiesResponse, ListGroupsRequest, ListGroupsResponse, ListMembersRequest,
-    ListMembersResponse, ReportRequest, ReportResponse, SetDesiredCapacityRequest, SetDesiredCapacityResponse,
-    report_request, report_response,
+    Ack, ListActivitiesRequest, ListActivitiesResponse, ListGroupsRequest, ListGroupsResponse,
+    ListMembersRequest, ListMembersResponse, ReportRequest, ReportResponse,
+    SetDesiredCapacityRequest, SetDesiredCapacityResponse, report_request, report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -30,9 +30,15 @@ pub struct TelemetryService {
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ReportResponse, Status>> + Send>>;
 
-fn ack(highest_seq: u64, rejected: Vec<ebb_proto::v1::Rejection>) -> Result<ReportResponse, Status> {
+fn ack(
+    highest_seq: u64,
+    rejected: Vec<ebb_proto::v1::Rejection>,
+) -> Result<ReportResponse, Status> {
     Ok(ReportResponse {
-        message: Some(report_response::Message::Ack(Ack { highest_seq, rejected })),
+        message: Some(report_response::Message::Ack(Ack {
+            highest_seq,
+            rejected,
+        })),
     })
 }
 
@@ -40,13 +46,20 @@ fn ack(highest_seq: u64, rejected: Vec<ebb_proto::v1::Rejection>) -> Result<Repo
 impl Telemetry for TelemetryService {
     type ReportStream = ResponseStream;
 
-    async fn report(&self, request: Request<Streaming<ReportRequest>>) -> Result<Response<Self::ReportStream>, Status> {
+    async fn report(
+        &self,
+        request: Request<Streaming<ReportRequest>>,
+    ) -> Result<Response<Self::ReportStream>, Status> {
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(ReportRequest {
                 message: Some(report_request::Message::Hello(hello)),
             }) => hello,
-            _ => return Err(Status::invalid_argument("the first message of a Report stream must be a Hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a Report stream must be a Hello",
+                ));
+            }
         };
         let member = hello.member_id.clone();
         let run_id = hello.run_id;
@@ -75,18 +88,26 @@ impl Telemetry for TelemetryService {
                 };
                 let Some(report_request::Message::Batch(batch)) = message.message else {
                     let _ = responses
-                        .send(Err(Status::invalid_argument("only one Hello per stream; then sample batches")))
+                        .send(Err(Status::invalid_argument(
+                            "only one Hello per stream; then sample batches",
+                        )))
                         .await;
                     break;
                 };
                 let outcome = match ingest.batch(&member, run_id, batch.samples, now_ms()).await {
                     Ok(outcome) => outcome,
                     Err(e) => {
-                        let _ = responses.send(Err(Status::unavailable(e.to_string()))).await;
+                        let _ = responses
+                            .send(Err(Status::unavailable(e.to_string())))
+                            .await;
                         break;
                     }
                 };
-                if responses.send(ack(outcome.highest_seq, outcome.rejected)).await.is_err() {
+                if responses
+                    .send(ack(outcome.highest_seq, outcome.rejected))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 // Settings may change after launch (the health-check URL is known once the instance has an
@@ -155,13 +176,23 @@ pub fn activity_to_proto(activity: &Activity) -> ebb_proto::v1::Activity {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn list_groups(&self, _: Request<ListGroupsRequest>) -> Result<Response<ListGroupsResponse>, Status> {
+    async fn list_groups(
+        &self,
+        _: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
         Ok(Response::new(ListGroupsResponse {
-            groups: self.groups.values().map(|g| group_to_proto(&g.status())).collect(),
+            groups: self
+                .groups
+                .values()
+                .map(|g| group_to_proto(&g.status()))
+                .collect(),
         }))
     }
 
-    async fn list_members(&self, request: Request<ListMembersRequest>) -> Result<Response<ListMembersResponse>, Status> {
+    async fn list_members(
+        &self,
+        request: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
         let status = self.group(&request.get_ref().group)?.status();
         let members = status
             .members
@@ -183,14 +214,26 @@ impl Admin for AdminService {
         Ok(Response::new(ListMembersResponse { members }))
     }
 
-    async fn list_activities(&self, request: Request<ListActivitiesRequest>) -> Result<Response<ListActivitiesResponse>, Status> {
+    async fn list_activities(
+        &self,
+        request: Request<ListActivitiesRequest>,
+    ) -> Result<Response<ListActivitiesResponse>, Status> {
         let request = request.into_inner();
         if !request.group.is_empty() {
             self.group(&request.group)?;
         }
-        let limit = if request.limit == 0 { 100 } else { request.limit as usize };
+        let limit = if request.limit == 0 {
+            100
+        } else {
+            request.limit as usize
+        };
         Ok(Response::new(ListActivitiesResponse {
-            activities: self.activities.newest(&request.group, limit).iter().map(activity_to_proto).collect(),
+            activities: self
+                .activities
+                .newest(&request.group, limit)
+                .iter()
+                .map(activity_to_proto)
+                .collect(),
         }))
     }
 

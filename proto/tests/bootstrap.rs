@@ -14,7 +14,8 @@ fn generated_code_is_up_to_date() {
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "proto"))
         .collect();
-    let descriptors = protox::compile(&protos, [root.join("proto")]).expect("the .proto files compile");
+    let descriptors =
+        protox::compile(&protos, [root.join("proto")]).expect("the .proto files compile");
 
     let out = tempfile::tempdir().unwrap();
     tonic_prost_build::configure()

@@ -47,7 +47,9 @@ pub enum InstanceState {
     Pending,
     Running,
     /// Gone, with the cloud's reason.
-    Terminated { reason: String },
+    Terminated {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

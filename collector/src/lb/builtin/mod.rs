@@ -56,7 +56,11 @@ impl BuiltinLoadBalancer {
         let front = listener.local_addr()?;
         let pool = Arc::new(Pool::default());
         let accept_loop = tokio::spawn(accept(listener, pool.clone()));
-        Ok(Self { pool, front, accept_loop })
+        Ok(Self {
+            pool,
+            front,
+            accept_loop,
+        })
     }
 
     /// The address clients connect to.
@@ -88,7 +92,9 @@ async fn accept(listener: TcpListener, pool: Arc<Pool>) {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
                         return;
                     }
-                    _ => tracing::debug!(%address, "A member refused a connection; trying the next."),
+                    _ => {
+                        tracing::debug!(%address, "A member refused a connection; trying the next.")
+                    }
                 }
             }
         });
@@ -110,7 +116,11 @@ impl LoadBalancer for BuiltinLoadBalancer {
     }
 
     async fn deregister(&self, member_id: &str) -> Result<(), CloudError> {
-        self.pool.targets.write().unwrap().retain(|t| t.member_id != member_id);
+        self.pool
+            .targets
+            .write()
+            .unwrap()
+            .retain(|t| t.member_id != member_id);
         Ok(())
     }
 
@@ -156,8 +166,14 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_over_registered_members_only() {
-        let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        assert_eq!(fetch(lb.front()).await, "", "no members: the connection is closed");
+        let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            fetch(lb.front()).await,
+            "",
+            "no members: the connection is closed"
+        );
 
         lb.register("a", backend("a").await).await.unwrap();
         lb.register("b", backend("b").await).await.unwrap();
@@ -177,8 +193,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusing_member_is_skipped() {
-        let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
         lb.register("gone", closed).await.unwrap();
         lb.register("b", backend("b").await).await.unwrap();
         for _ in 0..3 {

@@ -28,7 +28,13 @@ impl FakeLoadBalancer {
 
     /// Registered member ids, in registration order.
     pub fn registered(&self) -> Vec<String> {
-        self.state.lock().unwrap().backends.iter().map(|b| b.member_id.clone()).collect()
+        self.state
+            .lock()
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.member_id.clone())
+            .collect()
     }
 
     /// `register web-1`, `deregister web-1`, ... in order.

@@ -51,8 +51,9 @@ pub struct LocalProvider {
 impl LocalProvider {
     /// Checks that the agent binary exists; its absence is the operator's to fix.
     pub fn new(config: LocalProviderConfig) -> Result<Self, CloudError> {
-        let collector_exe = std::env::current_exe()
-            .map_err(|e| CloudError::Permanent(format!("cannot find this executable's path: {e}")))?;
+        let collector_exe = std::env::current_exe().map_err(|e| {
+            CloudError::Permanent(format!("cannot find this executable's path: {e}"))
+        })?;
         let agent_path = match &config.agent_path {
             Some(path) => path.clone(),
             None => collector_exe.with_file_name("ebb-agent"),
@@ -73,9 +74,19 @@ impl LocalProvider {
 
     /// The first `<prefix>.N` that no instance of ours uses and where `port` is free.
     fn free_address(&self, port: u16) -> Result<IpAddr, CloudError> {
-        let taken: Vec<IpAddr> = self.instances.lock().unwrap().values().map(|i| i.address).collect();
+        let taken: Vec<IpAddr> = self
+            .instances
+            .lock()
+            .unwrap()
+            .values()
+            .map(|i| i.address)
+            .collect();
         (1..=254)
-            .filter_map(|n| format!("{}.{n}", self.config.address_prefix).parse::<IpAddr>().ok())
+            .filter_map(|n| {
+                format!("{}.{n}", self.config.address_prefix)
+                    .parse::<IpAddr>()
+                    .ok()
+            })
             .filter(|ip| !taken.contains(ip))
             .find(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, port)).is_ok())
             .ok_or_else(|| {
@@ -112,12 +123,18 @@ impl LocalProvider {
     async fn stop(&self, mut instance: LocalInstance) {
         instance.signal(Signal::SIGTERM);
         let grace = Duration::from_secs(self.config.stop_grace_secs.into());
-        if tokio::time::timeout(grace, instance.workload.wait()).await.is_err() {
+        if tokio::time::timeout(grace, instance.workload.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(member = %instance.member_id, "The instance ignored SIGTERM; sending SIGKILL.");
             instance.signal(Signal::SIGKILL);
             let _ = instance.workload.wait().await;
         }
-        if tokio::time::timeout(Duration::from_secs(2), instance.agent.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), instance.agent.wait())
+            .await
+            .is_err()
+        {
             let _ = instance.agent.kill().await;
         }
         // Anything else left in the group.
@@ -129,7 +146,12 @@ impl LocalProvider {
 impl Provider for LocalProvider {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
         let address = self.free_address(spec.service_port)?;
-        let argv: Vec<String> = self.config.command.iter().map(|arg| self.expand(arg, spec, address)).collect();
+        let argv: Vec<String> = self
+            .config
+            .command
+            .iter()
+            .map(|arg| self.expand(arg, spec, address))
+            .collect();
         let mut workload = Command::new(&argv[0]);
         workload
             .args(&argv[1..])
@@ -141,10 +163,22 @@ impl Provider for LocalProvider {
         let workload = workload
             .spawn()
             .map_err(|e| CloudError::Permanent(format!("cannot start `{}`: {e}", argv[0])))?;
-        let pid = workload.id().expect("a process that was just spawned has a pid");
+        let pid = workload
+            .id()
+            .expect("a process that was just spawned has a pid");
         let agent = Command::new(&self.agent_path)
-            .args(["--member-id", &spec.member_id, "--collector-url", &spec.collector_url])
-            .args(["--cpu-pid", &pid.to_string(), "--cpu-capacity", &self.config.instance_cpus.to_string()])
+            .args([
+                "--member-id",
+                &spec.member_id,
+                "--collector-url",
+                &spec.collector_url,
+            ])
+            .args([
+                "--cpu-pid",
+                &pid.to_string(),
+                "--cpu-capacity",
+                &self.config.instance_cpus.to_string(),
+            ])
             .arg("--exit-on-stdin-eof")
             .env("EBB_CONFIG", "/dev/null")
             .env("EBB_LOG", "warn")
@@ -163,7 +197,10 @@ impl Provider for LocalProvider {
                 Ok(agent) => agent,
                 Err(e) => {
                     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                    return Err(CloudError::Permanent(format!("cannot start {}: {e}", self.agent_path.display())));
+                    return Err(CloudError::Permanent(format!(
+                        "cannot start {}: {e}",
+                        self.agent_path.display()
+                    )));
                 }
             },
         };
@@ -215,7 +252,9 @@ impl Provider for LocalProvider {
             .filter(|(_, i)| i.group == group)
             .map(|(id, i)| (id.clone(), i.member_id.clone(), i.address))
             .collect();
-        let states = self.describe(&ids.iter().map(|(id, _, _)| id.clone()).collect::<Vec<_>>()).await?;
+        let states = self
+            .describe(&ids.iter().map(|(id, _, _)| id.clone()).collect::<Vec<_>>())
+            .await?;
         Ok(ids
             .into_iter()
             .zip(states)
@@ -229,9 +268,16 @@ impl Provider for LocalProvider {
     }
 
     async fn close(&self) {
-        let all: Vec<LocalInstance> = self.instances.lock().unwrap().drain().map(|(_, i)| i).collect();
+        let all: Vec<LocalInstance> = self
+            .instances
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, i)| i)
+            .collect();
         // Signal them all first, so their grace periods run at the same time.
-        all.iter().for_each(|instance| instance.signal(Signal::SIGTERM));
+        all.iter()
+            .for_each(|instance| instance.signal(Signal::SIGTERM));
         for instance in all {
             self.stop(instance).await;
         }
@@ -246,4 +292,3 @@ impl Drop for LocalProvider {
         }
     }
 }
-
