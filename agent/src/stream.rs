@@ -98,20 +98,17 @@ impl Connection {
         let mut sent_upto = 0u64;
         loop {
             loop {
-                let batch = self
-                    .outbox
-                    .lock()
-                    .expect("outbox lock")
-                    .after(sent_upto, BATCH_LIMIT);
-                let Some(last) = batch.last() else { break };
-                sent_upto = last.seq;
-                let message = ReportRequest {
-                    message: Some(report_request::Message::Batch(SampleBatch {
-                        samples: batch,
-                    })),
-                };
+                // Take a slot first (cancel-safe), then the batch: an ack arriving meanwhile must never
+                // cancel a batch already counted as sent.
                 tokio::select! {
-                    sent = requests.send(message) => sent?,
+                    permit = requests.reserve() => {
+                        let batch = self.outbox.lock().expect("outbox lock").after(sent_upto, BATCH_LIMIT);
+                        let Some(last) = batch.last() else { break };
+                        sent_upto = last.seq;
+                        permit?.send(ReportRequest {
+                            message: Some(report_request::Message::Batch(SampleBatch { samples: batch })),
+                        });
+                    }
                     response = responses.message() => self.handle(response?)?,
                 }
             }
