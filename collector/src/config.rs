@@ -338,7 +338,7 @@ impl CollectorConfig {
                             local.address_prefix
                         ));
                     }
-                    if !(local.instance_cpus > 0.0) {
+                    if !local.instance_cpus.is_finite() || local.instance_cpus <= 0.0 {
                         problems.push(format!(
                             "{at}.provider.instance_cpus: must be greater than 0"
                         ));

@@ -683,6 +683,28 @@ mod tests {
         );
     }
 
+    /// Seed 003 (K5): two servers at 40% and 70% for a minute average 55% > 50%, so one is added.
+    #[test]
+    fn the_k5_manual_example() {
+        let engine = Engine {
+            min_size: 2,
+            max_size: 6,
+            cooldown_secs: 60,
+            warmup_secs: 0,
+            policies: vec![Policy {
+                period_secs: 60,
+                ..policy("cpu_alarm_high", Comparison::Gt, 50.0, 1)
+            }],
+        };
+        let mut a = member("vm-1", Some(40.0));
+        let mut b = member("vm-2", Some(70.0));
+        a.means.truncate(1);
+        b.means.truncate(1);
+        let evaluation = engine.evaluate(&group(2, vec![a, b]));
+        let Decision::Scale { from: 2, to: 3, cause, .. } = evaluation.decision else { panic!("{evaluation:?}") };
+        assert!(cause.contains("avg cpu 55% > 50% over 60 s"), "{cause}");
+    }
+
     #[test]
     fn statistics() {
         let values = [10.0, 20.0, 30.0, 40.0];

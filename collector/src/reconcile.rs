@@ -225,9 +225,10 @@ impl GroupController {
                     );
                     self.desired = desired;
                     self.last_scaling = Some(now);
-                    self.reconcile(now, "an operator set desired capacity")
-                        .await;
-                    Ok(self.status_snapshot())
+                    self.reconcile(now, "an operator set desired capacity").await;
+                    let connections = self.load_balancer_connections().await;
+                    self.publish(connections);
+                    Ok(self.status.borrow().clone())
                 } else {
                     Err(format!(
                         "desired capacity {desired} is outside group {}'s min_size..max_size ({}..{}); change the group's limits in the configuration first",
@@ -574,10 +575,6 @@ impl GroupController {
         });
     }
 
-    fn status_snapshot(&self) -> GroupStatus {
-        self.status.borrow().clone()
-    }
-
     fn publish(&self, connections: Vec<(String, u64)>) {
         let members = self
             .members
@@ -628,4 +625,205 @@ pub fn now_ms() -> Millis {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as Millis)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::fake::FakeLoadBalancer;
+    use crate::providers::fake::FakeProvider;
+    use ebb_proto::v1::health_check::Status as HealthStatus;
+    use ebb_proto::v1::{HealthCheck, Hello, Sample};
+
+    const GROUP: &str = r#"
+        [[groups]]
+        name = "web"
+        min_size = 1
+        max_size = 3
+        cooldown_secs = 0
+        warmup_secs = 0
+        member_port = 8080
+        [groups.provider]
+        type = "local"
+        [groups.load_balancer]
+        type = "builtin"
+        listen = "127.0.0.1:0"
+        [[groups.policies]]
+        name = "cpu-low"
+        metric = "cpu"
+        period_secs = 10
+        comparison = "lt"
+        threshold = 20.0
+        adjustment = -1
+    "#;
+
+    struct Harness {
+        controller: GroupController,
+        handle: GroupHandle,
+        provider: FakeProvider,
+        lb: FakeLoadBalancer,
+        ingest: IngestHandle,
+        activities: ActivityLog,
+        seq: u64,
+    }
+
+    fn harness() -> Harness {
+        let config = crate::config::parse(std::path::Path::new("test.toml"), GROUP).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let provider = FakeProvider::default();
+        let lb = FakeLoadBalancer::default();
+        let ingest = IngestHandle::spawn(metrics.clone(), 600_000);
+        let activities = ActivityLog::new(metrics.clone());
+        let deps = Dependencies {
+            provider: Arc::new(provider.clone()),
+            load_balancer: Arc::new(lb.clone()),
+            ingest: ingest.clone(),
+            activities: activities.clone(),
+            metrics,
+            collector_url: "http://127.0.0.1:7300".into(),
+        };
+        let (controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps);
+        Harness {
+            controller,
+            handle,
+            provider,
+            lb,
+            ingest,
+            activities,
+            seq: 0,
+        }
+    }
+
+    impl Harness {
+        /// One sample from `member` at `at` with this CPU and health.
+        async fn report(&mut self, member: &str, at: Millis, cpu: f64, healthy: bool) {
+            self.seq += 1;
+            let hello = Hello {
+                member_id: member.into(),
+                run_id: 1,
+                ..Hello::default()
+            };
+            self.ingest.hello(hello).await.unwrap();
+            let status = if healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy };
+            let sample = Sample {
+                seq: self.seq,
+                timestamp_ms: at,
+                cpu_busy_percent: Some(cpu),
+                health: Some(HealthCheck {
+                    status: status as i32,
+                    ..HealthCheck::default()
+                }),
+                ..Sample::default()
+            };
+            self.ingest.batch(member, 1, vec![sample], at).await.unwrap();
+        }
+
+        fn kinds(&self) -> Vec<String> {
+            self.activities
+                .since(0, "")
+                .iter()
+                .map(|a| format!("{} {}", a.kind.as_str(), a.member_id).trim().to_string())
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_joins_the_load_balancer_only_once_healthy() {
+        let mut h = harness();
+        let now = now_ms();
+        h.controller.step(now).await;
+        assert_eq!(h.provider.running(), ["web-1"]);
+        assert!(h.lb.registered().is_empty());
+
+        h.report("web-1", now + 500, 50.0, false).await;
+        h.controller.step(now + 1000).await;
+        assert!(h.lb.registered().is_empty(), "unhealthy: not registered");
+
+        h.report("web-1", now + 1500, 50.0, true).await;
+        h.controller.step(now + 2000).await;
+        assert_eq!(h.lb.registered(), ["web-1"]);
+        assert_eq!(h.handle.status().in_service(), 1);
+        assert_eq!(h.kinds(), ["launch web-1", "register web-1"]);
+    }
+
+    #[tokio::test]
+    async fn scale_in_deregisters_before_it_terminates() {
+        let mut h = harness();
+        let now = now_ms();
+        h.controller.desired = 2;
+        h.controller.step(now).await;
+        for member in ["web-1", "web-2"] {
+            h.report(member, now + 100, 50.0, true).await;
+        }
+        h.controller.step(now + 200).await;
+        assert_eq!(h.lb.registered(), ["web-1", "web-2"]);
+        // Ten idle seconds from both.
+        for at in (1..=10).map(|s| now + 200 + s * 1000) {
+            h.report("web-1", at, 2.0, true).await;
+            h.report("web-2", at, 4.0, true).await;
+        }
+        h.controller.step(now + 10_300).await;
+        assert_eq!(h.handle.status().desired, 1);
+        let activities = h.activities.since(0, "web");
+        let kinds: Vec<&str> = activities.iter().map(|a| a.kind.as_str()).collect();
+        let deregister = kinds.iter().position(|k| *k == "deregister").unwrap();
+        let terminate = kinds.iter().position(|k| *k == "terminate").unwrap();
+        assert!(deregister < terminate, "{kinds:?}");
+        assert_eq!(activities[deregister].member_id, "web-2", "the newest member goes first");
+        let scale_in = activities.iter().find(|a| a.kind == ActivityKind::ScaleIn).unwrap();
+        assert!(scale_in.cause.contains("policy cpu-low: avg cpu 3% < 20%"), "{}", scale_in.cause);
+        assert_eq!(h.lb.registered(), ["web-1"]);
+        assert_eq!(h.provider.running(), ["web-1"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_launch_is_recorded_and_retried_later_not_every_second() {
+        let mut h = harness();
+        h.provider.fail_next_launch(CloudError::Permanent("quota exceeded: 20 instances".into()));
+        let now = now_ms();
+        h.controller.step(now).await;
+        let failed = h.activities.since(0, "web");
+        assert_eq!(failed[0].outcome, "failed");
+        assert!(failed[0].detail.contains("quota exceeded"), "{:?}", failed[0]);
+        h.controller.step(now + 1000).await;
+        assert_eq!(h.provider.calls(), ["launch web-1"], "no retry within the retry delay");
+        h.controller.step(now + LAUNCH_RETRY_MS).await;
+        assert_eq!(h.provider.calls(), ["launch web-1", "launch web-2"]);
+        assert_eq!(h.provider.running(), ["web-2"]);
+    }
+
+    #[tokio::test]
+    async fn a_lost_instance_leaves_the_load_balancer_and_is_replaced() {
+        let mut h = harness();
+        let now = now_ms();
+        h.controller.step(now).await;
+        h.report("web-1", now + 100, 50.0, true).await;
+        h.controller.step(now + 200).await;
+        h.provider.kill("web-1", "the hypervisor failed");
+        h.controller.step(now + 1200).await;
+        assert_eq!(
+            h.kinds(),
+            ["launch web-1", "register web-1", "deregister web-1", "instance_lost web-1", "launch web-2"]
+        );
+        let lost = h.activities.since(0, "web").into_iter().find(|a| a.kind == ActivityKind::InstanceLost).unwrap();
+        assert_eq!(lost.cause, "the hypervisor failed");
+        assert!(h.lb.registered().is_empty());
+    }
+
+    #[tokio::test]
+    async fn operators_set_desired_within_the_limits_only() {
+        let mut h = harness();
+        let now = now_ms();
+        let (reply, answer) = oneshot::channel();
+        h.controller.handle(Command::SetDesired { desired: 5, reply }, now).await;
+        let error = answer.await.unwrap().unwrap_err();
+        assert!(error.contains("outside group web's min_size..max_size (1..3)"), "{error}");
+
+        let (reply, answer) = oneshot::channel();
+        h.controller.handle(Command::SetDesired { desired: 3, reply }, now).await;
+        let status = answer.await.unwrap().unwrap();
+        assert_eq!((status.desired, status.pending()), (3, 3), "the answer shows the new state");
+        assert_eq!(h.provider.running(), ["web-1", "web-2", "web-3"]);
+        assert_eq!(h.kinds()[0], "set_desired");
+    }
 }

@@ -1,1 +1,218 @@
-fn main() {}
+//! Project chores, run as `cargo xtask <task>`:
+//! - `demo [ARGS]`: build the release binaries and run `ebb-collector demo ARGS`.
+//! - `bench agent [--secs N]`: the agent's memory and CPU at a 1 s interval with one HTTP check and its
+//!   stream open, side by side with Debian's prometheus-node-exporter scraped once a second.
+
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+/// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ, 100 on every supported Linux).
+const USER_HZ: f64 = 100.0;
+const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("demo") => demo(&args[1..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("agent") => bench_agent(&args[2..]),
+        _ => bail!("usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N]"),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn build_release() -> anyhow::Result<PathBuf> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args(["build", "--release", "-p", "ebb-agent", "-p", "ebb-collector"])
+        .status()?;
+    ensure!(status.success(), "cargo build --release failed");
+    Ok(root().join("target/release"))
+}
+
+fn demo(args: &[String]) -> anyhow::Result<()> {
+    let bin = build_release()?;
+    let status = Command::new(bin.join("ebb-collector")).arg("demo").args(args).status()?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// A child stopped when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// CPU seconds used so far by `pid`, and its resident memory in KiB.
+fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    Ok((ticks as f64 / USER_HZ, rss_kib))
+}
+
+fn find_process(needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle).then_some(pid)
+    })
+}
+
+fn scrape(address: &str) -> anyhow::Result<usize> {
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body)?;
+    Ok(body.len())
+}
+
+struct Measured {
+    cpu_percent_of_one_core: f64,
+    rss_max_kib: u64,
+    rss_end_kib: u64,
+}
+
+/// Measures `pid` over `secs`, calling `each_second` once a second.
+fn measure(pid: u32, secs: u64, mut each_second: impl FnMut()) -> anyhow::Result<Measured> {
+    let (cpu_start, _) = usage(pid)?;
+    let started = Instant::now();
+    let mut rss_max = 0;
+    let mut rss_end = 0;
+    for second in 1..=secs {
+        each_second();
+        let next = started + Duration::from_secs(second);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        let (_, rss) = usage(pid)?;
+        rss_max = rss_max.max(rss);
+        rss_end = rss;
+    }
+    let (cpu_end, _) = usage(pid)?;
+    Ok(Measured {
+        cpu_percent_of_one_core: 100.0 * (cpu_end - cpu_start) / started.elapsed().as_secs_f64(),
+        rss_max_kib: rss_max,
+        rss_end_kib: rss_end,
+    })
+}
+
+fn bench_agent(args: &[String]) -> anyhow::Result<()> {
+    let secs: u64 = match args {
+        [flag, n] if flag == "--secs" => n.parse()?,
+        [] => 120,
+        _ => bail!("usage: cargo xtask bench agent [--secs N]"),
+    };
+    if !Path::new(NODE_EXPORTER).exists() {
+        eprintln!("installing prometheus-node-exporter (Debian) for the comparison");
+        let status = Command::new("sh")
+            .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-node-exporter"])
+            .status()?;
+        ensure!(status.success(), "cannot install prometheus-node-exporter; install it and run again");
+    }
+    let bin = build_release()?;
+    let dir = std::env::temp_dir().join(format!("ebb-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+
+    // A collector with one local member: its agent samples every second, checks /health over HTTP and
+    // keeps its stream open, exactly as on a VM.
+    let example = std::fs::read_to_string(root().join("examples/local.toml"))?;
+    let config = example
+        .replace("127.0.1", "127.0.9")
+        .replace("127.0.0.1:7300", &format!("127.0.0.1:{}", free_port()?))
+        .replace("127.0.0.1:7301", &format!("127.0.0.1:{}", free_port()?))
+        .replace("127.0.0.1:8000", &format!("127.0.0.1:{}", free_port()?));
+    let config_path = dir.join("collector.toml");
+    std::fs::write(&config_path, config)?;
+    let _collector = Guard(
+        Command::new(bin.join("ebb-collector"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("EBB_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let agent = loop {
+        if let Some(pid) = find_process("ebb-agent --member-id web-1") {
+            break pid;
+        }
+        ensure!(Instant::now() < deadline, "the collector did not start an agent within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Let it connect, get its settings and settle.
+    std::thread::sleep(Duration::from_secs(5));
+
+    let exporter_address = format!("127.0.0.1:{}", free_port()?);
+    let _exporter = Guard(
+        Command::new(NODE_EXPORTER)
+            .arg(format!("--web.listen-address={exporter_address}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let exporter_pid = _exporter.0.id();
+    ensure!(scrape(&exporter_address)? > 0, "node exporter does not answer");
+
+    eprintln!("measuring both for {secs} s, side by side...");
+    let mut scrape_failures = 0;
+    let exporter_thread = std::thread::spawn(move || {
+        measure(exporter_pid, secs, || {
+            if scrape(&exporter_address).is_err() {
+                scrape_failures += 1;
+            }
+        })
+        .map(|m| (m, scrape_failures))
+    });
+    let ebb = measure(agent, secs, || {})?;
+    let (exporter, failures) = exporter_thread.join().expect("exporter thread")?;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("| process (over {secs} s, same run) | CPU, % of one core | RSS max | RSS at end |");
+    println!("|---|---|---|---|");
+    for (name, m) in [("ebb-agent, 1 s interval, 1 HTTP check, stream open", &ebb), ("prometheus-node-exporter, scraped every 1 s", &exporter)] {
+        println!(
+            "| {name} | {:.3}% | {:.1} MiB | {:.1} MiB |",
+            m.cpu_percent_of_one_core,
+            m.rss_max_kib as f64 / 1024.0,
+            m.rss_end_kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "| ratio ebb-agent / node-exporter | {:.2} | {:.2} | {:.2} |",
+        ebb.cpu_percent_of_one_core / exporter.cpu_percent_of_one_core.max(1e-9),
+        ebb.rss_max_kib as f64 / exporter.rss_max_kib as f64,
+        ebb.rss_end_kib as f64 / exporter.rss_end_kib as f64
+    );
+    println!("\ntargets: ebb-agent <= 5 MB RSS, <= 0.1% of one core; node-exporter scrapes that failed: {failures}");
+    Ok(())
+}
