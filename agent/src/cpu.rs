@@ -145,10 +145,48 @@ impl CpuReader {
         }
     }
 
-    /// CPU ticks of `root` and every descendant.
+    /// CPU ticks of `root` and every descendant. Follows `/proc/<pid>/task/<tid>/children`, which costs
+    /// the size of the tree; kernels without it get a scan of every process.
     fn process_tree_ticks(&self, root: u32) -> Result<u64, CpuError> {
         let root_stat =
             procfs::parse_pid_stat(&read(self.proc_root.join(root.to_string()).join("stat"))?)?;
+        let root_children = self.proc_root.join(format!("{root}/task/{root}/children"));
+        if !root_children.exists() {
+            return self.process_tree_ticks_by_scan(root_stat);
+        }
+        let mut total = 0;
+        let mut stack = vec![root];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(pid) = stack.pop() {
+            if !seen.insert(pid) {
+                continue;
+            }
+            let dir = self.proc_root.join(pid.to_string());
+            // A process may exit while we walk; it simply is not counted.
+            let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+                continue;
+            };
+            let Ok(stat) = procfs::parse_pid_stat(&stat) else {
+                continue;
+            };
+            total += stat.cpu_ticks;
+            let Ok(tasks) = std::fs::read_dir(dir.join("task")) else {
+                continue;
+            };
+            for task in tasks.flatten() {
+                if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                    stack.extend(
+                        children
+                            .split_whitespace()
+                            .filter_map(|c| c.parse::<u32>().ok()),
+                    );
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    fn process_tree_ticks_by_scan(&self, root_stat: procfs::ProcessStat) -> Result<u64, CpuError> {
         let mut children: HashMap<u32, Vec<procfs::ProcessStat>> = HashMap::new();
         let entries = std::fs::read_dir(&self.proc_root).map_err(|source| CpuError::Read {
             path: self.proc_root.clone(),
@@ -162,7 +200,6 @@ impl CpuReader {
             else {
                 continue;
             };
-            // A process may exit between listing and reading; it simply is not counted.
             let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
@@ -280,6 +317,30 @@ mod tests {
         };
         let error = reader.read(7.0).unwrap_err().to_string();
         assert!(error.contains("99/stat"), "{error}");
+    }
+
+    #[test]
+    fn process_tree_follows_children_files_when_the_kernel_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc_root = dir.path().join("proc");
+        write(&proc_root, "10/stat", &pid_stat(10, 1, 100));
+        write(&proc_root, "10/task/10/children", "11 ");
+        write(&proc_root, "10/task/15/children", "12\n"); // a second thread's child
+        write(&proc_root, "11/stat", &pid_stat(11, 10, 50));
+        write(&proc_root, "11/task/11/children", "");
+        write(&proc_root, "12/stat", &pid_stat(12, 10, 25));
+        // Not reachable through children files, so not counted even though its ppid says 10: the
+        // children files are the kernel's truth.
+        write(&proc_root, "13/stat", &pid_stat(13, 10, 1_000));
+        let mut reader = CpuReader::new(
+            CpuSource::Process {
+                pid: 10,
+                cpus: None,
+            },
+            1,
+        );
+        reader.proc_root = proc_root;
+        assert_eq!(reader.read(1.0).unwrap().busy, 1.75);
     }
 
     #[test]

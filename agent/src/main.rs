@@ -39,15 +39,18 @@ async fn shutdown_signal(exit_on_stdin_eof: bool) {
     tracing::info!("Stopping.");
 }
 
+/// `EBB_LOG` takes `level` or `target=level,...` (no regular expressions: they would cost the agent
+/// memory on every VM); `EBB_LOG_FORMAT=json` logs JSON.
 fn init_logging() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("EBB_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::prelude::*;
+    let filter: tracing_subscriber::filter::Targets = std::env::var("EBB_LOG")
+        .ok()
+        .and_then(|spec| spec.parse().ok())
+        .unwrap_or_else(|| "info".parse().expect("a valid filter"));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     if std::env::var("EBB_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
+        builder.json().finish().with(filter).init();
     } else {
-        builder.init();
+        builder.finish().with(filter).init();
     }
 }

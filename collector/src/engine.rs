@@ -701,7 +701,15 @@ mod tests {
         a.means.truncate(1);
         b.means.truncate(1);
         let evaluation = engine.evaluate(&group(2, vec![a, b]));
-        let Decision::Scale { from: 2, to: 3, cause, .. } = evaluation.decision else { panic!("{evaluation:?}") };
+        let Decision::Scale {
+            from: 2,
+            to: 3,
+            cause,
+            ..
+        } = evaluation.decision
+        else {
+            panic!("{evaluation:?}")
+        };
         assert!(cause.contains("avg cpu 55% > 50% over 60 s"), "{cause}");
     }
 

@@ -225,7 +225,8 @@ impl GroupController {
                     );
                     self.desired = desired;
                     self.last_scaling = Some(now);
-                    self.reconcile(now, "an operator set desired capacity").await;
+                    self.reconcile(now, "an operator set desired capacity")
+                        .await;
                     let connections = self.load_balancer_connections().await;
                     self.publish(connections);
                     Ok(self.status.borrow().clone())
@@ -704,7 +705,11 @@ mod tests {
                 ..Hello::default()
             };
             self.ingest.hello(hello).await.unwrap();
-            let status = if healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy };
+            let status = if healthy {
+                HealthStatus::Healthy
+            } else {
+                HealthStatus::Unhealthy
+            };
             let sample = Sample {
                 seq: self.seq,
                 timestamp_ms: at,
@@ -715,14 +720,21 @@ mod tests {
                 }),
                 ..Sample::default()
             };
-            self.ingest.batch(member, 1, vec![sample], at).await.unwrap();
+            self.ingest
+                .batch(member, 1, vec![sample], at)
+                .await
+                .unwrap();
         }
 
         fn kinds(&self) -> Vec<String> {
             self.activities
                 .since(0, "")
                 .iter()
-                .map(|a| format!("{} {}", a.kind.as_str(), a.member_id).trim().to_string())
+                .map(|a| {
+                    format!("{} {}", a.kind.as_str(), a.member_id)
+                        .trim()
+                        .to_string()
+                })
                 .collect()
         }
     }
@@ -769,9 +781,19 @@ mod tests {
         let deregister = kinds.iter().position(|k| *k == "deregister").unwrap();
         let terminate = kinds.iter().position(|k| *k == "terminate").unwrap();
         assert!(deregister < terminate, "{kinds:?}");
-        assert_eq!(activities[deregister].member_id, "web-2", "the newest member goes first");
-        let scale_in = activities.iter().find(|a| a.kind == ActivityKind::ScaleIn).unwrap();
-        assert!(scale_in.cause.contains("policy cpu-low: avg cpu 3% < 20%"), "{}", scale_in.cause);
+        assert_eq!(
+            activities[deregister].member_id, "web-2",
+            "the newest member goes first"
+        );
+        let scale_in = activities
+            .iter()
+            .find(|a| a.kind == ActivityKind::ScaleIn)
+            .unwrap();
+        assert!(
+            scale_in.cause.contains("policy cpu-low: avg cpu 3% < 20%"),
+            "{}",
+            scale_in.cause
+        );
         assert_eq!(h.lb.registered(), ["web-1"]);
         assert_eq!(h.provider.running(), ["web-1"]);
     }
@@ -779,14 +801,23 @@ mod tests {
     #[tokio::test]
     async fn a_failed_launch_is_recorded_and_retried_later_not_every_second() {
         let mut h = harness();
-        h.provider.fail_next_launch(CloudError::Permanent("quota exceeded: 20 instances".into()));
+        h.provider
+            .fail_next_launch(CloudError::Permanent("quota exceeded: 20 instances".into()));
         let now = now_ms();
         h.controller.step(now).await;
         let failed = h.activities.since(0, "web");
         assert_eq!(failed[0].outcome, "failed");
-        assert!(failed[0].detail.contains("quota exceeded"), "{:?}", failed[0]);
+        assert!(
+            failed[0].detail.contains("quota exceeded"),
+            "{:?}",
+            failed[0]
+        );
         h.controller.step(now + 1000).await;
-        assert_eq!(h.provider.calls(), ["launch web-1"], "no retry within the retry delay");
+        assert_eq!(
+            h.provider.calls(),
+            ["launch web-1"],
+            "no retry within the retry delay"
+        );
         h.controller.step(now + LAUNCH_RETRY_MS).await;
         assert_eq!(h.provider.calls(), ["launch web-1", "launch web-2"]);
         assert_eq!(h.provider.running(), ["web-2"]);
@@ -803,9 +834,20 @@ mod tests {
         h.controller.step(now + 1200).await;
         assert_eq!(
             h.kinds(),
-            ["launch web-1", "register web-1", "deregister web-1", "instance_lost web-1", "launch web-2"]
+            [
+                "launch web-1",
+                "register web-1",
+                "deregister web-1",
+                "instance_lost web-1",
+                "launch web-2"
+            ]
         );
-        let lost = h.activities.since(0, "web").into_iter().find(|a| a.kind == ActivityKind::InstanceLost).unwrap();
+        let lost = h
+            .activities
+            .since(0, "web")
+            .into_iter()
+            .find(|a| a.kind == ActivityKind::InstanceLost)
+            .unwrap();
         assert_eq!(lost.cause, "the hypervisor failed");
         assert!(h.lb.registered().is_empty());
     }
@@ -815,14 +857,25 @@ mod tests {
         let mut h = harness();
         let now = now_ms();
         let (reply, answer) = oneshot::channel();
-        h.controller.handle(Command::SetDesired { desired: 5, reply }, now).await;
+        h.controller
+            .handle(Command::SetDesired { desired: 5, reply }, now)
+            .await;
         let error = answer.await.unwrap().unwrap_err();
-        assert!(error.contains("outside group web's min_size..max_size (1..3)"), "{error}");
+        assert!(
+            error.contains("outside group web's min_size..max_size (1..3)"),
+            "{error}"
+        );
 
         let (reply, answer) = oneshot::channel();
-        h.controller.handle(Command::SetDesired { desired: 3, reply }, now).await;
+        h.controller
+            .handle(Command::SetDesired { desired: 3, reply }, now)
+            .await;
         let status = answer.await.unwrap().unwrap();
-        assert_eq!((status.desired, status.pending()), (3, 3), "the answer shows the new state");
+        assert_eq!(
+            (status.desired, status.pending()),
+            (3, 3),
+            "the answer shows the new state"
+        );
         assert_eq!(h.provider.running(), ["web-1", "web-2", "web-3"]);
         assert_eq!(h.kinds()[0], "set_desired");
     }

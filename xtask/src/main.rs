@@ -20,19 +20,31 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("demo") => demo(&args[1..]),
-        Some("bench") if args.get(1).map(String::as_str) == Some("agent") => bench_agent(&args[2..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("agent") => {
+            bench_agent(&args[2..])
+        }
         _ => bail!("usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N]"),
     }
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn build_release() -> anyhow::Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root())
-        .args(["build", "--release", "-p", "ebb-agent", "-p", "ebb-collector"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "ebb-agent",
+            "-p",
+            "ebb-collector",
+        ])
         .status()?;
     ensure!(status.success(), "cargo build --release failed");
     Ok(root().join("target/release"))
@@ -40,7 +52,10 @@ fn build_release() -> anyhow::Result<PathBuf> {
 
 fn demo(args: &[String]) -> anyhow::Result<()> {
     let bin = build_release()?;
-    let status = Command::new(bin.join("ebb-collector")).arg("demo").args(args).status()?;
+    let status = Command::new(bin.join("ebb-collector"))
+        .arg("demo")
+        .args(args)
+        .status()?;
     std::process::exit(status.code().unwrap_or(1));
 }
 
@@ -63,13 +78,20 @@ impl Drop for Guard {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// CPU seconds used so far by `pid`, and its resident memory in KiB.
 fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib = status
@@ -81,17 +103,26 @@ fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
 }
 
 fn find_process(needle: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle).then_some(pid)
-    })
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .contains(needle)
+                .then_some(pid)
+        })
 }
 
 fn scrape(address: &str) -> anyhow::Result<usize> {
     let mut stream = std::net::TcpStream::connect(address)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )?;
     let mut body = Vec::new();
     stream.read_to_end(&mut body)?;
     Ok(body.len())
@@ -136,7 +167,10 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
         let status = Command::new("sh")
             .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-node-exporter"])
             .status()?;
-        ensure!(status.success(), "cannot install prometheus-node-exporter; install it and run again");
+        ensure!(
+            status.success(),
+            "cannot install prometheus-node-exporter; install it and run again"
+        );
     }
     let bin = build_release()?;
     let dir = std::env::temp_dir().join(format!("ebb-bench-{}", std::process::id()));
@@ -161,18 +195,37 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
             .spawn()?,
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    let agent = loop {
+    let provider_agent = loop {
         if let Some(pid) = find_process("ebb-agent --member-id web-1") {
             break pid;
         }
-        ensure!(Instant::now() < deadline, "the collector did not start an agent within 30 s");
+        ensure!(
+            Instant::now() < deadline,
+            "the collector did not start an agent within 30 s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
-    // Let it connect, get its settings and settle.
-    std::thread::sleep(Duration::from_secs(5));
+    // The local provider's agent measures its instance's process tree. Replace it with agents of our
+    // own for the same member, one per CPU source, so the default (host) is measured as on a VM.
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{provider_agent}/cmdline"))?)
+            .replace('\0', " ");
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    let after = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1))
+            .map(|w| w.to_string())
+    };
+    let collector_url = after("--collector-url").context("agent's --collector-url")?;
+    let workload_pid = after("--cpu-pid").context("agent's --cpu-pid")?;
+    let _ = Command::new("kill")
+        .args(["-KILL", &provider_agent.to_string()])
+        .status();
 
     let exporter_address = format!("127.0.0.1:{}", free_port()?);
-    let _exporter = Guard(
+    let exporter = Guard(
         Command::new(NODE_EXPORTER)
             .arg(format!("--web.listen-address={exporter_address}"))
             .stdout(Stdio::null())
@@ -180,39 +233,84 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
             .spawn()?,
     );
     std::thread::sleep(Duration::from_secs(2));
-    let exporter_pid = _exporter.0.id();
-    ensure!(scrape(&exporter_address)? > 0, "node exporter does not answer");
+    let exporter_pid = exporter.0.id();
+    ensure!(
+        scrape(&exporter_address)? > 0,
+        "node exporter does not answer"
+    );
 
-    eprintln!("measuring both for {secs} s, side by side...");
-    let mut scrape_failures = 0;
-    let exporter_thread = std::thread::spawn(move || {
-        measure(exporter_pid, secs, || {
-            if scrape(&exporter_address).is_err() {
-                scrape_failures += 1;
-            }
-        })
-        .map(|m| (m, scrape_failures))
-    });
-    let ebb = measure(agent, secs, || {})?;
-    let (exporter, failures) = exporter_thread.join().expect("exporter thread")?;
+    let variants: [(&str, Vec<String>); 2] = [
+        (
+            "ebb-agent, host CPU (default), 1 s interval, 1 HTTP check, stream open",
+            vec![],
+        ),
+        (
+            "ebb-agent, process-tree CPU (local provider), same otherwise",
+            vec![
+                "--cpu-pid".into(),
+                workload_pid,
+                "--cpu-capacity".into(),
+                "1".into(),
+            ],
+        ),
+    ];
+    let mut rows = Vec::new();
+    let mut failures = 0;
+    for (name, extra) in variants {
+        let agent = Guard(
+            Command::new(bin.join("ebb-agent"))
+                .args(["--member-id", "web-1", "--collector-url", &collector_url])
+                .args(&extra)
+                .env("EBB_CONFIG", "/dev/null")
+                .env("EBB_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()?,
+        );
+        // Let it connect, get its settings (the health check) and settle.
+        std::thread::sleep(Duration::from_secs(5));
+        eprintln!("measuring `{name}` and node-exporter side by side for {secs} s...");
+        let address = exporter_address.clone();
+        let exporter_thread = std::thread::spawn(move || {
+            let mut failed = 0;
+            measure(exporter_pid, secs, || {
+                if scrape(&address).is_err() {
+                    failed += 1;
+                }
+            })
+            .map(|m| (m, failed))
+        });
+        let measured = measure(agent.0.id(), secs, || {})?;
+        let (exporter_measured, failed) = exporter_thread.join().expect("exporter thread")?;
+        failures += failed;
+        rows.push((name, measured, exporter_measured));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!("| process (over {secs} s, same run) | CPU, % of one core | RSS max | RSS at end |");
+    println!(
+        "| process (each pair measured over the same {secs} s) | CPU, % of one core | RSS max | RSS at end |"
+    );
     println!("|---|---|---|---|");
-    for (name, m) in [("ebb-agent, 1 s interval, 1 HTTP check, stream open", &ebb), ("prometheus-node-exporter, scraped every 1 s", &exporter)] {
+    for (name, ebb, exporter) in &rows {
+        for (name, m) in [
+            (*name, ebb),
+            ("prometheus-node-exporter, scraped every 1 s", exporter),
+        ] {
+            println!(
+                "| {name} | {:.3}% | {:.2} MiB | {:.2} MiB |",
+                m.cpu_percent_of_one_core,
+                m.rss_max_kib as f64 / 1024.0,
+                m.rss_end_kib as f64 / 1024.0
+            );
+        }
         println!(
-            "| {name} | {:.3}% | {:.1} MiB | {:.1} MiB |",
-            m.cpu_percent_of_one_core,
-            m.rss_max_kib as f64 / 1024.0,
-            m.rss_end_kib as f64 / 1024.0
+            "| ratio ebb-agent / node-exporter | {:.2} | {:.2} | {:.2} |",
+            ebb.cpu_percent_of_one_core / exporter.cpu_percent_of_one_core.max(1e-9),
+            ebb.rss_max_kib as f64 / exporter.rss_max_kib as f64,
+            ebb.rss_end_kib as f64 / exporter.rss_end_kib as f64
         );
     }
     println!(
-        "| ratio ebb-agent / node-exporter | {:.2} | {:.2} | {:.2} |",
-        ebb.cpu_percent_of_one_core / exporter.cpu_percent_of_one_core.max(1e-9),
-        ebb.rss_max_kib as f64 / exporter.rss_max_kib as f64,
-        ebb.rss_end_kib as f64 / exporter.rss_end_kib as f64
+        "\ntargets: ebb-agent <= 5 MB (4.77 MiB) RSS, <= 0.1% of one core; failed node-exporter scrapes: {failures}"
     );
-    println!("\ntargets: ebb-agent <= 5 MB RSS, <= 0.1% of one core; node-exporter scrapes that failed: {failures}");
     Ok(())
 }
