@@ -292,3 +292,103 @@ impl Drop for LocalProvider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(command: &[&str], prefix: &str) -> LocalProvider {
+        LocalProvider::new(LocalProviderConfig {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            address_prefix: prefix.into(),
+            // Stands in for ebb-agent: takes any arguments and exits.
+            agent_path: Some(PathBuf::from("/bin/true")),
+            instance_cpus: 1.0,
+            stop_grace_secs: 1,
+            log_dir: None,
+        })
+        .unwrap()
+    }
+
+    fn spec(member_id: &str) -> LaunchSpec {
+        LaunchSpec {
+            group: "web".into(),
+            member_id: member_id.into(),
+            launch_id: format!("{member_id}-1"),
+            service_port: 8080,
+            collector_url: "http://127.0.0.1:1".into(),
+        }
+    }
+
+    fn alive(pid: u32) -> bool {
+        // A zombie has exited; only a running or sleeping process counts.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    }
+
+    fn pid_of(instance: &Instance) -> u32 {
+        instance.id.strip_prefix("local-").unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn instances_get_their_own_addresses_and_are_described() {
+        let provider = provider(&["sleep", "30"], "127.0.6");
+        let a = provider.launch(&spec("web-1")).await.unwrap();
+        let b = provider.launch(&spec("web-2")).await.unwrap();
+        assert_eq!(a.address, Some("127.0.6.1".parse().unwrap()));
+        assert_eq!(b.address, Some("127.0.6.2".parse().unwrap()));
+        assert_eq!(provider.list("web").await.unwrap().len(), 2);
+        assert!(provider.list("other").await.unwrap().is_empty());
+
+        let _ = killpg(Pid::from_raw(pid_of(&a) as i32), Signal::SIGKILL);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let states = provider
+            .describe(&[a.id.clone(), b.id.clone(), "local-0".into()])
+            .await
+            .unwrap();
+        assert!(
+            matches!(&states[0], InstanceState::Terminated { reason } if reason.contains("exited")),
+            "{states:?}"
+        );
+        assert_eq!(states[1], InstanceState::Running);
+        assert!(matches!(states[2], InstanceState::Terminated { .. }));
+        provider.close().await;
+        assert!(!alive(pid_of(&b)), "close stops every instance");
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_ignores_sigterm_is_killed_after_the_grace_period() {
+        let provider = provider(
+            &["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"],
+            "127.0.7",
+        );
+        let instance = provider.launch(&spec("web-1")).await.unwrap();
+        let pid = pid_of(&instance);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(alive(pid));
+        provider.terminate(&instance.id).await.unwrap();
+        assert!(!alive(pid), "SIGKILL after the grace period");
+        provider
+            .terminate(&instance.id)
+            .await
+            .expect("terminating twice succeeds");
+    }
+
+    #[test]
+    fn a_missing_agent_is_an_error_that_says_what_to_do() {
+        let error = LocalProvider::new(LocalProviderConfig {
+            agent_path: Some(PathBuf::from("/nonexistent/ebb-agent")),
+            ..provider(&["true"], "127.0.6").config.clone()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            error.contains("cargo build --release -p ebb-agent"),
+            "{error}"
+        );
+    }
+}
