@@ -119,44 +119,28 @@ impl Metrics {
             self.agents_connected.load(Ordering::Relaxed)
         );
         let groups = self.groups.lock().expect("metrics lock").clone();
-        header(
-            &mut out,
-            "ebb_group_desired_capacity",
-            "gauge",
-            "Members the group should have.",
-        );
-        for (group, gauges) in &groups {
-            let _ = writeln!(
-                out,
-                "ebb_group_desired_capacity{{group=\"{group}\"}} {}",
-                gauges.desired
-            );
-        }
-        header(
-            &mut out,
-            "ebb_group_in_service",
-            "gauge",
-            "Members registered with the load balancer.",
-        );
-        for (group, gauges) in &groups {
-            let _ = writeln!(
-                out,
-                "ebb_group_in_service{{group=\"{group}\"}} {}",
-                gauges.in_service
-            );
-        }
-        header(
-            &mut out,
-            "ebb_group_pending",
-            "gauge",
-            "Members launched but not yet in service.",
-        );
-        for (group, gauges) in &groups {
-            let _ = writeln!(
-                out,
-                "ebb_group_pending{{group=\"{group}\"}} {}",
-                gauges.pending
-            );
+        let capacity_gauges: [(&str, &str, fn(&GroupGauges) -> u32); 3] = [
+            (
+                "ebb_group_desired_capacity",
+                "Members the group should have.",
+                |g| g.desired,
+            ),
+            (
+                "ebb_group_in_service",
+                "Members registered with the load balancer.",
+                |g| g.in_service,
+            ),
+            (
+                "ebb_group_pending",
+                "Members launched but not yet in service.",
+                |g| g.pending,
+            ),
+        ];
+        for (name, help, value) in capacity_gauges {
+            header(&mut out, name, "gauge", help);
+            for (group, gauges) in &groups {
+                let _ = writeln!(out, "{name}{{group=\"{group}\"}} {}", value(gauges));
+            }
         }
         header(
             &mut out,
