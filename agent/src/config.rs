@@ -48,16 +48,20 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
     })
 }
 
-/// The file's schema. Every key is optional except `member_id`, which may also come from the flags.
+/// The file's schema. Every key has a default; an agent that is not enrolled yet needs `[enrollment]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// The member this agent speaks for.
-    #[serde(default)]
-    pub member_id: String,
-    /// The collector's telemetry endpoint.
+    /// The collector's enrolment and telemetry endpoint.
     #[serde(default = "default_collector_url")]
     pub collector_url: String,
+    /// The group this VM expects to join; a token for another group is refused. Empty: the token's group.
+    #[serde(default)]
+    pub group: String,
+    /// Where the key, the certificate and the CA are kept (owner-only).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    pub enrollment: Option<EnrollmentConfig>,
     /// Seconds between samples; the collector may change it.
     #[serde(default = "default_interval_secs")]
     pub interval_secs: u32,
@@ -69,6 +73,19 @@ pub struct AgentConfig {
     pub health_check: Option<HealthCheckConfig>,
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// The file this came from, if any (the token is removed from it after enrolment).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// How a new VM joins: from its user data.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    /// The one-time join token; the agent removes it from this file once enrolled.
+    pub token: Option<String>,
+    /// SHA-256 of the collector's CA certificate (`ebb-collector ca show`): the only CA the agent trusts.
+    pub ca_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -101,7 +118,10 @@ impl Default for ReconnectConfig {
 }
 
 fn default_collector_url() -> String {
-    "http://127.0.0.1:7300".into()
+    "https://127.0.0.1:7300".into()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ebb")
 }
 fn default_interval_secs() -> u32 {
     1
@@ -143,16 +163,9 @@ impl AgentConfig {
     /// Checks what the types cannot, reporting every problem at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if self.member_id.is_empty() {
-            problems.push(
-                "`member_id` is required (in the file, EBB_MEMBER_ID or --member-id)".to_string(),
-            );
-        }
-        if !(self.collector_url.starts_with("http://")
-            || self.collector_url.starts_with("https://"))
-        {
+        if !self.collector_url.starts_with("https://") {
             problems.push(format!(
-                "`collector_url` must start with http:// or https://, not `{}`",
+                "`collector_url` must start with https:// (the agent speaks TLS only), not `{}`",
                 self.collector_url
             ));
         }
@@ -167,13 +180,8 @@ impl AgentConfig {
                 problems.push("`health_check.healthy_statuses` must be [lowest, highest]".into());
             }
         }
-        if self.reconnect.initial_backoff_ms == 0
-            || self.reconnect.initial_backoff_ms > self.reconnect.max_backoff_ms
-        {
-            problems.push(
-                "`reconnect.initial_backoff_ms` must be between 1 and `reconnect.max_backoff_ms`"
-                    .into(),
-            );
+        if self.reconnect.initial_backoff_ms == 0 || self.reconnect.initial_backoff_ms > self.reconnect.max_backoff_ms {
+            problems.push("`reconnect.initial_backoff_ms` must be between 1 and `reconnect.max_backoff_ms`".into());
         }
         if problems.is_empty() {
             Ok(())
@@ -190,12 +198,19 @@ pub struct Cli {
     /// The configuration file. A missing default file is not an error.
     #[arg(long, env = "EBB_CONFIG")]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "EBB_MEMBER_ID")]
-    pub member_id: Option<String>,
     #[arg(long, env = "EBB_COLLECTOR_URL")]
     pub collector_url: Option<String>,
     #[arg(long, env = "EBB_INTERVAL_SECS")]
     pub interval_secs: Option<u32>,
+    /// Where the key and certificate are kept.
+    #[arg(long, env = "EBB_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// A join token (instead of `[enrollment] token`).
+    #[arg(long, env = "EBB_ENROLL_TOKEN", hide_env_values = true)]
+    pub enroll_token: Option<String>,
+    /// The collector CA's SHA-256 (instead of `[enrollment] ca_sha256`).
+    #[arg(long, env = "EBB_CA_SHA256")]
+    pub ca_sha256: Option<String>,
     /// URL of the HTTP health check (http:// only).
     #[arg(long, env = "EBB_HEALTH_URL")]
     pub health_url: Option<String>,
@@ -222,13 +237,25 @@ impl Cli {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
         let mut config = match std::fs::read_to_string(&path) {
             Ok(text) => parse_toml(&path, &text)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.config.is_none() => {
-                AgentConfig::default()
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.config.is_none() => AgentConfig::default(),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        if let Some(member_id) = &self.member_id {
-            config.member_id = member_id.clone();
+        config.source = Some(path).filter(|p| p.exists());
+        if let Some(dir) = &self.state_dir {
+            config.state_dir = dir.clone();
+        }
+        if self.enroll_token.is_some() || self.ca_sha256.is_some() {
+            let mut enrollment = config.enrollment.take().unwrap_or(EnrollmentConfig {
+                token: None,
+                ca_sha256: String::new(),
+            });
+            if let Some(token) = &self.enroll_token {
+                enrollment.token = Some(token.clone());
+            }
+            if let Some(pin) = &self.ca_sha256 {
+                enrollment.ca_sha256 = pin.clone();
+            }
+            config.enrollment = Some(enrollment);
         }
         if let Some(url) = &self.collector_url {
             config.collector_url = url.clone();
@@ -273,8 +300,8 @@ mod tests {
         let config: AgentConfig = parse_toml(
             Path::new("agent.toml"),
             r#"
-            member_id = "web-3"
-            collector_url = "http://10.0.0.5:7300"
+            collector_url = "https://10.0.0.5:7300"
+            group = "web"
             interval_secs = 2
             cpu = { type = "process", pid = 77, cpus = 1.0 }
             [health_check]
@@ -295,12 +322,9 @@ mod tests {
 
     #[test]
     fn a_typo_names_file_key_and_line() {
-        let error = parse_toml::<AgentConfig>(
-            Path::new("/etc/ebb/agent.toml"),
-            "member_id = \"a\"\nintreval_secs = 2\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let error = parse_toml::<AgentConfig>(Path::new("/etc/ebb/agent.toml"), "group = \"a\"\nintreval_secs = 2\n")
+            .unwrap_err()
+            .to_string();
         assert!(error.starts_with("/etc/ebb/agent.toml: line 2:"), "{error}");
         assert!(error.contains("unknown field `intreval_secs`"), "{error}");
     }
@@ -321,18 +345,23 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
-        std::fs::write(&path, "member_id = \"from-file\"\ninterval_secs = 5\n").unwrap();
+        std::fs::write(
+            &path,
+            "interval_secs = 5\n[enrollment]\nca_sha256 = \"from-file\"\ntoken = \"t\"\n",
+        )
+        .unwrap();
         let cli = Cli::parse_from([
             "ebb-agent",
             "--config",
             path.to_str().unwrap(),
-            "--member-id",
+            "--ca-sha256",
             "from-flag",
             "--cpu-pid",
             "9",
         ]);
         let config = cli.load().unwrap();
-        assert_eq!(config.member_id, "from-flag");
+        assert_eq!(config.enrollment.unwrap().ca_sha256, "from-flag");
+        assert_eq!(config.source.as_deref(), Some(path.as_path()));
         assert_eq!(config.interval_secs, 5);
         assert_eq!(config.cpu, CpuSource::Process { pid: 9, cpus: None });
     }
@@ -345,20 +374,13 @@ mod tests {
             ..AgentConfig::default()
         };
         let error = config.validate().unwrap_err().to_string();
-        assert!(error.contains("member_id"), "{error}");
         assert!(error.contains("collector_url"), "{error}");
         assert!(error.contains("interval_secs"), "{error}");
     }
 
     #[test]
     fn an_explicit_missing_file_is_an_error() {
-        let cli = Cli::parse_from([
-            "ebb-agent",
-            "--config",
-            "/nonexistent/agent.toml",
-            "--member-id",
-            "x",
-        ]);
+        let cli = Cli::parse_from(["ebb-agent", "--config", "/nonexistent/agent.toml"]);
         assert!(matches!(cli.load(), Err(ConfigError::Read { .. })));
     }
 }

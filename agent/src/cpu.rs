@@ -148,8 +148,7 @@ impl CpuReader {
     /// CPU ticks of `root` and every descendant. Follows `/proc/<pid>/task/<tid>/children`, which costs
     /// the size of the tree; kernels without it get a scan of every process.
     fn process_tree_ticks(&self, root: u32) -> Result<u64, CpuError> {
-        let root_stat =
-            procfs::parse_pid_stat(&read(self.proc_root.join(root.to_string()).join("stat"))?)?;
+        let root_stat = procfs::parse_pid_stat(&read(self.proc_root.join(root.to_string()).join("stat"))?)?;
         let root_children = self.proc_root.join(format!("{root}/task/{root}/children"));
         if !root_children.exists() {
             return self.process_tree_ticks_by_scan(root_stat);
@@ -175,11 +174,7 @@ impl CpuReader {
             };
             for task in tasks.flatten() {
                 if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                    stack.extend(
-                        children
-                            .split_whitespace()
-                            .filter_map(|c| c.parse::<u32>().ok()),
-                    );
+                    stack.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
                 }
             }
         }
@@ -193,11 +188,7 @@ impl CpuReader {
             source,
         })?;
         for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
                 continue;
             };
             let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
@@ -246,28 +237,17 @@ mod tests {
     fn a_counter_going_backwards_starts_a_new_baseline() {
         let mut meter = CpuMeter::default();
         meter.observe(reading(500.0, 0.0, 1_000.0));
-        assert_eq!(
-            meter.observe(reading(400.0, 0.0, 1_100.0)),
-            None,
-            "busy went backwards"
-        );
+        assert_eq!(meter.observe(reading(400.0, 0.0, 1_100.0)), None, "busy went backwards");
         let usage = meter.observe(reading(450.0, 0.0, 1_200.0)).unwrap();
         assert_eq!(usage.busy_percent, 50.0, "measured from the new baseline");
-        assert_eq!(
-            meter.observe(reading(460.0, 0.0, 1_200.0)),
-            None,
-            "no time passed"
-        );
+        assert_eq!(meter.observe(reading(460.0, 0.0, 1_200.0)), None, "no time passed");
     }
 
     #[test]
     fn usage_is_clamped_to_the_capacity() {
         let mut meter = CpuMeter::default();
         meter.observe(reading(0.0, 0.0, 0.0));
-        assert_eq!(
-            meter.observe(reading(1.01, 0.0, 1.0)).unwrap().busy_percent,
-            100.0
-        );
+        assert_eq!(meter.observe(reading(1.01, 0.0, 1.0)).unwrap().busy_percent, 100.0);
     }
 
     fn write(root: &std::path::Path, path: &str, text: &str) {
@@ -289,13 +269,7 @@ mod tests {
         write(&proc_root, "12/stat", &pid_stat(12, 11, 25)); // grandchild
         write(&proc_root, "13/stat", &pid_stat(13, 1, 1_000)); // a sibling: not counted
         write(&proc_root, "self/cgroup", "0::/\n");
-        let mut reader = CpuReader::new(
-            CpuSource::Process {
-                pid: 10,
-                cpus: None,
-            },
-            2,
-        );
+        let mut reader = CpuReader::new(CpuSource::Process { pid: 10, cpus: None }, 2);
         reader.proc_root = proc_root;
         let reading = reader.read(7.0).unwrap();
         assert_eq!(reading.busy, 1.75);
@@ -305,16 +279,9 @@ mod tests {
             pid: 10,
             cpus: Some(0.5),
         };
-        assert_eq!(
-            reader.read(7.0).unwrap().total,
-            3.5,
-            "relative to the given CPUs"
-        );
+        assert_eq!(reader.read(7.0).unwrap().total, 3.5, "relative to the given CPUs");
 
-        reader.source = CpuSource::Process {
-            pid: 99,
-            cpus: None,
-        };
+        reader.source = CpuSource::Process { pid: 99, cpus: None };
         let error = reader.read(7.0).unwrap_err().to_string();
         assert!(error.contains("99/stat"), "{error}");
     }
@@ -332,13 +299,7 @@ mod tests {
         // Not reachable through children files, so not counted even though its ppid says 10: the
         // children files are the kernel's truth.
         write(&proc_root, "13/stat", &pid_stat(13, 10, 1_000));
-        let mut reader = CpuReader::new(
-            CpuSource::Process {
-                pid: 10,
-                cpus: None,
-            },
-            1,
-        );
+        let mut reader = CpuReader::new(CpuSource::Process { pid: 10, cpus: None }, 1);
         reader.proc_root = proc_root;
         assert_eq!(reader.read(1.0).unwrap().busy, 1.75);
     }
@@ -347,11 +308,7 @@ mod tests {
     fn cgroup_is_relative_to_its_quota() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "proc/self/cgroup", "0::/ebb.slice\n");
-        write(
-            dir.path(),
-            "cgroup/ebb.slice/cpu.stat",
-            "usage_usec 3000000\n",
-        );
+        write(dir.path(), "cgroup/ebb.slice/cpu.stat", "usage_usec 3000000\n");
         write(dir.path(), "cgroup/ebb.slice/cpu.max", "50000 100000\n");
         let mut reader = CpuReader::new(CpuSource::Cgroup, 8);
         reader.proc_root = dir.path().join("proc");
@@ -359,11 +316,7 @@ mod tests {
         assert_eq!(reader.read(10.0).unwrap(), reading(3.0, 0.0, 5.0));
 
         std::fs::write(dir.path().join("cgroup/ebb.slice/cpu.max"), "max 100000\n").unwrap();
-        assert_eq!(
-            reader.read(10.0).unwrap().total,
-            80.0,
-            "unlimited: all online CPUs"
-        );
+        assert_eq!(reader.read(10.0).unwrap().total, 80.0, "unlimited: all online CPUs");
     }
 
     #[test]

@@ -33,11 +33,7 @@ pub struct HealthTarget {
 
 impl HealthTarget {
     /// Parses `http://host[:port][/path]`. HTTPS is not supported by the agent's check.
-    pub fn parse(
-        url: &str,
-        timeout: Duration,
-        healthy_statuses: (u16, u16),
-    ) -> Result<Self, UrlError> {
+    pub fn parse(url: &str, timeout: Duration, healthy_statuses: (u16, u16)) -> Result<Self, UrlError> {
         let error = |reason| UrlError {
             url: url.to_string(),
             reason,
@@ -151,19 +147,11 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let target = HealthTarget::parse(
-            "http://127.0.1.3:8080/health",
-            Duration::from_secs(1),
-            HEALTHY,
-        )
-        .unwrap();
+        let target = HealthTarget::parse("http://127.0.1.3:8080/health", Duration::from_secs(1), HEALTHY).unwrap();
         assert_eq!(target.authority, "127.0.1.3:8080");
         assert_eq!(target.path, "/health");
         let target = HealthTarget::parse("http://web", Duration::from_secs(1), HEALTHY).unwrap();
-        assert_eq!(
-            (target.authority.as_str(), target.path.as_str()),
-            ("web:80", "/")
-        );
+        assert_eq!((target.authority.as_str(), target.path.as_str()), ("web:80", "/"));
         assert!(HealthTarget::parse("https://web/", Duration::from_secs(1), HEALTHY).is_err());
         assert!(HealthTarget::parse("http:///x", Duration::from_secs(1), HEALTHY).is_err());
     }
@@ -201,11 +189,7 @@ mod tests {
             .unwrap()
             .check()
             .await;
-        assert!(
-            result.reason.starts_with("not an HTTP response"),
-            "{}",
-            result.reason
-        );
+        assert!(result.reason.starts_with("not an HTTP response"), "{}", result.reason);
     }
 
     #[tokio::test]
@@ -218,11 +202,7 @@ mod tests {
             .check()
             .await;
         assert_eq!(result.status, Status::Unhealthy as i32);
-        assert!(
-            result.reason.contains("cannot connect"),
-            "{}",
-            result.reason
-        );
+        assert!(result.reason.contains("cannot connect"), "{}", result.reason);
     }
 
     #[tokio::test]

@@ -11,18 +11,21 @@ pub mod backoff;
 pub mod config;
 pub mod cpu;
 pub mod health;
+pub mod identity;
 pub mod outbox;
 pub mod procfs;
 pub mod sampler;
 pub mod stream;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::health::HealthTarget;
+use crate::identity::{Identity, IdentityError};
 use crate::outbox::Outbox;
 
 /// What the agent does right now; starts from the configuration, the collector may change it.
@@ -49,8 +52,12 @@ impl Settings {
     }
 }
 
-/// Runs the agent until the future is dropped.
+/// Runs the agent until the future is dropped: enrols if it has no identity yet, keeps its certificate
+/// renewed, samples and streams.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let identity = Arc::new(RwLock::new(obtain_identity(&config).await?));
+    tracing::info!(member = %identity.read().expect("identity lock").member_id, "Identity ready.");
+    tokio::spawn(keep_renewed(config.clone(), identity.clone()));
     let settings = Settings::from_config(&config)?;
     let (settings_tx, settings_rx) = watch::channel(settings);
     let outbox = Arc::new(Mutex::new(Outbox::new(config.buffer_samples())));
@@ -58,9 +65,90 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let health = sampler::spawn_health_checker(settings_rx.clone());
     let sampler = sampler::Sampler::new(&config)?;
     let sampling = tokio::spawn(sampler.run(settings_rx, health, outbox.clone(), latest_tx));
-    let connection = stream::Connection::new(&config, outbox, settings_tx);
+    let connection = stream::Connection::new(&config, identity, outbox, settings_tx);
     tokio::select! {
         result = sampling => result?,
         () = connection.run(latest_rx) => Ok(()),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn backoff(config: &AgentConfig) -> Backoff {
+    Backoff::new(
+        Duration::from_millis(config.reconnect.initial_backoff_ms.into()),
+        Duration::from_millis(config.reconnect.max_backoff_ms.into()),
+        backoff::Random::from_entropy().next_u64(),
+    )
+}
+
+/// The identity in the state directory, or a new one from enrolment. Retries while the collector is
+/// unreachable; gives up at once on anything an operator must fix (wrong CA, refused token).
+pub async fn obtain_identity(config: &AgentConfig) -> Result<Identity, IdentityError> {
+    if let Some(identity) = Identity::load(&config.state_dir)? {
+        return Ok(identity);
+    }
+    let Some(enrollment) = &config.enrollment else {
+        return Err(IdentityError::NotEnrolled);
+    };
+    let Some(token) = &enrollment.token else {
+        return Err(IdentityError::NotEnrolled);
+    };
+    let mut backoff = backoff(config);
+    loop {
+        match identity::enroll(
+            &config.collector_url,
+            &enrollment.ca_sha256,
+            token,
+            &config.group,
+            now_ms(),
+        )
+        .await
+        {
+            Ok(identity) => {
+                identity.save(&config.state_dir)?;
+                if let Some(path) = &config.source {
+                    identity::forget_token(path)?;
+                }
+                tracing::info!(member = %identity.member_id, group = %identity.group, "Enrolled.");
+                return Ok(identity);
+            }
+            Err(e) if e.is_retryable() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, delay_ms = delay.as_millis() as u64, "Cannot enrol yet; retrying.");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Renews the certificate at about two thirds of its life, saving each new one.
+async fn keep_renewed(config: AgentConfig, identity: Arc<RwLock<Identity>>) {
+    let mut backoff = backoff(&config);
+    loop {
+        let current = identity.read().expect("identity lock").clone();
+        let wait = (current.renew_at_ms() - now_ms()).max(0) as u64;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        match identity::renew(&config.collector_url, &current, now_ms()).await {
+            Ok(renewed) => {
+                if let Err(e) = renewed.save(&config.state_dir) {
+                    tracing::error!(error = %e, "Cannot save the renewed certificate; keeping it in memory.");
+                }
+                tracing::info!(not_after_ms = renewed.not_after_ms, "Renewed the certificate.");
+                *identity.write().expect("identity lock") = renewed;
+                backoff.reset();
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, delay_ms = delay.as_millis() as u64, "Cannot renew the certificate; retrying.");
+                tokio::time::sleep(delay).await;
+            }
+        }
     }
 }

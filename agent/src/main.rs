@@ -9,9 +9,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.load()?;
     // One thread: the agent runs on every VM and must stay small.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         tokio::select! {
             result = ebb_agent::run(config) => result,
@@ -29,8 +27,8 @@ async fn shutdown_signal(exit_on_stdin_eof: bool) {
         let mut buf = [0u8; 64];
         while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
     };
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}

@@ -32,10 +32,7 @@ pub fn parse_loadavg(text: &str) -> Result<LoadAverage, ParseError> {
     let mut fields = text.split_whitespace().map(|f| f.parse::<f64>());
     let mut next = |name: &str| match fields.next() {
         Some(Ok(value)) if value.is_finite() && value >= 0.0 => Ok(value),
-        _ => Err(parse_error(
-            "/proc/loadavg",
-            format!("no valid {name} minute value"),
-        )),
+        _ => Err(parse_error("/proc/loadavg", format!("no valid {name} minute value"))),
     };
     Ok(LoadAverage {
         one: next("1")?,
@@ -218,12 +215,9 @@ pub fn parse_cgroup_cpu_max(text: &str) -> Result<Option<f64>, ParseError> {
     if quota == "max" {
         return Ok(None);
     }
-    let quota: u64 = quota.parse().map_err(|_| {
-        parse_error(
-            FILE,
-            format!("quota `{quota}` is neither `max` nor a number"),
-        )
-    })?;
+    let quota: u64 = quota
+        .parse()
+        .map_err(|_| parse_error(FILE, format!("quota `{quota}` is neither `max` nor a number")))?;
     Ok(Some(quota as f64 / period as f64))
 }
 
@@ -304,10 +298,7 @@ mod tests {
             "/system.slice/web.service"
         );
         assert!(parse_own_cgroup_v2("12:cpu,cpuacct:/foo\n").is_err());
-        assert_eq!(
-            parse_cgroup_cpu_usage_usec(&fixture("cpu.stat")).unwrap(),
-            5_123_456
-        );
+        assert_eq!(parse_cgroup_cpu_usage_usec(&fixture("cpu.stat")).unwrap(), 5_123_456);
         assert_eq!(parse_cgroup_cpu_max("max 100000\n").unwrap(), None);
         assert_eq!(parse_cgroup_cpu_max("50000 100000\n").unwrap(), Some(0.5));
         assert!(parse_cgroup_cpu_max("50000 0").is_err());

@@ -97,11 +97,9 @@ impl Sampler {
     }
 
     fn sample(&mut self, seq: u64, health: HealthCheck) -> anyhow::Result<Sample> {
-        let load =
-            procfs::parse_loadavg(&std::fs::read_to_string(self.proc_root.join("loadavg"))?)?;
-        let mem_used_percent = procfs::parse_meminfo_used_percent(&std::fs::read_to_string(
-            self.proc_root.join("meminfo"),
-        )?)?;
+        let load = procfs::parse_loadavg(&std::fs::read_to_string(self.proc_root.join("loadavg"))?)?;
+        let mem_used_percent =
+            procfs::parse_meminfo_used_percent(&std::fs::read_to_string(self.proc_root.join("meminfo"))?)?;
         let cpu = self.read_cpu();
         let cpus = f64::from(self.online_cpus);
         Ok(Sample {
@@ -122,9 +120,7 @@ impl Sampler {
 }
 
 /// Runs the configured HTTP check once per interval; publishes the latest result.
-pub fn spawn_health_checker(
-    mut settings: watch::Receiver<Settings>,
-) -> watch::Receiver<HealthCheck> {
+pub fn spawn_health_checker(mut settings: watch::Receiver<Settings>) -> watch::Receiver<HealthCheck> {
     let (result_tx, result_rx) = watch::channel(crate::health::not_configured());
     tokio::spawn(async move {
         loop {

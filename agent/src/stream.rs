@@ -2,13 +2,11 @@
 //! stream new ones as they are taken. On any failure: back off (exponential, jittered, capped) and start
 //! over. The collector acknowledges by sequence number and drops duplicates, so replaying is always safe.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ebb_proto::v1::telemetry_client::TelemetryClient;
-use ebb_proto::v1::{
-    Hello, ReportRequest, ReportResponse, SampleBatch, report_request, report_response,
-};
+use ebb_proto::v1::{Hello, ReportRequest, ReportResponse, SampleBatch, report_request, report_response};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -17,6 +15,7 @@ use crate::Settings;
 use crate::backoff::{Backoff, Random};
 use crate::config::AgentConfig;
 use crate::health::HealthTarget;
+use crate::identity::Identity;
 use crate::outbox::Outbox;
 
 /// Samples per message; a long replay goes out in several.
@@ -24,6 +23,7 @@ const BATCH_LIMIT: usize = 100;
 
 pub struct Connection {
     url: String,
+    identity: Arc<RwLock<Identity>>,
     hello: Hello,
     outbox: Arc<Mutex<Outbox>>,
     settings: watch::Sender<Settings>,
@@ -31,16 +31,20 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Streams as `identity` (shared with the renewal task, which replaces it).
     pub fn new(
         config: &AgentConfig,
+        identity: Arc<RwLock<Identity>>,
         outbox: Arc<Mutex<Outbox>>,
         settings: watch::Sender<Settings>,
     ) -> Self {
         let mut random = Random::from_entropy();
+        let member_id = identity.read().expect("identity lock").member_id.clone();
         Self {
             url: config.collector_url.clone(),
+            identity,
             hello: Hello {
-                member_id: config.member_id.clone(),
+                member_id,
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
                 boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
                     .map(|id| id.trim().to_string())
@@ -76,7 +80,9 @@ impl Connection {
     }
 
     async fn stream_once(&mut self, latest_seq: &mut watch::Receiver<u64>) -> anyhow::Result<()> {
+        let tls = self.identity.read().expect("identity lock").client_tls();
         let channel = Endpoint::from_shared(self.url.clone())?
+            .tls_config(tls)?
             .connect_timeout(Duration::from_secs(5))
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .connect()
@@ -129,10 +135,7 @@ impl Connection {
                 for rejection in &ack.rejected {
                     tracing::warn!(seq = rejection.seq, code = rejection.code, reason = %rejection.message, "The collector rejected a sample.");
                 }
-                self.outbox
-                    .lock()
-                    .expect("outbox lock")
-                    .acknowledge(ack.highest_seq);
+                self.outbox.lock().expect("outbox lock").acknowledge(ack.highest_seq);
             }
             Some(report_response::Message::Settings(wanted)) => self.apply_settings(wanted),
             None => {}
@@ -151,10 +154,7 @@ impl Connection {
                 0 => Duration::from_secs(2),
                 ms => Duration::from_millis(ms.into()),
             };
-            let statuses = current
-                .health
-                .as_ref()
-                .map_or((200, 399), |h| h.healthy_statuses);
+            let statuses = current.health.as_ref().map_or((200, 399), |h| h.healthy_statuses);
             match HealthTarget::parse(&wanted.health_check_url, timeout, statuses) {
                 Ok(target) => next.health = Some(target),
                 Err(e) => {

@@ -29,6 +29,10 @@ pub enum ActivityKind {
     Deregister,
     /// An instance disappeared without ebb terminating it.
     InstanceLost,
+    /// A VM ebb did not launch joined with an operator's token.
+    Join,
+    /// Such a VM left the group (scale-in); it keeps running.
+    Leave,
 }
 
 impl ActivityKind {
@@ -42,6 +46,8 @@ impl ActivityKind {
             ActivityKind::Register => "register",
             ActivityKind::Deregister => "deregister",
             ActivityKind::InstanceLost => "instance_lost",
+            ActivityKind::Join => "join",
+            ActivityKind::Leave => "leave",
         }
     }
 }

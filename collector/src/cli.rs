@@ -1,35 +1,117 @@
 //! The `ebb-collector` command line: the daemon (`serve`), the `demo`, configuration helpers (`validate`,
 //! `gen-config`) and the operator commands that talk to a running collector's Admin API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use ebb_proto::v1::admin_client::AdminClient;
 use ebb_proto::v1::{
-    ListActivitiesRequest, ListGroupsRequest, ListMembersRequest, SetDesiredCapacityRequest,
+    CreateTokenRequest, ListActivitiesRequest, ListGroupsRequest, ListMembersRequest, ListTokensRequest,
+    RevokeMemberRequest, RevokeTokenRequest, SetDesiredCapacityRequest,
 };
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config;
 use crate::demo::DemoArgs;
+use crate::pki::{self, Pki};
+use crate::userdata::{self, UserDataFormat};
 use crate::workload::WorkloadArgs;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "ebb-collector",
-    version,
-    about = "Keeps groups of VMs sized to their load."
-)]
+#[command(name = "ebb-collector", version, about = "Keeps groups of VMs sized to their load.")]
 pub struct Cli {
-    /// The collector's gRPC address, for the operator commands.
-    #[arg(
-        long,
-        global = true,
-        env = "EBB_SERVER",
-        default_value = "http://127.0.0.1:7300"
-    )]
-    pub server: String,
+    #[command(flatten)]
+    pub connection: AdminConnection,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How operator commands reach the Admin API: TLS with an admin certificate.
+#[derive(Debug, Clone, Args)]
+pub struct AdminConnection {
+    /// The collector's Admin API.
+    #[arg(long, global = true, env = "EBB_SERVER", default_value = "https://127.0.0.1:7302")]
+    pub server: String,
+    /// The collector's state directory: `ca.pem`, `admin.pem` and `admin.key` are read from it unless given.
+    #[arg(long, global = true, env = "EBB_STATE_DIR", default_value = "/var/lib/ebb")]
+    pub state_dir: PathBuf,
+    /// The collector's CA certificate.
+    #[arg(long, global = true, env = "EBB_CA")]
+    pub ca: Option<PathBuf>,
+    /// An admin certificate (`ebb-collector admin-cert`).
+    #[arg(long, global = true, env = "EBB_CERT")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "EBB_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+impl AdminConnection {
+    fn path(&self, given: &Option<PathBuf>, default: &str) -> PathBuf {
+        given.clone().unwrap_or_else(|| self.state_dir.join(default))
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.path(&self.ca, "ca.pem")
+    }
+
+    async fn client(&self) -> anyhow::Result<AdminClient<Channel>> {
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path).map_err(|e| {
+                anyhow::anyhow!("cannot read {}: {e}; give --ca/--cert/--key or --state-dir (an admin certificate comes from `ebb-collector admin-cert`)", path.display())
+            })
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(self.ca_path())?))
+            .identity(Identity::from_pem(
+                read(self.path(&self.cert, "admin.pem"))?,
+                read(self.path(&self.key, "admin.key"))?,
+            ));
+        let channel = Endpoint::from_shared(self.server.clone())?
+            .tls_config(tls)?
+            .connect()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach the collector's Admin API at {}: {e}; is it running? (--server / EBB_SERVER)",
+                    self.server
+                )
+            })?;
+        Ok(AdminClient::new(channel))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a join token for VMs ebb did not launch. The secret is printed once.
+    Create {
+        #[arg(long)]
+        group: String,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u32,
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Members enrolled with it are never chosen for scale-in.
+        #[arg(long)]
+        protected: bool,
+    },
+    /// The tokens not yet expired (ids only, never secrets).
+    List,
+    /// Revoke a token by its id.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Deny a member's certificate at once and close its stream.
+    Revoke { member_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the CA's SHA-256 fingerprint, which agents pin.
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,23 +147,99 @@ pub enum Command {
         #[arg(long)]
         to: u32,
     },
+    /// The collector's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// One member.
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
+    /// Issue an admin certificate (needs the CA key: run it on the collector's host).
+    AdminCert {
+        /// Writes admin.pem, admin.key and ca.pem here.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "operator")]
+        name: String,
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+    },
+    /// Print user data for a VM ebb did not launch: mints a token for it.
+    UserData {
+        #[arg(long)]
+        group: String,
+        #[arg(long, value_enum, default_value = "cloud-config")]
+        format: UserDataFormat,
+        /// The address agents reach the collector at.
+        #[arg(long, default_value = "https://127.0.0.1:7300")]
+        collector_url: String,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u32,
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        #[arg(long)]
+        protected: bool,
+    },
     /// The built-in workload that local instances run.
     #[command(hide = true)]
     Workload(WorkloadArgs),
 }
 
+/// The SHA-256 fingerprint of the CA certificate in `path`.
+pub fn ca_fingerprint(path: &Path) -> anyhow::Result<String> {
+    let der = CertificateDer::from_pem_file(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the CA certificate {}: {e}", path.display()))?;
+    Ok(pki::fingerprint(&der))
+}
+
+/// Runs a command that works on local files only.
+pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Ca {
+            command: CaCommand::Show,
+        } => {
+            let path = connection.ca_path();
+            println!("{}  {}", ca_fingerprint(&path)?, path.display());
+        }
+        Command::AdminCert { out, name, days } => {
+            let ca = connection.ca_path();
+            let ca_key = connection.state_dir.join("ca.key");
+            let pki = Pki::from_files(
+                &ca,
+                &ca_key,
+                &["localhost".into()],
+                std::time::Duration::from_secs(3600),
+            )?;
+            let lifetime = std::time::Duration::from_secs(u64::from(days) * 24 * 3600);
+            let (cert, key) = pki.issue_admin(&name, crate::reconcile::now_ms(), lifetime)?;
+            std::fs::create_dir_all(&out)?;
+            pki::write_private(&out.join("admin.key"), &key)?;
+            pki::write_private(&out.join("admin.pem"), &cert.pem)?;
+            pki::write_private(&out.join("ca.pem"), pki.ca_pem())?;
+            println!(
+                "wrote {0}/admin.pem, {0}/admin.key and {0}/ca.pem; use --state-dir {0}",
+                out.display()
+            );
+        }
+        _ => unreachable!("not a local command"),
+    }
+    Ok(())
+}
+
 /// Runs an operator command against the Admin API and prints the answer.
-pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
-    let mut client = AdminClient::connect(server.to_string())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the collector at {server}: {e}; is it running? (--server / EBB_SERVER)"))?;
+pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Result<()> {
+    let mut client = connection.client().await?;
     match command {
         Command::Groups => {
-            let groups = client
-                .list_groups(ListGroupsRequest {})
-                .await?
-                .into_inner()
-                .groups;
+            let groups = client.list_groups(ListGroupsRequest {}).await?.into_inner().groups;
             println!(
                 "{:<16} {:>4} {:>4} {:>8} {:>10} {:>8} {:>8}",
                 "GROUP", "MIN", "MAX", "DESIRED", "IN_SERVICE", "PENDING", "CPU_AVG"
@@ -90,13 +248,7 @@ pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
                 let cpu = g.cpu_avg_percent.map_or("-".into(), |c| format!("{c:.1}%"));
                 println!(
                     "{:<16} {:>4} {:>4} {:>8} {:>10} {:>8} {:>8}",
-                    g.name,
-                    g.min_size,
-                    g.max_size,
-                    g.desired_capacity,
-                    g.in_service,
-                    g.pending,
-                    cpu
+                    g.name, g.min_size, g.max_size, g.desired_capacity, g.in_service, g.pending, cpu
                 );
             }
             for g in &groups {
@@ -114,9 +266,7 @@ pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
                 "MEMBER", "STATE", "ADDRESS", "CPU", "LOAD1", "LB_CONNS"
             );
             for m in members {
-                let cpu = m
-                    .cpu_busy_percent
-                    .map_or("-".into(), |c| format!("{c:.1}%"));
+                let cpu = m.cpu_busy_percent.map_or("-".into(), |c| format!("{c:.1}%"));
                 let load = m.load1.map_or("-".into(), |l| format!("{l:.2}"));
                 let health = m.health.map_or("-".into(), |h| {
                     let status = ebb_proto::v1::health_check::Status::try_from(h.status)
@@ -140,12 +290,7 @@ pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
                 group: group.unwrap_or_default(),
                 limit,
             };
-            for a in client
-                .list_activities(request)
-                .await?
-                .into_inner()
-                .activities
-            {
+            for a in client.list_activities(request).await?.into_inner().activities {
                 let member = if a.member_id.is_empty() {
                     String::new()
                 } else {
@@ -158,15 +303,7 @@ pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
                 };
                 println!(
                     "#{} {} {}{} {} {}→{}: {}{}",
-                    a.id,
-                    a.group,
-                    a.kind,
-                    member,
-                    a.outcome,
-                    a.from_capacity,
-                    a.to_capacity,
-                    a.cause,
-                    detail
+                    a.id, a.group, a.kind, member, a.outcome, a.from_capacity, a.to_capacity, a.cause, detail
                 );
             }
         }
@@ -185,6 +322,83 @@ pub async fn admin(server: &str, command: Command) -> anyhow::Result<()> {
                     g.name, g.desired_capacity, g.in_service, g.pending
                 );
             }
+        }
+        Command::Token { command } => match command {
+            TokenCommand::Create {
+                group,
+                ttl_secs,
+                uses,
+                protected,
+            } => {
+                let created = client
+                    .create_token(CreateTokenRequest {
+                        group,
+                        ttl_secs,
+                        uses,
+                        protected,
+                    })
+                    .await
+                    .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+                    .into_inner();
+                let info = created.info.unwrap_or_default();
+                println!("{}", created.token);
+                eprintln!(
+                    "token {} for group {}: {} use(s), expires at {} (ms); shown once",
+                    info.id, info.group, info.uses_left, info.expires_at_ms
+                );
+            }
+            TokenCommand::List => {
+                println!(
+                    "{:<14} {:<16} {:>5} {:>10} {:<16} EXPIRES_AT_MS",
+                    "ID", "GROUP", "USES", "PROTECTED", "BOUND_MEMBER"
+                );
+                for t in client.list_tokens(ListTokensRequest {}).await?.into_inner().tokens {
+                    println!(
+                        "{:<14} {:<16} {:>5} {:>10} {:<16} {}",
+                        t.id, t.group, t.uses_left, t.protected, t.bound_member_id, t.expires_at_ms
+                    );
+                }
+            }
+            TokenCommand::Revoke { id } => {
+                client
+                    .revoke_token(RevokeTokenRequest { id: id.clone() })
+                    .await
+                    .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+                println!("revoked token {id}");
+            }
+        },
+        Command::Member {
+            command: MemberCommand::Revoke { member_id },
+        } => {
+            client
+                .revoke_member(RevokeMemberRequest {
+                    member_id: member_id.clone(),
+                })
+                .await
+                .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+            println!("revoked member {member_id}: its certificate is denied and its stream closed");
+        }
+        Command::UserData {
+            group,
+            format,
+            collector_url,
+            ttl_secs,
+            uses,
+            protected,
+        } => {
+            let fingerprint = ca_fingerprint(&connection.ca_path())?;
+            let created = client
+                .create_token(CreateTokenRequest {
+                    group: group.clone(),
+                    ttl_secs,
+                    uses,
+                    protected,
+                })
+                .await
+                .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+                .into_inner();
+            let agent_config = userdata::agent_config(&collector_url, &fingerprint, &created.token, &group);
+            print!("{}", userdata::render(format, &agent_config));
         }
         _ => unreachable!("not an admin command"),
     }

@@ -29,10 +29,7 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     /// Well-formed but unusable values; one line per problem.
     #[error("{path}: invalid configuration:\n  {}", problems.join("\n  "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
+    Invalid { path: PathBuf, problems: Vec<String> },
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -47,23 +44,40 @@ pub struct CollectorConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// gRPC: agents' telemetry and the Admin API.
+    /// gRPC over TLS: agents' enrolment and telemetry.
     #[serde(default = "default_grpc_listen")]
     pub grpc_listen: SocketAddr,
+    /// gRPC over TLS for operators: the Admin API, which requires an admin certificate.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
     /// HTTP: Prometheus `/metrics`.
     #[serde(default = "default_http_listen")]
     pub http_listen: SocketAddr,
-    /// The URL agents connect to; default: `http://` + the gRPC listen address.
+    /// The URL agents connect to; default: `https://` + the gRPC listen address.
     pub advertise_url: Option<String>,
+    /// The CA, its key and the admin certificate live here (owner-only files).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Names and addresses in the server certificate; agents connect to one of them.
+    #[serde(default = "default_tls_names")]
+    pub tls_names: Vec<String>,
+    /// The operator's CA certificate and key (PEM), instead of the collector's own.
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of member certificates; agents renew at about two thirds of it.
+    #[serde(default = "default_member_cert_lifetime_secs")]
+    pub member_cert_lifetime_secs: u32,
+    /// How long the join token minted for each launch is good for.
+    #[serde(default = "default_launch_token_ttl_secs")]
+    pub launch_token_ttl_secs: u32,
+    /// Enrolment attempts allowed per remote address per minute.
+    #[serde(default = "default_enrollments_per_minute")]
+    pub enrollments_per_minute: u32,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            grpc_listen: default_grpc_listen(),
-            http_listen: default_http_listen(),
-            advertise_url: None,
-        }
+        toml::from_str("").expect("every server key has a default")
     }
 }
 
@@ -191,6 +205,24 @@ fn default_grpc_listen() -> SocketAddr {
 fn default_http_listen() -> SocketAddr {
     "127.0.0.1:7301".parse().unwrap()
 }
+fn default_admin_listen() -> SocketAddr {
+    "127.0.0.1:7302".parse().unwrap()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ebb")
+}
+fn default_tls_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into()]
+}
+fn default_member_cert_lifetime_secs() -> u32 {
+    24 * 3600
+}
+fn default_launch_token_ttl_secs() -> u32 {
+    30 * 60
+}
+fn default_enrollments_per_minute() -> u32 {
+    600
+}
 fn default_cooldown_secs() -> u32 {
     300
 }
@@ -299,10 +331,7 @@ impl CollectorConfig {
                 ));
             }
             if !names.insert(&group.name) {
-                problems.push(format!(
-                    "{at}.name: `{}` is used by an earlier group",
-                    group.name
-                ));
+                problems.push(format!("{at}.name: `{}` is used by an earlier group", group.name));
             }
             if group.min_size > group.max_size {
                 problems.push(format!(
@@ -339,9 +368,7 @@ impl CollectorConfig {
                         ));
                     }
                     if !local.instance_cpus.is_finite() || local.instance_cpus <= 0.0 {
-                        problems.push(format!(
-                            "{at}.provider.instance_cpus: must be greater than 0"
-                        ));
+                        problems.push(format!("{at}.provider.instance_cpus: must be greater than 0"));
                     }
                 }
             }
@@ -384,6 +411,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_file_without_a_server_table_gets_the_defaults() {
+        let config = parse(Path::new("c.toml"), "").unwrap();
+        assert_eq!(config.server.grpc_listen, default_grpc_listen());
+        assert_eq!(config.server.state_dir, PathBuf::from("/var/lib/ebb"));
+        assert!(config.groups.is_empty());
+    }
+
+    #[test]
     fn the_local_example_is_valid() {
         let config = parse(Path::new("examples/local.toml"), LOCAL_EXAMPLE).unwrap();
         assert_eq!(config.groups.len(), 1);
@@ -396,10 +431,7 @@ mod tests {
         let error = parse(Path::new("/etc/ebb/collector.toml"), &text)
             .unwrap_err()
             .to_string();
-        assert!(
-            error.starts_with("/etc/ebb/collector.toml: line "),
-            "{error}"
-        );
+        assert!(error.starts_with("/etc/ebb/collector.toml: line "), "{error}");
         assert!(error.contains("key `groups[0].cooldown_sec`"), "{error}");
         assert!(error.contains("unknown field `cooldown_sec`"), "{error}");
     }
@@ -414,9 +446,10 @@ mod tests {
 
     #[test]
     fn validation_collects_every_problem_with_its_path() {
-        let text = LOCAL_EXAMPLE
-            .replacen("min_size = 1", "min_size = 9", 1)
-            .replacen("period_secs = 5", "period_secs = 0", 1);
+        let text =
+            LOCAL_EXAMPLE
+                .replacen("min_size = 1", "min_size = 9", 1)
+                .replacen("period_secs = 5", "period_secs = 0", 1);
         let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &text) else {
             panic!("expected validation errors");
         };

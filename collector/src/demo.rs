@@ -99,14 +99,17 @@ async fn request(target: SocketAddr) -> Option<String> {
         .map(|member| member.trim().to_string())
 }
 
-/// Ports 0 everywhere, so the demo never collides with a collector already running.
-fn demo_config(args: &DemoArgs) -> anyhow::Result<config::CollectorConfig> {
+/// Ports 0 everywhere, so the demo never collides with a collector already running, and its own state
+/// directory (CA, admin certificate, instances), so it needs no root.
+fn demo_config(args: &DemoArgs, state_dir: &Path) -> anyhow::Result<config::CollectorConfig> {
     let mut config = match &args.config {
         Some(path) => config::load(path)?,
         None => config::parse(Path::new("examples/local.toml"), config::LOCAL_EXAMPLE)?,
     };
     config.server.grpc_listen.set_port(0);
     config.server.http_listen.set_port(0);
+    config.server.admin_listen.set_port(0);
+    config.server.state_dir = state_dir.to_path_buf();
     for group in &mut config.groups {
         let LoadBalancerConfig::Builtin { listen } = &mut group.load_balancer;
         listen.set_port(0);
@@ -119,7 +122,8 @@ fn demo_config(args: &DemoArgs) -> anyhow::Result<config::CollectorConfig> {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
-    let config = demo_config(&args)?;
+    let state_dir = tempfile::Builder::new().prefix("ebb-demo-").tempdir()?;
+    let config = demo_config(&args, state_dir.path())?;
     let group_name = config.groups[0].name.clone();
     let collector = Collector::start(config).await?;
     let group = collector.groups[&group_name].clone();
@@ -210,7 +214,8 @@ impl View {
             println!(
                 "{}",
                 json!({"elapsed_secs": 0.0, "group": group, "load_balancer": front.to_string(),
-                       "grpc": collector.grpc_address.to_string(),
+                       "grpc": collector.grpc_address.to_string(), "admin": collector.admin_address.to_string(),
+                       "state_dir": collector.state_dir,
                        "metrics": format!("http://{}/metrics", collector.http_address)})
             );
         } else {
@@ -218,8 +223,9 @@ impl View {
             println!("  load balancer  http://{front}/work");
             println!("  metrics        http://{}/metrics", collector.http_address);
             println!(
-                "  admin          ebb-collector --server http://{} activities",
-                collector.grpc_address
+                "  admin          ebb-collector --server https://{} --state-dir {} activities",
+                collector.admin_address,
+                collector.state_dir.display()
             );
             println!("  Ctrl-C stops the demo and every process it started.\n");
         }
@@ -267,9 +273,7 @@ impl View {
                 format!("{} {cpu}{state}", m.id)
             })
             .collect();
-        let cpu = status
-            .cpu_avg
-            .map_or("    -".into(), |c| format!("{c:5.1}%"));
+        let cpu = status.cpu_avg.map_or("    -".into(), |c| format!("{c:5.1}%"));
         println!(
             "{:>5.0}s  capacity {} (desired {})  cpu avg {cpu}  load {load_rps:>3} req/s   {}",
             self.elapsed(),
@@ -331,10 +335,7 @@ impl View {
         );
         println!(
             "  requests: {} ok, {} failed, {} skipped; served by {}",
-            summary["requests_ok"],
-            summary["requests_failed"],
-            summary["requests_skipped"],
-            summary["served_by"]
+            summary["requests_ok"], summary["requests_failed"], summary["requests_skipped"], summary["served_by"]
         );
         println!("  took {} s", summary["elapsed_secs"]);
     }

@@ -295,12 +295,7 @@ impl Engine {
             if present.len() < counted.len() && silent.is_none() {
                 silent = counted
                     .iter()
-                    .find(|m| {
-                        m.means
-                            .get(p)
-                            .and_then(|w| w.get(k).copied().flatten())
-                            .is_none()
-                    })
+                    .find(|m| m.means.get(p).and_then(|w| w.get(k).copied().flatten()).is_none())
                     .map(|m| (m.id.clone(), k));
             }
             values.push((!present.is_empty()).then(|| policy.statistic.apply(&present)));
@@ -321,11 +316,7 @@ impl Engine {
         let Some(newest) = values[0] else {
             return insufficient(
                 values,
-                format!(
-                    "no {} data in the last {} s",
-                    policy.metric.name(),
-                    policy.period_secs
-                ),
+                format!("no {} data in the last {} s", policy.metric.name(), policy.period_secs),
             );
         };
         let breaching = values
@@ -375,39 +366,30 @@ impl Engine {
                 ),
             };
         }
-        let firing =
-            self.policies
-                .iter()
-                .zip(verdicts)
-                .filter_map(|(policy, verdict)| match verdict.state {
-                    AlarmState::Alarm { value, .. } => {
-                        let target = self.clamp(current.saturating_add_signed(policy.adjustment));
-                        Some((target, policy, value))
-                    }
-                    _ => None,
-                });
+        let firing = self
+            .policies
+            .iter()
+            .zip(verdicts)
+            .filter_map(|(policy, verdict)| match verdict.state {
+                AlarmState::Alarm { value, .. } => {
+                    let target = self.clamp(current.saturating_add_signed(policy.adjustment));
+                    Some((target, policy, value))
+                }
+                _ => None,
+            });
         // The largest resulting capacity wins; among equals, the first policy.
-        let Some((target, policy, value)) =
-            firing.fold(None, |best: Option<(u32, &Policy, f64)>, next| match best {
-                Some(b) if b.0 >= next.0 => Some(b),
-                _ => Some(next),
-            })
-        else {
+        let Some((target, policy, value)) = firing.fold(None, |best: Option<(u32, &Policy, f64)>, next| match best {
+            Some(b) if b.0 >= next.0 => Some(b),
+            _ => Some(next),
+        }) else {
             return Decision::Hold {
                 reason: "no policy in alarm".into(),
             };
         };
         if target == current {
-            let bound = if policy.adjustment > 0 {
-                "max_size"
-            } else {
-                "min_size"
-            };
+            let bound = if policy.adjustment > 0 { "max_size" } else { "min_size" };
             return Decision::Hold {
-                reason: format!(
-                    "{} in alarm, but capacity {current} is already at {bound}",
-                    policy.name
-                ),
+                reason: format!("{} in alarm, but capacity {current} is already at {bound}", policy.name),
             };
         }
         if let Some(last) = input.last_scaling {
@@ -446,10 +428,7 @@ impl Engine {
 
 fn fmt_value(value: f64) -> String {
     let rounded = format!("{value:.1}");
-    rounded
-        .strip_suffix(".0")
-        .map(str::to_string)
-        .unwrap_or(rounded)
+    rounded.strip_suffix(".0").map(str::to_string).unwrap_or(rounded)
 }
 
 #[cfg(test)]
@@ -539,9 +518,7 @@ mod tests {
         };
         assert_eq!((from, to, policy.as_str()), (1, 3, "cpu-high"));
         assert!(
-            cause.contains("policy cpu-high")
-                && cause.contains("avg cpu 85%")
-                && cause.contains("> 60%"),
+            cause.contains("policy cpu-high") && cause.contains("avg cpu 85%") && cause.contains("> 60%"),
             "{cause}"
         );
     }
@@ -567,25 +544,18 @@ mod tests {
 
     #[test]
     fn scales_in_when_idle_but_never_below_min() {
-        let evaluation = engine().evaluate(&group(
-            2,
-            vec![member("a", Some(5.0)), member("b", Some(3.0))],
-        ));
+        let evaluation = engine().evaluate(&group(2, vec![member("a", Some(5.0)), member("b", Some(3.0))]));
         assert!(
             matches!(evaluation.decision, Decision::Scale { from: 2, to: 1, .. }),
             "{evaluation:?}"
         );
         let evaluation = engine().evaluate(&group(1, vec![member("a", Some(5.0))]));
-        assert!(
-            matches!(evaluation.decision, Decision::Hold { .. }),
-            "{evaluation:?}"
-        );
+        assert!(matches!(evaluation.decision, Decision::Hold { .. }), "{evaluation:?}");
     }
 
     #[test]
     fn a_silent_member_blocks_scale_in() {
-        let evaluation =
-            engine().evaluate(&group(2, vec![member("a", Some(2.0)), member("b", None)]));
+        let evaluation = engine().evaluate(&group(2, vec![member("a", Some(2.0)), member("b", None)]));
         let Decision::Hold { .. } = evaluation.decision else {
             panic!("{evaluation:?}")
         };
@@ -613,13 +583,9 @@ mod tests {
         booting.in_service_since = Some(NOW - 5_000); // warm-up is 30 s
         let mut pending = member("pending", Some(100.0));
         pending.in_service_since = None;
-        let evaluation =
-            engine().evaluate(&group(3, vec![member("old", Some(40.0)), booting, pending]));
+        let evaluation = engine().evaluate(&group(3, vec![member("old", Some(40.0)), booting, pending]));
         assert_eq!(evaluation.verdicts[0].values, [Some(40.0)]);
-        assert!(
-            matches!(evaluation.decision, Decision::Hold { .. }),
-            "{evaluation:?}"
-        );
+        assert!(matches!(evaluation.decision, Decision::Hold { .. }), "{evaluation:?}");
     }
 
     #[test]
@@ -631,10 +597,7 @@ mod tests {
         };
         assert!(reason.contains("cooldown for 10 more s"), "{reason}");
         input.last_scaling = Some(NOW - 60_000);
-        assert!(matches!(
-            engine().evaluate(&input).decision,
-            Decision::Scale { .. }
-        ));
+        assert!(matches!(engine().evaluate(&input).decision, Decision::Scale { .. }));
     }
 
     #[test]
@@ -702,10 +665,7 @@ mod tests {
         b.means.truncate(1);
         let evaluation = engine.evaluate(&group(2, vec![a, b]));
         let Decision::Scale {
-            from: 2,
-            to: 3,
-            cause,
-            ..
+            from: 2, to: 3, cause, ..
         } = evaluation.decision
         else {
             panic!("{evaluation:?}")

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ebb_proto::v1::health_check::Status as HealthStatus;
 use ebb_proto::v1::{AgentSettings, Hello, Rejection, Sample};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::engine::{Metric, Millis, Window};
 use crate::metrics::Metrics;
@@ -20,9 +20,7 @@ pub const MAX_CLOCK_AHEAD_MS: Millis = 60_000;
 #[derive(Debug, Error, PartialEq)]
 pub enum IngestError {
     /// The member is not part of any group: it was never launched by ebb, or it has been terminated.
-    #[error(
-        "member `{0}` is not part of any group; only members launched or enrolled by this collector may report"
-    )]
+    #[error("member `{0}` is not part of any group; only members launched or enrolled by this collector may report")]
     UnknownMember(String),
     /// The collector is shutting down.
     #[error("the collector is shutting down")]
@@ -72,10 +70,7 @@ pub fn validate_sample(sample: &Sample, now: Millis) -> Result<(), SampleRejecti
             return reject("negative", format!("{name} is {value}, below 0"));
         }
         if is_percent && value > 100.0 {
-            return reject(
-                "above_100_percent",
-                format!("{name} is {value}, above 100%"),
-            );
+            return reject("above_100_percent", format!("{name} is {value}, above 100%"));
         }
     }
     Ok(())
@@ -123,6 +118,8 @@ impl Stored {
 
 struct MemberRecord {
     settings: AgentSettings,
+    /// Set to true to close the member's open stream (revoked, terminated).
+    closed: watch::Sender<bool>,
     run_id: Option<u64>,
     highest_seq: u64,
     /// Ordered by timestamp.
@@ -186,9 +183,12 @@ enum Command {
     Unregister {
         member: String,
     },
+    Disconnect {
+        member: String,
+    },
     Hello {
         hello: Hello,
-        reply: oneshot::Sender<Result<(u64, AgentSettings), IngestError>>,
+        reply: oneshot::Sender<Result<Accepted, IngestError>>,
     },
     Batch {
         member: String,
@@ -202,6 +202,16 @@ enum Command {
         windows: Vec<(Metric, Vec<Window>)>,
         reply: oneshot::Sender<Vec<Observation>>,
     },
+}
+
+/// An agent's hello, accepted.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The highest sequence already stored for this agent run.
+    pub highest_seq: u64,
+    pub settings: AgentSettings,
+    /// Becomes true when the stream must close (the member was revoked or removed).
+    pub closed: watch::Receiver<bool>,
 }
 
 /// Cheap to clone; every clone talks to the one ingest task.
@@ -239,8 +249,18 @@ impl IngestHandle {
             .await;
     }
 
-    /// Accepts an agent's hello: the highest sequence already stored for its run, and its settings.
-    pub async fn hello(&self, hello: Hello) -> Result<(u64, AgentSettings), IngestError> {
+    /// Closes `member`'s open stream, if any, keeping its registration and samples.
+    pub async fn disconnect(&self, member: &str) {
+        let _ = self
+            .commands
+            .send(Command::Disconnect {
+                member: member.to_string(),
+            })
+            .await;
+    }
+
+    /// Accepts an agent's hello.
+    pub async fn hello(&self, hello: Hello) -> Result<Accepted, IngestError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Hello { hello, reply })
@@ -271,11 +291,7 @@ impl IngestHandle {
     }
 
     /// For each member, the mean of each metric over each of its windows, and its latest sample.
-    pub async fn observe(
-        &self,
-        members: Vec<String>,
-        windows: Vec<(Metric, Vec<Window>)>,
-    ) -> Vec<Observation> {
+    pub async fn observe(&self, members: Vec<String>, windows: Vec<(Metric, Vec<Window>)>) -> Vec<Observation> {
         let count = members.len();
         let (reply, answer) = oneshot::channel();
         let sent = self
@@ -287,9 +303,7 @@ impl IngestHandle {
             })
             .await;
         match sent {
-            Ok(()) => answer
-                .await
-                .unwrap_or_else(|_| vec![Observation::default(); count]),
+            Ok(()) => answer.await.unwrap_or_else(|_| vec![Observation::default(); count]),
             Err(_) => vec![Observation::default(); count],
         }
     }
@@ -305,6 +319,7 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                     .and_modify(|record| record.settings = settings.clone())
                     .or_insert_with(|| MemberRecord {
                         settings,
+                        closed: watch::channel(false).0,
                         run_id: None,
                         highest_seq: 0,
                         window: VecDeque::new(),
@@ -312,7 +327,16 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                     });
             }
             Command::Unregister { member } => {
-                members.remove(&member);
+                if let Some(record) = members.remove(&member) {
+                    record.closed.send_replace(true);
+                }
+            }
+            Command::Disconnect { member } => {
+                if let Some(record) = members.get_mut(&member) {
+                    record.closed.send_replace(true);
+                    // A fresh flag for the next stream, should the member come back.
+                    record.closed = watch::channel(false).0;
+                }
             }
             Command::Hello { hello, reply } => {
                 let answer = match members.get_mut(&hello.member_id) {
@@ -323,7 +347,11 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                             record.run_id = Some(hello.run_id);
                             record.highest_seq = 0;
                         }
-                        Ok((record.highest_seq, record.settings.clone()))
+                        Ok(Accepted {
+                            highest_seq: record.highest_seq,
+                            settings: record.settings.clone(),
+                            closed: record.closed.subscribe(),
+                        })
                     }
                 };
                 let _ = reply.send(answer);
@@ -390,9 +418,7 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                         Some(record) => Observation {
                             means: windows
                                 .iter()
-                                .map(|(metric, ws)| {
-                                    ws.iter().map(|w| record.mean(*metric, *w)).collect()
-                                })
+                                .map(|(metric, ws)| ws.iter().map(|w| record.mean(*metric, *w)).collect())
                                 .collect(),
                             latest: record.latest.clone(),
                         },
@@ -448,10 +474,7 @@ mod tests {
             }),
             "not_finite"
         );
-        assert_eq!(
-            rejected(sample(1, NOW + 61_000, 1.0)),
-            "timestamp_in_future"
-        );
+        assert_eq!(rejected(sample(1, NOW + 61_000, 1.0)), "timestamp_in_future");
         assert!(
             validate_sample(&sample(1, NOW + 59_000, 1.0), NOW).is_ok(),
             "a little clock skew is fine"
@@ -482,8 +505,8 @@ mod tests {
     async fn unknown_members_are_refused() {
         let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000);
         assert_eq!(
-            ingest.hello(hello("stranger", 1)).await,
-            Err(IngestError::UnknownMember("stranger".into()))
+            ingest.hello(hello("stranger", 1)).await.unwrap_err(),
+            IngestError::UnknownMember("stranger".into())
         );
         ingest.register("web-1", AgentSettings::default()).await;
         assert!(ingest.hello(hello("web-1", 1)).await.is_ok());
@@ -516,8 +539,7 @@ mod tests {
         assert_eq!(first.rejected[0].code, tonic::Code::InvalidArgument as i32);
 
         // A replay after reconnect: 1 and 2 again, then 3.
-        let (highest, _) = ingest.hello(hello("web-1", 7)).await.unwrap();
-        assert_eq!(highest, 2);
+        assert_eq!(ingest.hello(hello("web-1", 7)).await.unwrap().highest_seq, 2);
         let replay = ingest
             .batch(
                 "web-1",
@@ -569,8 +591,7 @@ mod tests {
             .batch("web-1", 1, vec![sample(5, NOW - 5000, 10.0)], NOW)
             .await
             .unwrap();
-        let (highest, _) = ingest.hello(hello("web-1", 2)).await.unwrap();
-        assert_eq!(highest, 0);
+        assert_eq!(ingest.hello(hello("web-1", 2)).await.unwrap().highest_seq, 0);
         let outcome = ingest
             .batch("web-1", 2, vec![sample(1, NOW - 1000, 30.0)], NOW)
             .await
@@ -624,13 +645,8 @@ mod tests {
                 }],
             ),
         ];
-        let observed = ingest
-            .observe(vec!["a".into(), "unknown".into()], windows)
-            .await;
-        assert_eq!(
-            observed[0].means,
-            vec![vec![Some(10.0), Some(80.0)], vec![None]]
-        );
+        let observed = ingest.observe(vec!["a".into(), "unknown".into()], windows).await;
+        assert_eq!(observed[0].means, vec![vec![Some(10.0), Some(80.0)], vec![None]]);
         assert_eq!(observed[0].latest.as_ref().unwrap().at, NOW - 4_000);
         assert_eq!(observed[1].means, vec![vec![None, None], vec![None]]);
     }

@@ -14,9 +14,12 @@ pub mod engine;
 pub mod ingest;
 pub mod lb;
 pub mod metrics;
+pub mod pki;
 pub mod providers;
 pub mod reconcile;
 pub mod server;
+pub mod tls;
+pub mod userdata;
 pub mod workload;
 
 use std::collections::BTreeMap;
@@ -25,11 +28,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ebb_proto::v1::admin_server::AdminServer;
+use ebb_proto::v1::enrollment_server::EnrollmentServer;
 use ebb_proto::v1::telemetry_server::TelemetryServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::activity::ActivityLog;
 use crate::config::{CollectorConfig, LoadBalancerConfig, ProviderConfig};
@@ -37,6 +40,7 @@ use crate::ingest::IngestHandle;
 use crate::lb::LoadBalancer;
 use crate::lb::builtin::BuiltinLoadBalancer;
 use crate::metrics::Metrics;
+use crate::pki::{Authority, Pki};
 use crate::providers::Provider;
 use crate::providers::local::LocalProvider;
 use crate::reconcile::{Dependencies, GroupController, GroupHandle};
@@ -48,15 +52,23 @@ const MIN_RETENTION_MS: i64 = 10 * 60 * 1000;
 /// local provider's processes to their stdin-close fallback.
 pub struct Collector {
     pub grpc_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    /// The URL agents use.
+    pub collector_url: String,
+    pub authority: Arc<Authority>,
+    /// Holds the CA, the admin certificate (`admin.pem`, `admin.key`) and local instances' state.
+    pub state_dir: std::path::PathBuf,
     pub http_address: SocketAddr,
     pub groups: BTreeMap<String, GroupHandle>,
     /// The built-in load balancers' front addresses, by group.
     pub load_balancer_fronts: BTreeMap<String, SocketAddr>,
     pub activities: ActivityLog,
     pub metrics: Arc<Metrics>,
+    pub ingest: IngestHandle,
     stop: watch::Sender<bool>,
     controllers: Vec<JoinHandle<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin_server: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_server: JoinHandle<()>,
 }
 
@@ -72,30 +84,26 @@ impl Collector {
             .map(|p| i64::from(p.period_secs) * i64::from(p.evaluation_periods) * 1000 + 60_000)
             .fold(MIN_RETENTION_MS, i64::max);
         let ingest = IngestHandle::spawn(metrics.clone(), retention_ms);
+        let authority = Arc::new(authority(&config.server)?);
+        let tls = tls::server_config(authority.pki.server_chain_pem(), authority.pki.server_key_pem())?;
 
         let grpc = TcpListener::bind(config.server.grpc_listen)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on server.grpc_listen {}",
-                    config.server.grpc_listen
-                )
-            })?;
+            .with_context(|| format!("cannot listen on server.grpc_listen {}", config.server.grpc_listen))?;
         let grpc_address = grpc.local_addr()?;
         let http = TcpListener::bind(config.server.http_listen)
             .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on server.http_listen {}",
-                    config.server.http_listen
-                )
-            })?;
+            .with_context(|| format!("cannot listen on server.http_listen {}", config.server.http_listen))?;
         let http_address = http.local_addr()?;
+        let admin = TcpListener::bind(config.server.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on server.admin_listen {}", config.server.admin_listen))?;
+        let admin_address = admin.local_addr()?;
         let collector_url = config
             .server
             .advertise_url
             .clone()
-            .unwrap_or_else(|| format!("http://{grpc_address}"));
+            .unwrap_or_else(|| format!("https://{grpc_address}"));
 
         let (stop, stop_rx) = watch::channel(false);
         let mut groups = BTreeMap::new();
@@ -104,17 +112,14 @@ impl Collector {
         for group in config.groups {
             let provider: Arc<dyn Provider> = match &group.provider {
                 ProviderConfig::Local(local) => Arc::new(
-                    LocalProvider::new(local.clone())
+                    LocalProvider::new(local.clone(), config.server.state_dir.join("local"))
                         .with_context(|| format!("group {}: provider", group.name))?,
                 ),
             };
             let load_balancer: Arc<dyn LoadBalancer> = match &group.load_balancer {
                 LoadBalancerConfig::Builtin { listen } => {
                     let lb = BuiltinLoadBalancer::bind(*listen).await.with_context(|| {
-                        format!(
-                            "group {}: cannot listen on load_balancer.listen {listen}",
-                            group.name
-                        )
+                        format!("group {}: cannot listen on load_balancer.listen {listen}", group.name)
                     })?;
                     load_balancer_fronts.insert(group.name.clone(), lb.front());
                     Arc::new(lb)
@@ -126,6 +131,7 @@ impl Collector {
                 ingest: ingest.clone(),
                 activities: activities.clone(),
                 metrics: metrics.clone(),
+                authority: authority.clone(),
                 collector_url: collector_url.clone(),
             };
             let name = group.name.clone();
@@ -137,32 +143,76 @@ impl Collector {
         let telemetry = TelemetryServer::new(server::TelemetryService {
             ingest: ingest.clone(),
             metrics: metrics.clone(),
-        });
-        let admin = AdminServer::new(server::AdminService {
+            authority: authority.clone(),
+        })
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
+        let enrollment = EnrollmentServer::new(server::EnrollmentService {
+            authority: authority.clone(),
+            metrics: metrics.clone(),
             groups: groups.clone(),
-            activities: activities.clone(),
-        });
-        let mut server_stop = stop_rx.clone();
+        })
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
+        let admin_service = tonic::service::interceptor::InterceptedService::new(
+            AdminServer::new(server::AdminService {
+                groups: groups.clone(),
+                activities: activities.clone(),
+                authority: authority.clone(),
+                ingest: ingest.clone(),
+            })
+            .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+            server::require_admin(authority.clone(), metrics.clone()),
+        );
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<TelemetryServer<server::TelemetryService>>().await;
+        health
+            .set_serving::<EnrollmentServer<server::EnrollmentService>>()
+            .await;
+        health.set_serving::<AdminServer<server::AdminService>>().await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(ebb_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
+
+        let stopped = |mut stop: watch::Receiver<bool>| async move {
+            let _ = stop.changed().await;
+        };
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(telemetry)
-                .add_service(admin)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
-                    let _ = server_stop.changed().await;
-                }),
+                .add_service(enrollment)
+                .add_service(health_service.clone())
+                .add_service(reflection_v1.clone())
+                .add_service(reflection_v1alpha.clone())
+                .serve_with_incoming_shutdown(tls::incoming(grpc, tls.clone()), stopped(stop_rx.clone())),
+        );
+        let admin_server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(admin_service)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .serve_with_incoming_shutdown(tls::incoming(admin, tls), stopped(stop_rx.clone())),
         );
         let metrics_server = tokio::spawn(metrics::serve(http, metrics.clone()));
-        tracing::info!(grpc = %grpc_address, http = %http_address, groups = groups.len(), "Collector started.");
+        tracing::info!(grpc = %grpc_address, admin = %admin_address, http = %http_address, groups = groups.len(), ca_sha256 = %authority.pki.fingerprint(), "Collector started.");
         Ok(Self {
             grpc_address,
+            admin_address,
+            collector_url,
+            authority,
+            state_dir: config.server.state_dir.clone(),
             http_address,
             groups,
             load_balancer_fronts,
             activities,
             metrics,
+            ingest,
             stop,
             controllers,
             server,
+            admin_server,
             metrics_server,
         })
     }
@@ -176,6 +226,29 @@ impl Collector {
         self.metrics_server.abort();
         // Agents' streams keep the gRPC server's graceful shutdown waiting; they are gone or going now.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.server).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.admin_server).await;
         tracing::info!("Collector stopped.");
     }
+}
+
+/// The collector's CA (its own, created on first start, or the operator's), and on first start an admin
+/// certificate in the state directory for the local CLI.
+fn authority(server: &config::ServerConfig) -> anyhow::Result<Authority> {
+    let lifetime = std::time::Duration::from_secs(server.member_cert_lifetime_secs.into());
+    let pki = match (&server.ca_cert, &server.ca_key) {
+        (Some(cert), Some(key)) => Pki::from_files(cert, key, &server.tls_names, lifetime)?,
+        _ => Pki::load_or_create(&server.state_dir, &server.tls_names, lifetime)?,
+    };
+    let admin_cert = server.state_dir.join("admin.pem");
+    if !admin_cert.exists() {
+        let year = std::time::Duration::from_secs(365 * 24 * 3600);
+        let (cert, key) = pki.issue_admin("local", reconcile::now_ms(), year)?;
+        pki::write_private(&server.state_dir.join("admin.key"), &key)?;
+        pki::write_private(&admin_cert, &cert.pem)?;
+    }
+    Ok(Authority::new(
+        pki,
+        server.launch_token_ttl_secs,
+        server.enrollments_per_minute,
+    ))
 }

@@ -34,11 +34,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Demo(args) => ebb_collector::demo::run(args).await,
         Command::Validate { config } => {
             let parsed = config::load(&config)?;
-            println!(
-                "{}: valid, {} group(s)",
-                config.display(),
-                parsed.groups.len()
-            );
+            println!("{}: valid, {} group(s)", config.display(), parsed.groups.len());
             Ok(true)
         }
         Command::GenConfig => {
@@ -46,16 +42,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Workload(_) => unreachable!("handled before the runtime starts"),
+        command @ (Command::Ca { .. } | Command::AdminCert { .. }) => {
+            ebb_collector::cli::local(&cli.connection, command)?;
+            Ok(true)
+        }
         command => {
-            ebb_collector::cli::admin(&cli.server, command).await?;
+            ebb_collector::cli::admin(&cli.connection, command).await?;
             Ok(true)
         }
     }
 }
 
 async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
@@ -77,8 +77,7 @@ fn report(result: anyhow::Result<bool>) -> ExitCode {
 /// so that its own view stays readable.
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("EBB_LOG").unwrap_or_else(|_| default.into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EBB_LOG").unwrap_or_else(|_| default.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

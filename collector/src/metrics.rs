@@ -26,6 +26,8 @@ pub struct Metrics {
     samples_duplicate: AtomicU64,
     samples_rejected: Mutex<BTreeMap<&'static str, u64>>,
     agents_connected: AtomicI64,
+    enrollments: AtomicU64,
+    refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     groups: Mutex<BTreeMap<String, GroupGauges>>,
     activities: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
 }
@@ -45,6 +47,20 @@ impl Metrics {
             .lock()
             .expect("metrics lock")
             .entry(reason)
+            .or_default() += 1;
+    }
+
+    pub fn enrolled(&self) {
+        self.enrollments.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request refused for who made it: `service` is `enroll`, `renew`, `report` or `admin`.
+    pub fn refused(&self, service: &'static str, reason: &'static str) {
+        *self
+            .refused
+            .lock()
+            .expect("metrics lock")
+            .entry((service, reason))
             .or_default() += 1;
     }
 
@@ -102,10 +118,7 @@ impl Metrics {
             "Samples refused by validation, by reason; never stored.",
         );
         for (reason, count) in self.samples_rejected.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "ebb_samples_rejected_total{{reason=\"{reason}\"}} {count}"
-            );
+            let _ = writeln!(out, "ebb_samples_rejected_total{{reason=\"{reason}\"}} {count}");
         }
         header(
             &mut out,
@@ -118,23 +131,42 @@ impl Metrics {
             "ebb_agents_connected {}",
             self.agents_connected.load(Ordering::Relaxed)
         );
+        header(
+            &mut out,
+            "ebb_enrollments_total",
+            "counter",
+            "Certificates issued to enrolling agents.",
+        );
+        let _ = writeln!(
+            out,
+            "ebb_enrollments_total {}",
+            self.enrollments.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "ebb_requests_refused_total",
+            "counter",
+            "Requests refused for their credentials (token, certificate, identity, rate), by service and reason.",
+        );
+        for ((service, reason), count) in self.refused.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "ebb_requests_refused_total{{service=\"{service}\",reason=\"{reason}\"}} {count}"
+            );
+        }
         let groups = self.groups.lock().expect("metrics lock").clone();
-        let capacity_gauges: [(&str, &str, fn(&GroupGauges) -> u32); 3] = [
-            (
-                "ebb_group_desired_capacity",
-                "Members the group should have.",
-                |g| g.desired,
-            ),
+        let capacity_gauges: [(&str, &str, GaugeOf); 3] = [
+            ("ebb_group_desired_capacity", "Members the group should have.", |g| {
+                g.desired
+            }),
             (
                 "ebb_group_in_service",
                 "Members registered with the load balancer.",
                 |g| g.in_service,
             ),
-            (
-                "ebb_group_pending",
-                "Members launched but not yet in service.",
-                |g| g.pending,
-            ),
+            ("ebb_group_pending", "Members launched but not yet in service.", |g| {
+                g.pending
+            }),
         ];
         for (name, help, value) in capacity_gauges {
             header(&mut out, name, "gauge", help);
@@ -150,10 +182,7 @@ impl Metrics {
         );
         for (group, gauges) in &groups {
             for (name, value) in &gauges.values {
-                let _ = writeln!(
-                    out,
-                    "ebb_group_metric{{group=\"{group}\",name=\"{name}\"}} {value}"
-                );
+                let _ = writeln!(out, "ebb_group_metric{{group=\"{group}\",name=\"{name}\"}} {value}");
             }
         }
         header(
@@ -162,8 +191,7 @@ impl Metrics {
             "counter",
             "Scaling and lifecycle activities, by kind and outcome.",
         );
-        for ((group, kind, outcome), count) in self.activities.lock().expect("metrics lock").iter()
-        {
+        for ((group, kind, outcome), count) in self.activities.lock().expect("metrics lock").iter() {
             let _ = writeln!(
                 out,
                 "ebb_activities_total{{group=\"{group}\",kind=\"{kind}\",outcome=\"{outcome}\"}} {count}"
@@ -172,6 +200,9 @@ impl Metrics {
         out
     }
 }
+
+/// Reads one gauge of a group.
+type GaugeOf = fn(&GroupGauges) -> u32;
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -186,6 +217,20 @@ impl Drop for ConnectedAgent {
     }
 }
 
+/// Reads a request head: everything up to the blank line, at most 8 KiB; `None` if the client stops early.
+async fn read_head(socket: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = socket.read(&mut buffer).await.ok().filter(|&n| n > 0)?;
+        head.extend_from_slice(&buffer[..n]);
+        if head.len() > 8192 {
+            return None;
+        }
+    }
+    Some(head)
+}
+
 /// Serves `GET /metrics` (and 404 for anything else) until the listener's task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
@@ -194,31 +239,50 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut request = vec![0u8; 2048];
-            let Ok(Ok(n)) =
-                tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request))
-                    .await
+            let Ok(Some(head)) = tokio::time::timeout(std::time::Duration::from_secs(5), read_head(&mut socket)).await
             else {
                 return;
             };
-            let head = String::from_utf8_lossy(&request[..n]);
+            let head = String::from_utf8_lossy(&head);
             let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, content_type, body) = if head.starts_with("GET ")
-                && (path == "/metrics" || path.starts_with("/metrics?"))
-            {
-                ("200 OK", "text/plain; version=0.0.4", metrics.render())
-            } else {
-                (
-                    "404 Not Found",
-                    "text/plain",
-                    "Only GET /metrics is served here.\n".to_string(),
-                )
-            };
+            let (status, content_type, body) =
+                if head.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    ("200 OK", "text/plain; version=0.0.4", metrics.render())
+                } else {
+                    (
+                        "404 Not Found",
+                        "text/plain",
+                        "Only GET /metrics is served here.\n".to_string(),
+                    )
+                };
             let response = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = socket.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpStream;
+
+    /// A request written in pieces (as `write!` does) is read whole before it is answered.
+    #[tokio::test]
+    async fn a_request_in_pieces_is_read_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, Arc::new(Metrics::default())));
+        let mut client = TcpStream::connect(address).await.unwrap();
+        for piece in ["GET ", "/metrics", " HTTP/1.1\r\n", "Host: x\r\n", "\r\n"] {
+            client.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut response = String::new();
+        client.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains("ebb_agents_connected 0"), "{response}");
     }
 }

@@ -20,7 +20,9 @@ use crate::engine::{Decision, Engine, GroupInput, MemberInput, Metric, Millis, W
 use crate::ingest::{self, IngestHandle, LatestSample};
 use crate::lb::LoadBalancer;
 use crate::metrics::{GroupGauges, Metrics};
+use crate::pki::Authority;
 use crate::providers::{CloudError, InstanceState, LaunchSpec, Provider};
+use crate::userdata::{self, UserDataFormat};
 
 /// How often a group is evaluated.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -56,6 +58,10 @@ pub struct MemberStatus {
     pub in_service_since: Option<Millis>,
     pub latest: Option<LatestSample>,
     pub lb_connections: u64,
+    /// Never chosen for scale-in.
+    pub protected: bool,
+    /// Joined with an operator's token; ebb did not launch it and never terminates it.
+    pub external: bool,
 }
 
 /// What the Admin API and the demo see of a group.
@@ -81,19 +87,24 @@ impl GroupStatus {
     }
 
     pub fn pending(&self) -> u32 {
-        self.members
-            .iter()
-            .filter(|m| m.state == MemberState::Pending)
-            .count() as u32
+        self.members.iter().filter(|m| m.state == MemberState::Pending).count() as u32
     }
 }
 
-/// What operators ask of a group's controller.
+/// What operators and enrolling VMs ask of a group's controller.
 pub enum Command {
     SetDesired {
         desired: u32,
         reply: oneshot::Sender<Result<GroupStatus, String>>,
     },
+    /// A VM ebb did not launch enrols with an operator's token.
+    JoinExternal {
+        facts: ebb_proto::v1::InstanceFacts,
+        protected: bool,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Its enrolment failed after joining.
+    LeaveExternal { member_id: String },
 }
 
 /// The handle the rest of the collector keeps for a group.
@@ -119,6 +130,31 @@ impl GroupHandle {
             .await
             .map_err(|_| "the group's controller has stopped".to_string())?
     }
+
+    /// Adds a VM that enrolled with an operator's token; returns its member id.
+    pub async fn join_external(&self, facts: ebb_proto::v1::InstanceFacts, protected: bool) -> Result<String, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::JoinExternal {
+                facts,
+                protected,
+                reply,
+            })
+            .await
+            .map_err(|_| "the group's controller has stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the group's controller has stopped".to_string())?
+    }
+
+    pub async fn leave_external(&self, member_id: &str) {
+        let _ = self
+            .commands
+            .send(Command::LeaveExternal {
+                member_id: member_id.to_string(),
+            })
+            .await;
+    }
 }
 
 /// Everything a controller needs from the rest of the collector.
@@ -128,6 +164,7 @@ pub struct Dependencies {
     pub ingest: IngestHandle,
     pub activities: ActivityLog,
     pub metrics: Arc<Metrics>,
+    pub authority: Arc<Authority>,
     /// The URL agents use to reach the collector.
     pub collector_url: String,
 }
@@ -139,6 +176,8 @@ struct Member {
     state: MemberState,
     launched_at: Millis,
     in_service_since: Option<Millis>,
+    protected: bool,
+    external: bool,
 }
 
 pub struct GroupController {
@@ -157,10 +196,7 @@ pub struct GroupController {
 }
 
 impl GroupController {
-    pub fn new(
-        config: GroupConfig,
-        deps: Dependencies,
-    ) -> (Self, GroupHandle, mpsc::Receiver<Command>) {
+    pub fn new(config: GroupConfig, deps: Dependencies) -> (Self, GroupHandle, mpsc::Receiver<Command>) {
         let engine = Engine {
             min_size: config.min_size,
             max_size: config.max_size,
@@ -194,11 +230,7 @@ impl GroupController {
     }
 
     /// Runs until `stop` fires, then closes the provider.
-    pub async fn run(
-        mut self,
-        mut commands: mpsc::Receiver<Command>,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -225,8 +257,7 @@ impl GroupController {
                     );
                     self.desired = desired;
                     self.last_scaling = Some(now);
-                    self.reconcile(now, "an operator set desired capacity")
-                        .await;
+                    self.reconcile(now, "an operator set desired capacity").await;
                     let connections = self.load_balancer_connections().await;
                     self.publish(connections);
                     Ok(self.status.borrow().clone())
@@ -238,7 +269,73 @@ impl GroupController {
                 };
                 let _ = reply.send(result);
             }
+            Command::JoinExternal {
+                facts,
+                protected,
+                reply,
+            } => {
+                let result = self.join_external(facts, protected, now).await;
+                let _ = reply.send(result);
+            }
+            Command::LeaveExternal { member_id } => {
+                if let Some(index) = self.members.iter().position(|m| m.id == member_id) {
+                    let member = self.members.remove(index);
+                    self.deps.ingest.unregister(&member.id).await;
+                }
+            }
         }
+    }
+
+    async fn join_external(
+        &mut self,
+        facts: ebb_proto::v1::InstanceFacts,
+        protected: bool,
+        now: Millis,
+    ) -> Result<String, String> {
+        if self.members.len() as u32 >= self.config.max_size {
+            return Err(format!(
+                "group {} is at max_size {}; raise it before adding VMs by hand",
+                self.config.name, self.config.max_size
+            ));
+        }
+        self.launches += 1;
+        let member_id = format!("{}-{}", self.config.name, self.launches);
+        let address = facts
+            .addresses
+            .iter()
+            .find_map(|a| a.parse::<std::net::IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, self.config.member_port));
+        self.deps
+            .ingest
+            .register(&member_id, self.agent_settings(address))
+            .await;
+        self.members.push(Member {
+            id: member_id.clone(),
+            instance_id: facts.instance_id.clone(),
+            address,
+            state: MemberState::Pending,
+            launched_at: now,
+            in_service_since: None,
+            protected,
+            external: true,
+        });
+        // It counts toward capacity like any member.
+        let from = self.desired;
+        self.desired = self.engine.clamp(self.desired.max(self.members.len() as u32));
+        let detail = format!("host {} instance {}", facts.hostname, facts.instance_id);
+        let cause = if protected {
+            "a VM enrolled with an operator's token (protected from scale-in)"
+        } else {
+            "a VM enrolled with an operator's token"
+        };
+        self.record(
+            ActivityKind::Join,
+            cause.into(),
+            Ok(detail),
+            &member_id,
+            (from, self.desired),
+        );
+        Ok(member_id)
     }
 
     /// One evaluation: lost instances, health, decision, reconciliation, status.
@@ -263,19 +360,13 @@ impl GroupController {
                 .collect(),
         };
         let evaluation = self.engine.evaluate(&input);
-        let verdicts: Vec<&str> = evaluation
-            .verdicts
-            .iter()
-            .map(|v| v.explanation.as_str())
-            .collect();
+        let verdicts: Vec<&str> = evaluation.verdicts.iter().map(|v| v.explanation.as_str()).collect();
         let cause = match evaluation.decision {
             Decision::Hold { reason } => {
                 self.last_evaluation = format!("hold: {reason}; {}", verdicts.join("; "));
                 None
             }
-            Decision::Scale {
-                from, to, cause, ..
-            } => {
+            Decision::Scale { from, to, cause, .. } => {
                 self.last_evaluation = format!("scale {from} → {to}: {cause}");
                 let kind = if to > from {
                     ActivityKind::ScaleOut
@@ -305,7 +396,15 @@ impl GroupController {
         if self.members.is_empty() {
             return;
         }
-        let ids: Vec<String> = self.members.iter().map(|m| m.instance_id.clone()).collect();
+        let ids: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| !m.external)
+            .map(|m| m.instance_id.clone())
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
         let states = match self.deps.provider.describe(&ids).await {
             Ok(states) => states,
             Err(e) => {
@@ -317,7 +416,7 @@ impl GroupController {
             let InstanceState::Terminated { reason } = state else {
                 continue;
             };
-            let Some(index) = self.members.iter().position(|m| &m.instance_id == id) else {
+            let Some(index) = self.members.iter().position(|m| &m.instance_id == id && !m.external) else {
                 continue;
             };
             let member = self.members.remove(index);
@@ -332,6 +431,7 @@ impl GroupController {
                 );
             }
             self.deps.ingest.unregister(&member.id).await;
+            self.deps.authority.revoke_member(&member.id);
             let size = self.members.len() as u32;
             self.record(
                 ActivityKind::InstanceLost,
@@ -369,8 +469,7 @@ impl GroupController {
             .filter(|(m, _)| m.state == MemberState::InService)
             .filter_map(|(_, o)| o.means.last()?.first().copied().flatten())
             .collect();
-        self.cpu_avg = (!status_cpu.is_empty())
-            .then(|| status_cpu.iter().sum::<f64>() / status_cpu.len() as f64);
+        self.cpu_avg = (!status_cpu.is_empty()).then(|| status_cpu.iter().sum::<f64>() / status_cpu.len() as f64);
         self.latest = observations.iter().map(|o| o.latest.clone()).collect();
         observations
             .into_iter()
@@ -391,9 +490,7 @@ impl GroupController {
                 .cloned()
                 .flatten()
                 .filter(|latest| latest.at >= member.launched_at && ingest::is_healthy(latest));
-            let (Some(latest), MemberState::Pending, Some(address)) =
-                (healthy, member.state, member.address)
-            else {
+            let (Some(latest), MemberState::Pending, Some(address)) = (healthy, member.state, member.address) else {
                 continue;
             };
             let id = member.id.clone();
@@ -422,7 +519,10 @@ impl GroupController {
             }
         }
         while self.members.len() as u32 > self.desired {
-            let victim = self.choose_victim();
+            let Some(victim) = self.choose_victim() else {
+                tracing::warn!(group = %self.config.name, desired = self.desired, "Only protected members are left; not scaling in further.");
+                break;
+            };
             self.remove(victim, cause).await;
         }
     }
@@ -432,23 +532,35 @@ impl GroupController {
         let member_id = format!("{}-{}", self.config.name, self.launches);
         let size = self.members.len() as u32;
         // Allowed to report before the instance exists: its agent may be quicker than the launch call.
-        self.deps
-            .ingest
-            .register(&member_id, self.agent_settings(None))
-            .await;
+        self.deps.ingest.register(&member_id, self.agent_settings(None)).await;
+        // This launch's own token: single use, bound to this member id.
+        let authority = &self.deps.authority;
+        let (token, _) = authority.tokens.create(
+            &self.config.name,
+            now,
+            authority.launch_token_ttl_secs,
+            1,
+            false,
+            Some(member_id.clone()),
+        );
+        let agent_config = userdata::agent_config(
+            &self.deps.collector_url,
+            &authority.pki.fingerprint(),
+            &token,
+            &self.config.name,
+        );
         let spec = LaunchSpec {
             group: self.config.name.clone(),
             member_id: member_id.clone(),
             launch_id: format!("{}-{now}", member_id),
             service_port: self.config.member_port,
-            collector_url: self.deps.collector_url.clone(),
+            user_data: userdata::render(UserDataFormat::CloudConfig, &agent_config),
+            agent_config,
         };
         let result = self.deps.provider.launch(&spec).await;
         match &result {
             Ok(instance) => {
-                let address = instance
-                    .address
-                    .map(|ip| SocketAddr::new(ip, self.config.member_port));
+                let address = instance.address.map(|ip| SocketAddr::new(ip, self.config.member_port));
                 self.deps
                     .ingest
                     .register(&member_id, self.agent_settings(address))
@@ -460,9 +572,14 @@ impl GroupController {
                     state: MemberState::Pending,
                     launched_at: now,
                     in_service_since: None,
+                    protected: false,
+                    external: false,
                 });
             }
-            Err(_) => self.deps.ingest.unregister(&member_id).await,
+            Err(_) => {
+                self.deps.ingest.unregister(&member_id).await;
+                self.deps.authority.revoke_member(&member_id);
+            }
         }
         let detail = result
             .as_ref()
@@ -480,9 +597,10 @@ impl GroupController {
     }
 
     /// Members not yet in service go first, then the most recently launched: long-running members keep
-    /// their warm caches.
-    fn choose_victim(&self) -> usize {
+    /// their warm caches. Protected members are never chosen.
+    fn choose_victim(&self) -> Option<usize> {
         (0..self.members.len())
+            .filter(|&i| !self.members[i].protected)
             .max_by_key(|&i| {
                 (
                     self.members[i].state == MemberState::Pending,
@@ -490,7 +608,6 @@ impl GroupController {
                     i,
                 )
             })
-            .expect("there is a member to remove")
     }
 
     /// Out of the load balancer first, then terminated.
@@ -506,6 +623,20 @@ impl GroupController {
                 &member.id,
                 (size + 1, size),
             );
+        }
+        // Denied at once: its stream closes and its certificate no longer works.
+        self.deps.authority.revoke_member(&member.id);
+        if member.external {
+            // ebb did not launch it and does not terminate it; it only leaves the group.
+            self.deps.ingest.unregister(&member.id).await;
+            self.record(
+                ActivityKind::Leave,
+                cause.to_string(),
+                Ok("left running: ebb did not launch it".into()),
+                &member.id,
+                (size + 1, size),
+            );
+            return;
         }
         let result = self.deps.provider.terminate(&member.instance_id).await;
         let failed = result.is_err();
@@ -542,10 +673,7 @@ impl GroupController {
 
     async fn load_balancer_connections(&self) -> Vec<(String, u64)> {
         match self.deps.load_balancer.members().await {
-            Ok(backends) => backends
-                .into_iter()
-                .map(|b| (b.member_id, b.connections))
-                .collect(),
+            Ok(backends) => backends.into_iter().map(|b| (b.member_id, b.connections)).collect(),
             Err(_) => Vec::new(),
         }
     }
@@ -589,10 +717,9 @@ impl GroupController {
                 launched_at: m.launched_at,
                 in_service_since: m.in_service_since,
                 latest: self.latest.get(i).cloned().flatten(),
-                lb_connections: connections
-                    .iter()
-                    .find(|(id, _)| id == &m.id)
-                    .map_or(0, |(_, c)| *c),
+                lb_connections: connections.iter().find(|(id, _)| id == &m.id).map_or(0, |(_, c)| *c),
+                protected: m.protected,
+                external: m.external,
             })
             .collect();
         let status = GroupStatus {
@@ -675,13 +802,15 @@ mod tests {
         let lb = FakeLoadBalancer::default();
         let ingest = IngestHandle::spawn(metrics.clone(), 600_000);
         let activities = ActivityLog::new(metrics.clone());
+        let pki_dir = tempfile::tempdir().unwrap();
         let deps = Dependencies {
             provider: Arc::new(provider.clone()),
             load_balancer: Arc::new(lb.clone()),
             ingest: ingest.clone(),
             activities: activities.clone(),
             metrics,
-            collector_url: "http://127.0.0.1:7300".into(),
+            authority: Arc::new(Authority::new(crate::pki::tests::pki(pki_dir.path()), 1800, 600)),
+            collector_url: "https://127.0.0.1:7300".into(),
         };
         let (controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps);
         Harness {
@@ -720,21 +849,14 @@ mod tests {
                 }),
                 ..Sample::default()
             };
-            self.ingest
-                .batch(member, 1, vec![sample], at)
-                .await
-                .unwrap();
+            self.ingest.batch(member, 1, vec![sample], at).await.unwrap();
         }
 
         fn kinds(&self) -> Vec<String> {
             self.activities
                 .since(0, "")
                 .iter()
-                .map(|a| {
-                    format!("{} {}", a.kind.as_str(), a.member_id)
-                        .trim()
-                        .to_string()
-                })
+                .map(|a| format!("{} {}", a.kind.as_str(), a.member_id).trim().to_string())
                 .collect()
         }
     }
@@ -785,10 +907,7 @@ mod tests {
             activities[deregister].member_id, "web-2",
             "the newest member goes first"
         );
-        let scale_in = activities
-            .iter()
-            .find(|a| a.kind == ActivityKind::ScaleIn)
-            .unwrap();
+        let scale_in = activities.iter().find(|a| a.kind == ActivityKind::ScaleIn).unwrap();
         assert!(
             scale_in.cause.contains("policy cpu-low: avg cpu 3% < 20%"),
             "{}",
@@ -807,17 +926,9 @@ mod tests {
         h.controller.step(now).await;
         let failed = h.activities.since(0, "web");
         assert_eq!(failed[0].outcome, "failed");
-        assert!(
-            failed[0].detail.contains("quota exceeded"),
-            "{:?}",
-            failed[0]
-        );
+        assert!(failed[0].detail.contains("quota exceeded"), "{:?}", failed[0]);
         h.controller.step(now + 1000).await;
-        assert_eq!(
-            h.provider.calls(),
-            ["launch web-1"],
-            "no retry within the retry delay"
-        );
+        assert_eq!(h.provider.calls(), ["launch web-1"], "no retry within the retry delay");
         h.controller.step(now + LAUNCH_RETRY_MS).await;
         assert_eq!(h.provider.calls(), ["launch web-1", "launch web-2"]);
         assert_eq!(h.provider.running(), ["web-2"]);

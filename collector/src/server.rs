@@ -7,11 +7,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use ebb_proto::v1::admin_server::Admin;
+use ebb_proto::v1::enrollment_server::Enrollment;
 use ebb_proto::v1::telemetry_server::Telemetry;
 use ebb_proto::v1::{
-    Ack, ListActivitiesRequest, ListActivitiesResponse, ListGroupsRequest, ListGroupsResponse,
-    ListMembersRequest, ListMembersResponse, ReportRequest, ReportResponse,
-    SetDesiredCapacityRequest, SetDesiredCapacityResponse, report_request, report_response,
+    Ack, CreateTokenRequest, CreateTokenResponse, EnrollRequest, EnrollResponse, JoinToken, ListActivitiesRequest,
+    ListActivitiesResponse, ListGroupsRequest, ListGroupsResponse, ListMembersRequest, ListMembersResponse,
+    ListTokensRequest, ListTokensResponse, RenewRequest, RenewResponse, ReportRequest, ReportResponse,
+    RevokeMemberRequest, RevokeMemberResponse, RevokeTokenRequest, RevokeTokenResponse, SetDesiredCapacityRequest,
+    SetDesiredCapacityResponse, report_request, report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -21,24 +24,57 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::activity::{Activity, ActivityLog};
 use crate::ingest::{IngestError, IngestHandle};
 use crate::metrics::Metrics;
+use crate::pki::{Authority, CertRejection, ClientIdentity};
 use crate::reconcile::{GroupHandle, GroupStatus, now_ms};
+use crate::tls::PeerInfo;
+
+/// Largest message accepted from anyone; a batch of 100 samples is about 10 KB.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// The verified identity behind a request, or the refusal as a gRPC status (counted under `service`).
+fn identify<T>(
+    request: &Request<T>,
+    authority: &Authority,
+    metrics: &Metrics,
+    service: &'static str,
+) -> Result<ClientIdentity, Status> {
+    let certs = request
+        .extensions()
+        .get::<PeerInfo>()
+        .map(|p| p.certs.clone())
+        .unwrap_or_default();
+    let refuse = |rejection: CertRejection| {
+        metrics.refused(service, rejection.reason);
+        Status::unauthenticated(rejection.message)
+    };
+    let identity = authority.pki.verify_client(&certs, now_ms()).map_err(refuse)?;
+    if let ClientIdentity::Member { member_id, serial, .. } = &identity
+        && !authority.is_current(member_id, serial)
+    {
+        return Err(refuse(CertRejection {
+            reason: "revoked_certificate",
+            message: format!("the certificate of member {member_id} has been revoked or replaced"),
+        }));
+    }
+    Ok(identity)
+}
+
+fn refuse(metrics: &Metrics, service: &'static str, reason: &'static str, status: Status) -> Status {
+    metrics.refused(service, reason);
+    status
+}
 
 pub struct TelemetryService {
     pub ingest: IngestHandle,
     pub metrics: Arc<Metrics>,
+    pub authority: Arc<Authority>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ReportResponse, Status>> + Send>>;
 
-fn ack(
-    highest_seq: u64,
-    rejected: Vec<ebb_proto::v1::Rejection>,
-) -> Result<ReportResponse, Status> {
+fn ack(highest_seq: u64, rejected: Vec<ebb_proto::v1::Rejection>) -> Result<ReportResponse, Status> {
     Ok(ReportResponse {
-        message: Some(report_response::Message::Ack(Ack {
-            highest_seq,
-            rejected,
-        })),
+        message: Some(report_response::Message::Ack(Ack { highest_seq, rejected })),
     })
 }
 
@@ -46,10 +82,18 @@ fn ack(
 impl Telemetry for TelemetryService {
     type ReportStream = ResponseStream;
 
-    async fn report(
-        &self,
-        request: Request<Streaming<ReportRequest>>,
-    ) -> Result<Response<Self::ReportStream>, Status> {
+    async fn report(&self, request: Request<Streaming<ReportRequest>>) -> Result<Response<Self::ReportStream>, Status> {
+        let ClientIdentity::Member {
+            member_id: certified, ..
+        } = identify(&request, &self.authority, &self.metrics, "report")?
+        else {
+            return Err(refuse(
+                &self.metrics,
+                "report",
+                "not_a_member",
+                Status::permission_denied("an admin certificate cannot report samples"),
+            ));
+        };
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(ReportRequest {
@@ -61,12 +105,29 @@ impl Telemetry for TelemetryService {
                 ));
             }
         };
+        if hello.member_id != certified {
+            return Err(refuse(
+                &self.metrics,
+                "report",
+                "impersonation",
+                Status::permission_denied(format!(
+                    "this certificate belongs to member {certified}; it cannot report as {}",
+                    hello.member_id
+                )),
+            ));
+        }
         let member = hello.member_id.clone();
         let run_id = hello.run_id;
-        let (highest_seq, settings) = self.ingest.hello(hello).await.map_err(|e| match e {
-            IngestError::UnknownMember(_) => Status::permission_denied(e.to_string()),
+        let accepted = self.ingest.hello(hello).await.map_err(|e| match e {
+            IngestError::UnknownMember(_) => refuse(
+                &self.metrics,
+                "report",
+                "unknown_member",
+                Status::permission_denied(e.to_string()),
+            ),
             IngestError::Closed => Status::unavailable(e.to_string()),
         })?;
+        let (highest_seq, settings, mut closed) = (accepted.highest_seq, accepted.settings, accepted.closed);
         tracing::debug!(member = %member, "Agent connected.");
 
         let (responses, outgoing) = mpsc::channel(16);
@@ -82,9 +143,16 @@ impl Telemetry for TelemetryService {
             let _connected = connected;
             let mut settings = settings;
             loop {
-                let message = match inbound.message().await {
-                    Ok(Some(message)) => message,
-                    Ok(None) | Err(_) => break,
+                let message = tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(message)) => message,
+                        Ok(None) | Err(_) => break,
+                    },
+                    () = async { let _ = closed.wait_for(|closed| *closed).await; } => {
+                        let status = Status::permission_denied("this member's certificate was revoked or the member was removed");
+                        let _ = responses.send(Err(status)).await;
+                        break;
+                    }
                 };
                 let Some(report_request::Message::Batch(batch)) = message.message else {
                     let _ = responses
@@ -97,9 +165,7 @@ impl Telemetry for TelemetryService {
                 let outcome = match ingest.batch(&member, run_id, batch.samples, now_ms()).await {
                     Ok(outcome) => outcome,
                     Err(e) => {
-                        let _ = responses
-                            .send(Err(Status::unavailable(e.to_string())))
-                            .await;
+                        let _ = responses.send(Err(Status::unavailable(e.to_string()))).await;
                         break;
                     }
                 };
@@ -130,9 +196,153 @@ impl Telemetry for TelemetryService {
     }
 }
 
+pub struct EnrollmentService {
+    pub authority: Arc<Authority>,
+    pub metrics: Arc<Metrics>,
+    pub groups: BTreeMap<String, GroupHandle>,
+}
+
+#[tonic::async_trait]
+impl Enrollment for EnrollmentService {
+    async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let now = now_ms();
+        if let Some(peer) = request.extensions().get::<PeerInfo>()
+            && !self.authority.allow_enrollment(peer.remote.ip(), now)
+        {
+            return Err(refuse(
+                &self.metrics,
+                "enroll",
+                "rate_limited",
+                Status::resource_exhausted(format!(
+                    "more than {} enrolment attempts from {} this minute; retry later",
+                    self.authority.enrollments_per_minute,
+                    peer.remote.ip()
+                )),
+            ));
+        }
+        let request = request.into_inner();
+        let token = self
+            .authority
+            .tokens
+            .redeem(&request.token, &request.group, now)
+            .map_err(|rejection| {
+                refuse(
+                    &self.metrics,
+                    "enroll",
+                    rejection.reason,
+                    Status::permission_denied(rejection.message),
+                )
+            })?;
+        let facts = request.facts.unwrap_or_default();
+        let (member_id, joined) = match &token.bound_member {
+            Some(member_id) => (member_id.clone(), None),
+            None => {
+                let group = self
+                    .groups
+                    .get(&token.group)
+                    .ok_or_else(|| Status::failed_precondition(format!("group {} no longer exists", token.group)))?;
+                let member_id = group
+                    .join_external(facts.clone(), token.protected)
+                    .await
+                    .map_err(Status::failed_precondition)?;
+                (member_id, Some(group))
+            }
+        };
+        let issued = match self
+            .authority
+            .pki
+            .issue_member(&request.csr_der, &token.group, &member_id, now)
+        {
+            Ok(issued) => issued,
+            Err(e) => {
+                if let Some(group) = joined {
+                    group.leave_external(&member_id).await;
+                }
+                return Err(refuse(
+                    &self.metrics,
+                    "enroll",
+                    "bad_csr",
+                    Status::invalid_argument(e.to_string()),
+                ));
+            }
+        };
+        self.authority.record_issued(&member_id, &issued.serial);
+        self.metrics.enrolled();
+        tracing::info!(group = %token.group, member = %member_id, hostname = %facts.hostname, instance = %facts.instance_id, token = %token.id, "Enrolled a member.");
+        Ok(Response::new(EnrollResponse {
+            member_id: member_id.clone(),
+            group: token.group,
+            certificate_pem: issued.pem,
+            ca_certificate_pem: self.authority.pki.ca_pem().to_string(),
+            not_after_ms: issued.not_after_ms,
+        }))
+    }
+
+    async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+        let ClientIdentity::Member { group, member_id, .. } =
+            identify(&request, &self.authority, &self.metrics, "renew")?
+        else {
+            return Err(refuse(
+                &self.metrics,
+                "renew",
+                "not_a_member",
+                Status::permission_denied("only members renew their certificates"),
+            ));
+        };
+        let issued = self
+            .authority
+            .pki
+            .issue_member(&request.get_ref().csr_der, &group, &member_id, now_ms())
+            .map_err(|e| {
+                refuse(
+                    &self.metrics,
+                    "renew",
+                    "bad_csr",
+                    Status::invalid_argument(e.to_string()),
+                )
+            })?;
+        self.authority.record_issued(&member_id, &issued.serial);
+        tracing::debug!(member = %member_id, "Renewed a member's certificate.");
+        Ok(Response::new(RenewResponse {
+            certificate_pem: issued.pem,
+            not_after_ms: issued.not_after_ms,
+        }))
+    }
+}
+
+/// Lets a request through to the Admin API only with an admin certificate from this CA. It wraps the
+/// whole service, so that no method can forget it.
+pub fn require_admin(
+    authority: Arc<Authority>,
+    metrics: Arc<Metrics>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request| match identify(&request, &authority, &metrics, "admin")? {
+        ClientIdentity::Admin { .. } => Ok(request),
+        ClientIdentity::Member { member_id, .. } => Err(refuse(
+            &metrics,
+            "admin",
+            "not_an_admin",
+            Status::permission_denied(format!("member {member_id}'s certificate cannot use the Admin API")),
+        )),
+    }
+}
+
 pub struct AdminService {
     pub groups: BTreeMap<String, GroupHandle>,
     pub activities: ActivityLog,
+    pub authority: Arc<Authority>,
+    pub ingest: IngestHandle,
+}
+
+fn token_to_proto(token: &crate::pki::tokens::Token) -> JoinToken {
+    JoinToken {
+        id: token.id.clone(),
+        group: token.group.clone(),
+        expires_at_ms: token.expires_at,
+        uses_left: token.uses_left,
+        protected: token.protected,
+        bound_member_id: token.bound_member.clone().unwrap_or_default(),
+    }
 }
 
 impl AdminService {
@@ -176,16 +386,9 @@ pub fn activity_to_proto(activity: &Activity) -> ebb_proto::v1::Activity {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn list_groups(
-        &self,
-        _: Request<ListGroupsRequest>,
-    ) -> Result<Response<ListGroupsResponse>, Status> {
+    async fn list_groups(&self, _: Request<ListGroupsRequest>) -> Result<Response<ListGroupsResponse>, Status> {
         Ok(Response::new(ListGroupsResponse {
-            groups: self
-                .groups
-                .values()
-                .map(|g| group_to_proto(&g.status()))
-                .collect(),
+            groups: self.groups.values().map(|g| group_to_proto(&g.status())).collect(),
         }))
     }
 
@@ -250,5 +453,67 @@ impl Admin for AdminService {
         Ok(Response::new(SetDesiredCapacityResponse {
             group: Some(group_to_proto(&status)),
         }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let request = request.into_inner();
+        self.group(&request.group)?;
+        if request.ttl_secs == 0 || request.uses == 0 {
+            return Err(Status::invalid_argument("a token needs ttl_secs >= 1 and uses >= 1"));
+        }
+        let (secret, token) = self.authority.tokens.create(
+            &request.group,
+            now_ms(),
+            request.ttl_secs,
+            request.uses,
+            request.protected,
+            None,
+        );
+        tracing::info!(group = %token.group, token = %token.id, uses = token.uses_left, "Created a join token.");
+        Ok(Response::new(CreateTokenResponse {
+            token: secret,
+            info: Some(token_to_proto(&token)),
+        }))
+    }
+
+    async fn list_tokens(&self, _: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
+        Ok(Response::new(ListTokensResponse {
+            tokens: self
+                .authority
+                .tokens
+                .list(now_ms())
+                .iter()
+                .map(token_to_proto)
+                .collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        if self.authority.tokens.revoke(&request.get_ref().id) {
+            Ok(Response::new(RevokeTokenResponse {}))
+        } else {
+            Err(Status::not_found(format!("no token with id {}", request.get_ref().id)))
+        }
+    }
+
+    async fn revoke_member(
+        &self,
+        request: Request<RevokeMemberRequest>,
+    ) -> Result<Response<RevokeMemberResponse>, Status> {
+        let member_id = &request.get_ref().member_id;
+        if !self.authority.revoke_member(member_id) {
+            return Err(Status::not_found(format!(
+                "member {member_id} has no certificate to revoke"
+            )));
+        }
+        self.ingest.disconnect(member_id).await;
+        tracing::warn!(member = %member_id, "Revoked a member's certificate.");
+        Ok(Response::new(RevokeMemberResponse {}))
     }
 }

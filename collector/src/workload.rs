@@ -38,12 +38,7 @@ pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
         let Ok(stream) = stream else { continue };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
-            let _ = respond(
-                &stream,
-                "503 Service Unavailable",
-                &args.member_id,
-                "busy\n",
-            );
+            let _ = respond(&stream, "503 Service Unavailable", &args.member_id, "busy\n");
             continue;
         }
         let (cpu, active, args) = (cpu.clone(), active.clone(), args.clone());
@@ -73,19 +68,9 @@ fn serve(stream: TcpStream, cpu: &Mutex<()>, args: &WorkloadArgs) -> std::io::Re
                 let _one_cpu = cpu.lock().unwrap_or_else(|e| e.into_inner());
                 burn(Duration::from_millis(args.work_ms));
             }
-            respond(
-                &stream,
-                "200 OK",
-                &args.member_id,
-                &format!("{}\n", args.member_id),
-            )
+            respond(&stream, "200 OK", &args.member_id, &format!("{}\n", args.member_id))
         }
-        _ => respond(
-            &stream,
-            "404 Not Found",
-            &args.member_id,
-            "try /work or /health\n",
-        ),
+        _ => respond(&stream, "404 Not Found", &args.member_id, "try /work or /health\n"),
     }
 }
 
@@ -99,12 +84,7 @@ fn burn(duration: Duration) {
     }
 }
 
-fn respond(
-    mut stream: &TcpStream,
-    status: &str,
-    member_id: &str,
-    body: &str,
-) -> std::io::Result<()> {
+fn respond(mut stream: &TcpStream, status: &str, member_id: &str, body: &str) -> std::io::Result<()> {
     write!(
         stream,
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Ebb-Member: {member_id}\r\nConnection: close\r\n\r\n{body}",

@@ -5,6 +5,9 @@
 
 #![forbid(unsafe_code)]
 
+/// The encoded `FileDescriptorSet` of `ebb.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/ebb.v1.descriptor.bin");
+
 /// Package `ebb.v1`.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 const GENERATED: &str = "ebb.v1.rs";
+const DESCRIPTORS: &str = "ebb.v1.descriptor.bin";
 
 #[test]
 fn generated_code_is_up_to_date() {
@@ -14,8 +15,8 @@ fn generated_code_is_up_to_date() {
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "proto"))
         .collect();
-    let descriptors =
-        protox::compile(&protos, [root.join("proto")]).expect("the .proto files compile");
+    let descriptors = protox::compile(&protos, [root.join("proto")]).expect("the .proto files compile");
+    let encoded = prost::Message::encode_to_vec(&descriptors);
 
     let out = tempfile::tempdir().unwrap();
     tonic_prost_build::configure()
@@ -25,15 +26,20 @@ fn generated_code_is_up_to_date() {
         .compile_fds(descriptors)
         .expect("code generation succeeds");
 
-    let fresh = std::fs::read_to_string(out.path().join(GENERATED)).unwrap();
-    let committed_path = root.join("src/gen").join(GENERATED);
-    let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
+    let fresh = std::fs::read(out.path().join(GENERATED)).unwrap();
+    check(&root.join("src/gen").join(GENERATED), &fresh);
+    // For gRPC server reflection.
+    check(&root.join("src/gen").join(DESCRIPTORS), &encoded);
+}
+
+fn check(committed_path: &Path, fresh: &[u8]) {
+    let committed = std::fs::read(committed_path).unwrap_or_default();
     if fresh == committed {
         return;
     }
     if std::env::var_os("EBB_BLESS").is_some() {
         std::fs::create_dir_all(committed_path.parent().unwrap()).unwrap();
-        std::fs::write(&committed_path, fresh).unwrap();
+        std::fs::write(committed_path, fresh).unwrap();
         return;
     }
     panic!(

@@ -28,15 +28,7 @@ pub fn binaries() -> &'static Path {
     BUILT.get_or_init(|| {
         let dir = bin_dir();
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "ebb-agent",
-            "-p",
-            "ebb-collector",
-        ]);
+        build.args(["build", "--quiet", "--bins", "-p", "ebb-agent", "-p", "ebb-collector"]);
         if dir.ends_with("release") {
             build.arg("--release");
         }
@@ -103,11 +95,7 @@ impl Drop for Running {
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
         if pid == std::process::id() {

@@ -1,42 +1,34 @@
-//! End-to-end: the real `ebb-collector` and `ebb-agent` binaries, real processes, real load.
+//! End-to-end: the real `ebb-collector` and `ebb-agent` binaries, real processes, real load, real
+//! enrolment and mutual TLS.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ebb_tests::{
-    Running, agent_bin, collector_bin, examples_dir, free_port, processes_mentioning, serial,
-    wait_for,
-};
+use ebb_tests::{Running, agent_bin, collector_bin, examples_dir, free_port, processes_mentioning, serial, wait_for};
 use serde_json::Value;
 
-/// The local example with its own loopback range and free ports, so it runs beside anything else.
-fn local_config(address_prefix: &str, with_policies: bool) -> String {
+/// The local example with its own loopback range, free ports and state directory, so it runs beside
+/// anything else.
+fn local_config(address_prefix: &str, with_policies: bool, state_dir: &Path) -> String {
     let example = std::fs::read_to_string(examples_dir().join("local.toml")).unwrap();
     let mut config = example
         .replace("127.0.1", address_prefix)
         .replace("127.0.0.1:7300", &format!("127.0.0.1:{}", free_port()))
         .replace("127.0.0.1:7301", &format!("127.0.0.1:{}", free_port()))
-        .replace("127.0.0.1:8000", &format!("127.0.0.1:{}", free_port()));
+        .replace("127.0.0.1:7302", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:8000", &format!("127.0.0.1:{}", free_port()))
+        .replace("/var/lib/ebb", state_dir.to_str().unwrap());
     if !with_policies {
         config.truncate(config.find("[[groups.policies]]").unwrap());
     }
     config
 }
 
-fn grpc_url(config: &str) -> String {
-    let line = config
-        .lines()
-        .find(|l| l.starts_with("grpc_listen"))
-        .unwrap();
-    format!("http://{}", line.split('"').nth(1).unwrap())
-}
-
-fn http_address(config: &str) -> String {
-    let line = config
-        .lines()
-        .find(|l| l.starts_with("http_listen"))
-        .unwrap();
+/// The address a `key = "host:port"` line of the configuration names.
+fn address(config: &str, key: &str) -> String {
+    let line = config.lines().find(|l| l.starts_with(key)).unwrap();
     line.split('"').nth(1).unwrap().to_string()
 }
 
@@ -45,7 +37,7 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("collector.toml");
-    std::fs::write(&config_path, local_config("127.0.3", true)).unwrap();
+    std::fs::write(&config_path, local_config("127.0.3", true, dir.path())).unwrap();
     let started = Instant::now();
     let mut demo = Running::spawn(
         Command::new(collector_bin())
@@ -62,19 +54,13 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
     let status = demo.child.wait().unwrap();
     let elapsed = started.elapsed();
 
-    let activities: Vec<&Value> = lines
-        .iter()
-        .filter(|l| l.get("activity").is_some())
-        .collect();
+    let activities: Vec<&Value> = lines.iter().filter(|l| l.get("activity").is_some()).collect();
     let scale_out = activities
         .iter()
         .find(|a| a["activity"] == "scale_out")
         .unwrap_or_else(|| panic!("no scale_out in {activities:#?}"));
     let cause = scale_out["cause"].as_str().unwrap();
-    assert!(
-        cause.contains("policy cpu-high"),
-        "the cause names the policy: {cause}"
-    );
+    assert!(cause.contains("policy cpu-high"), "the cause names the policy: {cause}");
     assert!(
         cause.contains("avg cpu ") && cause.contains("% > 60%"),
         "the cause gives the measured value: {cause}"
@@ -84,10 +70,7 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
         .find(|a| a["activity"] == "scale_in")
         .unwrap_or_else(|| panic!("no scale_in in {activities:#?}"));
     assert!(
-        scale_in["cause"]
-            .as_str()
-            .unwrap()
-            .contains("policy cpu-low: avg cpu "),
+        scale_in["cause"].as_str().unwrap().contains("policy cpu-low: avg cpu "),
         "{scale_in}"
     );
 
@@ -101,11 +84,7 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
             "every status line has {field}"
         );
     }
-    let peak = statuses
-        .iter()
-        .map(|s| s["capacity"].as_u64().unwrap())
-        .max()
-        .unwrap();
+    let peak = statuses.iter().map(|s| s["capacity"].as_u64().unwrap()).max().unwrap();
     assert!(peak >= 3, "scaled out to at least 3 (peak {peak})");
 
     let summary = &lines.last().unwrap()["summary"];
@@ -133,19 +112,25 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
     );
 }
 
-fn admin(server: &str, args: &[&str]) -> (bool, String) {
+/// An operator command against the Admin API at `server` with the admin certificate in `state_dir`.
+fn admin(server: &str, state_dir: &Path, args: &[&str]) -> (bool, String) {
     let output = Command::new(collector_bin())
-        .args(["--server", server])
+        .args(["--server", &format!("https://{server}"), "--state-dir"])
+        .arg(state_dir)
         .args(args)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
+    let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
     (output.status.success(), text)
 }
 
-fn in_service(server: &str) -> usize {
-    admin(server, &["members", "web"])
+/// A command that needs no collector.
+fn offline(args: &[&str]) -> (bool, String) {
+    admin("127.0.0.1:1", Path::new("/nonexistent"), args)
+}
+
+fn in_service(server: &str, state_dir: &Path) -> usize {
+    admin(server, state_dir, &["members", "web"])
         .1
         .lines()
         .filter(|l| l.contains(" in_service "))
@@ -153,30 +138,27 @@ fn in_service(server: &str) -> usize {
 }
 
 fn http_get(address: &str, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let context = |e: std::io::Error| format!("GET http://{address}{path}: {e}");
+    let mut stream = std::net::TcpStream::connect(address).map_err(context).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(context)
+        .unwrap();
     let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
+    stream.read_to_string(&mut text).map_err(context).unwrap();
     text
 }
 
 #[test]
-fn serve_with_admin_commands_metrics_and_a_clean_stop() {
+fn serve_with_enrolled_members_admin_commands_metrics_and_a_clean_stop() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let config = local_config("127.0.4", false);
+    let state = dir.path().join("state");
+    let config = local_config("127.0.4", false, &state);
     let config_path = dir.path().join("collector.toml");
     std::fs::write(&config_path, &config).unwrap();
-    let server = grpc_url(&config);
+    let server = address(&config, "admin_listen");
 
-    let (ok, text) = admin(
-        &server,
-        &["validate", "--config", config_path.to_str().unwrap()],
-    );
+    let (ok, text) = offline(&["validate", "--config", config_path.to_str().unwrap()]);
     assert!(ok && text.contains("valid, 1 group(s)"), "{text}");
 
     let mut collector = Running::spawn(
@@ -186,80 +168,158 @@ fn serve_with_admin_commands_metrics_and_a_clean_stop() {
             .env("EBB_LOG", "warn"),
     );
     assert!(
-        wait_for(Duration::from_secs(30), || in_service(&server) == 1),
-        "the first member comes into service"
+        wait_for(Duration::from_secs(30), || in_service(&server, &state) == 1),
+        "the first member enrols and comes into service: {}",
+        admin(&server, &state, &["members", "web"]).1
     );
 
-    let (ok, text) = admin(&server, &["scale", "web", "--to", "3"]);
+    // The CA's fingerprint, as agents pin it.
+    let (ok, fingerprint) = offline(&["ca", "show", "--state-dir", state.to_str().unwrap()]);
+    assert!(ok, "{fingerprint}");
+    let fingerprint = fingerprint.split_whitespace().next().unwrap().to_string();
+    assert_eq!(fingerprint.len(), 64);
+
+    let (ok, text) = admin(&server, &state, &["scale", "web", "--to", "3"]);
     assert!(ok, "{text}");
     assert!(
-        wait_for(Duration::from_secs(30), || in_service(&server) == 3),
+        wait_for(Duration::from_secs(30), || in_service(&server, &state) == 3),
         "{}",
-        admin(&server, &["members", "web"]).1
+        admin(&server, &state, &["members", "web"]).1
     );
-
-    let (ok, text) = admin(&server, &["scale", "web", "--to", "9"]);
+    let (ok, text) = admin(&server, &state, &["scale", "web", "--to", "9"]);
     assert!(
         !ok && text.contains("outside group web's min_size..max_size (1..4)"),
         "{text}"
     );
-
-    let (_, text) = admin(&server, &["activities", "web"]);
+    let (_, text) = admin(&server, &state, &["activities", "web"]);
     assert!(
         text.contains("set_desired") && text.contains("an operator set desired capacity 1 → 3"),
         "{text}"
     );
     assert!(text.contains("register web-3 ok"), "{text}");
-
-    let (_, text) = admin(&server, &["groups"]);
+    let (_, text) = admin(&server, &state, &["groups"]);
     assert!(
-        text.lines()
-            .any(|l| l.starts_with("web ") && l.contains(" 3 ")),
+        text.lines().any(|l| l.starts_with("web ") && l.contains(" 3 ")),
         "{text}"
     );
 
-    let metrics = http_get(&http_address(&config), "/metrics");
+    // Each launch's token was used once and is gone from the instance's agent.toml.
+    let (_, tokens) = admin(&server, &state, &["token", "list"]);
     assert!(
-        metrics.contains("ebb_group_in_service{group=\"web\"} 3"),
-        "{metrics}"
+        tokens
+            .lines()
+            .filter(|l| l.contains(" web-"))
+            .all(|l| l.contains(" 0 ")),
+        "{tokens}"
     );
+    for member in ["web-1", "web-2", "web-3"] {
+        let agent_config = std::fs::read_to_string(state.join("local").join(member).join("agent.toml")).unwrap();
+        assert!(!agent_config.contains("token ="), "{agent_config}");
+        assert!(agent_config.contains(&fingerprint), "{agent_config}");
+    }
+
+    let metrics_address = address(&config, "http_listen");
+    let metrics = http_get(&metrics_address, "/metrics");
+    assert!(metrics.contains("ebb_group_in_service{group=\"web\"} 3"), "{metrics}");
     assert!(metrics.contains("ebb_agents_connected 3"), "{metrics}");
+    assert!(metrics.contains("ebb_enrollments_total 3"), "{metrics}");
     assert!(
         metrics.contains("ebb_activities_total{group=\"web\",kind=\"launch\",outcome=\"ok\"} 3"),
         "{metrics}"
     );
-    assert!(http_get(&http_address(&config), "/").starts_with("HTTP/1.1 404"));
+    assert!(http_get(&metrics_address, "/").starts_with("HTTP/1.1 404"));
 
-    // A stranger's agent is refused, and says so.
-    let stranger = Command::new(agent_bin())
-        .args(["--member-id", "stranger", "--collector-url", &server])
+    // A stranger with a made-up token is refused, and says so.
+    let stranger_state = tempfile::tempdir().unwrap();
+    let output = Command::new(agent_bin())
+        .args([
+            "--collector-url",
+            &format!("https://{}", address(&config, "grpc_listen")),
+        ])
+        .args([
+            "--ca-sha256",
+            &fingerprint,
+            "--enroll-token",
+            "ebbjt_madeup",
+            "--state-dir",
+        ])
+        .arg(stranger_state.path())
         .env("EBB_CONFIG", "/dev/null")
-        .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    let mut stranger = Running { child: stranger };
-    std::thread::sleep(Duration::from_secs(2));
-    stranger.terminate(Duration::from_secs(5));
-    let mut log = String::new();
-    stranger
-        .child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert!(log.contains("not part of any group"), "{log}");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && log.contains("not known to this collector"),
+        "{log}"
+    );
+
+    // Revoking a member closes its stream at once.
+    let (ok, text) = admin(&server, &state, &["member", "revoke", "web-2"]);
+    assert!(ok, "{text}");
+    assert!(
+        wait_for(Duration::from_secs(10), || http_get(&metrics_address, "/metrics")
+            .contains("ebb_agents_connected 2")),
+        "{}",
+        http_get(&metrics_address, "/metrics")
+    );
 
     let status = collector
         .terminate(Duration::from_secs(30))
         .expect("stops on SIGTERM within the grace period");
     assert!(status.success(), "{status}");
     assert!(
-        wait_for(Duration::from_secs(5), || processes_mentioning("127.0.4.")
-            .is_empty()),
+        wait_for(Duration::from_secs(5), || processes_mentioning("127.0.4.").is_empty()),
         "left behind: {:?}",
         processes_mentioning("127.0.4.")
     );
+}
+
+#[test]
+fn user_data_renders_for_both_formats_with_a_fresh_token() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = local_config("127.0.6", false, &state).replace("min_size = 1", "min_size = 0");
+    let config_path = dir.path().join("collector.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let server = address(&config, "admin_listen");
+    let _collector = Running::spawn(
+        Command::new(collector_bin())
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("EBB_LOG", "warn"),
+    );
+    assert!(wait_for(Duration::from_secs(30), || admin(
+        &server,
+        &state,
+        &["groups"]
+    )
+    .0));
+    let (ok, cloud_config) = admin(
+        &server,
+        &state,
+        &["user-data", "--group", "web", "--format", "cloud-config"],
+    );
+    assert!(ok && cloud_config.starts_with("#cloud-config\n"), "{cloud_config}");
+    assert!(cloud_config.contains("token = \"ebbjt_"), "{cloud_config}");
+    let (ok, shell) = admin(&server, &state, &["user-data", "--group", "web", "--format", "shell"]);
+    assert!(ok && shell.starts_with("#!/bin/sh\n"), "{shell}");
+    let token = |text: &str| {
+        text.split("token = \"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(
+        token(&cloud_config),
+        token(&shell),
+        "each rendering mints its own token"
+    );
+    let (_, unknown) = admin(&server, &state, &["user-data", "--group", "nope"]);
+    assert!(unknown.contains("no group named `nope`"), "{unknown}");
 }
 
 #[test]
@@ -268,10 +328,7 @@ fn every_example_is_valid() {
     for entry in std::fs::read_dir(examples_dir()).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let (ok, text) = admin(
-                "http://127.0.0.1:1",
-                &["validate", "--config", path.to_str().unwrap()],
-            );
+            let (ok, text) = offline(&["validate", "--config", path.to_str().unwrap()]);
             assert!(ok, "{}: {text}", path.display());
             checked += 1;
         }
@@ -288,18 +345,13 @@ fn a_typo_in_the_config_is_reported_with_file_key_and_line() {
     let path = dir.path().join("collector.toml");
     std::fs::write(
         &path,
-        local_config("127.0.5", true).replace("warmup_secs", "warmup_sec"),
+        local_config("127.0.5", true, dir.path()).replace("warmup_secs", "warmup_sec"),
     )
     .unwrap();
-    let (ok, text) = admin(
-        "http://127.0.0.1:1",
-        &["validate", "--config", path.to_str().unwrap()],
-    );
+    let (ok, text) = offline(&["validate", "--config", path.to_str().unwrap()]);
     assert!(!ok);
     assert!(
-        text.contains(path.to_str().unwrap())
-            && text.contains("key `groups[0].warmup_sec`")
-            && text.contains("line "),
+        text.contains(path.to_str().unwrap()) && text.contains("key `groups[0].warmup_sec`") && text.contains("line "),
         "{text}"
     );
 }

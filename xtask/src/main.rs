@@ -20,31 +20,19 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("demo") => demo(&args[1..]),
-        Some("bench") if args.get(1).map(String::as_str) == Some("agent") => {
-            bench_agent(&args[2..])
-        }
+        Some("bench") if args.get(1).map(String::as_str) == Some("agent") => bench_agent(&args[2..]),
         _ => bail!("usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N]"),
     }
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn build_release() -> anyhow::Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root())
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "ebb-agent",
-            "-p",
-            "ebb-collector",
-        ])
+        .args(["build", "--release", "-p", "ebb-agent", "-p", "ebb-collector"])
         .status()?;
     ensure!(status.success(), "cargo build --release failed");
     Ok(root().join("target/release"))
@@ -78,20 +66,13 @@ impl Drop for Guard {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// CPU seconds used so far by `pid`, and its resident memory in KiB.
 fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib = status
@@ -103,17 +84,14 @@ fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
 }
 
 fn find_process(needle: &str) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            String::from_utf8_lossy(&cmdline)
-                .replace('\0', " ")
-                .contains(needle)
-                .then_some(pid)
-        })
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .contains(needle)
+            .then_some(pid)
+    })
 }
 
 fn scrape(address: &str) -> anyhow::Result<usize> {
@@ -208,8 +186,7 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
     // The local provider's agent measures its instance's process tree. Replace it with agents of our
     // own for the same member, one per CPU source, so the default (host) is measured as on a VM.
     let cmdline =
-        String::from_utf8_lossy(&std::fs::read(format!("/proc/{provider_agent}/cmdline"))?)
-            .replace('\0', " ");
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{provider_agent}/cmdline"))?).replace('\0', " ");
     let words: Vec<&str> = cmdline.split_whitespace().collect();
     let after = |flag: &str| {
         words
@@ -234,10 +211,7 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
     );
     std::thread::sleep(Duration::from_secs(2));
     let exporter_pid = exporter.0.id();
-    ensure!(
-        scrape(&exporter_address)? > 0,
-        "node exporter does not answer"
-    );
+    ensure!(scrape(&exporter_address)? > 0, "node exporter does not answer");
 
     let variants: [(&str, Vec<String>); 2] = [
         (
@@ -246,12 +220,7 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
         ),
         (
             "ebb-agent, process-tree CPU (local provider), same otherwise",
-            vec![
-                "--cpu-pid".into(),
-                workload_pid,
-                "--cpu-capacity".into(),
-                "1".into(),
-            ],
+            vec!["--cpu-pid".into(), workload_pid, "--cpu-capacity".into(), "1".into()],
         ),
     ];
     let mut rows = Vec::new();
@@ -286,15 +255,10 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!(
-        "| process (each pair measured over the same {secs} s) | CPU, % of one core | RSS max | RSS at end |"
-    );
+    println!("| process (each pair measured over the same {secs} s) | CPU, % of one core | RSS max | RSS at end |");
     println!("|---|---|---|---|");
     for (name, ebb, exporter) in &rows {
-        for (name, m) in [
-            (*name, ebb),
-            ("prometheus-node-exporter, scraped every 1 s", exporter),
-        ] {
+        for (name, m) in [(*name, ebb), ("prometheus-node-exporter, scraped every 1 s", exporter)] {
             println!(
                 "| {name} | {:.3}% | {:.2} MiB | {:.2} MiB |",
                 m.cpu_percent_of_one_core,

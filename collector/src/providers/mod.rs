@@ -37,8 +37,10 @@ pub struct LaunchSpec {
     pub launch_id: String,
     /// The port the member serves on.
     pub service_port: u16,
-    /// The agent's address for its telemetry.
-    pub collector_url: String,
+    /// `/etc/ebb/agent.toml` for the new VM, with its one-time join token. A secret: never log it.
+    pub agent_config: String,
+    /// The same wrapped as cloud-init user data, for clouds that take user data.
+    pub user_data: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -116,11 +116,7 @@ impl LoadBalancer for BuiltinLoadBalancer {
     }
 
     async fn deregister(&self, member_id: &str) -> Result<(), CloudError> {
-        self.pool
-            .targets
-            .write()
-            .unwrap()
-            .retain(|t| t.member_id != member_id);
+        self.pool.targets.write().unwrap().retain(|t| t.member_id != member_id);
         Ok(())
     }
 
@@ -166,14 +162,8 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_over_registered_members_only() {
-        let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        assert_eq!(
-            fetch(lb.front()).await,
-            "",
-            "no members: the connection is closed"
-        );
+        let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        assert_eq!(fetch(lb.front()).await, "", "no members: the connection is closed");
 
         lb.register("a", backend("a").await).await.unwrap();
         lb.register("b", backend("b").await).await.unwrap();
@@ -193,14 +183,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusing_member_is_skipped() {
-        let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let closed = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         lb.register("gone", closed).await.unwrap();
         lb.register("b", backend("b").await).await.unwrap();
         for _ in 0..3 {

@@ -38,14 +38,8 @@ impl FakeProvider {
     /// The instance of `member_id` dies on its own.
     pub fn kill(&self, member_id: &str, reason: &str) {
         let mut state = self.state.lock().unwrap();
-        for instance in state
-            .instances
-            .iter_mut()
-            .filter(|i| i.member_id == member_id)
-        {
-            instance.state = InstanceState::Terminated {
-                reason: reason.into(),
-            };
+        for instance in state.instances.iter_mut().filter(|i| i.member_id == member_id) {
+            instance.state = InstanceState::Terminated { reason: reason.into() };
         }
     }
 

@@ -22,6 +22,8 @@ use crate::config::LocalProviderConfig;
 
 struct LocalInstance {
     member_id: String,
+    /// The instance's agent configuration and state.
+    dir: PathBuf,
     group: String,
     address: IpAddr,
     /// The instance's process; its PID is the process group's id.
@@ -43,17 +45,18 @@ impl LocalInstance {
 
 pub struct LocalProvider {
     config: LocalProviderConfig,
+    instances_dir: PathBuf,
     agent_path: PathBuf,
     collector_exe: PathBuf,
     instances: Mutex<HashMap<String, LocalInstance>>,
 }
 
 impl LocalProvider {
-    /// Checks that the agent binary exists; its absence is the operator's to fix.
-    pub fn new(config: LocalProviderConfig) -> Result<Self, CloudError> {
-        let collector_exe = std::env::current_exe().map_err(|e| {
-            CloudError::Permanent(format!("cannot find this executable's path: {e}"))
-        })?;
+    /// Checks that the agent binary exists; its absence is the operator's to fix. Each instance keeps its
+    /// agent's configuration and state in `<instances_dir>/<member_id>/`.
+    pub fn new(config: LocalProviderConfig, instances_dir: PathBuf) -> Result<Self, CloudError> {
+        let collector_exe = std::env::current_exe()
+            .map_err(|e| CloudError::Permanent(format!("cannot find this executable's path: {e}")))?;
         let agent_path = match &config.agent_path {
             Some(path) => path.clone(),
             None => collector_exe.with_file_name("ebb-agent"),
@@ -66,6 +69,7 @@ impl LocalProvider {
         }
         Ok(Self {
             config,
+            instances_dir,
             agent_path,
             collector_exe,
             instances: Mutex::new(HashMap::new()),
@@ -74,19 +78,9 @@ impl LocalProvider {
 
     /// The first `<prefix>.N` that no instance of ours uses and where `port` is free.
     fn free_address(&self, port: u16) -> Result<IpAddr, CloudError> {
-        let taken: Vec<IpAddr> = self
-            .instances
-            .lock()
-            .unwrap()
-            .values()
-            .map(|i| i.address)
-            .collect();
+        let taken: Vec<IpAddr> = self.instances.lock().unwrap().values().map(|i| i.address).collect();
         (1..=254)
-            .filter_map(|n| {
-                format!("{}.{n}", self.config.address_prefix)
-                    .parse::<IpAddr>()
-                    .ok()
-            })
+            .filter_map(|n| format!("{}.{n}", self.config.address_prefix).parse::<IpAddr>().ok())
             .filter(|ip| !taken.contains(ip))
             .find(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, port)).is_ok())
             .ok_or_else(|| {
@@ -123,10 +117,7 @@ impl LocalProvider {
     async fn stop(&self, mut instance: LocalInstance) {
         instance.signal(Signal::SIGTERM);
         let grace = Duration::from_secs(self.config.stop_grace_secs.into());
-        if tokio::time::timeout(grace, instance.workload.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, instance.workload.wait()).await.is_err() {
             tracing::warn!(member = %instance.member_id, "The instance ignored SIGTERM; sending SIGKILL.");
             instance.signal(Signal::SIGKILL);
             let _ = instance.workload.wait().await;
@@ -139,6 +130,7 @@ impl LocalProvider {
         }
         // Anything else left in the group.
         instance.signal(Signal::SIGKILL);
+        let _ = std::fs::remove_dir_all(&instance.dir);
     }
 }
 
@@ -163,16 +155,19 @@ impl Provider for LocalProvider {
         let workload = workload
             .spawn()
             .map_err(|e| CloudError::Permanent(format!("cannot start `{}`: {e}", argv[0])))?;
-        let pid = workload
-            .id()
-            .expect("a process that was just spawned has a pid");
+        let pid = workload.id().expect("a process that was just spawned has a pid");
+        // The VM's "user data": the agent's configuration with this launch's join token, in the instance's
+        // own owner-only directory, which is also the agent's state directory.
+        let dir = self.instances_dir.join(&spec.member_id);
+        if let Err(e) = write_agent_config(&dir, &spec.agent_config) {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            return Err(CloudError::Permanent(format!("cannot write {}: {e}", dir.display())));
+        }
         let agent = Command::new(&self.agent_path)
-            .args([
-                "--member-id",
-                &spec.member_id,
-                "--collector-url",
-                &spec.collector_url,
-            ])
+            .arg("--config")
+            .arg(dir.join("agent.toml"))
+            .arg("--state-dir")
+            .arg(&dir)
             .args([
                 "--cpu-pid",
                 &pid.to_string(),
@@ -180,7 +175,6 @@ impl Provider for LocalProvider {
                 &self.config.instance_cpus.to_string(),
             ])
             .arg("--exit-on-stdin-eof")
-            .env("EBB_CONFIG", "/dev/null")
             .env("EBB_LOG", "warn")
             .process_group(pid as i32)
             .stdin(Stdio::piped())
@@ -190,6 +184,7 @@ impl Provider for LocalProvider {
             .spawn();
         let instance = LocalInstance {
             member_id: spec.member_id.clone(),
+            dir,
             group: spec.group.clone(),
             address,
             workload,
@@ -268,20 +263,27 @@ impl Provider for LocalProvider {
     }
 
     async fn close(&self) {
-        let all: Vec<LocalInstance> = self
-            .instances
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, i)| i)
-            .collect();
+        let all: Vec<LocalInstance> = self.instances.lock().unwrap().drain().map(|(_, i)| i).collect();
         // Signal them all first, so their grace periods run at the same time.
-        all.iter()
-            .for_each(|instance| instance.signal(Signal::SIGTERM));
+        all.iter().for_each(|instance| instance.signal(Signal::SIGTERM));
         for instance in all {
             self.stop(instance).await;
         }
     }
+}
+
+/// Writes `agent.toml` into a new owner-only directory.
+fn write_agent_config(dir: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join("agent.toml"))?
+        .write_all(contents.as_bytes())
 }
 
 impl Drop for LocalProvider {
@@ -289,6 +291,7 @@ impl Drop for LocalProvider {
     fn drop(&mut self) {
         for instance in self.instances.get_mut().unwrap().values() {
             instance.signal(Signal::SIGKILL);
+            let _ = std::fs::remove_dir_all(&instance.dir);
         }
     }
 }
@@ -298,15 +301,19 @@ mod tests {
     use super::*;
 
     fn provider(command: &[&str], prefix: &str) -> LocalProvider {
-        LocalProvider::new(LocalProviderConfig {
-            command: command.iter().map(|s| s.to_string()).collect(),
-            address_prefix: prefix.into(),
-            // Stands in for ebb-agent: takes any arguments and exits.
-            agent_path: Some(PathBuf::from("/bin/true")),
-            instance_cpus: 1.0,
-            stop_grace_secs: 1,
-            log_dir: None,
-        })
+        let instances = std::env::temp_dir().join(format!("ebb-local-test-{}-{prefix}", std::process::id()));
+        LocalProvider::new(
+            LocalProviderConfig {
+                command: command.iter().map(|s| s.to_string()).collect(),
+                address_prefix: prefix.into(),
+                // Stands in for ebb-agent: takes any arguments and exits.
+                agent_path: Some(PathBuf::from("/bin/true")),
+                instance_cpus: 1.0,
+                stop_grace_secs: 1,
+                log_dir: None,
+            },
+            instances,
+        )
         .unwrap()
     }
 
@@ -316,7 +323,8 @@ mod tests {
             member_id: member_id.into(),
             launch_id: format!("{member_id}-1"),
             service_port: 8080,
-            collector_url: "http://127.0.0.1:1".into(),
+            agent_config: "token = \"secret\"\n".into(),
+            user_data: String::new(),
         }
     }
 
@@ -361,16 +369,21 @@ mod tests {
 
     #[tokio::test]
     async fn an_instance_that_ignores_sigterm_is_killed_after_the_grace_period() {
-        let provider = provider(
-            &["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"],
-            "127.0.7",
-        );
+        let provider = provider(&["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"], "127.0.7");
         let instance = provider.launch(&spec("web-1")).await.unwrap();
         let pid = pid_of(&instance);
+        let config = provider.instances_dir.join("web-1/agent.toml");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "the token is owner-only"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(alive(pid));
         provider.terminate(&instance.id).await.unwrap();
         assert!(!alive(pid), "SIGKILL after the grace period");
+        assert!(!config.exists(), "the instance's directory goes with it");
         provider
             .terminate(&instance.id)
             .await
@@ -379,16 +392,16 @@ mod tests {
 
     #[test]
     fn a_missing_agent_is_an_error_that_says_what_to_do() {
-        let error = LocalProvider::new(LocalProviderConfig {
-            agent_path: Some(PathBuf::from("/nonexistent/ebb-agent")),
-            ..provider(&["true"], "127.0.6").config.clone()
-        })
+        let error = LocalProvider::new(
+            LocalProviderConfig {
+                agent_path: Some(PathBuf::from("/nonexistent/ebb-agent")),
+                ..provider(&["true"], "127.0.6").config.clone()
+            },
+            std::env::temp_dir(),
+        )
         .err()
         .unwrap()
         .to_string();
-        assert!(
-            error.contains("cargo build --release -p ebb-agent"),
-            "{error}"
-        );
+        assert!(error.contains("cargo build --release -p ebb-agent"), "{error}");
     }
 }

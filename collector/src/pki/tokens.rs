@@ -1,0 +1,182 @@
+//! Join tokens: 256 random bits, shown once, stored only as a SHA-256 hash, scoped to one group, with an
+//! expiry and a use count. A launch's token is single-use and bound to that launch's member id.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::engine::Millis;
+
+/// Secrets start with this, so that leaked ones are easy to find in logs and repositories.
+pub const TOKEN_PREFIX: &str = "ebbjt_";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    /// Public: the first 12 hex digits of the hash.
+    pub id: String,
+    pub group: String,
+    pub expires_at: Millis,
+    pub uses_left: u32,
+    /// Members enrolled with it are never chosen for scale-in.
+    pub protected: bool,
+    /// The member of the launch it was minted for.
+    pub bound_member: Option<String>,
+}
+
+/// Why a token was refused; `reason` labels the metric. The message never repeats the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRejection {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+#[derive(Default)]
+pub struct TokenStore {
+    by_hash: Mutex<HashMap<String, Token>>,
+}
+
+fn hash(secret: &str) -> String {
+    super::hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
+}
+
+impl TokenStore {
+    /// Mints a token; returns the secret (shown once) and its record.
+    pub fn create(
+        &self,
+        group: &str,
+        now: Millis,
+        ttl_secs: u32,
+        uses: u32,
+        protected: bool,
+        bound_member: Option<String>,
+    ) -> (String, Token) {
+        let mut bytes = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .expect("the system's random source");
+        let secret = format!("{TOKEN_PREFIX}{}", super::hex(&bytes));
+        let hashed = hash(&secret);
+        let token = Token {
+            id: hashed[..12].to_string(),
+            group: group.to_string(),
+            expires_at: now + Millis::from(ttl_secs) * 1000,
+            uses_left: uses,
+            protected,
+            bound_member,
+        };
+        self.by_hash.lock().unwrap().insert(hashed, token.clone());
+        (secret, token)
+    }
+
+    /// Uses the token once for `group` (any group if empty).
+    pub fn redeem(&self, secret: &str, group: &str, now: Millis) -> Result<Token, TokenRejection> {
+        let reject = |reason, message: &str| TokenRejection {
+            reason,
+            message: message.to_string(),
+        };
+        let mut tokens = self.by_hash.lock().unwrap();
+        tokens.retain(|_, t| t.expires_at > now || t.expires_at + 3_600_000 > now);
+        let token = tokens.get_mut(&hash(secret)).ok_or_else(|| {
+            reject(
+                "unknown_token",
+                "the join token is not known to this collector (mistyped, revoked, or for another collector)",
+            )
+        })?;
+        if token.expires_at <= now {
+            return Err(reject(
+                "expired_token",
+                "the join token has expired; ask the operator for a new one",
+            ));
+        }
+        if token.uses_left == 0 {
+            return Err(reject(
+                "used_token",
+                "the join token has already been used; each launch's token is good for one enrolment",
+            ));
+        }
+        if !group.is_empty() && token.group != group {
+            return Err(TokenRejection {
+                reason: "wrong_group",
+                message: format!("the join token is for group `{}`, not `{group}`", token.group),
+            });
+        }
+        token.uses_left -= 1;
+        Ok(token.clone())
+    }
+
+    /// Tokens not yet expired.
+    pub fn list(&self, now: Millis) -> Vec<Token> {
+        let mut tokens: Vec<Token> = self
+            .by_hash
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|t| t.expires_at > now)
+            .cloned()
+            .collect();
+        tokens.sort_by_key(|t| t.expires_at);
+        tokens
+    }
+
+    /// Forgets the token with this public id; false if there is none.
+    pub fn revoke(&self, id: &str) -> bool {
+        let mut tokens = self.by_hash.lock().unwrap();
+        let before = tokens.len();
+        tokens.retain(|_, t| t.id != id);
+        tokens.len() < before
+    }
+
+    /// Forgets every token bound to `member_id` (its launch failed or it was terminated before enrolling).
+    pub fn revoke_bound(&self, member_id: &str) {
+        self.by_hash
+            .lock()
+            .unwrap()
+            .retain(|_, t| t.bound_member.as_deref() != Some(member_id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Millis = 1_800_000_000_000;
+
+    #[test]
+    fn a_single_use_token_works_once() {
+        let store = TokenStore::default();
+        let (secret, token) = store.create("web", NOW, 1800, 1, false, Some("web-4".into()));
+        assert!(secret.starts_with(TOKEN_PREFIX) && secret.len() == TOKEN_PREFIX.len() + 64);
+        assert!(
+            !format!("{token:?}").contains(&secret[TOKEN_PREFIX.len()..]),
+            "the record does not hold the secret"
+        );
+        let redeemed = store.redeem(&secret, "web", NOW + 1000).unwrap();
+        assert_eq!(redeemed.bound_member.as_deref(), Some("web-4"));
+        assert_eq!(
+            store.redeem(&secret, "web", NOW + 2000).unwrap_err().reason,
+            "used_token"
+        );
+    }
+
+    #[test]
+    fn expired_unknown_and_other_group_tokens_are_refused() {
+        let store = TokenStore::default();
+        let (secret, _) = store.create("web", NOW, 60, 5, false, None);
+        assert_eq!(store.redeem(&secret, "db", NOW).unwrap_err().reason, "wrong_group");
+        assert_eq!(
+            store.redeem(&secret, "web", NOW + 60_000).unwrap_err().reason,
+            "expired_token"
+        );
+        let error = store.redeem("ebbjt_0000", "web", NOW).unwrap_err();
+        assert_eq!(error.reason, "unknown_token");
+        assert!(!error.message.contains("ebbjt_0000"), "never echoes the secret");
+    }
+
+    #[test]
+    fn operators_list_and_revoke() {
+        let store = TokenStore::default();
+        let (secret, token) = store.create("web", NOW, 3600, 2, true, None);
+        assert_eq!(store.list(NOW), std::slice::from_ref(&token));
+        assert!(store.revoke(&token.id));
+        assert!(!store.revoke(&token.id));
+        assert_eq!(store.redeem(&secret, "web", NOW).unwrap_err().reason, "unknown_token");
+    }
+}

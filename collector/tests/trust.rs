@@ -1,0 +1,372 @@
+//! Who may enrol, report and administer: every refusal is a clear gRPC status, counted, and stores nothing.
+
+mod common;
+
+use common::Harness;
+use ebb_agent::identity::{self, IdentityError};
+use ebb_proto::v1::admin_client::AdminClient;
+use ebb_proto::v1::enrollment_client::EnrollmentClient;
+use ebb_proto::v1::telemetry_client::TelemetryClient;
+use ebb_proto::v1::{
+    EnrollRequest, Hello, ListGroupsRequest, ReportRequest, RevokeMemberRequest, Sample, SampleBatch, report_request,
+    report_response,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+fn csr() -> Vec<u8> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec()
+}
+
+/// Opens a Report stream as `member_id` and sends one sample; the first response or the refusal.
+async fn report(
+    channel: tonic::transport::Channel,
+    member_id: &str,
+) -> Result<
+    (
+        tonic::Streaming<ebb_proto::v1::ReportResponse>,
+        mpsc::Sender<ReportRequest>,
+    ),
+    tonic::Status,
+> {
+    let (requests, outgoing) = mpsc::channel(4);
+    requests
+        .send(ReportRequest {
+            message: Some(report_request::Message::Hello(Hello {
+                member_id: member_id.into(),
+                run_id: 1,
+                ..Hello::default()
+            })),
+        })
+        .await
+        .unwrap();
+    requests
+        .send(ReportRequest {
+            message: Some(report_request::Message::Batch(SampleBatch {
+                samples: vec![Sample {
+                    seq: 1,
+                    timestamp_ms: ebb_agent::now_ms(),
+                    cpu_busy_percent: Some(10.0),
+                    ..Sample::default()
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+    let stream = TelemetryClient::new(channel)
+        .report(ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    Ok((stream, requests))
+}
+
+#[tokio::test]
+async fn enrolment_issues_a_certificate_whose_fields_the_collector_sets() {
+    let h = Harness::start("").await;
+    let channel = h.channel(h.collector.grpc_address, None).await;
+    // A request asking for a CA, server auth and another name.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["collector.example".to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let greedy = params.serialize_request(&key).unwrap().der().to_vec();
+    let response = EnrollmentClient::new(channel)
+        .enroll(EnrollRequest {
+            token: h.token("web", 600, 1),
+            csr_der: greedy,
+            facts: None,
+            group: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let der: rustls::pki_types::CertificateDer =
+        rustls::pki_types::pem::PemObject::from_pem_slice(response.certificate_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert_ne!(cert.basic_constraints().unwrap().map(|c| c.value.ca), Some(true));
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.client_auth && !eku.server_auth);
+    assert_eq!(
+        cert.subject().iter_common_name().next().unwrap().as_str().unwrap(),
+        response.member_id
+    );
+    assert_eq!(h.metric("ebb_enrollments_total "), 1);
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn tokens_are_single_use_unexpired_and_for_their_group() {
+    let h = Harness::start("").await;
+    let (url, pin) = (h.url(), h.fingerprint());
+    let now = ebb_agent::now_ms();
+    let token = h.token("web", 600, 1);
+    identity::enroll(&url, &pin, &token, "web", now).await.unwrap();
+    let refused = |e: IdentityError| match e {
+        IdentityError::Refused(status) => status,
+        other => panic!("{other}"),
+    };
+    let twice = refused(identity::enroll(&url, &pin, &token, "web", now).await.unwrap_err());
+    assert_eq!(twice.code(), Code::PermissionDenied);
+    assert!(twice.message().contains("already been used"), "{}", twice.message());
+
+    let expired = h.token("web", 0, 1);
+    let status = refused(identity::enroll(&url, &pin, &expired, "web", now).await.unwrap_err());
+    assert!(status.message().contains("expired"), "{}", status.message());
+
+    let for_db = h.token("db", 600, 1);
+    let status = refused(identity::enroll(&url, &pin, &for_db, "web", now).await.unwrap_err());
+    assert!(
+        status.message().contains("for group `db`, not `web`"),
+        "{}",
+        status.message()
+    );
+
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"enroll\",reason=\"used_token\"}"),
+        1
+    );
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"enroll\",reason=\"expired_token\"}"),
+        1
+    );
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"enroll\",reason=\"wrong_group\"}"),
+        1
+    );
+    assert_eq!(h.metric("ebb_enrollments_total "), 1);
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wrong_ca_fingerprint_means_the_token_is_never_sent() {
+    let h = Harness::start("").await;
+    let token = h.token("web", 600, 1);
+    let wrong = "00".repeat(32);
+    let error = identity::enroll(&h.url(), &wrong, &token, "web", ebb_agent::now_ms())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, IdentityError::WrongCa { .. }), "{error}");
+    assert!(error.to_string().contains("refusing to send the join token"));
+    // The token is still unused: it never reached the collector.
+    identity::enroll(&h.url(), &h.fingerprint(), &token, "web", ebb_agent::now_ms())
+        .await
+        .unwrap();
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn reports_need_a_current_certificate_from_this_ca_for_the_member_itself() {
+    let h = Harness::start("").await;
+    let address = h.collector.grpc_address;
+    let alice = h.enroll().await;
+    let bob = h.enroll().await;
+
+    // No client certificate.
+    let status = report(h.channel(address, None).await, &alice.member_id)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(
+        status.message().contains("enrol with a join token first"),
+        "{}",
+        status.message()
+    );
+
+    // A certificate from another CA.
+    let other = Harness::start("").await;
+    let stranger = other.enroll().await;
+    let channel = h.channel(address, Some((&stranger.cert_pem, &stranger.key_pem))).await;
+    let status = report(channel, &stranger.member_id).await.unwrap_err();
+    assert!(
+        status.message().contains("not issued by this collector's CA"),
+        "{}",
+        status.message()
+    );
+
+    // An expired certificate of this CA.
+    let long_ago = ebb_agent::now_ms() - 2 * 24 * 3600 * 1000;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let old = h
+        .collector
+        .authority
+        .pki
+        .issue_member(&csr, "web", &alice.member_id, long_ago)
+        .unwrap();
+    let channel = h.channel(address, Some((&old.pem, &key.serialize_pem()))).await;
+    let status = report(channel, &alice.member_id).await.unwrap_err();
+    assert!(status.message().contains("expired"), "{}", status.message());
+
+    // Bob's certificate, reporting as Alice.
+    let channel = h.channel(address, Some((&bob.cert_pem, &bob.key_pem))).await;
+    let status = report(channel, &alice.member_id).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status
+            .message()
+            .contains(&format!("cannot report as {}", alice.member_id)),
+        "{}",
+        status.message()
+    );
+
+    for reason in [
+        "no_client_certificate",
+        "unknown_issuer",
+        "expired_certificate",
+        "impersonation",
+    ] {
+        let line = format!("ebb_requests_refused_total{{service=\"report\",reason=\"{reason}\"}}");
+        assert_eq!(h.metric(&line), 1, "{reason}");
+    }
+    assert_eq!(h.metric("ebb_samples_ingested_total "), 0, "nothing stored");
+
+    // Alice herself is accepted.
+    let channel = h.channel(address, Some((&alice.cert_pem, &alice.key_pem))).await;
+    let (mut responses, _requests) = report(channel, &alice.member_id).await.unwrap();
+    let mut acked = false;
+    while let Some(message) = responses.message().await.unwrap() {
+        if let Some(report_response::Message::Ack(ack)) = message.message
+            && ack.highest_seq == 1
+        {
+            acked = true;
+            break;
+        }
+    }
+    assert!(acked);
+    other.collector.shutdown().await;
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn revoking_a_member_closes_its_stream_and_denies_its_certificate() {
+    let h = Harness::start("").await;
+    let member = h.enroll().await;
+    let channel = h
+        .channel(h.collector.grpc_address, Some((&member.cert_pem, &member.key_pem)))
+        .await;
+    let (mut responses, _requests) = report(channel.clone(), &member.member_id).await.unwrap();
+    responses.message().await.unwrap().expect("settings");
+
+    let (admin_cert, admin_key) = h.admin_identity();
+    let admin = h
+        .channel(h.collector.admin_address, Some((&admin_cert, &admin_key)))
+        .await;
+    AdminClient::new(admin)
+        .revoke_member(RevokeMemberRequest {
+            member_id: member.member_id.clone(),
+        })
+        .await
+        .unwrap();
+    let closed = loop {
+        match responses.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("closed without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(closed.code(), Code::PermissionDenied);
+    assert!(closed.message().contains("revoked"), "{}", closed.message());
+    let status = report(channel, &member.member_id).await.unwrap_err();
+    assert!(status.message().contains("has been revoked"), "{}", status.message());
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"report\",reason=\"revoked_certificate\"}"),
+        1
+    );
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn renewal_gives_a_new_certificate_and_retires_the_one_before_the_last() {
+    let h = Harness::start("").await;
+    let url = h.url();
+    let first = h.enroll().await;
+    let second = identity::renew(&url, &first, ebb_agent::now_ms()).await.unwrap();
+    assert_ne!(second.cert_pem, first.cert_pem);
+    assert_ne!(second.key_pem, first.key_pem, "a new key each time");
+    let third = identity::renew(&url, &second, ebb_agent::now_ms()).await.unwrap();
+    let address = h.collector.grpc_address;
+    for (identity, accepted) in [(&first, false), (&second, true), (&third, true)] {
+        let channel = h.channel(address, Some((&identity.cert_pem, &identity.key_pem))).await;
+        assert_eq!(report(channel, &identity.member_id).await.is_ok(), accepted);
+    }
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_an_admin_certificate() {
+    let h = Harness::start("").await;
+    let address = h.collector.admin_address;
+    let status = AdminClient::new(h.channel(address, None).await)
+        .list_groups(ListGroupsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let member = h.enroll().await;
+    let status = AdminClient::new(h.channel(address, Some((&member.cert_pem, &member.key_pem))).await)
+        .list_groups(ListGroupsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let (cert, key) = h.admin_identity();
+    let groups = AdminClient::new(h.channel(address, Some((&cert, &key))).await)
+        .list_groups(ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    assert_eq!(groups.len(), 2);
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_messages_and_enrolment_floods_are_refused() {
+    let h = Harness::start("enrollments_per_minute = 3").await;
+    let channel = h.channel(h.collector.grpc_address, None).await;
+    let mut client = EnrollmentClient::new(channel);
+    let huge = EnrollRequest {
+        token: "x".repeat(1024 * 1024),
+        csr_der: csr(),
+        facts: None,
+        group: String::new(),
+    };
+    let status = client.enroll(huge).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+
+    let attempt = || EnrollRequest {
+        token: "ebbjt_guess".into(),
+        csr_der: csr(),
+        facts: None,
+        group: String::new(),
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            client.enroll(attempt()).await.unwrap_err().code(),
+            Code::PermissionDenied
+        );
+    }
+    let status = client.enroll(attempt()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("retry later"), "{}", status.message());
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"enroll\",reason=\"rate_limited\"}"),
+        1
+    );
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"enroll\",reason=\"unknown_token\"}"),
+        3
+    );
+    h.collector.shutdown().await;
+}
