@@ -64,7 +64,8 @@ impl IdentityError {
 }
 
 /// What the agent keeps in its state directory (`identity.toml`, `cert.pem`, `key.pem`, `ca.pem`, all 0600).
-#[derive(Debug, Clone, PartialEq)]
+/// Its `Debug` leaves the key out.
+#[derive(Clone, PartialEq)]
 pub struct Identity {
     pub member_id: String,
     pub group: String,
@@ -73,6 +74,16 @@ pub struct Identity {
     pub ca_pem: String,
     pub issued_at_ms: i64,
     pub not_after_ms: i64,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("member_id", &self.member_id)
+            .field("group", &self.group)
+            .field("not_after_ms", &self.not_after_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -473,6 +484,7 @@ mod tests {
             Some(identity.clone())
         );
         assert_eq!(identity.renew_at_ms(), 3_000);
+        assert!(!format!("{identity:?}").contains("KEY"), "Debug never shows the key");
     }
 
     #[test]

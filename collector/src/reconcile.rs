@@ -243,31 +243,13 @@ impl GroupController {
         self.deps.provider.close().await;
     }
 
+    /// Carries out an operator's or an enrolling VM's request, then publishes the new state before answering.
     async fn handle(&mut self, command: Command, now: Millis) {
         match command {
             Command::SetDesired { desired, reply } => {
-                let result = if (self.config.min_size..=self.config.max_size).contains(&desired) {
-                    let from = self.desired;
-                    self.record(
-                        ActivityKind::SetDesired,
-                        format!("an operator set desired capacity {from} → {desired}"),
-                        Ok(String::new()),
-                        "",
-                        (from, desired),
-                    );
-                    self.desired = desired;
-                    self.last_scaling = Some(now);
-                    self.reconcile(now, "an operator set desired capacity").await;
-                    let connections = self.load_balancer_connections().await;
-                    self.publish(connections);
-                    Ok(self.status.borrow().clone())
-                } else {
-                    Err(format!(
-                        "desired capacity {desired} is outside group {}'s min_size..max_size ({}..{}); change the group's limits in the configuration first",
-                        self.config.name, self.config.min_size, self.config.max_size
-                    ))
-                };
-                let _ = reply.send(result);
+                let result = self.set_desired(desired, now).await;
+                self.refresh_status().await;
+                let _ = reply.send(result.map(|()| self.status.borrow().clone()));
             }
             Command::JoinExternal {
                 facts,
@@ -275,6 +257,7 @@ impl GroupController {
                 reply,
             } => {
                 let result = self.join_external(facts, protected, now).await;
+                self.refresh_status().await;
                 let _ = reply.send(result);
             }
             Command::LeaveExternal { member_id } => {
@@ -282,8 +265,35 @@ impl GroupController {
                     let member = self.members.remove(index);
                     self.deps.ingest.unregister(&member.id).await;
                 }
+                self.refresh_status().await;
             }
         }
+    }
+
+    async fn set_desired(&mut self, desired: u32, now: Millis) -> Result<(), String> {
+        if !(self.config.min_size..=self.config.max_size).contains(&desired) {
+            return Err(format!(
+                "desired capacity {desired} is outside group {}'s min_size..max_size ({}..{}); change the group's limits in the configuration first",
+                self.config.name, self.config.min_size, self.config.max_size
+            ));
+        }
+        let from = self.desired;
+        self.record(
+            ActivityKind::SetDesired,
+            format!("an operator set desired capacity {from} → {desired}"),
+            Ok(String::new()),
+            "",
+            (from, desired),
+        );
+        self.desired = desired;
+        self.last_scaling = Some(now);
+        self.reconcile(now, "an operator set desired capacity").await;
+        Ok(())
+    }
+
+    async fn refresh_status(&self) {
+        let connections = self.load_balancer_connections().await;
+        self.publish(connections);
     }
 
     async fn join_external(
@@ -387,8 +397,7 @@ impl GroupController {
             )
         });
         self.reconcile(now, &cause).await;
-        let connections = self.load_balancer_connections().await;
-        self.publish(connections);
+        self.refresh_status().await;
     }
 
     /// Members whose instance died on its own leave the group; the reconciler replaces them.
@@ -961,6 +970,68 @@ mod tests {
             .unwrap();
         assert_eq!(lost.cause, "the hypervisor failed");
         assert!(h.lb.registered().is_empty());
+    }
+
+    async fn send(
+        h: &mut Harness,
+        command: impl FnOnce(oneshot::Sender<Result<GroupStatus, String>>) -> Command,
+    ) -> GroupStatus {
+        let (reply, answer) = oneshot::channel();
+        h.controller.handle(command(reply), now_ms()).await;
+        answer.await.unwrap().unwrap()
+    }
+
+    async fn join(h: &mut Harness, protected: bool) -> String {
+        let (reply, answer) = oneshot::channel();
+        let facts = ebb_proto::v1::InstanceFacts {
+            hostname: "monitored".into(),
+            addresses: vec!["10.1.1.1".into()],
+            instance_id: "i-hand-made".into(),
+        };
+        h.controller
+            .handle(
+                Command::JoinExternal {
+                    facts,
+                    protected,
+                    reply,
+                },
+                now_ms(),
+            )
+            .await;
+        answer.await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn protected_members_are_never_scaled_in_and_hand_made_ones_are_never_terminated() {
+        let mut h = harness();
+        h.controller.step(now_ms()).await;
+        let monitored = join(&mut h, true).await;
+        let extra = join(&mut h, false).await;
+        assert_eq!(h.handle.status().members.len(), 3);
+        assert_eq!(h.controller.desired, 3, "joined members count toward capacity");
+
+        // Down to 1: the unprotected hand-made member leaves (and keeps running), then ebb's own is terminated.
+        send(&mut h, |reply| Command::SetDesired { desired: 1, reply }).await;
+        let members: Vec<String> = h.handle.status().members.iter().map(|m| m.id.clone()).collect();
+        assert_eq!(
+            members,
+            std::slice::from_ref(&monitored),
+            "only the protected member is left"
+        );
+        assert_eq!(
+            h.provider.calls(),
+            ["launch web-1", "terminate fake-1"],
+            "the provider never hears of hand-made VMs"
+        );
+        let kinds = h.kinds();
+        assert!(kinds.contains(&format!("leave {extra}")), "{kinds:?}");
+
+        // The protected member stays even when desired is below what protection allows.
+        h.controller.config.min_size = 0;
+        h.controller.engine.min_size = 0;
+        send(&mut h, |reply| Command::SetDesired { desired: 0, reply }).await;
+        assert_eq!(h.handle.status().members.len(), 1);
+        assert!(h.handle.status().members[0].protected);
     }
 
     #[tokio::test]

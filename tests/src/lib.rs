@@ -137,3 +137,23 @@ pub fn free_port() -> u16 {
 pub fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
+
+/// A third-party tool from `scripts/test-tools`, installing it on first use.
+pub fn test_tool(name: &str) -> PathBuf {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join("target/test-tools/bin").join(name);
+    if !path.exists() {
+        INSTALLED.get_or_init(|| {
+            let status = Command::new(root.join("scripts/test-tools"))
+                .status()
+                .expect("run scripts/test-tools");
+            assert!(
+                status.success(),
+                "scripts/test-tools failed; it needs PyPI and Debian's package mirror"
+            );
+        });
+    }
+    assert!(path.exists(), "{} is missing after scripts/test-tools", path.display());
+    path
+}

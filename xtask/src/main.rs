@@ -151,6 +151,13 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
         );
     }
     let bin = build_release()?;
+    // The agent as it ships: `--profile agent` (see Cargo.toml).
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args(["build", "--profile", "agent", "-p", "ebb-agent"])
+        .status()?;
+    ensure!(status.success(), "cargo build --profile agent failed");
+    let shipped_agent = root().join("target/agent/ebb-agent");
     let dir = std::env::temp_dir().join(format!("ebb-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
@@ -161,7 +168,12 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
         .replace("127.0.1", "127.0.9")
         .replace("127.0.0.1:7300", &format!("127.0.0.1:{}", free_port()?))
         .replace("127.0.0.1:7301", &format!("127.0.0.1:{}", free_port()?))
-        .replace("127.0.0.1:8000", &format!("127.0.0.1:{}", free_port()?));
+        .replace("127.0.0.1:7302", &format!("127.0.0.1:{}", free_port()?))
+        .replace("127.0.0.1:8000", &format!("127.0.0.1:{}", free_port()?))
+        .replace(
+            "/var/lib/ebb",
+            dir.join("state").to_str().context("temporary directory")?,
+        );
     let config_path = dir.join("collector.toml");
     std::fs::write(&config_path, config)?;
     let _collector = Guard(
@@ -174,7 +186,8 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     let provider_agent = loop {
-        if let Some(pid) = find_process("ebb-agent --member-id web-1") {
+        // The agent runs with `--config <state>/local/web-1/agent.toml` once the member has launched.
+        if let Some(pid) = find_process("/local/web-1/agent.toml") {
             break pid;
         }
         ensure!(
@@ -195,7 +208,14 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
             .and_then(|i| words.get(i + 1))
             .map(|w| w.to_string())
     };
-    let collector_url = after("--collector-url").context("agent's --collector-url")?;
+    let agent_config = after("--config").context("agent's --config")?;
+    let agent_state = after("--state-dir").context("agent's --state-dir")?;
+    // Enrolled: its identity is in the state directory and the token gone from its configuration.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !Path::new(&agent_state).join("identity.toml").exists() {
+        ensure!(Instant::now() < deadline, "the agent did not enrol within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let workload_pid = after("--cpu-pid").context("agent's --cpu-pid")?;
     let _ = Command::new("kill")
         .args(["-KILL", &provider_agent.to_string()])
@@ -227,10 +247,9 @@ fn bench_agent(args: &[String]) -> anyhow::Result<()> {
     let mut failures = 0;
     for (name, extra) in variants {
         let agent = Guard(
-            Command::new(bin.join("ebb-agent"))
-                .args(["--member-id", "web-1", "--collector-url", &collector_url])
+            Command::new(&shipped_agent)
+                .args(["--config", &agent_config, "--state-dir", &agent_state])
                 .args(&extra)
-                .env("EBB_CONFIG", "/dev/null")
                 .env("EBB_LOG", "warn")
                 .stdin(Stdio::null())
                 .spawn()?,
