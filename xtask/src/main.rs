@@ -2,6 +2,8 @@
 //! - `demo [ARGS]`: build the release binaries and run `ebb-collector demo ARGS`.
 //! - `bench agent [--secs N]`: the agent's memory and CPU at a 1 s interval with one HTTP check and its
 //!   stream open, side by side with Debian's prometheus-node-exporter scraped once a second.
+//! - `bench enroll [--agents N]`, `bench ingest [--max N] [--secs N]`: many agents against one collector
+//!   (`fleet.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
+mod fleet;
+
 /// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ, 100 on every supported Linux).
 const USER_HZ: f64 = 100.0;
 const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
@@ -21,7 +25,11 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("demo") => demo(&args[1..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("agent") => bench_agent(&args[2..]),
-        _ => bail!("usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N]"),
+        Some("bench") if args.get(1).map(String::as_str) == Some("enroll") => fleet::bench_enroll(&args[2..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("ingest") => fleet::bench_ingest(&args[2..]),
+        _ => bail!(
+            "usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N] | bench enroll [--agents N] | bench ingest [--max N] [--secs N]"
+        ),
     }
 }
 
