@@ -85,7 +85,12 @@ pub struct EnrollmentConfig {
     /// The one-time join token; the agent removes it from this file once enrolled.
     pub token: Option<String>,
     /// SHA-256 of the collector's CA certificate (`ebb-collector ca show`): the only CA the agent trusts.
+    #[serde(default)]
     pub ca_sha256: String,
+    /// Without a token here: fetch this VM's user data (as ebb renders it) from the cloud's metadata service.
+    pub user_data_source: Option<crate::metadata::UserDataSource>,
+    /// The metadata service's base URL, if not the usual one (CloudStack: the default gateway).
+    pub metadata_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -248,6 +253,8 @@ impl Cli {
             let mut enrollment = config.enrollment.take().unwrap_or(EnrollmentConfig {
                 token: None,
                 ca_sha256: String::new(),
+                user_data_source: None,
+                metadata_url: None,
             });
             if let Some(token) = &self.enroll_token {
                 enrollment.token = Some(token.clone());

@@ -29,7 +29,7 @@ pub enum IdentityError {
     WrongCa { url: String, expected: String },
     /// No identity yet and nothing to enrol with.
     #[error(
-        "this agent is not enrolled: set [enrollment] token and ca_sha256 (from the VM's user data, or `ebb-collector user-data`)"
+        "this agent is not enrolled: set [enrollment] token and ca_sha256 (from the VM's user data, or `ebb-collector user-data`), or [enrollment] user_data_source to fetch them"
     )]
     NotEnrolled,
     /// The collector refused; the message says why.
@@ -67,6 +67,8 @@ impl IdentityError {
 /// Its `Debug` leaves the key out.
 #[derive(Clone, PartialEq)]
 pub struct Identity {
+    /// The collector it enrolled with, which it reports to from then on.
+    pub collector_url: String,
     pub member_id: String,
     pub group: String,
     pub cert_pem: String,
@@ -89,6 +91,7 @@ impl std::fmt::Debug for Identity {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IdentityFile {
+    collector_url: String,
     member_id: String,
     group: String,
     issued_at_ms: i64,
@@ -109,6 +112,7 @@ impl Identity {
         let file: IdentityFile = toml::from_str(&read("identity.toml")?)
             .map_err(|e| IdentityError::Invalid(format!("{}: {e}", path.display())))?;
         Ok(Some(Self {
+            collector_url: file.collector_url,
             member_id: file.member_id,
             group: file.group,
             cert_pem: read("cert.pem")?,
@@ -131,6 +135,7 @@ impl Identity {
             .create(dir)
             .map_err(file_error(dir))?;
         let file = IdentityFile {
+            collector_url: self.collector_url.clone(),
             member_id: self.member_id.clone(),
             group: self.group.clone(),
             issued_at_ms: self.issued_at_ms,
@@ -315,6 +320,18 @@ pub async fn enroll(
     group: &str,
     now_ms: i64,
 ) -> Result<Identity, IdentityError> {
+    enroll_as(url, ca_sha256, token, group, "", now_ms).await
+}
+
+/// [`enroll`], telling the collector the cloud's instance id.
+pub async fn enroll_as(
+    url: &str,
+    ca_sha256: &str,
+    token: &str,
+    group: &str,
+    instance_id: &str,
+    now_ms: i64,
+) -> Result<Identity, IdentityError> {
     let ca_pem = pin_ca(url, ca_sha256).await?;
     let (key, csr_der) = key_and_csr()?;
     let channel = channel(
@@ -326,13 +343,17 @@ pub async fn enroll(
         .enroll(EnrollRequest {
             token: token.to_string(),
             csr_der,
-            facts: Some(instance_facts(url)),
+            facts: Some(InstanceFacts {
+                instance_id: instance_id.to_string(),
+                ..instance_facts(url)
+            }),
             group: group.to_string(),
         })
         .await
         .map_err(IdentityError::Refused)?
         .into_inner();
     Ok(Identity {
+        collector_url: url.to_string(),
         member_id: response.member_id,
         group: response.group,
         cert_pem: response.certificate_pem,
@@ -463,6 +484,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Identity::load(dir.path()).unwrap(), None);
         let identity = Identity {
+            collector_url: "https://c:7300".into(),
             member_id: "web-3".into(),
             group: "web".into(),
             cert_pem: "CERT".into(),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpu;
 pub mod health;
 pub mod identity;
+pub mod metadata;
 pub mod outbox;
 pub mod procfs;
 pub mod sampler;
@@ -93,23 +94,38 @@ pub async fn obtain_identity(config: &AgentConfig) -> Result<Identity, IdentityE
     if let Some(identity) = Identity::load(&config.state_dir)? {
         return Ok(identity);
     }
-    let Some(enrollment) = &config.enrollment else {
-        return Err(IdentityError::NotEnrolled);
-    };
-    let Some(token) = &enrollment.token else {
-        return Err(IdentityError::NotEnrolled);
+    let enrollment = config.enrollment.as_ref().ok_or(IdentityError::NotEnrolled)?;
+    // The token and where to use it: from this file, or from the user data in the metadata service (kept in
+    // memory only).
+    let (url, group, pin, token, instance_id) = match (&enrollment.token, enrollment.user_data_source) {
+        (Some(token), _) => (
+            config.collector_url.clone(),
+            config.group.clone(),
+            enrollment.ca_sha256.clone(),
+            token.clone(),
+            String::new(),
+        ),
+        (None, Some(source)) => {
+            let fetched = metadata::fetch(source, enrollment.metadata_url.as_deref()).await?;
+            let text = metadata::agent_config_in(&fetched.user_data)
+                .ok_or_else(|| IdentityError::Invalid("the user data holds no ebb agent configuration".into()))?;
+            let from_user_data: AgentConfig = config::parse_toml(std::path::Path::new("(user data)"), &text)
+                .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+            let inner = from_user_data.enrollment.ok_or(IdentityError::NotEnrolled)?;
+            let token = inner.token.ok_or(IdentityError::NotEnrolled)?;
+            (
+                from_user_data.collector_url,
+                from_user_data.group,
+                inner.ca_sha256,
+                token,
+                fetched.instance_id,
+            )
+        }
+        (None, None) => return Err(IdentityError::NotEnrolled),
     };
     let mut backoff = backoff(config);
     loop {
-        match identity::enroll(
-            &config.collector_url,
-            &enrollment.ca_sha256,
-            token,
-            &config.group,
-            now_ms(),
-        )
-        .await
-        {
+        match identity::enroll_as(&url, &pin, &token, &group, &instance_id, now_ms()).await {
             Ok(identity) => {
                 identity.save(&config.state_dir)?;
                 if let Some(path) = &config.source {
@@ -135,7 +151,7 @@ async fn keep_renewed(config: AgentConfig, identity: Arc<RwLock<Identity>>) {
         let current = identity.read().expect("identity lock").clone();
         let wait = (current.renew_at_ms() - now_ms()).max(0) as u64;
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        match identity::renew(&config.collector_url, &current, now_ms()).await {
+        match identity::renew(&current.collector_url, &current, now_ms()).await {
             Ok(renewed) => {
                 if let Err(e) = renewed.save(&config.state_dir) {
                     tracing::error!(error = %e, "Cannot save the renewed certificate; keeping it in memory.");

@@ -39,9 +39,12 @@ impl Connection {
         settings: watch::Sender<Settings>,
     ) -> Self {
         let mut random = Random::from_entropy();
-        let member_id = identity.read().expect("identity lock").member_id.clone();
+        let (member_id, url) = {
+            let identity = identity.read().expect("identity lock");
+            (identity.member_id.clone(), identity.collector_url.clone())
+        };
         Self {
-            url: config.collector_url.clone(),
+            url,
             identity,
             hello: Hello {
                 member_id,

@@ -28,9 +28,11 @@ fn sample(seq: u64, start_ms: i64) -> Sample {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_sample_is_lost_or_stored_twice_across_outages() {
     let harness = Harness::start("").await;
-    let identity = harness.enroll().await;
+    let mut identity = harness.enroll().await;
     let mut relay = Relay::start(harness.collector.grpc_address).await;
     relay.cut().await;
+    // From now on the agent reaches its collector only through the relay.
+    identity.collector_url = format!("https://{}", relay.address);
     let config = AgentConfig {
         collector_url: format!("https://{}", relay.address),
         reconnect: ReconnectConfig {

@@ -370,3 +370,68 @@ async fn oversized_messages_and_enrolment_floods_are_refused() {
     );
     h.collector.shutdown().await;
 }
+
+/// A fake OpenStack metadata service serving `user_data` and an instance uuid.
+async fn openstack_metadata(user_data: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let n = socket.read(&mut buf).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).to_string();
+            let body = if request.starts_with("GET /openstack/latest/user_data ") {
+                user_data.clone()
+            } else {
+                r#"{"uuid": "8d1f2a3b-os"}"#.to_string()
+            };
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        }
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test]
+async fn an_agent_enrols_from_user_data_in_the_metadata_service_and_never_writes_the_token() {
+    let h = Harness::start("").await;
+    let token = h.token("web", 600, 1);
+    let agent_toml = ebb_collector::userdata::agent_config(&h.url(), &h.fingerprint(), &token, "web");
+    let user_data = ebb_collector::userdata::render(ebb_collector::userdata::UserDataFormat::CloudConfig, &agent_toml);
+    let metadata_url = openstack_metadata(user_data).await;
+
+    let state = tempfile::tempdir().unwrap();
+    let config: ebb_agent::config::AgentConfig = ebb_agent::config::parse_toml(
+        std::path::Path::new("agent.toml"),
+        &format!(
+            "state_dir = \"{}\"\n[enrollment]\nuser_data_source = \"openstack\"\nmetadata_url = \"{metadata_url}\"\n",
+            state.path().display()
+        ),
+    )
+    .unwrap();
+    let identity = ebb_agent::obtain_identity(&config).await.unwrap();
+    assert_eq!(identity.group, "web");
+    assert_eq!(identity.collector_url, h.url());
+    let member = h.collector.groups["web"]
+        .status()
+        .members
+        .into_iter()
+        .find(|m| m.id == identity.member_id)
+        .unwrap();
+    assert_eq!(
+        member.instance_id, "8d1f2a3b-os",
+        "the instance id from the metadata service reaches the collector"
+    );
+    for entry in std::fs::read_dir(state.path()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        assert!(!text.contains(&token), "the token was written to disk");
+    }
+    // A restart finds the saved identity and needs neither the metadata service nor a token.
+    let again = ebb_agent::obtain_identity(&config).await.unwrap();
+    assert_eq!(again.member_id, identity.member_id);
+    h.collector.shutdown().await;
+}

@@ -43,7 +43,10 @@ fn start_collector(bin: &Path, capacity: u32) -> anyhow::Result<Fleet> {
     let dir = std::env::temp_dir().join(format!("ebb-fleet-{}", std::process::id()));
     let state = dir.join("state");
     std::fs::create_dir_all(&dir)?;
-    let (grpc, admin) = (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
+    let (grpc, admin) = (
+        format!("127.0.0.1:{}", free_port()?),
+        format!("127.0.0.1:{}", free_port()?),
+    );
     let config = format!(
         r#"
         [server]
@@ -90,8 +93,21 @@ fn start_collector(bin: &Path, capacity: u32) -> anyhow::Result<Fleet> {
         ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
     };
-    let token = admin_command(&["token", "create", "--group", "web", "--ttl-secs", "3600", "--uses", &capacity.to_string()])?;
-    let fingerprint = admin_command(&["ca", "show"])?.split_whitespace().next().context("fingerprint")?.to_string();
+    let token = admin_command(&[
+        "token",
+        "create",
+        "--group",
+        "web",
+        "--ttl-secs",
+        "3600",
+        "--uses",
+        &capacity.to_string(),
+    ])?;
+    let fingerprint = admin_command(&["ca", "show"])?
+        .split_whitespace()
+        .next()
+        .context("fingerprint")?
+        .to_string();
     Ok(Fleet {
         _collector: collector,
         pid,
@@ -126,7 +142,12 @@ async fn enroll_many(fleet: &Fleet, n: u32) -> anyhow::Result<(Vec<Identity>, Du
         }
     }
     let elapsed = started.elapsed();
-    ensure!(failures.is_empty(), "{} enrolments failed, first: {}", failures.len(), failures[0]);
+    ensure!(
+        failures.is_empty(),
+        "{} enrolments failed, first: {}",
+        failures.len(),
+        failures[0]
+    );
     Ok((identities, elapsed))
 }
 
@@ -144,7 +165,9 @@ pub fn bench_enroll(args: &[String]) -> anyhow::Result<()> {
     let (collector_cpu, rss) = usage(fleet.pid)?;
     let (own_cpu, _) = usage(std::process::id())?;
     let rate = f64::from(n) / elapsed.as_secs_f64();
-    println!("| agents enrolling at once | all enrolled in | enrolments/s | collector CPU | generator CPU | collector RSS after |");
+    println!(
+        "| agents enrolling at once | all enrolled in | enrolments/s | collector CPU | generator CPU | collector RSS after |"
+    );
     println!("|---|---|---|---|---|---|");
     println!(
         "| {n} | {:.2} s | {rate:.0} | {:.1} s | {:.1} s | {:.1} MiB |",
@@ -159,9 +182,17 @@ pub fn bench_enroll(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// One simulated agent: its own mTLS connection and stream, one sample a second; records send→ack latency.
-async fn simulate(url: String, identity: Identity, latencies: Arc<Mutex<Vec<u32>>>, start_after: Duration) -> anyhow::Result<()> {
+async fn simulate(
+    url: String,
+    identity: Identity,
+    latencies: Arc<Mutex<Vec<u32>>>,
+    start_after: Duration,
+) -> anyhow::Result<()> {
     tokio::time::sleep(start_after).await;
-    let channel = Endpoint::from_shared(url)?.tls_config(identity.client_tls())?.connect().await?;
+    let channel = Endpoint::from_shared(url)?
+        .tls_config(identity.client_tls())?
+        .connect()
+        .await?;
     let (requests, outgoing) = mpsc::channel(4);
     let hello = Hello {
         member_id: identity.member_id.clone(),
@@ -169,8 +200,15 @@ async fn simulate(url: String, identity: Identity, latencies: Arc<Mutex<Vec<u32>
         boot_id: String::new(),
         run_id: 1,
     };
-    requests.send(ReportRequest { message: Some(report_request::Message::Hello(hello)) }).await?;
-    let mut responses = TelemetryClient::new(channel).report(ReceiverStream::new(outgoing)).await?.into_inner();
+    requests
+        .send(ReportRequest {
+            message: Some(report_request::Message::Hello(hello)),
+        })
+        .await?;
+    let mut responses = TelemetryClient::new(channel)
+        .report(ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut sent: Option<(u64, Instant)> = None;
     let mut seq = 0u64;
@@ -206,14 +244,19 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 pub fn bench_ingest(args: &[String]) -> anyhow::Result<()> {
     let max = flag(args, "--max", 10_000)?;
     let secs = u64::from(flag(args, "--secs", 20)?);
-    let steps: Vec<u32> = [1000, 2500, 5000, 7500, 10_000, 15_000].into_iter().filter(|s| *s <= max).collect();
+    let steps: Vec<u32> = [1000, 2500, 5000, 7500, 10_000, 15_000]
+        .into_iter()
+        .filter(|s| *s <= max)
+        .collect();
     let bin = build_release()?;
     let fleet = start_collector(&bin, max)?;
     let runtime = runtime()?;
     let (_, baseline_rss) = usage(fleet.pid)?;
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let mut agents = 0u32;
-    println!("| agents connected | p50 send→ack | p99 send→ack | collector CPU (% of one core) | collector RSS | per agent | generator CPU |");
+    println!(
+        "| agents connected | p50 send→ack | p99 send→ack | collector CPU (% of one core) | collector RSS | per agent | generator CPU |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for step in steps {
         let (identities, _) = runtime.block_on(enroll_many(&fleet, step - agents))?;
