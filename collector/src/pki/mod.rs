@@ -343,11 +343,13 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// 16 random bytes, positive (high bit clear).
+/// 16 random bytes, positive (high bit clear) and with a non-zero first byte, so that DER encodes all 16
+/// bytes as they are: a leading zero would be dropped, and the serial read back from the certificate would
+/// no longer match the one recorded at issue.
 fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("the system's random source");
-    bytes[0] &= 0x7f;
+    bytes[0] = (bytes[0] & 0x7f).max(1);
     SerialNumber::from_slice(&bytes)
 }
 
@@ -526,6 +528,21 @@ pub(crate) mod tests {
             ours.verify_client(&[], NOW).unwrap_err().reason,
             "no_client_certificate"
         );
+    }
+
+    /// The serial recorded at issue is the one a verifier reads from the certificate, every time.
+    #[test]
+    fn issued_serials_read_back_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path());
+        let (_, csr) = greedy_csr();
+        for _ in 0..1000 {
+            let issued = pki.issue_member(&csr, "web", "web-1", NOW).unwrap();
+            let Some(ClientIdentity::Member { serial, .. }) = identity_of(&der(&issued.pem)) else {
+                panic!()
+            };
+            assert_eq!(serial, issued.serial);
+        }
     }
 
     #[test]
