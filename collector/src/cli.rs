@@ -31,9 +31,9 @@ pub struct Cli {
 /// How operator commands reach the Admin API: TLS with an admin certificate.
 #[derive(Debug, Clone, Args)]
 pub struct AdminConnection {
-    /// The collector's Admin API.
-    #[arg(long, global = true, env = "EBB_SERVER", default_value = "https://127.0.0.1:7302")]
-    pub server: String,
+    /// The collector's Admin API: `https://host:port` or `unix:/path`; default: `<state-dir>/admin.sock`.
+    #[arg(long, global = true, env = "EBB_SERVER")]
+    pub server: Option<String>,
     /// The collector's state directory: `ca.pem`, `admin.pem` and `admin.key` are read from it unless given.
     #[arg(long, global = true, env = "EBB_STATE_DIR", default_value = "/var/lib/ebb")]
     pub state_dir: PathBuf,
@@ -68,16 +68,39 @@ impl AdminConnection {
                 read(self.path(&self.cert, "admin.pem"))?,
                 read(self.path(&self.key, "admin.key"))?,
             ));
-        let channel = Endpoint::from_shared(self.server.clone())?
-            .tls_config(tls)?
-            .connect()
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach the collector's Admin API at {}: {e}; is it running? (--server / EBB_SERVER)",
-                    self.server
-                )
-            })?;
+        let socket = match self.server.as_deref() {
+            None => Some(self.state_dir.join("admin.sock")),
+            Some(server) => server.strip_prefix("unix:").map(PathBuf::from),
+        };
+        let target = socket.as_ref().map_or_else(
+            || self.server.clone().unwrap_or_default(),
+            |s| format!("unix:{}", s.display()),
+        );
+        let unreachable = |e: tonic::transport::Error| {
+            anyhow::anyhow!(
+                "cannot reach the collector's Admin API at {target}: {e}; is it running? (--server / EBB_SERVER, --state-dir)"
+            )
+        };
+        let channel = match socket {
+            // TLS over the Unix socket too: the server certificate names `localhost`.
+            Some(path) => Endpoint::from_static("https://localhost")
+                .tls_config(tls.domain_name("localhost"))?
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await
+                .map_err(unreachable)?,
+            None => Endpoint::from_shared(target.clone())?
+                .tls_config(tls)?
+                .connect()
+                .await
+                .map_err(unreachable)?,
+        };
         Ok(AdminClient::new(channel))
     }
 }

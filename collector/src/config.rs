@@ -47,9 +47,10 @@ pub struct ServerConfig {
     /// gRPC over TLS: agents' enrolment and telemetry.
     #[serde(default = "default_grpc_listen")]
     pub grpc_listen: SocketAddr,
-    /// gRPC over TLS for operators: the Admin API, which requires an admin certificate.
-    #[serde(default = "default_admin_listen")]
-    pub admin_listen: SocketAddr,
+    /// The Admin API (TLS, an admin certificate required) on a Unix socket; default `<state_dir>/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// The Admin API on TCP as well, for operators on other machines; off unless set.
+    pub admin_listen: Option<SocketAddr>,
     /// HTTP: Prometheus `/metrics`.
     #[serde(default = "default_http_listen")]
     pub http_listen: SocketAddr,
@@ -73,6 +74,14 @@ pub struct ServerConfig {
     /// Enrolment attempts allowed per remote address per minute.
     #[serde(default = "default_enrollments_per_minute")]
     pub enrollments_per_minute: u32,
+}
+
+impl ServerConfig {
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("admin.sock"))
+    }
 }
 
 impl Default for ServerConfig {
@@ -204,9 +213,6 @@ fn default_grpc_listen() -> SocketAddr {
 }
 fn default_http_listen() -> SocketAddr {
     "127.0.0.1:7301".parse().unwrap()
-}
-fn default_admin_listen() -> SocketAddr {
-    "127.0.0.1:7302".parse().unwrap()
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/ebb")

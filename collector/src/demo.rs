@@ -108,7 +108,8 @@ fn demo_config(args: &DemoArgs, state_dir: &Path) -> anyhow::Result<config::Coll
     };
     config.server.grpc_listen.set_port(0);
     config.server.http_listen.set_port(0);
-    config.server.admin_listen.set_port(0);
+    config.server.admin_listen = None;
+    config.server.admin_socket = None;
     config.server.state_dir = state_dir.to_path_buf();
     for group in &mut config.groups {
         let LoadBalancerConfig::Builtin { listen } = &mut group.load_balancer;
@@ -214,7 +215,7 @@ impl View {
             println!(
                 "{}",
                 json!({"elapsed_secs": 0.0, "group": group, "load_balancer": front.to_string(),
-                       "grpc": collector.grpc_address.to_string(), "admin": collector.admin_address.to_string(),
+                       "grpc": collector.grpc_address.to_string(), "admin": collector.admin_socket,
                        "state_dir": collector.state_dir,
                        "metrics": format!("http://{}/metrics", collector.http_address)})
             );
@@ -223,8 +224,7 @@ impl View {
             println!("  load balancer  http://{front}/work");
             println!("  metrics        http://{}/metrics", collector.http_address);
             println!(
-                "  admin          ebb-collector --server https://{} --state-dir {} activities",
-                collector.admin_address,
+                "  admin          ebb-collector --state-dir {} activities",
                 collector.state_dir.display()
             );
             println!("  Ctrl-C stops the demo and every process it started.\n");

@@ -52,7 +52,9 @@ const MIN_RETENTION_MS: i64 = 10 * 60 * 1000;
 /// local provider's processes to their stdin-close fallback.
 pub struct Collector {
     pub grpc_address: SocketAddr,
-    pub admin_address: SocketAddr,
+    /// The Admin API's Unix socket, and its TCP address if `server.admin_listen` is set.
+    pub admin_socket: std::path::PathBuf,
+    pub admin_address: Option<SocketAddr>,
     /// The URL agents use.
     pub collector_url: String,
     pub authority: Arc<Authority>,
@@ -68,7 +70,7 @@ pub struct Collector {
     stop: watch::Sender<bool>,
     controllers: Vec<JoinHandle<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
-    admin_server: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin_servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     metrics_server: JoinHandle<()>,
 }
 
@@ -95,10 +97,17 @@ impl Collector {
             .await
             .with_context(|| format!("cannot listen on server.http_listen {}", config.server.http_listen))?;
         let http_address = http.local_addr()?;
-        let admin = TcpListener::bind(config.server.admin_listen)
-            .await
-            .with_context(|| format!("cannot listen on server.admin_listen {}", config.server.admin_listen))?;
-        let admin_address = admin.local_addr()?;
+        let admin_socket = config.server.admin_socket();
+        let admin_unix = bind_admin_socket(&admin_socket)?;
+        let admin_tcp = match config.server.admin_listen {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on server.admin_listen {address}"))?,
+            ),
+            None => None,
+        };
+        let admin_address = admin_tcp.as_ref().map(|l| l.local_addr()).transpose()?;
         let collector_url = config
             .server
             .advertise_url
@@ -190,18 +199,27 @@ impl Collector {
                 .add_service(reflection_v1alpha.clone())
                 .serve_with_incoming_shutdown(tls::incoming(grpc, tls.clone()), stopped(stop_rx.clone())),
         );
-        let admin_server = tokio::spawn(
+        let admin_router = || {
             tonic::transport::Server::builder()
-                .add_service(admin_service)
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .serve_with_incoming_shutdown(tls::incoming(admin, tls), stopped(stop_rx.clone())),
-        );
+                .add_service(admin_service.clone())
+                .add_service(health_service.clone())
+                .add_service(reflection_v1.clone())
+                .add_service(reflection_v1alpha.clone())
+        };
+        let mut admin_servers = vec![tokio::spawn(
+            admin_router()
+                .serve_with_incoming_shutdown(tls::incoming(admin_unix, tls.clone()), stopped(stop_rx.clone())),
+        )];
+        if let Some(listener) = admin_tcp {
+            admin_servers.push(tokio::spawn(
+                admin_router().serve_with_incoming_shutdown(tls::incoming(listener, tls), stopped(stop_rx.clone())),
+            ));
+        }
         let metrics_server = tokio::spawn(metrics::serve(http, metrics.clone()));
-        tracing::info!(grpc = %grpc_address, admin = %admin_address, http = %http_address, groups = groups.len(), ca_sha256 = %authority.pki.fingerprint(), "Collector started.");
+        tracing::info!(grpc = %grpc_address, admin = %admin_socket.display(), admin_tcp = ?admin_address, http = %http_address, groups = groups.len(), ca_sha256 = %authority.pki.fingerprint(), "Collector started.");
         Ok(Self {
             grpc_address,
+            admin_socket,
             admin_address,
             collector_url,
             authority,
@@ -215,7 +233,7 @@ impl Collector {
             stop,
             controllers,
             server,
-            admin_server,
+            admin_servers,
             metrics_server,
         })
     }
@@ -229,7 +247,10 @@ impl Collector {
         self.metrics_server.abort();
         // Agents' streams keep the gRPC server's graceful shutdown waiting; they are gone or going now.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.server).await;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.admin_server).await;
+        for admin in self.admin_servers {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), admin).await;
+        }
+        let _ = std::fs::remove_file(&self.admin_socket);
         tracing::info!("Collector stopped.");
     }
 }
@@ -238,9 +259,14 @@ impl Collector {
 /// certificate in the state directory for the local CLI.
 fn authority(server: &config::ServerConfig) -> anyhow::Result<Authority> {
     let lifetime = std::time::Duration::from_secs(server.member_cert_lifetime_secs.into());
+    // The Admin API's Unix socket is reached as `localhost`.
+    let mut names = server.tls_names.clone();
+    if !names.iter().any(|n| n == "localhost") {
+        names.push("localhost".into());
+    }
     let pki = match (&server.ca_cert, &server.ca_key) {
-        (Some(cert), Some(key)) => Pki::from_files(cert, key, &server.tls_names, lifetime)?,
-        _ => Pki::load_or_create(&server.state_dir, &server.tls_names, lifetime)?,
+        (Some(cert), Some(key)) => Pki::from_files(cert, key, &names, lifetime)?,
+        _ => Pki::load_or_create(&server.state_dir, &names, lifetime)?,
     };
     let admin_cert = server.state_dir.join("admin.pem");
     if !admin_cert.exists() {
@@ -254,4 +280,25 @@ fn authority(server: &config::ServerConfig) -> anyhow::Result<Authority> {
         server.launch_token_ttl_secs,
         server.enrollments_per_minute,
     ))
+}
+
+/// The Admin API's Unix socket, owner-only. A stale socket left by a crash is replaced; a live one means
+/// another collector uses this state directory.
+fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        anyhow::ensure!(
+            std::os::unix::net::UnixStream::connect(path).is_err(),
+            "{} is in use: another collector runs with this state directory",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }

@@ -206,8 +206,12 @@ pub struct EnrollmentService {
 impl Enrollment for EnrollmentService {
     async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
         let now = now_ms();
-        if let Some(peer) = request.extensions().get::<PeerInfo>()
-            && !self.authority.allow_enrollment(peer.remote.ip(), now)
+        if let Some(address) = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.remote)
+            .map(|r| r.ip())
+            && !self.authority.allow_enrollment(address, now)
         {
             return Err(refuse(
                 &self.metrics,
@@ -215,8 +219,7 @@ impl Enrollment for EnrollmentService {
                 "rate_limited",
                 Status::resource_exhausted(format!(
                     "more than {} enrolment attempts from {} this minute; retry later",
-                    self.authority.enrollments_per_minute,
-                    peer.remote.ip()
+                    self.authority.enrollments_per_minute, address
                 )),
             ));
         }

@@ -16,7 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -28,18 +28,19 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a handler knows about the other end; tonic puts it in each request's extensions.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
-    pub remote: SocketAddr,
+    /// `None` on the Unix socket.
+    pub remote: Option<SocketAddr>,
     /// The client's certificate chain, leaf first; empty without one. Not yet verified.
     pub certs: Arc<Vec<CertificateDer<'static>>>,
 }
 
 /// One accepted TLS connection.
-pub struct TlsConnection {
-    stream: TlsStream<TcpStream>,
+pub struct TlsConnection<Io> {
+    stream: TlsStream<Io>,
     info: PeerInfo,
 }
 
-impl Connected for TlsConnection {
+impl<Io> Connected for TlsConnection<Io> {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> PeerInfo {
@@ -47,13 +48,13 @@ impl Connected for TlsConnection {
     }
 }
 
-impl AsyncRead for TlsConnection {
+impl<Io: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConnection<Io> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for TlsConnection {
+impl<Io: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConnection<Io> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
@@ -133,14 +134,40 @@ pub fn server_config(chain_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustl
     Ok(Arc::new(config))
 }
 
-/// Accepts TCP connections on `listener` and completes their TLS handshakes concurrently (each under a
+/// A listener the TLS layer accepts from: TCP, or a Unix socket (which has no remote address).
+pub trait Accept: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl std::future::Future<Output = io::Result<(Self::Io, Option<SocketAddr>)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = TcpStream;
+    async fn accept(&self) -> io::Result<(TcpStream, Option<SocketAddr>)> {
+        let (tcp, remote) = TcpListener::accept(self).await?;
+        let _ = tcp.set_nodelay(true);
+        Ok((tcp, Some(remote)))
+    }
+}
+
+impl Accept for UnixListener {
+    type Io = UnixStream;
+    async fn accept(&self) -> io::Result<(UnixStream, Option<SocketAddr>)> {
+        let (stream, _) = UnixListener::accept(self).await?;
+        Ok((stream, None))
+    }
+}
+
+/// Accepts connections on `listener` and completes their TLS handshakes concurrently (each under a
 /// timeout); yields the connections ready for gRPC.
-pub fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> ReceiverStream<io::Result<TlsConnection>> {
+pub fn incoming<L: Accept>(
+    listener: L,
+    config: Arc<rustls::ServerConfig>,
+) -> ReceiverStream<io::Result<TlsConnection<L::Io>>> {
     let (ready, stream) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            let (io, remote) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "Cannot accept a connection.");
@@ -148,13 +175,12 @@ pub fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Rec
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
             if ready.is_closed() {
                 return;
             }
             let (acceptor, ready) = (acceptor.clone(), ready.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                     Ok(Ok(stream)) => {
                         let certs = stream
                             .get_ref()
@@ -168,8 +194,8 @@ pub fn incoming(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Rec
                         };
                         let _ = ready.send(Ok(TlsConnection { stream, info })).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed."),
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out."),
+                    Ok(Err(e)) => tracing::debug!(?remote, error = %e, "TLS handshake failed."),
+                    Err(_) => tracing::debug!(?remote, "TLS handshake timed out."),
                 }
             });
         }

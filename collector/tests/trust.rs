@@ -259,7 +259,7 @@ async fn revoking_a_member_closes_its_stream_and_denies_its_certificate() {
 
     let (admin_cert, admin_key) = h.admin_identity();
     let admin = h
-        .channel(h.collector.admin_address, Some((&admin_cert, &admin_key)))
+        .channel(h.collector.admin_address.unwrap(), Some((&admin_cert, &admin_key)))
         .await;
     AdminClient::new(admin)
         .revoke_member(RevokeMemberRequest {
@@ -305,7 +305,7 @@ async fn renewal_gives_a_new_certificate_and_retires_the_one_before_the_last() {
 #[tokio::test]
 async fn the_admin_api_needs_an_admin_certificate() {
     let h = Harness::start("").await;
-    let address = h.collector.admin_address;
+    let address = h.collector.admin_address.unwrap();
     let status = AdminClient::new(h.channel(address, None).await)
         .list_groups(ListGroupsRequest {})
         .await

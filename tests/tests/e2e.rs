@@ -112,14 +112,14 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
     );
 }
 
-/// An operator command against the Admin API at `server` with the admin certificate in `state_dir`.
+/// An operator command against the Admin API at `server` (if empty: its Unix socket in `state_dir`), with
+/// the admin certificate in `state_dir`.
 fn admin(server: &str, state_dir: &Path, args: &[&str]) -> (bool, String) {
-    let output = Command::new(collector_bin())
-        .args(["--server", &format!("https://{server}"), "--state-dir"])
-        .arg(state_dir)
-        .args(args)
-        .output()
-        .unwrap();
+    let mut command = Command::new(collector_bin());
+    if !server.is_empty() {
+        command.args(["--server", &format!("https://{server}")]);
+    }
+    let output = command.arg("--state-dir").arg(state_dir).args(args).output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
     (output.status.success(), text)
 }
@@ -202,6 +202,18 @@ fn serve_with_enrolled_members_admin_commands_metrics_and_a_clean_stop() {
         text.lines().any(|l| l.starts_with("web ") && l.contains(" 3 ")),
         "{text}"
     );
+    // The same over the Admin API's Unix socket in the state directory, the default.
+    let (ok, text) = admin("", &state, &["groups"]);
+    assert!(
+        ok && text.lines().any(|l| l.starts_with("web ") && l.contains(" 3 ")),
+        "{text}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(state.join("admin.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the socket is the owner's only");
 
     // Each launch's token was used once and is gone from the instance's agent.toml.
     let (_, tokens) = admin(&server, &state, &["token", "list"]);
