@@ -192,6 +192,9 @@ impl Collector {
         };
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(tower::util::MapResponseLayer::new(server::count_oversized(
+                    metrics.clone(),
+                )))
                 .add_service(telemetry)
                 .add_service(enrollment)
                 .add_service(health_service.clone())

@@ -59,6 +59,25 @@ fn identify<T>(
     Ok(identity)
 }
 
+/// tonic's refusal of a message over [`MAX_MESSAGE_BYTES`].
+fn is_oversized(status: &Status) -> bool {
+    status.code() == tonic::Code::OutOfRange && status.message().contains("message length too large")
+}
+
+/// Counts unary requests that tonic refused for their size before any handler ran (it answers with
+/// `grpc-status` 11 in the response headers).
+pub fn count_oversized(
+    metrics: Arc<Metrics>,
+) -> impl Fn(tonic::codegen::http::Response<tonic::body::Body>) -> tonic::codegen::http::Response<tonic::body::Body> + Clone
+{
+    move |response| {
+        if Status::from_header_map(response.headers()).is_some_and(|status| is_oversized(&status)) {
+            metrics.refused("grpc", "oversized_message");
+        }
+        response
+    }
+}
+
 fn refuse(metrics: &Metrics, service: &'static str, reason: &'static str, status: Status) -> Status {
     metrics.refused(service, reason);
     status
@@ -139,6 +158,7 @@ impl Telemetry for TelemetryService {
         let _ = responses.send(ack(highest_seq, Vec::new())).await;
         let ingest = self.ingest.clone();
         let connected = self.metrics.agent_connected();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let _connected = connected;
             let mut settings = settings;
@@ -146,7 +166,13 @@ impl Telemetry for TelemetryService {
                 let message = tokio::select! {
                     message = inbound.message() => match message {
                         Ok(Some(message)) => message,
-                        Ok(None) | Err(_) => break,
+                        Ok(None) => break,
+                        Err(status) => {
+                            if is_oversized(&status) {
+                                metrics.refused("report", "oversized_message");
+                            }
+                            break;
+                        }
                     },
                     () = async { let _ = closed.wait_for(|closed| *closed).await; } => {
                         let status = Status::permission_denied("this member's certificate was revoked or the member was removed");

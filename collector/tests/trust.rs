@@ -344,6 +344,10 @@ async fn oversized_messages_and_enrolment_floods_are_refused() {
         matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{status:?}"
     );
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"grpc\",reason=\"oversized_message\"}"),
+        1
+    );
 
     let attempt = || EnrollRequest {
         token: "ebbjt_guess".into(),

@@ -215,6 +215,27 @@ fn serve_with_enrolled_members_admin_commands_metrics_and_a_clean_stop() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "the socket is the owner's only");
 
+    // An admin certificate for another operator, used over TCP with explicit files.
+    let ops = dir.path().join("ops");
+    let (ok, text) = admin(
+        "",
+        &state,
+        &["admin-cert", "--out", ops.to_str().unwrap(), "--name", "ops"],
+    );
+    assert!(ok, "{text}");
+    let output = Command::new(collector_bin())
+        .args(["--server", &format!("https://{server}")])
+        .arg("--ca")
+        .arg(ops.join("ca.pem"))
+        .arg("--cert")
+        .arg(ops.join("admin.pem"))
+        .arg("--key")
+        .arg(ops.join("admin.key"))
+        .arg("groups")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
     // Each launch's token was used once and is gone from the instance's agent.toml.
     let (_, tokens) = admin(&server, &state, &["token", "list"]);
     assert!(
