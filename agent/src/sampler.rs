@@ -104,7 +104,7 @@ impl Sampler {
         let cpus = f64::from(self.online_cpus);
         Ok(Sample {
             seq,
-            timestamp_ms: now_ms(),
+            timestamp_ms: crate::now_ms(),
             load1: load.one,
             load5: load.five,
             load15: load.fifteen,
@@ -148,11 +148,4 @@ pub fn spawn_health_checker(mut settings: watch::Receiver<Settings>) -> watch::R
         }
     });
     result_rx
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
