@@ -300,9 +300,10 @@ impl Drop for LocalProvider {
 mod tests {
     use super::*;
 
-    fn provider(command: &[&str], prefix: &str) -> LocalProvider {
-        let instances = std::env::temp_dir().join(format!("ebb-local-test-{}-{prefix}", std::process::id()));
-        LocalProvider::new(
+    /// A provider whose instances live in a temporary directory, removed with the returned guard.
+    fn provider(command: &[&str], prefix: &str) -> (LocalProvider, tempfile::TempDir) {
+        let instances = tempfile::tempdir().unwrap();
+        let provider = LocalProvider::new(
             LocalProviderConfig {
                 command: command.iter().map(|s| s.to_string()).collect(),
                 address_prefix: prefix.into(),
@@ -312,9 +313,10 @@ mod tests {
                 stop_grace_secs: 1,
                 log_dir: None,
             },
-            instances,
+            instances.path().to_path_buf(),
         )
-        .unwrap()
+        .unwrap();
+        (provider, instances)
     }
 
     fn spec(member_id: &str) -> LaunchSpec {
@@ -343,7 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn instances_get_their_own_addresses_and_are_described() {
-        let provider = provider(&["sleep", "30"], "127.0.6");
+        let (provider, _instances) = provider(&["sleep", "30"], "127.0.6");
         let a = provider.launch(&spec("web-1")).await.unwrap();
         let b = provider.launch(&spec("web-2")).await.unwrap();
         assert_eq!(a.address, Some("127.0.6.1".parse().unwrap()));
@@ -369,7 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_instance_that_ignores_sigterm_is_killed_after_the_grace_period() {
-        let provider = provider(&["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"], "127.0.7");
+        let (provider, _instances) = provider(&["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"], "127.0.7");
         let instance = provider.launch(&spec("web-1")).await.unwrap();
         let pid = pid_of(&instance);
         let config = provider.instances_dir.join("web-1/agent.toml");
@@ -395,7 +397,7 @@ mod tests {
         let error = LocalProvider::new(
             LocalProviderConfig {
                 agent_path: Some(PathBuf::from("/nonexistent/ebb-agent")),
-                ..provider(&["true"], "127.0.6").config.clone()
+                ..provider(&["true"], "127.0.6").0.config.clone()
             },
             std::env::temp_dir(),
         )
