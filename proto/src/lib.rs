@@ -5,6 +5,48 @@
 
 #![forbid(unsafe_code)]
 
+/// The codec the generated clients and servers use: prost with small buffers. ebb's messages are a few
+/// hundred bytes and every agent's stream holds an encode and a decode buffer, so tonic's default 8 KiB each
+/// would be most of the collector's memory per agent. Buffers still grow for larger messages.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::ProstCodec;
+
+    const SMALL: usize = 1024;
+    /// tonic's default: after this many bytes an encoder yields to the runtime.
+    const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    #[derive(Debug, Clone, Copy)]
+    pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for SmallBufferCodec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for SmallBufferCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
+        type Decoder = <ProstCodec<T, U> as Codec>::Decoder;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::raw_encoder(BufferSettings::new(SMALL, YIELD_THRESHOLD))
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(SMALL, YIELD_THRESHOLD))
+        }
+    }
+}
+
 /// The encoded `FileDescriptorSet` of `ebb.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/ebb.v1.descriptor.bin");
 

@@ -22,6 +22,7 @@ fn generated_code_is_up_to_date() {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::SmallBufferCodec")
         .out_dir(out.path())
         .compile_fds(descriptors)
         .expect("code generation succeeds");
