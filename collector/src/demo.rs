@@ -243,7 +243,7 @@ impl View {
                 .members
                 .iter()
                 .map(|m| {
-                    json!({"id": m.id, "state": m.state.as_str(),
+                    json!({"id": m.member.id, "state": m.member.state.as_str(),
                        "cpu": m.latest.as_ref().and_then(|l| l.cpu_busy_percent).map(round1),
                        "lb_connections": m.lb_connections})
                 })
@@ -265,12 +265,12 @@ impl View {
                     .as_ref()
                     .and_then(|l| l.cpu_busy_percent)
                     .map_or("  -".into(), |c| format!("{c:3.0}%"));
-                let state = if m.state == MemberState::InService {
+                let state = if m.member.state == MemberState::InService {
                     ""
                 } else {
                     " (pending)"
                 };
-                format!("{} {cpu}{state}", m.id)
+                format!("{} {cpu}{state}", m.member.id)
             })
             .collect();
         let cpu = status.cpu_avg.map_or("    -".into(), |c| format!("{c:5.1}%"));

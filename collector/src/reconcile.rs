@@ -48,20 +48,27 @@ impl MemberState {
     }
 }
 
+/// A member of a group, as its controller keeps it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MemberStatus {
+pub struct Member {
     pub id: String,
     pub instance_id: String,
     pub address: Option<SocketAddr>,
     pub state: MemberState,
     pub launched_at: Millis,
     pub in_service_since: Option<Millis>,
-    pub latest: Option<LatestSample>,
-    pub lb_connections: u64,
     /// Never chosen for scale-in.
     pub protected: bool,
     /// Joined with an operator's token; ebb did not launch it and never terminates it.
     pub external: bool,
+}
+
+/// A member with what was last heard from it and from the load balancer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberStatus {
+    pub member: Member,
+    pub latest: Option<LatestSample>,
+    pub lb_connections: u64,
 }
 
 /// What the Admin API and the demo see of a group.
@@ -82,12 +89,15 @@ impl GroupStatus {
     pub fn in_service(&self) -> u32 {
         self.members
             .iter()
-            .filter(|m| m.state == MemberState::InService)
+            .filter(|m| m.member.state == MemberState::InService)
             .count() as u32
     }
 
     pub fn pending(&self) -> u32 {
-        self.members.iter().filter(|m| m.state == MemberState::Pending).count() as u32
+        self.members
+            .iter()
+            .filter(|m| m.member.state == MemberState::Pending)
+            .count() as u32
     }
 }
 
@@ -167,17 +177,6 @@ pub struct Dependencies {
     pub authority: Arc<Authority>,
     /// The URL agents use to reach the collector.
     pub collector_url: String,
-}
-
-struct Member {
-    id: String,
-    instance_id: String,
-    address: Option<SocketAddr>,
-    state: MemberState,
-    launched_at: Millis,
-    in_service_since: Option<Millis>,
-    protected: bool,
-    external: bool,
 }
 
 pub struct GroupController {
@@ -719,16 +718,9 @@ impl GroupController {
             .iter()
             .enumerate()
             .map(|(i, m)| MemberStatus {
-                id: m.id.clone(),
-                instance_id: m.instance_id.clone(),
-                address: m.address,
-                state: m.state,
-                launched_at: m.launched_at,
-                in_service_since: m.in_service_since,
+                member: m.clone(),
                 latest: self.latest.get(i).cloned().flatten(),
                 lb_connections: connections.iter().find(|(id, _)| id == &m.id).map_or(0, |(_, c)| *c),
-                protected: m.protected,
-                external: m.external,
             })
             .collect();
         let status = GroupStatus {
@@ -1012,7 +1004,7 @@ mod tests {
 
         // Down to 1: the unprotected hand-made member leaves (and keeps running), then ebb's own is terminated.
         send(&mut h, |reply| Command::SetDesired { desired: 1, reply }).await;
-        let members: Vec<String> = h.handle.status().members.iter().map(|m| m.id.clone()).collect();
+        let members: Vec<String> = h.handle.status().members.iter().map(|m| m.member.id.clone()).collect();
         assert_eq!(
             members,
             std::slice::from_ref(&monitored),
@@ -1031,7 +1023,7 @@ mod tests {
         h.controller.engine.min_size = 0;
         send(&mut h, |reply| Command::SetDesired { desired: 0, reply }).await;
         assert_eq!(h.handle.status().members.len(), 1);
-        assert!(h.handle.status().members[0].protected);
+        assert!(h.handle.status().members[0].member.protected);
     }
 
     #[tokio::test]

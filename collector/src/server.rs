@@ -430,12 +430,12 @@ impl Admin for AdminService {
             .members
             .iter()
             .map(|m| ebb_proto::v1::Member {
-                id: m.id.clone(),
+                id: m.member.id.clone(),
                 group: status.name.clone(),
-                instance_id: m.instance_id.clone(),
-                address: m.address.map(|a| a.to_string()).unwrap_or_default(),
-                state: m.state.as_str().to_string(),
-                launched_at_ms: m.launched_at,
+                instance_id: m.member.instance_id.clone(),
+                address: m.member.address.map(|a| a.to_string()).unwrap_or_default(),
+                state: m.member.state.as_str().to_string(),
+                launched_at_ms: m.member.launched_at,
                 cpu_busy_percent: m.latest.as_ref().and_then(|l| l.cpu_busy_percent),
                 load1: m.latest.as_ref().map(|l| l.load1),
                 health: m.latest.as_ref().map(|l| l.health.clone()),

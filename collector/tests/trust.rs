@@ -424,10 +424,10 @@ async fn an_agent_enrols_from_user_data_in_the_metadata_service_and_never_writes
         .status()
         .members
         .into_iter()
-        .find(|m| m.id == identity.member_id)
+        .find(|m| m.member.id == identity.member_id)
         .unwrap();
     assert_eq!(
-        member.instance_id, "8d1f2a3b-os",
+        member.member.instance_id, "8d1f2a3b-os",
         "the instance id from the metadata service reaches the collector"
     );
     for entry in std::fs::read_dir(state.path()).unwrap() {
