@@ -364,10 +364,10 @@ pub async fn enroll_as(
     })
 }
 
-/// A new certificate for a new key, over mTLS with the current one.
-pub async fn renew(url: &str, current: &Identity, now_ms: i64) -> Result<Identity, IdentityError> {
+/// A new certificate for a new key, from the collector it enrolled with, over mTLS with the current one.
+pub async fn renew(current: &Identity, now_ms: i64) -> Result<Identity, IdentityError> {
     let (key, csr_der) = key_and_csr()?;
-    let channel = channel(url, current.client_tls()).await?;
+    let channel = channel(&current.collector_url, current.client_tls()).await?;
     let response = EnrollmentClient::new(channel)
         .renew(RenewRequest { csr_der })
         .await

@@ -151,7 +151,7 @@ async fn keep_renewed(config: AgentConfig, identity: Arc<RwLock<Identity>>) {
         let current = identity.read().expect("identity lock").clone();
         let wait = (current.renew_at_ms() - now_ms()).max(0) as u64;
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        match identity::renew(&current.collector_url, &current, now_ms()).await {
+        match identity::renew(&current, now_ms()).await {
             Ok(renewed) => {
                 if let Err(e) = renewed.save(&config.state_dir) {
                     tracing::error!(error = %e, "Cannot save the renewed certificate; keeping it in memory.");

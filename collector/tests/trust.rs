@@ -288,12 +288,11 @@ async fn revoking_a_member_closes_its_stream_and_denies_its_certificate() {
 #[tokio::test]
 async fn renewal_gives_a_new_certificate_and_retires_the_one_before_the_last() {
     let h = Harness::start("").await;
-    let url = h.url();
     let first = h.enroll().await;
-    let second = identity::renew(&url, &first, ebb_agent::now_ms()).await.unwrap();
+    let second = identity::renew(&first, ebb_agent::now_ms()).await.unwrap();
     assert_ne!(second.cert_pem, first.cert_pem);
     assert_ne!(second.key_pem, first.key_pem, "a new key each time");
-    let third = identity::renew(&url, &second, ebb_agent::now_ms()).await.unwrap();
+    let third = identity::renew(&second, ebb_agent::now_ms()).await.unwrap();
     let address = h.collector.grpc_address;
     for (identity, accepted) in [(&first, false), (&second, true), (&third, true)] {
         let channel = h.channel(address, Some((&identity.cert_pem, &identity.key_pem))).await;

@@ -1,4 +1,4 @@
-//! A real collector on loopback with one group (`web`, no launches: min 0), for tests that drive its
+//! A real collector on loopback with two groups (`web`, `db`; no launches: min 0), for tests that drive its
 //! gRPC services as agents and operators would.
 
 #![allow(dead_code)]
@@ -23,30 +23,21 @@ pub fn config(state_dir: &Path, extra_server: &str) -> ebb_collector::config::Co
         state_dir = "{}"
         {extra_server}
 
-        [[groups]]
-        name = "web"
-        min_size = 0
-        max_size = 5
-        [groups.provider]
-        type = "local"
-        agent_path = "/bin/true"
-        [groups.load_balancer]
-        type = "builtin"
-        listen = "127.0.0.1:0"
-
-        [[groups]]
-        name = "db"
-        min_size = 0
-        max_size = 5
-        [groups.provider]
-        type = "local"
-        agent_path = "/bin/true"
-        [groups.load_balancer]
-        type = "builtin"
-        listen = "127.0.0.1:0"
         "#,
         state_dir.display()
     );
+    // Two groups that launch nothing and admit hand-made members.
+    let groups: String = ["web", "db"]
+        .iter()
+        .map(|name| {
+            format!(
+                "[[groups]]\nname = \"{name}\"\nmin_size = 0\nmax_size = 5\n\
+                 [groups.provider]\ntype = \"local\"\nagent_path = \"/bin/true\"\n\
+                 [groups.load_balancer]\ntype = \"builtin\"\nlisten = \"127.0.0.1:0\"\n"
+            )
+        })
+        .collect();
+    let text = text + &groups;
     ebb_collector::config::parse(Path::new("test.toml"), &text).unwrap()
 }
 
