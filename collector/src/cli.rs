@@ -105,20 +105,41 @@ impl AdminConnection {
     }
 }
 
+/// A join token to mint: for `token create` and `user-data`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenOptions {
+    #[arg(long)]
+    pub group: String,
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_secs: u32,
+    #[arg(long, default_value_t = 1)]
+    pub uses: u32,
+    /// Members enrolled with it are never chosen for scale-in.
+    #[arg(long)]
+    pub protected: bool,
+}
+
+impl TokenOptions {
+    /// Mints the token; the secret is in the answer, once.
+    async fn create(self, client: &mut AdminClient<Channel>) -> anyhow::Result<ebb_proto::v1::CreateTokenResponse> {
+        let request = CreateTokenRequest {
+            group: self.group,
+            ttl_secs: self.ttl_secs,
+            uses: self.uses,
+            protected: self.protected,
+        };
+        Ok(client
+            .create_token(request)
+            .await
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+            .into_inner())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Mint a join token for VMs ebb did not launch. The secret is printed once.
-    Create {
-        #[arg(long)]
-        group: String,
-        #[arg(long, default_value_t = 3600)]
-        ttl_secs: u32,
-        #[arg(long, default_value_t = 1)]
-        uses: u32,
-        /// Members enrolled with it are never chosen for scale-in.
-        #[arg(long)]
-        protected: bool,
-    },
+    Create(TokenOptions),
     /// The tokens not yet expired (ids only, never secrets).
     List,
     /// Revoke a token by its id.
@@ -197,19 +218,13 @@ pub enum Command {
     },
     /// Print user data for a VM ebb did not launch: mints a token for it.
     UserData {
-        #[arg(long)]
-        group: String,
+        #[command(flatten)]
+        token: TokenOptions,
         #[arg(long, value_enum, default_value = "cloud-config")]
         format: UserDataFormat,
         /// The address agents reach the collector at.
         #[arg(long, default_value = "https://127.0.0.1:7300")]
         collector_url: String,
-        #[arg(long, default_value_t = 3600)]
-        ttl_secs: u32,
-        #[arg(long, default_value_t = 1)]
-        uses: u32,
-        #[arg(long)]
-        protected: bool,
     },
     /// The built-in workload that local instances run.
     #[command(hide = true)]
@@ -347,22 +362,8 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
             }
         }
         Command::Token { command } => match command {
-            TokenCommand::Create {
-                group,
-                ttl_secs,
-                uses,
-                protected,
-            } => {
-                let created = client
-                    .create_token(CreateTokenRequest {
-                        group,
-                        ttl_secs,
-                        uses,
-                        protected,
-                    })
-                    .await
-                    .map_err(|status| anyhow::anyhow!("{}", status.message()))?
-                    .into_inner();
+            TokenCommand::Create(options) => {
+                let created = options.create(&mut client).await?;
                 let info = created.info.unwrap_or_default();
                 println!("{}", created.token);
                 eprintln!(
@@ -402,24 +403,13 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
             println!("revoked member {member_id}: its certificate is denied and its stream closed");
         }
         Command::UserData {
-            group,
+            token,
             format,
             collector_url,
-            ttl_secs,
-            uses,
-            protected,
         } => {
             let fingerprint = ca_fingerprint(&connection.ca_path())?;
-            let created = client
-                .create_token(CreateTokenRequest {
-                    group: group.clone(),
-                    ttl_secs,
-                    uses,
-                    protected,
-                })
-                .await
-                .map_err(|status| anyhow::anyhow!("{}", status.message()))?
-                .into_inner();
+            let group = token.group.clone();
+            let created = token.create(&mut client).await?;
             let agent_config = userdata::agent_config(&collector_url, &fingerprint, &created.token, &group);
             print!("{}", userdata::render(format, &agent_config));
         }

@@ -63,6 +63,22 @@ pub struct Member {
     pub external: bool,
 }
 
+impl Member {
+    /// Launched or joined at `now`, not in service yet; launched by ebb and not protected.
+    fn pending(id: &str, instance_id: &str, address: Option<SocketAddr>, now: Millis) -> Self {
+        Self {
+            id: id.to_string(),
+            instance_id: instance_id.to_string(),
+            address,
+            state: MemberState::Pending,
+            launched_at: now,
+            in_service_since: None,
+            protected: false,
+            external: false,
+        }
+    }
+}
+
 /// A member with what was last heard from it and from the load balancer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemberStatus {
@@ -314,20 +330,12 @@ impl GroupController {
             .iter()
             .find_map(|a| a.parse::<std::net::IpAddr>().ok())
             .map(|ip| SocketAddr::new(ip, self.config.member_port));
-        self.deps
-            .ingest
-            .register(&member_id, self.agent_settings(address))
-            .await;
-        self.members.push(Member {
-            id: member_id.clone(),
-            instance_id: facts.instance_id.clone(),
-            address,
-            state: MemberState::Pending,
-            launched_at: now,
-            in_service_since: None,
+        self.add_pending(Member {
             protected,
             external: true,
-        });
+            ..Member::pending(&member_id, &facts.instance_id, address, now)
+        })
+        .await;
         // It counts toward capacity like any member.
         let from = self.desired;
         self.desired = self.engine.clamp(self.desired.max(self.members.len() as u32));
@@ -569,20 +577,8 @@ impl GroupController {
         match &result {
             Ok(instance) => {
                 let address = instance.address.map(|ip| SocketAddr::new(ip, self.config.member_port));
-                self.deps
-                    .ingest
-                    .register(&member_id, self.agent_settings(address))
+                self.add_pending(Member::pending(&member_id, &instance.id, address, now))
                     .await;
-                self.members.push(Member {
-                    id: member_id.clone(),
-                    instance_id: instance.id.clone(),
-                    address,
-                    state: MemberState::Pending,
-                    launched_at: now,
-                    in_service_since: None,
-                    protected: false,
-                    external: false,
-                });
             }
             Err(_) => {
                 self.deps.ingest.unregister(&member_id).await;
@@ -602,6 +598,15 @@ impl GroupController {
             (size, new_size),
         );
         result.map(|_| ())
+    }
+
+    /// Adds a member that waits for its first healthy check, telling ingest what its agent should check.
+    async fn add_pending(&mut self, member: Member) {
+        self.deps
+            .ingest
+            .register(&member.id, self.agent_settings(member.address))
+            .await;
+        self.members.push(member);
     }
 
     /// Members not yet in service go first, then the most recently launched: long-running members keep
