@@ -33,6 +33,14 @@ pub enum ActivityKind {
     Join,
     /// Such a VM left the group (scale-in); it keeps running.
     Leave,
+    /// Judged unhealthy: out of the load balancer, replaced if the group replaces unhealthy members.
+    Unhealthy,
+    /// Judged healthy again.
+    Healthy,
+    /// A scheduled action changed the group's limits or desired capacity.
+    Scheduled,
+    /// Something an operator should look at, like a setting shorter than the group's boot time.
+    Warning,
 }
 
 impl ActivityKind {
@@ -48,6 +56,10 @@ impl ActivityKind {
             ActivityKind::InstanceLost => "instance_lost",
             ActivityKind::Join => "join",
             ActivityKind::Leave => "leave",
+            ActivityKind::Unhealthy => "unhealthy",
+            ActivityKind::Healthy => "healthy",
+            ActivityKind::Scheduled => "scheduled",
+            ActivityKind::Warning => "warning",
         }
     }
 }

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::engine::{Comparison, Metric, Policy, Statistic};
+use crate::engine::schedule::{Cron, ScheduledAction};
+use crate::engine::{
+    AdjustmentType, Comparison, Engine, HealthRules, Metric, OnMetricLoss, Policy, RateLimit, Statistic, Step,
+    StepPolicy, TargetPolicy, Termination,
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ebb/collector.toml";
 
@@ -74,6 +78,10 @@ pub struct ServerConfig {
     /// Enrolment attempts allowed per remote address per minute.
     #[serde(default = "default_enrollments_per_minute")]
     pub enrollments_per_minute: u32,
+    /// How long evaluation explanations are kept (`ebb-collector explain`); default six weeks, like EC2's
+    /// activity history.
+    #[serde(default = "default_explanation_retention_secs")]
+    pub explanation_retention_secs: u64,
 }
 
 impl ServerConfig {
@@ -96,18 +104,35 @@ pub struct GroupConfig {
     pub name: String,
     pub min_size: u32,
     pub max_size: u32,
-    /// The capacity at start; default `min_size`.
+    /// Starting capacity; `min_size` when absent.
     pub desired_capacity: Option<u32>,
-    /// After a scaling activity, no policy scales the group again for this long.
+    /// Default for both cooldowns.
     #[serde(default = "default_cooldown_secs")]
     pub cooldown_secs: u32,
-    /// A member's metrics count in the group's aggregates only once it has been in service this long.
+    /// After a scale-out, no further scale-out for this long (default `cooldown_secs`).
+    pub scale_out_cooldown_secs: Option<u32>,
+    /// After any scaling, no scale-in for this long (default `cooldown_secs`).
+    pub scale_in_cooldown_secs: Option<u32>,
+    /// A member in service for less than this feeds no aggregate and absorbs repeated scale-out alarms.
     #[serde(default = "default_warmup_secs")]
     pub warmup_secs: u32,
-    /// The sampling interval the collector asks this group's agents to use.
+    /// At most this many launches in flight (members not yet in service).
+    #[serde(default = "default_max_surge")]
+    pub max_surge: u32,
+    #[serde(default)]
+    pub termination_policy: Termination,
+    /// For `termination_policy = "closest_to_billing_hour"`.
+    #[serde(default = "default_billing_period_secs")]
+    pub billing_period_secs: u32,
+    #[serde(default)]
+    pub on_metric_loss: OnMetricLoss,
+    /// Decide and explain, but never launch, terminate or change the load balancer.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// How often the agents sample.
     #[serde(default = "default_agent_interval_secs")]
     pub agent_interval_secs: u32,
-    /// Port the members serve on; the load balancer forwards to it.
+    /// The port members serve on (load balancer target and health check).
     #[serde(default = "default_member_port")]
     pub member_port: u16,
     #[serde(default)]
@@ -116,9 +141,52 @@ pub struct GroupConfig {
     pub load_balancer: LoadBalancerConfig,
     #[serde(default)]
     pub policies: Vec<PolicyConfig>,
+    #[serde(default)]
+    pub schedules: Vec<ScheduleConfig>,
 }
 
-/// The HTTP check each member's agent runs against its own service.
+impl GroupConfig {
+    /// The group's rules as the engine takes them; call on a validated configuration.
+    pub fn engine(&self) -> Engine {
+        let health = &self.health_check;
+        Engine {
+            scale_out_cooldown_secs: self.scale_out_cooldown_secs.unwrap_or(self.cooldown_secs),
+            scale_in_cooldown_secs: self.scale_in_cooldown_secs.unwrap_or(self.cooldown_secs),
+            warmup_secs: self.warmup_secs,
+            policies: self.policies.iter().map(PolicyConfig::to_policy).collect(),
+            health: HealthRules {
+                unhealthy_threshold: health.unhealthy_threshold,
+                healthy_threshold: health.healthy_threshold,
+                grace_period_secs: health.grace_period_secs,
+                silent_secs: health.silent_secs,
+                launch_timeout_secs: health.launch_timeout_secs,
+                replace_unhealthy: health.replace_unhealthy,
+            },
+            on_metric_loss: self.on_metric_loss,
+            termination: self.termination_policy,
+            billing_period_secs: self.billing_period_secs,
+        }
+    }
+
+    /// The scheduled actions; call on a validated configuration.
+    pub fn scheduled_actions(&self) -> Vec<ScheduledAction> {
+        self.schedules
+            .iter()
+            .filter_map(|s| {
+                Some(ScheduledAction {
+                    name: s.name.clone(),
+                    cron: Cron::parse(&s.cron).ok()?,
+                    zone: jiff::tz::TimeZone::get(&s.time_zone).ok()?,
+                    min_size: s.min_size,
+                    max_size: s.max_size,
+                    desired_capacity: s.desired_capacity,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The agent's HTTP check of its own service, and how its results are judged.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckConfig {
@@ -126,15 +194,257 @@ pub struct HealthCheckConfig {
     pub path: String,
     #[serde(default = "default_health_timeout_ms")]
     pub timeout_ms: u32,
+    /// No health judgement this long after launch.
+    #[serde(default = "default_grace_period_secs")]
+    pub grace_period_secs: u32,
+    /// Failed checks in a row that make an in-service member unhealthy.
+    #[serde(default = "default_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that make an unhealthy member healthy again.
+    #[serde(default = "default_threshold")]
+    pub healthy_threshold: u32,
+    /// An in-service member not heard from for this long is unhealthy (while others still report).
+    #[serde(default = "default_silent_secs")]
+    pub silent_secs: u32,
+    /// A member not healthy this long after launch is unhealthy.
+    #[serde(default = "default_launch_timeout_secs")]
+    pub launch_timeout_secs: u32,
+    /// Replace unhealthy members (a new one first, then the unhealthy one goes).
+    #[serde(default = "default_true")]
+    pub replace_unhealthy: bool,
 }
 
 impl Default for HealthCheckConfig {
     fn default() -> Self {
-        Self {
-            path: default_health_path(),
-            timeout_ms: default_health_timeout_ms(),
+        toml::from_str("").expect("every health_check key has a default")
+    }
+}
+
+/// A scaling policy: `type = "step"` (a threshold alarm with step adjustments, the default) or
+/// `type = "target_tracking"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub kind: PolicyKind,
+    pub metric: Metric,
+    #[serde(default = "default_period_secs")]
+    pub period_secs: u32,
+    // Step policies.
+    pub statistic: Option<Statistic>,
+    pub evaluation_periods: Option<u32>,
+    /// M of the N evaluation periods must breach; N when absent.
+    pub datapoints_to_alarm: Option<u32>,
+    pub comparison: Option<Comparison>,
+    pub threshold: Option<f64>,
+    pub adjustment_type: Option<AdjustmentType>,
+    /// A single step: members to add (positive) or remove, or the capacity or percentage.
+    pub adjustment: Option<i32>,
+    /// Different adjustments for different breach sizes, bounds relative to the threshold.
+    pub steps: Option<Vec<Step>>,
+    pub min_adjustment_step: Option<u32>,
+    // Target tracking.
+    pub target: Option<f64>,
+    pub scale_out_tolerance: Option<f64>,
+    pub scale_in_tolerance: Option<f64>,
+    pub stabilization_secs: Option<u32>,
+    pub disable_scale_in: Option<bool>,
+    pub scale_out_limit: Option<RateLimit>,
+    pub scale_in_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    #[default]
+    Step,
+    TargetTracking,
+}
+
+impl PolicyConfig {
+    /// Call on a validated configuration.
+    pub fn to_policy(&self) -> Policy {
+        match self.kind {
+            PolicyKind::Step => {
+                let evaluation_periods = self.evaluation_periods.unwrap_or(1);
+                Policy::Step(StepPolicy {
+                    name: self.name.clone(),
+                    metric: self.metric,
+                    statistic: self.statistic.unwrap_or(Statistic::Avg),
+                    period_secs: self.period_secs,
+                    evaluation_periods,
+                    datapoints_to_alarm: self.datapoints_to_alarm.unwrap_or(evaluation_periods),
+                    comparison: self.comparison.unwrap_or(Comparison::Gt),
+                    threshold: self.threshold.unwrap_or_default(),
+                    adjustment_type: self.adjustment_type.unwrap_or(AdjustmentType::ChangeInCapacity),
+                    steps: self.steps.clone().unwrap_or_else(|| {
+                        vec![Step {
+                            lower: None,
+                            upper: None,
+                            adjustment: self.adjustment.unwrap_or_default(),
+                        }]
+                    }),
+                    min_adjustment_step: self.min_adjustment_step.unwrap_or(0),
+                })
+            }
+            PolicyKind::TargetTracking => Policy::TargetTracking(TargetPolicy {
+                name: self.name.clone(),
+                metric: self.metric,
+                target: self.target.unwrap_or(1.0),
+                period_secs: self.period_secs,
+                scale_out_tolerance: self.scale_out_tolerance.unwrap_or(0.1),
+                scale_in_tolerance: self.scale_in_tolerance.unwrap_or(0.1),
+                stabilization_secs: self.stabilization_secs.unwrap_or(300),
+                disable_scale_in: self.disable_scale_in.unwrap_or(false),
+                scale_out_limit: self.scale_out_limit,
+                scale_in_limit: self.scale_in_limit,
+            }),
         }
     }
+
+    /// Every problem with this policy, each with its key path under `at`.
+    fn problems(&self, at: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, text: String| problems.push(format!("{at}.{key}: {text}"));
+        if self.period_secs == 0 {
+            problem("period_secs", "must be at least 1".into());
+        }
+        let step_keys = [
+            ("statistic", self.statistic.is_some()),
+            ("evaluation_periods", self.evaluation_periods.is_some()),
+            ("datapoints_to_alarm", self.datapoints_to_alarm.is_some()),
+            ("comparison", self.comparison.is_some()),
+            ("threshold", self.threshold.is_some()),
+            ("adjustment_type", self.adjustment_type.is_some()),
+            ("adjustment", self.adjustment.is_some()),
+            ("steps", self.steps.is_some()),
+            ("min_adjustment_step", self.min_adjustment_step.is_some()),
+        ];
+        let target_keys = [
+            ("target", self.target.is_some()),
+            ("scale_out_tolerance", self.scale_out_tolerance.is_some()),
+            ("scale_in_tolerance", self.scale_in_tolerance.is_some()),
+            ("stabilization_secs", self.stabilization_secs.is_some()),
+            ("disable_scale_in", self.disable_scale_in.is_some()),
+            ("scale_out_limit", self.scale_out_limit.is_some()),
+            ("scale_in_limit", self.scale_in_limit.is_some()),
+        ];
+        let (foreign, kind) = match self.kind {
+            PolicyKind::Step => (&target_keys[..], "target_tracking"),
+            PolicyKind::TargetTracking => (&step_keys[..], "step"),
+        };
+        for (key, _) in foreign.iter().filter(|(_, set)| *set) {
+            problem(key, format!("applies to `type = \"{kind}\"` policies only"));
+        }
+        match self.kind {
+            PolicyKind::Step => {
+                let periods = self.evaluation_periods.unwrap_or(1);
+                if periods == 0 {
+                    problem("evaluation_periods", "must be at least 1".into());
+                }
+                if let Some(m) = self.datapoints_to_alarm
+                    && (m == 0 || m > periods)
+                {
+                    problem("datapoints_to_alarm", "must be between 1 and evaluation_periods".into());
+                }
+                if self.comparison.is_none() {
+                    problem("comparison", "missing: one of gt, ge, lt, le".into());
+                }
+                match self.threshold {
+                    None => problem("threshold", "missing".into()),
+                    Some(t) if !t.is_finite() => problem("threshold", "must be a finite number".into()),
+                    Some(_) => {}
+                }
+                let exact = self.adjustment_type == Some(AdjustmentType::ExactCapacity);
+                match (&self.adjustment, &self.steps) {
+                    (None, None) => problem("adjustment", "missing: give `adjustment` or `steps`".into()),
+                    (Some(_), Some(_)) => problem("steps", "give `adjustment` or `steps`, not both".into()),
+                    (Some(0), None) if !exact => problem("adjustment", "0 would never change anything".into()),
+                    (Some(a), None) if exact && *a < 0 => {
+                        problem("adjustment", "an exact capacity cannot be negative".into())
+                    }
+                    (None, Some(steps)) => {
+                        if steps.is_empty() {
+                            problem("steps", "needs at least one step".into());
+                        }
+                        let signs: std::collections::HashSet<bool> = steps.iter().map(|s| s.adjustment > 0).collect();
+                        if !exact && signs.len() > 1 {
+                            problem("steps", "all steps must add members, or all remove them".into());
+                        }
+                        for (k, s) in steps.iter().enumerate() {
+                            if let (Some(l), Some(u)) = (s.lower, s.upper)
+                                && l >= u
+                            {
+                                problem(&format!("steps[{k}]"), format!("lower {l} is not below upper {u}"));
+                            }
+                            if s.adjustment == 0 && !exact {
+                                problem(
+                                    &format!("steps[{k}].adjustment"),
+                                    "0 would never change anything".into(),
+                                );
+                            }
+                        }
+                        let mut sorted: Vec<&Step> = steps.iter().collect();
+                        sorted.sort_by(|a, b| {
+                            a.lower
+                                .unwrap_or(f64::NEG_INFINITY)
+                                .total_cmp(&b.lower.unwrap_or(f64::NEG_INFINITY))
+                        });
+                        for pair in sorted.windows(2) {
+                            if pair[0].upper.is_none_or(|u| pair[1].lower.is_none_or(|l| l < u)) {
+                                problem("steps", "step ranges overlap".into());
+                                break;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            PolicyKind::TargetTracking => {
+                match self.target {
+                    None => problem("target", "missing: the metric's value to keep".into()),
+                    Some(t) if !t.is_finite() || t <= 0.0 => problem("target", "must be greater than 0".into()),
+                    Some(_) => {}
+                }
+                for (key, value) in [
+                    ("scale_out_tolerance", self.scale_out_tolerance),
+                    ("scale_in_tolerance", self.scale_in_tolerance),
+                ] {
+                    if value.is_some_and(|v| !(0.0..1.0).contains(&v)) {
+                        problem(key, "must be a fraction from 0 up to 1 (0.1 is 10%)".into());
+                    }
+                }
+                for (key, limit) in [
+                    ("scale_out_limit", self.scale_out_limit),
+                    ("scale_in_limit", self.scale_in_limit),
+                ] {
+                    if let Some(limit) = limit {
+                        if limit.period_secs == 0 {
+                            problem(&format!("{key}.period_secs"), "must be at least 1".into());
+                        }
+                        if limit.members.is_none() && limit.percent.is_none() {
+                            problem(key, "give `members`, `percent` or both".into());
+                        }
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// A scheduled action: at the cron expression's minutes, in the time zone, set what is given.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub name: String,
+    pub cron: String,
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+    pub min_size: Option<u32>,
+    pub max_size: Option<u32>,
+    pub desired_capacity: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -173,41 +483,6 @@ pub enum LoadBalancerConfig {
     Builtin { listen: SocketAddr },
 }
 
-/// A threshold alarm and the step it takes; the engine's [`Policy`] with config defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyConfig {
-    pub name: String,
-    pub metric: Metric,
-    #[serde(default = "default_statistic")]
-    pub statistic: Statistic,
-    pub period_secs: u32,
-    #[serde(default = "default_evaluation_periods")]
-    pub evaluation_periods: u32,
-    /// How many of the evaluation periods must breach; default all of them.
-    pub datapoints_to_alarm: Option<u32>,
-    pub comparison: Comparison,
-    pub threshold: f64,
-    /// Members to add (positive) or remove (negative) when the alarm fires.
-    pub adjustment: i32,
-}
-
-impl PolicyConfig {
-    pub fn to_policy(&self) -> Policy {
-        Policy {
-            name: self.name.clone(),
-            metric: self.metric,
-            statistic: self.statistic,
-            period_secs: self.period_secs,
-            evaluation_periods: self.evaluation_periods,
-            datapoints_to_alarm: self.datapoints_to_alarm.unwrap_or(self.evaluation_periods),
-            comparison: self.comparison,
-            threshold: self.threshold,
-            adjustment: self.adjustment,
-        }
-    }
-}
-
 fn default_grpc_listen() -> SocketAddr {
     "127.0.0.1:7300".parse().unwrap()
 }
@@ -228,6 +503,9 @@ fn default_launch_token_ttl_secs() -> u32 {
 }
 fn default_enrollments_per_minute() -> u32 {
     600
+}
+fn default_explanation_retention_secs() -> u64 {
+    42 * 24 * 3600
 }
 fn default_cooldown_secs() -> u32 {
     300
@@ -268,11 +546,32 @@ fn default_instance_cpus() -> f64 {
 fn default_stop_grace_secs() -> u32 {
     10
 }
-fn default_statistic() -> Statistic {
-    Statistic::Avg
+fn default_max_surge() -> u32 {
+    10
 }
-fn default_evaluation_periods() -> u32 {
-    1
+fn default_billing_period_secs() -> u32 {
+    3600
+}
+fn default_grace_period_secs() -> u32 {
+    120
+}
+fn default_threshold() -> u32 {
+    3
+}
+fn default_silent_secs() -> u32 {
+    30
+}
+fn default_launch_timeout_secs() -> u32 {
+    900
+}
+fn default_true() -> bool {
+    true
+}
+fn default_period_secs() -> u32 {
+    60
+}
+fn default_time_zone() -> String {
+    "UTC".into()
 }
 
 /// Reads and validates a configuration file.
@@ -378,6 +677,24 @@ impl CollectorConfig {
                     }
                 }
             }
+            if group.max_surge == 0 {
+                problems.push(format!(
+                    "{at}.max_surge: must be at least 1, or nothing would ever launch"
+                ));
+            }
+            if group.billing_period_secs == 0 {
+                problems.push(format!("{at}.billing_period_secs: must be at least 1"));
+            }
+            let health = &group.health_check;
+            for (key, value) in [
+                ("unhealthy_threshold", health.unhealthy_threshold),
+                ("healthy_threshold", health.healthy_threshold),
+                ("silent_secs", health.silent_secs),
+            ] {
+                if value == 0 {
+                    problems.push(format!("{at}.health_check.{key}: must be at least 1"));
+                }
+            }
             let mut policy_names = std::collections::HashSet::new();
             for (j, policy) in group.policies.iter().enumerate() {
                 let at = format!("{at}.policies[{j}]");
@@ -387,29 +704,95 @@ impl CollectorConfig {
                         policy.name
                     ));
                 }
-                if policy.period_secs == 0 {
-                    problems.push(format!("{at}.period_secs: must be at least 1"));
-                }
-                if policy.evaluation_periods == 0 {
-                    problems.push(format!("{at}.evaluation_periods: must be at least 1"));
-                }
-                if let Some(m) = policy.datapoints_to_alarm
-                    && (m == 0 || m > policy.evaluation_periods)
-                {
+                problems.extend(policy.problems(&at));
+            }
+            for (out, inward) in opposing_step_policies(group) {
+                if inward.threshold >= out.threshold {
                     problems.push(format!(
-                        "{at}.datapoints_to_alarm: must be between 1 and evaluation_periods"
+                        "{at}.policies: `{}` scales in at {} {} but `{}` scales out at {} {}: the group would flap; keep the scale-in threshold below the scale-out one",
+                        inward.name,
+                        out.metric.name(),
+                        inward.threshold,
+                        out.name,
+                        out.metric.name(),
+                        out.threshold
                     ));
                 }
-                if policy.adjustment == 0 {
-                    problems.push(format!("{at}.adjustment: 0 would never change anything"));
+            }
+            let mut schedule_names = std::collections::HashSet::new();
+            for (j, schedule) in group.schedules.iter().enumerate() {
+                let at = format!("{at}.schedules[{j}]");
+                if !schedule_names.insert(&schedule.name) {
+                    problems.push(format!("{at}.name: `{}` is used by an earlier schedule", schedule.name));
                 }
-                if !policy.threshold.is_finite() {
-                    problems.push(format!("{at}.threshold: must be a finite number"));
+                if let Err(e) = Cron::parse(&schedule.cron) {
+                    problems.push(format!("{at}.cron: {e}"));
+                }
+                if jiff::tz::TimeZone::get(&schedule.time_zone).is_err() {
+                    problems.push(format!(
+                        "{at}.time_zone: `{}` is not a known time zone; use an IANA name like `Asia/Tokyo` or `UTC`",
+                        schedule.time_zone
+                    ));
+                }
+                if schedule.min_size.is_none() && schedule.max_size.is_none() && schedule.desired_capacity.is_none() {
+                    problems.push(format!(
+                        "{at}: sets nothing; give min_size, max_size or desired_capacity"
+                    ));
+                }
+                if let (Some(min), Some(max)) = (schedule.min_size, schedule.max_size)
+                    && min > max
+                {
+                    problems.push(format!("{at}.min_size: {min} is greater than max_size {max}"));
                 }
             }
         }
         problems
     }
+
+    /// What is valid but likely a mistake, each with its key path.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (i, group) in self.groups.iter().enumerate() {
+            for (out, inward) in opposing_step_policies(group) {
+                let gap = out.threshold - inward.threshold;
+                if gap > 0.0 && gap < 0.2 * out.threshold.abs() {
+                    warnings.push(format!(
+                        "groups[{i}].policies: `{}` at {} and `{}` at {} are close: one scale-out lowers the average by about 1/N and can cross the scale-in threshold, so the group may flap; keep them further apart",
+                        out.name, out.threshold, inward.name, inward.threshold
+                    ));
+                }
+            }
+            if group.policies.is_empty() && group.schedules.is_empty() {
+                warnings.push(format!(
+                    "groups[{i}]: no policies and no schedules; the group stays at its desired capacity"
+                ));
+            }
+        }
+        warnings
+    }
+}
+
+/// Pairs of step policies on the same metric and statistic where the first scales out on high values and
+/// the second scales in on low values.
+fn opposing_step_policies(group: &GroupConfig) -> Vec<(StepPolicy, StepPolicy)> {
+    let steps: Vec<StepPolicy> = group
+        .policies
+        .iter()
+        .filter(|p| p.problems("").is_empty())
+        .filter_map(|p| match p.to_policy() {
+            Policy::Step(step) => Some(step),
+            Policy::TargetTracking(_) => None,
+        })
+        .collect();
+    let mut pairs = Vec::new();
+    for out in steps.iter().filter(|p| !p.scales_in() && p.comparison.is_upward()) {
+        for inward in steps.iter().filter(|p| p.scales_in() && !p.comparison.is_upward()) {
+            if out.metric == inward.metric && out.statistic == inward.statistic {
+                pairs.push((out.clone(), inward.clone()));
+            }
+        }
+    }
+    pairs
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use ebb_proto::v1::{AgentSettings, Hello, Rejection, Sample};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{Metric, Millis, Window};
+use crate::engine::{HealthRun, Metric, Millis, Reading, Window};
 use crate::metrics::Metrics;
 
 /// How far ahead of the collector's clock a sample's timestamp may be.
@@ -82,6 +82,8 @@ pub struct Observation {
     /// `means[p][k]`: mean of the p-th requested metric over its k-th window.
     pub means: Vec<Vec<Option<f64>>>,
     pub latest: Option<LatestSample>,
+    /// The health checks at the end of its samples.
+    pub health: HealthRun,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,30 +94,6 @@ pub struct LatestSample {
     pub health: ebb_proto::v1::HealthCheck,
 }
 
-/// Metric values of one stored sample.
-#[derive(Debug, Clone, Copy)]
-struct Stored {
-    at: Millis,
-    cpu: Option<f64>,
-    load: [f64; 6],
-    mem: f64,
-}
-
-impl Stored {
-    fn value(&self, metric: Metric) -> Option<f64> {
-        match metric {
-            Metric::Cpu => self.cpu,
-            Metric::Load1 => Some(self.load[0]),
-            Metric::Load5 => Some(self.load[1]),
-            Metric::Load15 => Some(self.load[2]),
-            Metric::Load1PerCpu => Some(self.load[3]),
-            Metric::Load5PerCpu => Some(self.load[4]),
-            Metric::Load15PerCpu => Some(self.load[5]),
-            Metric::Mem => Some(self.mem),
-        }
-    }
-}
-
 struct MemberRecord {
     settings: AgentSettings,
     /// Set to true to close the member's open stream (revoked, terminated).
@@ -123,42 +101,38 @@ struct MemberRecord {
     run_id: Option<u64>,
     highest_seq: u64,
     /// Ordered by timestamp.
-    window: VecDeque<Stored>,
+    window: VecDeque<Reading>,
     latest: Option<LatestSample>,
 }
 
 impl MemberRecord {
     fn mean(&self, metric: Metric, window: Window) -> Option<f64> {
         let start = self.window.partition_point(|s| s.at < window.start);
-        let (sum, count) = self
-            .window
-            .range(start..)
-            .take_while(|s| s.at < window.end)
-            .filter_map(|s| s.value(metric))
-            .fold((0.0, 0u32), |(sum, count), v| (sum + v, count + 1));
-        (count > 0).then(|| sum / f64::from(count))
+        crate::engine::mean(self.window.range(start..).take_while(|s| s.at < window.end), metric)
     }
 
     fn store(&mut self, sample: &Sample) {
-        let stored = Stored {
-            at: sample.timestamp_ms,
-            cpu: sample.cpu_busy_percent,
-            load: [
-                sample.load1,
-                sample.load5,
-                sample.load15,
-                sample.load1_per_cpu,
-                sample.load5_per_cpu,
-                sample.load15_per_cpu,
-            ],
-            mem: sample.mem_used_percent,
+        let healthy = match HealthStatus::try_from(sample.health.as_ref().map_or(0, |h| h.status)) {
+            Ok(HealthStatus::Healthy) => Some(true),
+            Ok(HealthStatus::Unhealthy) => Some(false),
+            _ => None,
         };
+        let stored = Reading::new(sample.timestamp_ms)
+            .with(Metric::Cpu, sample.cpu_busy_percent)
+            .with(Metric::Load1, Some(sample.load1))
+            .with(Metric::Load5, Some(sample.load5))
+            .with(Metric::Load15, Some(sample.load15))
+            .with(Metric::Load1PerCpu, Some(sample.load1_per_cpu))
+            .with(Metric::Load5PerCpu, Some(sample.load5_per_cpu))
+            .with(Metric::Load15PerCpu, Some(sample.load15_per_cpu))
+            .with(Metric::Mem, Some(sample.mem_used_percent))
+            .with_health(healthy);
         let at = self.window.partition_point(|s| s.at <= stored.at);
         self.window.insert(at, stored);
         if self.latest.as_ref().is_none_or(|l| l.at <= stored.at) {
             self.latest = Some(LatestSample {
                 at: stored.at,
-                cpu_busy_percent: stored.cpu,
+                cpu_busy_percent: sample.cpu_busy_percent,
                 load1: sample.load1,
                 health: sample.health.clone().unwrap_or_default(),
             });
@@ -414,6 +388,7 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                         None => Observation {
                             means: windows.iter().map(|(_, w)| vec![None; w.len()]).collect(),
                             latest: None,
+                            health: HealthRun::default(),
                         },
                         Some(record) => Observation {
                             means: windows
@@ -421,6 +396,7 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                                 .map(|(metric, ws)| ws.iter().map(|w| record.mean(*metric, *w)).collect())
                                 .collect(),
                             latest: record.latest.clone(),
+                            health: HealthRun::of(record.window.iter()),
                         },
                     })
                     .collect();

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod explain;
 pub mod ingest;
 pub mod lb;
 pub mod metrics;
@@ -36,6 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::activity::ActivityLog;
 use crate::config::{CollectorConfig, LoadBalancerConfig, ProviderConfig};
+use crate::explain::ExplanationLog;
 use crate::ingest::IngestHandle;
 use crate::lb::LoadBalancer;
 use crate::lb::builtin::BuiltinLoadBalancer;
@@ -45,8 +47,8 @@ use crate::providers::Provider;
 use crate::providers::local::LocalProvider;
 use crate::reconcile::{Dependencies, GroupController, GroupHandle};
 
-/// Samples are kept at least this long, and longer if a policy looks further back.
-const MIN_RETENTION_MS: i64 = 10 * 60 * 1000;
+/// Samples are kept at least this long, and as long as the furthest-looking policy needs plus a minute.
+const MIN_RETENTION_MS: i64 = 2 * 60 * 1000;
 
 /// A running collector. Dropping it without [`Collector::shutdown`] stops the tasks but may leave the
 /// local provider's processes to their stdin-close fallback.
@@ -82,9 +84,9 @@ impl Collector {
         let retention_ms = config
             .groups
             .iter()
-            .flat_map(|g| &g.policies)
-            .map(|p| i64::from(p.period_secs) * i64::from(p.evaluation_periods) * 1000 + 60_000)
+            .map(|g| g.engine().lookback_ms() + 60_000)
             .fold(MIN_RETENTION_MS, i64::max);
+        let explanations = ExplanationLog::new(config.server.explanation_retention_secs);
         let ingest = IngestHandle::spawn(metrics.clone(), retention_ms);
         let authority = Arc::new(authority(&config.server)?);
         let tls = tls::server_config(authority.pki.server_chain_pem(), authority.pki.server_key_pem())?;
@@ -141,6 +143,7 @@ impl Collector {
                 activities: activities.clone(),
                 metrics: metrics.clone(),
                 authority: authority.clone(),
+                explanations: explanations.clone(),
                 collector_url: collector_url.clone(),
             };
             let name = group.name.clone();

@@ -16,7 +16,12 @@ use tokio::time::MissedTickBehavior;
 
 use crate::activity::{Activity, ActivityKind, ActivityLog};
 use crate::config::GroupConfig;
-use crate::engine::{Decision, Engine, GroupInput, MemberInput, Metric, Millis, Window};
+pub use crate::engine::MemberState;
+use crate::engine::schedule::ScheduledAction;
+use crate::engine::{
+    Action, Change, Engine, Evaluation, GroupInput, HealthRun, MemberInput, Metric, Millis, Recommendation, Window,
+};
+use crate::explain::ExplanationLog;
 use crate::ingest::{self, IngestHandle, LatestSample};
 use crate::lb::LoadBalancer;
 use crate::metrics::{GroupGauges, Metrics};
@@ -31,23 +36,6 @@ const STATUS_WINDOW_MS: Millis = 10_000;
 /// After a failed launch, the next attempt waits this long.
 const LAUNCH_RETRY_MS: Millis = 10_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MemberState {
-    /// Launched; waiting for its first healthy check.
-    Pending,
-    /// Behind the load balancer.
-    InService,
-}
-
-impl MemberState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MemberState::Pending => "pending",
-            MemberState::InService => "in_service",
-        }
-    }
-}
-
 /// A member of a group, as its controller keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
@@ -61,6 +49,10 @@ pub struct Member {
     pub protected: bool,
     /// Joined with an operator's token; ebb did not launch it and never terminates it.
     pub external: bool,
+    /// Judged unhealthy by the engine; out of the load balancer.
+    pub unhealthy: bool,
+    /// Unhealthy and being replaced: it goes once enough healthy members serve.
+    pub replacing: bool,
 }
 
 impl Member {
@@ -75,6 +67,8 @@ impl Member {
             in_service_since: None,
             protected: false,
             external: false,
+            unhealthy: false,
+            replacing: false,
         }
     }
 }
@@ -191,6 +185,7 @@ pub struct Dependencies {
     pub activities: ActivityLog,
     pub metrics: Arc<Metrics>,
     pub authority: Arc<Authority>,
+    pub explanations: ExplanationLog,
     /// The URL agents use to reach the collector.
     pub collector_url: String,
 }
@@ -199,26 +194,35 @@ pub struct GroupController {
     config: GroupConfig,
     engine: Engine,
     deps: Dependencies,
+    /// The limits in force: the configuration's, until a scheduled action changes them.
+    min_size: u32,
+    max_size: u32,
     desired: u32,
-    last_scaling: Option<Millis>,
+    last_scale_out: Option<Millis>,
+    last_scale_in: Option<Millis>,
+    /// Target tracking's recent recommendations and the policies' recent changes, for the engine.
+    recommendations: Vec<Recommendation>,
+    changes: Vec<Change>,
+    schedules: Vec<ScheduledAction>,
+    /// Scheduled actions due up to this time have run.
+    schedules_checked: Option<Millis>,
+    /// Settings already warned about as shorter than the group's boot time.
+    warned: std::collections::HashSet<&'static str>,
     members: Vec<Member>,
     launches: u64,
     next_launch_at: Millis,
     last_evaluation: String,
     cpu_avg: Option<f64>,
     latest: Vec<Option<LatestSample>>,
+    health: Vec<HealthRun>,
     status: watch::Sender<GroupStatus>,
 }
 
 impl GroupController {
     pub fn new(config: GroupConfig, deps: Dependencies) -> (Self, GroupHandle, mpsc::Receiver<Command>) {
-        let engine = Engine {
-            min_size: config.min_size,
-            max_size: config.max_size,
-            cooldown_secs: config.cooldown_secs,
-            warmup_secs: config.warmup_secs,
-            policies: config.policies.iter().map(|p| p.to_policy()).collect(),
-        };
+        let engine = config.engine();
+        let schedules = config.scheduled_actions();
+        let (min_size, max_size) = (config.min_size, config.max_size);
         let desired = config.desired_capacity.unwrap_or(config.min_size);
         let (status, status_rx) = watch::channel(GroupStatus::default());
         let (commands, commands_rx) = mpsc::channel(16);
@@ -226,14 +230,23 @@ impl GroupController {
             config,
             engine,
             deps,
+            min_size,
+            max_size,
             desired,
-            last_scaling: None,
+            last_scale_out: None,
+            last_scale_in: None,
+            recommendations: Vec::new(),
+            changes: Vec::new(),
+            schedules,
+            schedules_checked: None,
+            warned: Default::default(),
             members: Vec::new(),
             launches: 0,
             next_launch_at: 0,
             last_evaluation: "not evaluated yet".into(),
             cpu_avg: None,
             latest: Vec::new(),
+            health: Vec::new(),
             status,
         };
         controller.publish(Vec::new());
@@ -286,10 +299,10 @@ impl GroupController {
     }
 
     async fn set_desired(&mut self, desired: u32, now: Millis) -> Result<(), String> {
-        if !(self.config.min_size..=self.config.max_size).contains(&desired) {
+        if !(self.min_size..=self.max_size).contains(&desired) {
             return Err(format!(
                 "desired capacity {desired} is outside group {}'s min_size..max_size ({}..{}); change the group's limits in the configuration first",
-                self.config.name, self.config.min_size, self.config.max_size
+                self.config.name, self.min_size, self.max_size
             ));
         }
         let from = self.desired;
@@ -301,7 +314,8 @@ impl GroupController {
             (from, desired),
         );
         self.desired = desired;
-        self.last_scaling = Some(now);
+        // Policies wait their cooldowns after an operator's change too.
+        (self.last_scale_out, self.last_scale_in) = (Some(now), Some(now));
         self.reconcile(now, "an operator set desired capacity").await;
         Ok(())
     }
@@ -317,10 +331,10 @@ impl GroupController {
         protected: bool,
         now: Millis,
     ) -> Result<String, String> {
-        if self.members.len() as u32 >= self.config.max_size {
+        if self.members.len() as u32 >= self.max_size {
             return Err(format!(
                 "group {} is at max_size {}; raise it before adding VMs by hand",
-                self.config.name, self.config.max_size
+                self.config.name, self.max_size
             ));
         }
         self.launches += 1;
@@ -338,7 +352,7 @@ impl GroupController {
         .await;
         // It counts toward capacity like any member.
         let from = self.desired;
-        self.desired = self.engine.clamp(self.desired.max(self.members.len() as u32));
+        self.desired = self.desired.max(self.live()).clamp(self.min_size, self.max_size);
         let detail = format!("host {} instance {}", facts.hostname, facts.instance_id);
         let cause = if protected {
             "a VM enrolled with an operator's token (protected from scale-in)"
@@ -355,56 +369,221 @@ impl GroupController {
         Ok(member_id)
     }
 
-    /// One evaluation: lost instances, health, decision, reconciliation, status.
+    /// One evaluation: schedules, lost instances, health, decision, reconciliation, status.
     pub async fn step(&mut self, now: Millis) {
+        self.run_schedules(now);
         self.forget_lost_instances().await;
         let means = self.observe(now).await;
         self.admit_healthy_members(now).await;
-
         let input = GroupInput {
             now,
+            min_size: self.min_size,
+            max_size: self.max_size,
             desired: self.desired,
-            last_scaling: self.last_scaling,
-            members: self
-                .members
-                .iter()
-                .zip(means)
-                .map(|(member, means)| MemberInput {
-                    id: member.id.clone(),
-                    in_service_since: member.in_service_since,
-                    means,
-                })
-                .collect(),
+            last_scale_out: self.last_scale_out,
+            last_scale_in: self.last_scale_in,
+            suspended: false,
+            members: self.member_inputs(means),
+            recommendations: self.recommendations.clone(),
+            changes: self.changes.clone(),
         };
         let evaluation = self.engine.evaluate(&input);
-        let verdicts: Vec<&str> = evaluation.verdicts.iter().map(|v| v.explanation.as_str()).collect();
-        let cause = match evaluation.decision {
-            Decision::Hold { reason } => {
-                self.last_evaluation = format!("hold: {reason}; {}", verdicts.join("; "));
-                None
-            }
-            Decision::Scale { from, to, cause, .. } => {
-                self.last_evaluation = format!("scale {from} → {to}: {cause}");
-                let kind = if to > from {
-                    ActivityKind::ScaleOut
-                } else {
-                    ActivityKind::ScaleIn
-                };
-                self.record(kind, cause.clone(), Ok(String::new()), "", (from, to));
-                self.desired = to;
-                self.last_scaling = Some(now);
-                Some(cause)
-            }
-        };
-        let cause = cause.unwrap_or_else(|| {
-            format!(
-                "the group has {} of its desired {} members",
-                self.members.len(),
-                self.desired
-            )
-        });
-        self.reconcile(now, &cause).await;
+        self.apply_health(&evaluation).await;
+        let cause = self.apply_decision(&evaluation, now);
+        self.deps
+            .explanations
+            .record(&self.config.name, evaluation, self.config.dry_run);
+        if !self.config.dry_run {
+            self.reconcile(now, &cause).await;
+        }
         self.refresh_status().await;
+    }
+
+    /// The members as the engine sees them; `means` per member (empty: none).
+    fn member_inputs(&self, means: Vec<Vec<Vec<Option<f64>>>>) -> Vec<MemberInput> {
+        let mut means = means.into_iter();
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| MemberInput {
+                id: m.id.clone(),
+                state: m.state,
+                launched: m.launched_at,
+                in_service_since: m.in_service_since,
+                protected: m.protected,
+                unhealthy: m.unhealthy,
+                health: self.health.get(i).copied().unwrap_or_default(),
+                means: means.next().unwrap_or_default(),
+                load: self.latest.get(i).cloned().flatten().and_then(|l| l.cpu_busy_percent),
+            })
+            .collect()
+    }
+
+    /// Members not being replaced: the ones that count toward desired capacity.
+    fn live(&self) -> u32 {
+        self.members.iter().filter(|m| !m.replacing).count() as u32
+    }
+
+    /// Marks health changes; an unhealthy member leaves the load balancer and, if the group replaces
+    /// unhealthy members, is marked for replacement.
+    async fn apply_health(&mut self, evaluation: &Evaluation) {
+        let dry_run = self.config.dry_run;
+        for change in &evaluation.health {
+            let Some(index) = self.members.iter().position(|m| m.id == change.member) else {
+                continue;
+            };
+            let (kind, detail) = if change.unhealthy {
+                (ActivityKind::Unhealthy, "out of the load balancer")
+            } else {
+                (ActivityKind::Healthy, "back behind the load balancer")
+            };
+            let detail = if dry_run { "dry run: nothing changed" } else { detail };
+            self.record(
+                kind,
+                change.why.clone(),
+                Ok(detail.into()),
+                &change.member,
+                (self.desired, self.desired),
+            );
+            if dry_run {
+                continue;
+            }
+            self.members[index].unhealthy = change.unhealthy;
+            let member = self.members[index].clone();
+            if member.state != MemberState::InService {
+                continue;
+            }
+            if change.unhealthy {
+                let result = self.deps.load_balancer.deregister(&member.id).await;
+                self.record(
+                    ActivityKind::Deregister,
+                    format!("unhealthy: {}", change.why),
+                    result.map(|()| String::new()),
+                    &member.id,
+                    (self.desired, self.desired),
+                );
+            } else {
+                self.members[index].replacing = false;
+                if let Some(address) = member.address {
+                    let result = self.deps.load_balancer.register(&member.id, address).await;
+                    self.record(
+                        ActivityKind::Register,
+                        format!("healthy again: {}", change.why),
+                        result.map(|()| address.to_string()),
+                        &member.id,
+                        (self.desired, self.desired),
+                    );
+                }
+            }
+        }
+        if dry_run {
+            return;
+        }
+        for id in &evaluation.replace {
+            if let Some(member) = self.members.iter_mut().find(|m| &m.id == id && !m.replacing) {
+                member.replacing = true;
+            }
+        }
+    }
+
+    /// Takes the engine's decision (unless in dry run) and returns the cause for the calls that follow.
+    fn apply_decision(&mut self, evaluation: &Evaluation, now: Millis) -> String {
+        let summary = evaluation.explanation.lines().next().unwrap_or_default();
+        let verdicts: Vec<&str> = evaluation.verdicts.iter().map(|v| v.explanation.as_str()).collect();
+        self.last_evaluation = match (self.config.dry_run, evaluation.action) {
+            (true, _) => format!("dry run: {summary}"),
+            (false, Action::None) if !verdicts.is_empty() => format!("{summary}; {}", verdicts.join("; ")),
+            _ => summary.to_string(),
+        };
+        // Recommendations older than any stabilization window are of no further use.
+        let horizon = now - 3_600_000;
+        self.recommendations.retain(|r| r.at > horizon);
+        self.recommendations.extend(evaluation.recommendations.iter().cloned());
+        self.changes.retain(|c| c.at > horizon);
+        let (from, to) = (evaluation.desired_before, evaluation.desired);
+        if self.config.dry_run || from == to {
+            return if evaluation.action == Action::Replace {
+                format!("replacing unhealthy {}", evaluation.replace.join(", "))
+            } else {
+                format!("the group has {} of its desired {} members", self.live(), self.desired)
+            };
+        }
+        let kind = if to > from {
+            self.last_scale_out = Some(now);
+            ActivityKind::ScaleOut
+        } else {
+            self.last_scale_in = Some(now);
+            ActivityKind::ScaleIn
+        };
+        if evaluation.reason.code == "policy" {
+            self.changes.push(Change { at: now, from, to });
+        }
+        self.record(kind, evaluation.reason.text.clone(), Ok(String::new()), "", (from, to));
+        self.desired = to;
+        evaluation.reason.text.clone()
+    }
+
+    /// Runs the scheduled actions that came due since the last evaluation.
+    fn run_schedules(&mut self, now: Millis) {
+        let Some(checked) = self.schedules_checked.replace(now) else {
+            return;
+        };
+        let due: Vec<ScheduledAction> = self
+            .schedules
+            .iter()
+            .filter(|a| a.cron.latest_between(checked, now, &a.zone).is_some())
+            .cloned()
+            .collect();
+        for action in due {
+            let before = (self.min_size, self.max_size, self.desired);
+            if let Some(min) = action.min_size {
+                self.min_size = min;
+                self.max_size = self.max_size.max(min);
+            }
+            if let Some(max) = action.max_size {
+                self.max_size = max;
+                self.min_size = self.min_size.min(max);
+            }
+            if let Some(desired) = action.desired_capacity {
+                self.desired = desired;
+            }
+            self.desired = self.desired.clamp(self.min_size, self.max_size);
+            let detail = format!(
+                "min_size {} → {}, max_size {} → {}, desired {} → {}",
+                before.0, self.min_size, before.1, self.max_size, before.2, self.desired
+            );
+            self.record(
+                ActivityKind::Scheduled,
+                format!("scheduled action {}", action.name),
+                Ok(detail),
+                "",
+                (before.2, self.desired),
+            );
+        }
+    }
+
+    /// Warns once per setting when members take longer from launch to healthy than the setting allows.
+    fn check_boot_time(&mut self, took_ms: Millis) {
+        let took = took_ms / 1000;
+        let settings = [
+            ("scale_out_cooldown_secs", self.engine.scale_out_cooldown_secs),
+            ("health_check.grace_period_secs", self.engine.health.grace_period_secs),
+            (
+                "health_check.launch_timeout_secs",
+                self.engine.health.launch_timeout_secs,
+            ),
+        ];
+        for (key, secs) in settings {
+            if took > i64::from(secs) && self.warned.insert(key) {
+                self.record(
+                    ActivityKind::Warning,
+                    format!("a member took {took} s from launch to healthy, longer than {key} ({secs} s)"),
+                    Ok(format!("raise {key} above {took} s for group {}", self.config.name)),
+                    "",
+                    (self.desired, self.desired),
+                );
+            }
+        }
     }
 
     /// Members whose instance died on its own leave the group; the reconciler replaces them.
@@ -466,7 +645,7 @@ impl GroupController {
             .engine
             .policies
             .iter()
-            .map(|p| p.metric)
+            .map(|p| p.metric())
             .zip(self.engine.windows(now))
             .collect();
         windows.push((
@@ -482,11 +661,12 @@ impl GroupController {
             .members
             .iter()
             .zip(&observations)
-            .filter(|(m, _)| m.state == MemberState::InService)
+            .filter(|(m, _)| m.state == MemberState::InService && !m.unhealthy)
             .filter_map(|(_, o)| o.means.last()?.first().copied().flatten())
             .collect();
         self.cpu_avg = (!status_cpu.is_empty()).then(|| status_cpu.iter().sum::<f64>() / status_cpu.len() as f64);
         self.latest = observations.iter().map(|o| o.latest.clone()).collect();
+        self.health = observations.iter().map(|o| o.health).collect();
         observations
             .into_iter()
             .map(|mut o| {
@@ -506,9 +686,12 @@ impl GroupController {
                 .cloned()
                 .flatten()
                 .filter(|latest| latest.at >= member.launched_at && ingest::is_healthy(latest));
-            let (Some(latest), MemberState::Pending, Some(address)) = (healthy, member.state, member.address) else {
+            let (Some(latest), MemberState::Pending, Some(address), false) =
+                (healthy, member.state, member.address, member.unhealthy)
+            else {
                 continue;
             };
+            let (took, external) = (now - member.launched_at, member.external);
             let id = member.id.clone();
             let result = self.deps.load_balancer.register(&id, address).await;
             let ok = result.is_ok();
@@ -522,24 +705,62 @@ impl GroupController {
             if ok {
                 self.members[index].state = MemberState::InService;
                 self.members[index].in_service_since = Some(now);
+                if !external {
+                    self.check_boot_time(took);
+                }
             }
         }
     }
 
-    /// Launches or terminates until the group has `desired` members.
+    /// Launches or terminates until the group has `desired` members (not counting those being replaced),
+    /// at most `max_surge` launches in flight; replaced members go once enough healthy members serve.
     async fn reconcile(&mut self, now: Millis, cause: &str) {
-        while (self.members.len() as u32) < self.desired && now >= self.next_launch_at {
+        while self.live() < self.desired && now >= self.next_launch_at {
+            let in_flight = self
+                .members
+                .iter()
+                .filter(|m| m.state == MemberState::Pending && !m.replacing)
+                .count() as u32;
+            if in_flight >= self.config.max_surge {
+                break;
+            }
             if self.launch(now, cause).await.is_err() {
                 self.next_launch_at = now + LAUNCH_RETRY_MS;
                 break;
             }
         }
-        while self.members.len() as u32 > self.desired {
-            let Some(victim) = self.choose_victim() else {
+        let serving = self
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::InService && !m.unhealthy && !m.replacing)
+            .count() as u32;
+        if serving >= self.desired {
+            while let Some(index) = self.members.iter().position(|m| m.replacing) {
+                if !self.remove(index, "unhealthy, and its replacement is in service").await {
+                    break;
+                }
+            }
+        }
+        while self.live() > self.desired {
+            let candidates: Vec<MemberInput> = self
+                .member_inputs(Vec::new())
+                .into_iter()
+                .zip(&self.members)
+                .filter(|(_, m)| !m.replacing)
+                .map(|(input, _)| input)
+                .collect();
+            let Some(victim) = self.engine.victims(&candidates, 1, now).pop() else {
                 tracing::warn!(group = %self.config.name, desired = self.desired, "Only protected members are left; not scaling in further.");
                 break;
             };
-            self.remove(victim, cause).await;
+            let index = self
+                .members
+                .iter()
+                .position(|m| m.id == victim)
+                .expect("a victim is a member");
+            if !self.remove(index, cause).await {
+                break;
+            }
         }
     }
 
@@ -609,22 +830,9 @@ impl GroupController {
         self.members.push(member);
     }
 
-    /// Members not yet in service go first, then the most recently launched: long-running members keep
-    /// their warm caches. Protected members are never chosen.
-    fn choose_victim(&self) -> Option<usize> {
-        (0..self.members.len())
-            .filter(|&i| !self.members[i].protected)
-            .max_by_key(|&i| {
-                (
-                    self.members[i].state == MemberState::Pending,
-                    self.members[i].launched_at,
-                    i,
-                )
-            })
-    }
-
-    /// Out of the load balancer first, then terminated.
-    async fn remove(&mut self, index: usize, cause: &str) {
+    /// Out of the load balancer first, then terminated; `false` if the termination failed (the member
+    /// stays, and a later pass tries again).
+    async fn remove(&mut self, index: usize, cause: &str) -> bool {
         let member = self.members.remove(index);
         let size = self.members.len() as u32;
         if member.state == MemberState::InService {
@@ -649,7 +857,7 @@ impl GroupController {
                 &member.id,
                 (size + 1, size),
             );
-            return;
+            return true;
         }
         let result = self.deps.provider.terminate(&member.instance_id).await;
         let failed = result.is_err();
@@ -669,9 +877,10 @@ impl GroupController {
                     ..member
                 },
             );
-            return;
+            return false;
         }
         self.deps.ingest.unregister(&member.id).await;
+        true
     }
 
     fn agent_settings(&self, address: Option<SocketAddr>) -> AgentSettings {
@@ -730,8 +939,8 @@ impl GroupController {
             .collect();
         let status = GroupStatus {
             name: self.config.name.clone(),
-            min_size: self.config.min_size,
-            max_size: self.config.max_size,
+            min_size: self.min_size,
+            max_size: self.max_size,
             desired: self.desired,
             members,
             cpu_avg: self.cpu_avg,
@@ -816,6 +1025,7 @@ mod tests {
             activities: activities.clone(),
             metrics,
             authority: Arc::new(Authority::new(crate::pki::tests::pki(pki_dir.path()), 1800, 600)),
+            explanations: ExplanationLog::new(3600),
             collector_url: "https://127.0.0.1:7300".into(),
         };
         let (controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps);
@@ -883,7 +1093,14 @@ mod tests {
         h.controller.step(now + 2000).await;
         assert_eq!(h.lb.registered(), ["web-1"]);
         assert_eq!(h.handle.status().in_service(), 1);
-        assert_eq!(h.kinds(), ["launch web-1", "register web-1"]);
+        // The test group's cooldown of 0 s is shorter than this member's 2 s boot: said once.
+        assert_eq!(h.kinds(), ["launch web-1", "register web-1", "warning"]);
+        let warning = h.activities.newest("web", 1).remove(0);
+        assert!(
+            warning.cause.contains("longer than scale_out_cooldown_secs (0 s)"),
+            "{}",
+            warning.cause
+        );
     }
 
     #[tokio::test]
@@ -915,7 +1132,9 @@ mod tests {
         );
         let scale_in = activities.iter().find(|a| a.kind == ActivityKind::ScaleIn).unwrap();
         assert!(
-            scale_in.cause.contains("policy cpu-low: avg cpu 3% < 20%"),
+            scale_in
+                .cause
+                .contains("policy cpu-low: avg cpu < 20%: cpu 3% over 10 s"),
             "{}",
             scale_in.cause
         );
@@ -1025,7 +1244,7 @@ mod tests {
 
         // The protected member stays even when desired is below what protection allows.
         h.controller.config.min_size = 0;
-        h.controller.engine.min_size = 0;
+        h.controller.min_size = 0;
         send(&mut h, |reply| Command::SetDesired { desired: 0, reply }).await;
         assert_eq!(h.handle.status().members.len(), 1);
         assert!(h.handle.status().members[0].member.protected);

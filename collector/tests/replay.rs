@@ -18,7 +18,8 @@ use tokio::sync::watch;
 fn sample(seq: u64, start_ms: i64) -> Sample {
     Sample {
         seq,
-        timestamp_ms: start_ms + seq as i64 * 1000,
+        // Ten a second, so all of them stay inside the collector's sample retention.
+        timestamp_ms: start_ms + seq as i64 * 100,
         // Distinct values, so a sample stored twice would change the mean.
         cpu_busy_percent: Some((seq % 100) as f64),
         ..Sample::default()
@@ -41,7 +42,7 @@ async fn no_sample_is_lost_or_stored_twice_across_outages() {
         },
         ..AgentConfig::default()
     };
-    let start_ms = ebb_agent::now_ms() - 400_000;
+    let start_ms = ebb_agent::now_ms() - 60_000;
     let outbox = Arc::new(Mutex::new(Outbox::new(config.buffer_samples())));
     let (settings, _) = watch::channel(ebb_agent::Settings::from_config(&config).unwrap());
     let (latest, latest_rx) = watch::channel(0u64);

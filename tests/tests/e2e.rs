@@ -61,7 +61,7 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
     let cause = scale_out["cause"].as_str().unwrap();
     assert!(cause.contains("policy cpu-high"), "the cause names the policy: {cause}");
     assert!(
-        cause.contains("avg cpu ") && cause.contains("% > 60%"),
+        cause.contains("avg cpu > 60%: cpu ") && cause.contains("% over 5 s"),
         "the cause gives the measured value: {cause}"
     );
     let scale_in = activities

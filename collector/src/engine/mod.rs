@@ -1,0 +1,671 @@
+//! The decision engine: **where every scaling decision is made.**
+//!
+//! Pure: no I/O, no async, no clock reads. The caller passes the time, the group's limits and, for every
+//! member, its state, its health run and the mean of each policy's metric over each evaluation period
+//! ([`Engine::windows`] says which); [`Engine::evaluate`] returns every policy's verdict and one decision
+//! with its reason, in words and as a code.
+//!
+//! Semantics (each also in `docs/policies.md`):
+//! - **Who counts.** Only members in service past the warm-up and not unhealthy feed the aggregates. A
+//!   scale-out adds to the counted members, so members still launching or warming up absorb a repeated
+//!   alarm: a booting VM's CPU spike cannot cause more scale-out (the K5 guide's pattern 4).
+//! - **Missing data never helps a policy act.** For an alarm on high values a silent member counts as 0;
+//!   for an alarm on low values (a scale-in) it makes the period insufficient; target tracking counts it
+//!   as 0 for scale-out and refuses to scale in. When no member reports at all, `on_metric_loss` decides.
+//! - **Combining.** Scale-out beats scale-in; among scale-outs the largest capacity wins, among scale-ins
+//!   also the largest (the smallest step down). The result is clamped to min..max, saying so. A scale-out
+//!   waits `scale_out_cooldown_secs` after the last scale-out; a scale-in waits `scale_in_cooldown_secs`
+//!   after any scaling.
+//! - **Health.** Judged only after the grace period: unhealthy after `unhealthy_threshold` failed checks
+//!   in a row, or when silent for `silent_secs` while others still report; healthy again after
+//!   `healthy_threshold` passes. A member never healthy `launch_timeout_secs` after launch is unhealthy.
+
+mod policy;
+mod reading;
+pub mod schedule;
+pub mod snapshot;
+
+use serde::Serialize;
+
+pub use policy::{
+    AdjustmentType, AlarmState, Comparison, OnMetricLoss, Policy, RateLimit, Statistic, Step, StepPolicy, TargetPolicy,
+    Verdict,
+};
+pub use reading::{HealthRun, Metric, Reading, mean};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// Which members a scale-in removes first (after members still launching, which are cancelled first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Termination {
+    /// Long-running members keep their warm caches.
+    #[default]
+    Newest,
+    Oldest,
+    /// The lowest CPU in the latest sample.
+    LeastLoaded,
+    /// The member whose next billing period starts soonest (`billing_period_secs`).
+    ClosestToBillingHour,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthRules {
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    pub grace_period_secs: u32,
+    pub silent_secs: u32,
+    pub launch_timeout_secs: u32,
+    pub replace_unhealthy: bool,
+}
+
+/// A group's rules, from its configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Engine {
+    pub scale_out_cooldown_secs: u32,
+    pub scale_in_cooldown_secs: u32,
+    pub warmup_secs: u32,
+    pub policies: Vec<Policy>,
+    pub health: HealthRules,
+    pub on_metric_loss: OnMetricLoss,
+    pub termination: Termination,
+    pub billing_period_secs: u32,
+}
+
+/// A half-open time range `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: Millis,
+    pub end: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Launched, not yet behind the load balancer.
+    Pending,
+    /// Behind the load balancer.
+    InService,
+    /// Leaving: out of the load balancer, finishing its requests.
+    Draining,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Pending => "pending",
+            MemberState::InService => "in_service",
+            MemberState::Draining => "draining",
+        }
+    }
+}
+
+/// One member as the engine sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberInput {
+    pub id: String,
+    pub state: MemberState,
+    pub launched: Millis,
+    /// When it joined the load balancer.
+    pub in_service_since: Option<Millis>,
+    pub protected: bool,
+    /// Judged unhealthy by an earlier evaluation.
+    pub unhealthy: bool,
+    pub health: HealthRun,
+    /// `means[p][k]`: the member's mean of policy `p`'s metric over window `k` of [`Engine::windows`].
+    pub means: Vec<Vec<Option<f64>>>,
+    /// Latest CPU, for `least_loaded`.
+    pub load: Option<f64>,
+}
+
+/// A target-tracking recommendation made by an earlier evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Recommendation {
+    pub policy: String,
+    pub at: Millis,
+    pub capacity: u32,
+}
+
+/// A change of desired capacity made by a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct Change {
+    pub at: Millis,
+    pub from: u32,
+    pub to: u32,
+}
+
+/// The group's state the engine needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupInput {
+    pub now: Millis,
+    pub min_size: u32,
+    pub max_size: u32,
+    pub desired: u32,
+    pub last_scale_out: Option<Millis>,
+    pub last_scale_in: Option<Millis>,
+    /// Scaling suspended by an operator: decide nothing.
+    pub suspended: bool,
+    pub members: Vec<MemberInput>,
+    pub recommendations: Vec<Recommendation>,
+    pub changes: Vec<Change>,
+}
+
+/// Why something did or did not happen: a stable code and words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reason {
+    pub code: &'static str,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    ScaleOut,
+    ScaleIn,
+    Replace,
+    None,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::ScaleOut => "scale_out",
+            Action::ScaleIn => "scale_in",
+            Action::Replace => "replace",
+            Action::None => "none",
+        }
+    }
+}
+
+/// Members by state in one evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct MemberCounts {
+    /// In service past the warm-up and healthy: these feed the aggregates.
+    pub counted: u32,
+    pub warming: u32,
+    pub pending: u32,
+    pub unhealthy: u32,
+    pub draining: u32,
+    /// In service but not heard from for `silent_secs`.
+    pub silent: u32,
+}
+
+/// A member whose health judgement changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthChange {
+    pub member: String,
+    pub unhealthy: bool,
+    pub why: String,
+}
+
+/// Everything one evaluation decided and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Evaluation {
+    pub at: Millis,
+    pub desired_before: u32,
+    /// After the decision and clamping.
+    pub desired: u32,
+    pub action: Action,
+    /// For a change, its cause; otherwise why nothing changed.
+    pub reason: Reason,
+    /// The policy that decided, if one did.
+    pub policy: Option<String>,
+    pub members: MemberCounts,
+    pub verdicts: Vec<Verdict>,
+    pub health: Vec<HealthChange>,
+    /// Unhealthy members to replace: a new member first, then this one goes.
+    pub replace: Vec<String>,
+    /// Recommendations to pass back in later evaluations.
+    pub recommendations: Vec<Recommendation>,
+    /// The whole evaluation in words.
+    pub explanation: String,
+}
+
+/// What the policies see of the group.
+pub(crate) struct Context<'a> {
+    now: Millis,
+    desired: u32,
+    counted: Vec<&'a MemberInput>,
+    /// Members still launching or warming up: capacity not yet counted.
+    uncounted: u32,
+    metric_loss: Option<String>,
+    on_metric_loss: OnMetricLoss,
+    recommendations: &'a [Recommendation],
+    changes: &'a [Change],
+}
+
+impl Context<'_> {
+    /// Members added (`out`) or removed by policies within the last `period_secs`.
+    fn changed_within(&self, period_secs: u32, out: bool) -> u32 {
+        let since = self.now - Millis::from(period_secs) * 1000;
+        self.changes
+            .iter()
+            .filter(|c| c.at > since && (c.to > c.from) == out)
+            .map(|c| c.to.abs_diff(c.from))
+            .sum()
+    }
+}
+
+impl Engine {
+    /// The windows each policy needs, newest first: its periods ending at `now`.
+    pub fn windows(&self, now: Millis) -> Vec<Vec<Window>> {
+        self.policies
+            .iter()
+            .map(|policy| {
+                let period = Millis::from(policy.period_secs()) * 1000;
+                (0..Millis::from(policy.periods()))
+                    .map(|k| Window {
+                        start: now - (k + 1) * period,
+                        end: now - k * period,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// How far back the policies look, in milliseconds.
+    pub fn lookback_ms(&self) -> Millis {
+        self.policies
+            .iter()
+            .map(|p| Millis::from(p.period_secs()) * Millis::from(p.periods()) * 1000)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Evaluates every policy and decides. The same input always gives the same output.
+    pub fn evaluate(&self, input: &GroupInput) -> Evaluation {
+        let health = self.judge_health(input);
+        let unhealthy = |m: &MemberInput| {
+            health
+                .iter()
+                .find(|c| c.member == m.id)
+                .map_or(m.unhealthy, |c| c.unhealthy)
+        };
+        let silent_ms = Millis::from(self.health.silent_secs) * 1000;
+        let mut counts = MemberCounts::default();
+        let mut counted = Vec::new();
+        for member in &input.members {
+            match member.state {
+                MemberState::Draining => counts.draining += 1,
+                _ if unhealthy(member) => counts.unhealthy += 1,
+                MemberState::Pending => counts.pending += 1,
+                MemberState::InService => {
+                    let since = member.in_service_since.unwrap_or(member.launched);
+                    if input.now - since < Millis::from(self.warmup_secs) * 1000 {
+                        counts.warming += 1;
+                    } else {
+                        counts.counted += 1;
+                        counted.push(member);
+                    }
+                }
+            }
+            if member.state == MemberState::InService && self.is_silent(member, input.now) {
+                counts.silent += 1;
+            }
+        }
+        let in_service = input
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::InService)
+            .count() as u32;
+        let metric_loss = (in_service > 0 && counts.silent == in_service).then(|| {
+            format!(
+                "no member has reported for {} s (on_metric_loss = \"{}\")",
+                silent_ms / 1000,
+                match self.on_metric_loss {
+                    OnMetricLoss::Hold => "hold",
+                    OnMetricLoss::AssumeHigh => "assume_high",
+                }
+            )
+        });
+        let context = Context {
+            now: input.now,
+            desired: input.desired,
+            counted,
+            uncounted: counts.warming + counts.pending,
+            metric_loss,
+            on_metric_loss: self.on_metric_loss,
+            recommendations: &input.recommendations,
+            changes: &input.changes,
+        };
+        let verdicts: Vec<Verdict> = self
+            .policies
+            .iter()
+            .enumerate()
+            .map(|(p, policy)| policy.verdict(p, &context))
+            .collect();
+        let recommendations = self
+            .policies
+            .iter()
+            .zip(&verdicts)
+            .filter_map(|(policy, verdict)| {
+                Some(Recommendation {
+                    policy: policy.name().to_string(),
+                    at: input.now,
+                    capacity: verdict.recommendation?,
+                })
+            })
+            .collect();
+        let (desired, action, reason, policy) = self.decide(input, &verdicts);
+        let replace: Vec<String> = if self.health.replace_unhealthy && !input.suspended {
+            input
+                .members
+                .iter()
+                .filter(|m| unhealthy(m) && m.state != MemberState::Draining)
+                .map(|m| m.id.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let action = if action == Action::None && !replace.is_empty() {
+            Action::Replace
+        } else {
+            action
+        };
+        let mut evaluation = Evaluation {
+            at: input.now,
+            desired_before: input.desired,
+            desired,
+            action,
+            reason,
+            policy,
+            members: counts,
+            verdicts,
+            health,
+            replace,
+            recommendations,
+            explanation: String::new(),
+        };
+        evaluation.explanation = evaluation.describe();
+        evaluation
+    }
+
+    fn is_silent(&self, member: &MemberInput, now: Millis) -> bool {
+        let heard = member
+            .health
+            .last_heard
+            .or(member.in_service_since)
+            .unwrap_or(member.launched);
+        now - heard > Millis::from(self.health.silent_secs) * 1000
+    }
+
+    /// Members whose health judgement changes in this evaluation.
+    fn judge_health(&self, input: &GroupInput) -> Vec<HealthChange> {
+        let rules = &self.health;
+        let reporting = input
+            .members
+            .iter()
+            .any(|m| m.state == MemberState::InService && !self.is_silent(m, input.now));
+        let mut changes = Vec::new();
+        for member in &input.members {
+            if input.now - member.launched < Millis::from(rules.grace_period_secs) * 1000 {
+                continue;
+            }
+            let change = |unhealthy: bool, why: String| HealthChange {
+                member: member.id.clone(),
+                unhealthy,
+                why,
+            };
+            match (member.state, member.unhealthy) {
+                (MemberState::Pending, false)
+                    if member.in_service_since.is_none()
+                        && input.now - member.launched > Millis::from(rules.launch_timeout_secs) * 1000 =>
+                {
+                    changes.push(change(
+                        true,
+                        format!(
+                            "not healthy {} s after launch (launch_timeout_secs)",
+                            rules.launch_timeout_secs
+                        ),
+                    ));
+                }
+                (MemberState::InService, false) => {
+                    if member.health.failures >= rules.unhealthy_threshold {
+                        changes.push(change(
+                            true,
+                            format!("{} health checks failed in a row", member.health.failures),
+                        ));
+                    } else if reporting && self.is_silent(member, input.now) {
+                        changes.push(change(
+                            true,
+                            format!(
+                                "silent for more than {} s while other members report",
+                                rules.silent_secs
+                            ),
+                        ));
+                    }
+                }
+                (MemberState::InService, true)
+                    if member.health.passes >= rules.healthy_threshold && !self.is_silent(member, input.now) =>
+                {
+                    changes.push(change(
+                        false,
+                        format!("{} health checks passed in a row", member.health.passes),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        changes
+    }
+
+    fn decide(&self, input: &GroupInput, verdicts: &[Verdict]) -> (u32, Action, Reason, Option<String>) {
+        let current = input.desired;
+        let (min, max) = (input.min_size, input.max_size);
+        let hold = |code, text: String| (current, Action::None, Reason { code, text }, None);
+        if input.suspended {
+            return hold("suspended", "scaling is suspended by an operator".into());
+        }
+        if !(min..=max).contains(&current) {
+            let to = current.clamp(min, max);
+            let action = if to > current {
+                Action::ScaleOut
+            } else {
+                Action::ScaleIn
+            };
+            let text =
+                format!("desired capacity {current} is outside min_size..max_size ({min}..{max}); {current} → {to}");
+            return (to, action, Reason { code: "limits", text }, None);
+        }
+        let best = |out: bool| {
+            policies_proposing(&self.policies, verdicts)
+                .filter(|(_, _, to)| (*to > current) == out && *to != current)
+                .max_by_key(|(i, _, to)| (*to, std::cmp::Reverse(*i)))
+        };
+        if let Some((_, verdict, wanted)) = best(true) {
+            let name = Some(verdict.policy.clone());
+            if current >= max {
+                return (
+                    current,
+                    Action::None,
+                    Reason {
+                        code: "at_max",
+                        text: format!(
+                            "{} asks for {wanted}, but capacity {current} is at max_size",
+                            verdict.policy
+                        ),
+                    },
+                    name,
+                );
+            }
+            if let Some(left) = cooldown_left(input.last_scale_out, self.scale_out_cooldown_secs, input.now) {
+                let text = format!(
+                    "{} asks for {wanted}, but scale-out cooldown has {left} s left",
+                    verdict.policy
+                );
+                return (
+                    current,
+                    Action::None,
+                    Reason {
+                        code: "in_cooldown",
+                        text,
+                    },
+                    name,
+                );
+            }
+            let to = wanted.min(max);
+            let clamped = if to < wanted {
+                format!(" (clamped to max_size {max})")
+            } else {
+                String::new()
+            };
+            let text = format!("{}{clamped}", verdict.explanation);
+            return (to, Action::ScaleOut, Reason { code: "policy", text }, name);
+        }
+        if let Some((_, verdict, wanted)) = best(false) {
+            let name = Some(verdict.policy.clone());
+            if current <= min {
+                return (
+                    current,
+                    Action::None,
+                    Reason {
+                        code: "at_min",
+                        text: format!(
+                            "{} asks for {wanted}, but capacity {current} is at min_size",
+                            verdict.policy
+                        ),
+                    },
+                    name,
+                );
+            }
+            let last = input.last_scale_out.max(input.last_scale_in);
+            if let Some(left) = cooldown_left(last, self.scale_in_cooldown_secs, input.now) {
+                let text = format!(
+                    "{} asks for {wanted}, but scale-in cooldown has {left} s left",
+                    verdict.policy
+                );
+                return (
+                    current,
+                    Action::None,
+                    Reason {
+                        code: "in_cooldown",
+                        text,
+                    },
+                    name,
+                );
+            }
+            let to = wanted.max(min);
+            let clamped = if to > wanted {
+                format!(" (clamped to min_size {min})")
+            } else {
+                String::new()
+            };
+            let text = format!("{}{clamped}", verdict.explanation);
+            return (to, Action::ScaleIn, Reason { code: "policy", text }, name);
+        }
+        if verdicts.is_empty() {
+            return hold("no_policies", "the group has no scaling policy".into());
+        }
+        // The most telling reason a policy gave for doing nothing.
+        const ORDER: [&str; 8] = [
+            "insufficient_data",
+            "warming",
+            "stabilizing",
+            "rate_limited",
+            "scale_in_disabled",
+            "within_tolerance",
+            "no_step",
+            "no_change",
+        ];
+        let reason = ORDER
+            .iter()
+            .find_map(|code| {
+                verdicts
+                    .iter()
+                    .find_map(|v| v.hold.as_ref().filter(|h| h.code == *code))
+            })
+            .cloned()
+            .unwrap_or(Reason {
+                code: "no_alarm",
+                text: "no policy in alarm".into(),
+            });
+        (current, Action::None, reason, None)
+    }
+
+    /// The members a scale-in removes, in order: those still launching first (cancelled), then by the
+    /// group's termination policy; protected members never. `count` at most.
+    pub fn victims(&self, members: &[MemberInput], count: usize, now: Millis) -> Vec<String> {
+        let billing = Millis::from(self.billing_period_secs.max(1)) * 1000;
+        // Members are in launch order, so a tie in launch time goes by position.
+        let mut candidates: Vec<(usize, &MemberInput)> =
+            members.iter().enumerate().filter(|(_, m)| !m.protected).collect();
+        candidates.sort_by(|(i, a), (j, b)| {
+            let pending = |m: &MemberInput| m.state != MemberState::Pending;
+            pending(a)
+                .cmp(&pending(b))
+                .then_with(|| match self.termination {
+                    Termination::Newest => b.launched.cmp(&a.launched),
+                    Termination::Oldest => a.launched.cmp(&b.launched),
+                    Termination::LeastLoaded => {
+                        let load = |m: &MemberInput| m.load.unwrap_or(f64::INFINITY);
+                        load(a).total_cmp(&load(b))
+                    }
+                    Termination::ClosestToBillingHour => {
+                        let left = |m: &MemberInput| billing - (now - m.launched).rem_euclid(billing);
+                        left(a).cmp(&left(b))
+                    }
+                })
+                .then_with(|| match self.termination {
+                    Termination::Newest => j.cmp(i),
+                    _ => i.cmp(j),
+                })
+        });
+        candidates.into_iter().take(count).map(|(_, m)| m.id.clone()).collect()
+    }
+}
+
+fn policies_proposing<'a>(
+    policies: &'a [Policy],
+    verdicts: &'a [Verdict],
+) -> impl Iterator<Item = (usize, &'a Verdict, u32)> + 'a {
+    policies
+        .iter()
+        .zip(verdicts)
+        .enumerate()
+        .filter_map(|(i, (_, v))| Some((i, v, v.proposal?)))
+}
+
+/// Seconds of cooldown left after `last`, if any.
+fn cooldown_left(last: Option<Millis>, cooldown_secs: u32, now: Millis) -> Option<i64> {
+    let until = last? + Millis::from(cooldown_secs) * 1000;
+    (now < until).then(|| (until - now + 999) / 1000)
+}
+
+impl Evaluation {
+    fn describe(&self) -> String {
+        let m = &self.members;
+        let mut text = match self.action {
+            Action::None => format!("hold at {} ({}): {}", self.desired, self.reason.code, self.reason.text),
+            Action::Replace => format!("replace {}; capacity stays {}", self.replace.join(", "), self.desired),
+            _ => format!(
+                "{} {} → {}: {}",
+                self.action.as_str(),
+                self.desired_before,
+                self.desired,
+                self.reason.text
+            ),
+        };
+        text.push_str(&format!(
+            "\n  members: {} counted, {} warming, {} pending, {} unhealthy, {} draining, {} silent",
+            m.counted, m.warming, m.pending, m.unhealthy, m.draining, m.silent
+        ));
+        for verdict in &self.verdicts {
+            text.push_str("\n  ");
+            text.push_str(&verdict.explanation);
+        }
+        for change in &self.health {
+            let state = if change.unhealthy { "unhealthy" } else { "healthy again" };
+            text.push_str(&format!("\n  {} {state}: {}", change.member, change.why));
+        }
+        text
+    }
+}
+
+pub(crate) fn fmt_value(value: f64) -> String {
+    let rounded = format!("{value:.1}");
+    rounded.strip_suffix(".0").map(str::to_string).unwrap_or(rounded)
+}
+
+#[cfg(test)]
+mod tests;
