@@ -41,6 +41,8 @@ pub enum ActivityKind {
     Scheduled,
     /// Something an operator should look at, like a setting shorter than the group's boot time.
     Warning,
+    /// An operator suspended or resumed scaling.
+    Suspension,
 }
 
 impl ActivityKind {
@@ -60,6 +62,7 @@ impl ActivityKind {
             ActivityKind::Healthy => "healthy",
             ActivityKind::Scheduled => "scheduled",
             ActivityKind::Warning => "warning",
+            ActivityKind::Suspension => "suspension",
         }
     }
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use ebb_proto::v1::admin_client::AdminClient;
 use ebb_proto::v1::{
-    CreateTokenRequest, ListActivitiesRequest, ListGroupsRequest, ListMembersRequest, ListTokensRequest,
-    RevokeMemberRequest, RevokeTokenRequest, SetDesiredCapacityRequest,
+    CreateTokenRequest, ExplainRequest, ListActivitiesRequest, ListGroupsRequest, ListMembersRequest,
+    ListTokensRequest, RevokeMemberRequest, RevokeTokenRequest, SetDesiredCapacityRequest, SetSuspendedRequest,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -191,6 +191,35 @@ pub enum Command {
         #[arg(long)]
         to: u32,
     },
+    /// Why a group did, or did not, scale: its evaluations, newest last.
+    Explain {
+        group: String,
+        /// From this moment: `2026-11-23T14:02:00Z`, `14:02` (today, this machine's time zone) or `10m` ago.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Each evaluation as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate one decision offline from a snapshot of a group, with the engine the collector runs.
+    Evaluate {
+        #[arg(long, env = "EBB_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        group: String,
+        /// A JSON snapshot: now, desired, last_scale_out, last_scale_in, members with their samples.
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// Print the evaluation as JSON (desired, action, explanation, verdicts, ...).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a group's scaling: nothing is decided, launched or terminated until `resume`.
+    Suspend { group: String },
+    /// Resume a suspended group's scaling.
+    Resume { group: String },
     /// The collector's certificate authority.
     Ca {
         #[command(subcommand)]
@@ -267,9 +296,65 @@ pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<(
                 out.display()
             );
         }
+        Command::Evaluate {
+            config,
+            group,
+            snapshot,
+            json,
+        } => {
+            let config = config::load(&config)?;
+            let Some(group) = config.groups.iter().find(|g| g.name == group) else {
+                let names: Vec<&str> = config.groups.iter().map(|g| g.name.as_str()).collect();
+                anyhow::bail!("no group named `{group}`; the groups are: {}", names.join(", "));
+            };
+            let text = std::fs::read_to_string(&snapshot)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", snapshot.display()))?;
+            let snapshot = crate::engine::snapshot::Snapshot::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", snapshot.display()))?;
+            let engine = group.engine();
+            let evaluation = engine.evaluate(&snapshot.input(&engine, group.min_size, group.max_size));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&evaluation)?);
+            } else {
+                println!("{}", evaluation.explanation);
+            }
+        }
         _ => unreachable!("not a local command"),
     }
     Ok(())
+}
+
+/// `--since` for `explain`: an RFC 3339 time, `HH:MM[:SS]` today in this machine's time zone, or a
+/// duration ago (`90s`, `10m`, `2h`, `1d`).
+pub fn parse_since(text: &str, now: jiff::Timestamp) -> Result<i64, String> {
+    if let Ok(t) = text.parse::<jiff::Timestamp>() {
+        return Ok(t.as_millisecond());
+    }
+    if let Some((number, unit)) = text.split_at_checked(text.len().saturating_sub(1))
+        && let Ok(n) = number.parse::<i64>()
+    {
+        let secs = match unit {
+            "s" => Some(n),
+            "m" => Some(n * 60),
+            "h" => Some(n * 3600),
+            "d" => Some(n * 86_400),
+            _ => None,
+        };
+        if let Some(secs) = secs {
+            return Ok(now.as_millisecond() - secs * 1000);
+        }
+    }
+    if let Ok(time) = text.parse::<jiff::civil::Time>() {
+        let zone = jiff::tz::TimeZone::system();
+        let today = zone.to_datetime(now).date();
+        return zone
+            .to_timestamp(today.to_datetime(time))
+            .map(|t| t.as_millisecond())
+            .map_err(|e| e.to_string());
+    }
+    Err(format!(
+        "`{text}` is not a time: use 2026-11-23T14:02:00Z, 14:02 (today) or a duration ago like 10m"
+    ))
 }
 
 /// Runs an operator command against the Admin API and prints the answer.
@@ -345,6 +430,55 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 );
             }
         }
+        Command::Explain {
+            group,
+            since,
+            limit,
+            json,
+        } => {
+            let since_ms = match since {
+                Some(text) => parse_since(&text, jiff::Timestamp::now()).map_err(|e| anyhow::anyhow!(e))?,
+                None => 0,
+            };
+            let request = ExplainRequest { group, since_ms, limit };
+            for e in client.explain(request).await?.into_inner().explanations {
+                if json {
+                    println!("{}", e.json);
+                    continue;
+                }
+                let time = |ms| crate::engine::snapshot::format_time(ms);
+                let span = if e.evaluations > 1 {
+                    format!(
+                        "{} – {} ({} evaluations)",
+                        time(e.from_ms),
+                        time(e.until_ms),
+                        e.evaluations
+                    )
+                } else {
+                    time(e.from_ms)
+                };
+                let dry = if e.dry_run { " [dry run: not carried out]" } else { "" };
+                println!("{span}{dry}\n  {}\n", e.text.replace('\n', "\n  "));
+            }
+        }
+        Command::Suspend { group } => {
+            client
+                .set_suspended(SetSuspendedRequest {
+                    group: group.clone(),
+                    suspended: true,
+                })
+                .await?;
+            println!("{group}: scaling suspended; `ebb-collector resume {group}` resumes it");
+        }
+        Command::Resume { group } => {
+            client
+                .set_suspended(SetSuspendedRequest {
+                    group: group.clone(),
+                    suspended: false,
+                })
+                .await?;
+            println!("{group}: scaling resumed");
+        }
         Command::Scale { group, to } => {
             let response = client
                 .set_desired_capacity(SetDesiredCapacityRequest {
@@ -416,6 +550,22 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
         _ => unreachable!("not an admin command"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod since_tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_times_and_durations() {
+        let now: jiff::Timestamp = "2026-11-23T14:10:00Z".parse().unwrap();
+        let at = |s: &str| parse_since(s, now).unwrap();
+        assert_eq!(at("2026-11-23T14:02:00Z"), now.as_millisecond() - 8 * 60_000);
+        assert_eq!(at("10m"), now.as_millisecond() - 600_000);
+        assert_eq!(at("2h"), now.as_millisecond() - 7_200_000);
+        assert!(parse_since("14:02", now).is_ok());
+        assert!(parse_since("yesterday", now).unwrap_err().contains("is not a time"));
+    }
 }
 
 #[cfg(test)]

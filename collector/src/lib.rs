@@ -168,6 +168,7 @@ impl Collector {
             AdminServer::new(server::AdminService {
                 groups: groups.clone(),
                 activities: activities.clone(),
+                explanations: explanations.clone(),
                 authority: authority.clone(),
                 ingest: ingest.clone(),
             })

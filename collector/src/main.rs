@@ -35,6 +35,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Validate { config } => {
             let parsed = config::load(&config)?;
             println!("{}: valid, {} group(s)", config.display(), parsed.groups.len());
+            for warning in parsed.warnings() {
+                println!("warning: {warning}");
+            }
             Ok(true)
         }
         Command::GenConfig => {
@@ -42,7 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Workload(_) => unreachable!("handled before the runtime starts"),
-        command @ (Command::Ca { .. } | Command::AdminCert { .. }) => {
+        command @ (Command::Ca { .. } | Command::AdminCert { .. } | Command::Evaluate { .. }) => {
             ebb_collector::cli::local(&cli.connection, command)?;
             Ok(true)
         }

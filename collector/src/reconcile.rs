@@ -125,6 +125,12 @@ pub enum Command {
     },
     /// Its enrolment failed after joining.
     LeaveExternal { member_id: String },
+    /// An operator suspends or resumes scaling: while suspended nothing is decided, launched or
+    /// terminated.
+    SetSuspended {
+        suspended: bool,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The handle the rest of the collector keeps for a group.
@@ -167,6 +173,17 @@ impl GroupHandle {
             .map_err(|_| "the group's controller has stopped".to_string())?
     }
 
+    pub async fn set_suspended(&self, suspended: bool) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::SetSuspended { suspended, reply })
+            .await
+            .map_err(|_| "the group's controller has stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the group's controller has stopped".to_string())
+    }
+
     pub async fn leave_external(&self, member_id: &str) {
         let _ = self
             .commands
@@ -206,6 +223,7 @@ pub struct GroupController {
     schedules: Vec<ScheduledAction>,
     /// Scheduled actions due up to this time have run.
     schedules_checked: Option<Millis>,
+    suspended: bool,
     /// Settings already warned about as shorter than the group's boot time.
     warned: std::collections::HashSet<&'static str>,
     members: Vec<Member>,
@@ -239,6 +257,7 @@ impl GroupController {
             changes: Vec::new(),
             schedules,
             schedules_checked: None,
+            suspended: false,
             warned: Default::default(),
             members: Vec::new(),
             launches: 0,
@@ -294,6 +313,24 @@ impl GroupController {
                     self.deps.ingest.unregister(&member.id).await;
                 }
                 self.refresh_status().await;
+            }
+            Command::SetSuspended { suspended, reply } => {
+                if self.suspended != suspended {
+                    self.suspended = suspended;
+                    let cause = if suspended {
+                        "an operator suspended scaling: nothing is decided, launched or terminated"
+                    } else {
+                        "an operator resumed scaling"
+                    };
+                    self.record(
+                        ActivityKind::Suspension,
+                        cause.into(),
+                        Ok(String::new()),
+                        "",
+                        (self.desired, self.desired),
+                    );
+                }
+                let _ = reply.send(());
             }
         }
     }
@@ -382,7 +419,7 @@ impl GroupController {
             desired: self.desired,
             last_scale_out: self.last_scale_out,
             last_scale_in: self.last_scale_in,
-            suspended: false,
+            suspended: self.suspended,
             members: self.member_inputs(means),
             recommendations: self.recommendations.clone(),
             changes: self.changes.clone(),
@@ -393,7 +430,7 @@ impl GroupController {
         self.deps
             .explanations
             .record(&self.config.name, evaluation, self.config.dry_run);
-        if !self.config.dry_run {
+        if !self.config.dry_run && !self.suspended {
             self.reconcile(now, &cause).await;
         }
         self.refresh_status().await;
@@ -1011,7 +1048,12 @@ mod tests {
     }
 
     fn harness() -> Harness {
-        let config = crate::config::parse(std::path::Path::new("test.toml"), GROUP).unwrap();
+        harness_with(|group| group)
+    }
+
+    /// A harness for the test group with its TOML changed by `edit`.
+    fn harness_with(edit: impl FnOnce(String) -> String) -> Harness {
+        let config = crate::config::parse(std::path::Path::new("test.toml"), &edit(GROUP.to_string())).unwrap();
         let metrics = Arc::new(Metrics::default());
         let provider = FakeProvider::default();
         let lb = FakeLoadBalancer::default();
@@ -1276,5 +1318,150 @@ mod tests {
         );
         assert_eq!(h.provider.running(), ["web-1", "web-2", "web-3"]);
         assert_eq!(h.kinds()[0], "set_desired");
+    }
+
+    /// Reports from each of `members` every second from `from` up to `to` (exclusive), healthy or not.
+    async fn report_span(h: &mut Harness, members: &[(&str, bool)], from: Millis, to: Millis) {
+        for at in (from..to).step_by(1000) {
+            for (member, healthy) in members {
+                h.report(member, at, 50.0, *healthy).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_member_is_replaced_new_one_first() {
+        let mut h = harness_with(|g| {
+            g.replace("min_size = 1", "min_size = 2")
+                + "[groups.health_check]\ngrace_period_secs = 0\nunhealthy_threshold = 3\n"
+        });
+        let now = now_ms();
+        h.controller.desired = 2;
+        h.controller.step(now).await;
+        report_span(&mut h, &[("web-1", true), ("web-2", true)], now + 100, now + 1100).await;
+        h.controller.step(now + 1200).await;
+        assert_eq!(h.lb.registered(), ["web-1", "web-2"]);
+
+        // web-2 fails three checks in a row.
+        report_span(&mut h, &[("web-1", true), ("web-2", false)], now + 2000, now + 5000).await;
+        h.controller.step(now + 5100).await;
+        assert_eq!(h.lb.registered(), ["web-1"], "out of the load balancer at once");
+        assert_eq!(
+            h.provider.running(),
+            ["web-1", "web-2", "web-3"],
+            "the replacement launches first"
+        );
+
+        // Once the replacement serves, the unhealthy one goes.
+        report_span(&mut h, &[("web-1", true), ("web-3", true)], now + 5200, now + 6200).await;
+        h.controller.step(now + 6300).await;
+        assert_eq!(h.lb.registered(), ["web-1", "web-3"]);
+        assert_eq!(h.provider.running(), ["web-1", "web-3"]);
+        let kinds = h.kinds();
+        let position = |k: &str| {
+            kinds
+                .iter()
+                .position(|x| x == k)
+                .unwrap_or_else(|| panic!("{k} in {kinds:?}"))
+        };
+        assert!(position("unhealthy web-2") < position("launch web-3"), "{kinds:?}");
+        assert!(position("launch web-3") < position("terminate web-2"), "{kinds:?}");
+        assert_eq!(h.handle.status().desired, 2);
+    }
+
+    #[tokio::test]
+    async fn dry_run_decides_and_explains_but_never_calls_the_cloud() {
+        let mut h = harness_with(|g| g.replace("cooldown_secs = 0", "cooldown_secs = 0\ndry_run = true"));
+        let now = now_ms();
+        h.controller.step(now).await;
+        assert!(h.provider.running().is_empty());
+        assert_eq!(h.handle.status().desired, 1);
+        let records = h.controller.deps.explanations.since("web", 0, 10);
+        assert!(records.iter().all(|r| r.dry_run), "{records:?}");
+        assert!(h.handle.status().last_evaluation.starts_with("dry run: "));
+    }
+
+    #[tokio::test]
+    async fn max_surge_bounds_launches_in_flight() {
+        let mut h = harness_with(|g| {
+            g.replace("max_size = 3", "max_size = 10")
+                .replace("cooldown_secs = 0", "cooldown_secs = 0\nmax_surge = 2")
+        });
+        let now = now_ms();
+        h.controller.desired = 5;
+        h.controller.step(now).await;
+        assert_eq!(h.provider.running().len(), 2);
+        h.controller.step(now + 1000).await;
+        assert_eq!(h.provider.running().len(), 2, "both still launching");
+        report_span(&mut h, &[("web-1", true), ("web-2", true)], now + 1100, now + 2100).await;
+        h.controller.step(now + 2200).await;
+        assert_eq!(h.provider.running().len(), 4);
+    }
+
+    /// ssh_scale.py (seed 001) adds one VM per run while the group is below min_size; with max_surge = 1
+    /// ebb does the same, one launch at a time, until min_size.
+    #[tokio::test]
+    async fn below_min_one_launch_at_a_time_with_max_surge_one() {
+        let mut h = harness_with(|g| {
+            g.replace("min_size = 1", "min_size = 2")
+                .replace("cooldown_secs = 0", "cooldown_secs = 0\nmax_surge = 1")
+        });
+        let now = now_ms();
+        h.controller.desired = 2;
+        h.controller.step(now).await;
+        assert_eq!(h.provider.running(), ["web-1"]);
+        report_span(&mut h, &[("web-1", true)], now + 100, now + 1100).await;
+        h.controller.step(now + 1200).await;
+        assert_eq!(h.provider.running(), ["web-1", "web-2"]);
+        report_span(&mut h, &[("web-1", true), ("web-2", true)], now + 1300, now + 2300).await;
+        h.controller.step(now + 2400).await;
+        assert_eq!(h.provider.running(), ["web-1", "web-2"], "no further than min_size");
+    }
+
+    #[tokio::test]
+    async fn a_scheduled_action_sets_the_limits_and_desired() {
+        let mut h = harness_with(|g| {
+            g.replace("max_size = 3", "max_size = 10")
+                + "[[groups.schedules]]\nname = \"every-minute\"\ncron = \"* * * * *\"\ntime_zone = \"Asia/Tokyo\"\nmin_size = 3\n"
+        });
+        let minute = 60_000;
+        let start = (now_ms() / minute) * minute + 100;
+        h.controller.step(start).await;
+        assert_eq!(
+            h.handle.status().min_size,
+            1,
+            "the first evaluation only starts the clock"
+        );
+        h.controller.step(start + minute).await;
+        let status = h.handle.status();
+        assert_eq!((status.min_size, status.max_size, status.desired), (3, 10, 3));
+        assert!(h.kinds().contains(&"scheduled".to_string()), "{:?}", h.kinds());
+    }
+
+    #[tokio::test]
+    async fn a_suspended_group_launches_nothing() {
+        let mut h = harness();
+        let now = now_ms();
+        let (reply, answer) = oneshot::channel();
+        h.controller
+            .handle(Command::SetSuspended { suspended: true, reply }, now)
+            .await;
+        answer.await.unwrap();
+        h.controller.step(now).await;
+        assert!(h.provider.running().is_empty());
+        let records = h.controller.deps.explanations.since("web", 0, 1);
+        assert_eq!(records[0].evaluation.reason.code, "suspended");
+        let (reply, _) = oneshot::channel();
+        h.controller
+            .handle(
+                Command::SetSuspended {
+                    suspended: false,
+                    reply,
+                },
+                now,
+            )
+            .await;
+        h.controller.step(now + 1000).await;
+        assert_eq!(h.provider.running(), ["web-1"]);
     }
 }

@@ -10,11 +10,12 @@ use ebb_proto::v1::admin_server::Admin;
 use ebb_proto::v1::enrollment_server::Enrollment;
 use ebb_proto::v1::telemetry_server::Telemetry;
 use ebb_proto::v1::{
-    Ack, CreateTokenRequest, CreateTokenResponse, EnrollRequest, EnrollResponse, JoinToken, ListActivitiesRequest,
-    ListActivitiesResponse, ListGroupsRequest, ListGroupsResponse, ListMembersRequest, ListMembersResponse,
-    ListTokensRequest, ListTokensResponse, RenewRequest, RenewResponse, ReportRequest, ReportResponse,
-    RevokeMemberRequest, RevokeMemberResponse, RevokeTokenRequest, RevokeTokenResponse, SetDesiredCapacityRequest,
-    SetDesiredCapacityResponse, report_request, report_response,
+    Ack, CreateTokenRequest, CreateTokenResponse, EnrollRequest, EnrollResponse, ExplainRequest, ExplainResponse,
+    Explanation, JoinToken, ListActivitiesRequest, ListActivitiesResponse, ListGroupsRequest, ListGroupsResponse,
+    ListMembersRequest, ListMembersResponse, ListTokensRequest, ListTokensResponse, RenewRequest, RenewResponse,
+    ReportRequest, ReportResponse, RevokeMemberRequest, RevokeMemberResponse, RevokeTokenRequest, RevokeTokenResponse,
+    SetDesiredCapacityRequest, SetDesiredCapacityResponse, SetSuspendedRequest, SetSuspendedResponse, report_request,
+    report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -359,6 +360,7 @@ pub fn require_admin(
 pub struct AdminService {
     pub groups: BTreeMap<String, GroupHandle>,
     pub activities: ActivityLog,
+    pub explanations: crate::explain::ExplanationLog,
     pub authority: Arc<Authority>,
     pub ingest: IngestHandle,
 }
@@ -544,5 +546,41 @@ impl Admin for AdminService {
         self.ingest.disconnect(member_id).await;
         tracing::warn!(member = %member_id, "Revoked a member's certificate.");
         Ok(Response::new(RevokeMemberResponse {}))
+    }
+
+    async fn explain(&self, request: Request<ExplainRequest>) -> Result<Response<ExplainResponse>, Status> {
+        let request = request.into_inner();
+        self.group(&request.group)?;
+        let limit = if request.limit == 0 { 20 } else { request.limit as usize };
+        let explanations = self
+            .explanations
+            .since(&request.group, request.since_ms, limit)
+            .into_iter()
+            .map(|r| Explanation {
+                from_ms: r.from,
+                until_ms: r.until,
+                evaluations: r.evaluations,
+                action: r.evaluation.action.as_str().to_string(),
+                reason: r.evaluation.reason.code.to_string(),
+                desired_before: r.evaluation.desired_before,
+                desired: r.evaluation.desired,
+                dry_run: r.dry_run,
+                json: serde_json::to_string(&r.evaluation).unwrap_or_default(),
+                text: r.evaluation.explanation,
+            })
+            .collect();
+        Ok(Response::new(ExplainResponse { explanations }))
+    }
+
+    async fn set_suspended(
+        &self,
+        request: Request<SetSuspendedRequest>,
+    ) -> Result<Response<SetSuspendedResponse>, Status> {
+        let request = request.into_inner();
+        self.group(&request.group)?
+            .set_suspended(request.suspended)
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(SetSuspendedResponse {}))
     }
 }

@@ -200,6 +200,24 @@ fn serve_with_enrolled_members_admin_commands_metrics_and_a_clean_stop() {
         text.lines().any(|l| l.starts_with("web ") && l.contains(" 3 ")),
         "{text}"
     );
+    let (ok, text) = admin(&server, &state, &["explain", "web", "--since", "10m"]);
+    assert!(
+        ok && text.contains("hold at 3 (no_policies): the group has no scaling policy"),
+        "{text}"
+    );
+    assert!(
+        text.contains("evaluations)"),
+        "a quiet group's seconds are one record: {text}"
+    );
+    let (ok, text) = admin(&server, &state, &["suspend", "web"]);
+    assert!(ok && text.contains("web: scaling suspended"), "{text}");
+    let (ok, text) = admin(&server, &state, &["resume", "web"]);
+    assert!(ok && text.contains("web: scaling resumed"), "{text}");
+    let (_, text) = admin(&server, &state, &["activities", "web", "--limit", "2"]);
+    assert!(
+        text.contains("suspension") && text.contains("an operator resumed scaling"),
+        "{text}"
+    );
     // The same over the Admin API's Unix socket in the state directory, the default.
     let (ok, text) = admin("", &state, &["groups"]);
     assert!(
@@ -361,6 +379,7 @@ fn every_example_is_valid() {
         if path.extension().is_some_and(|e| e == "toml") {
             let (ok, text) = offline(&["validate", "--config", path.to_str().unwrap()]);
             assert!(ok, "{}: {text}", path.display());
+            assert!(!text.contains("warning:"), "examples should not need a warning: {text}");
             checked += 1;
         }
     }
@@ -368,6 +387,57 @@ fn every_example_is_valid() {
         checked >= 5,
         "one example per seed scenario and the local one; found {checked}"
     );
+}
+
+/// `evaluate` runs the collector's engine on a snapshot: seed 003's two servers at 40% and 70%.
+#[test]
+fn evaluate_decides_offline_from_a_snapshot() {
+    let config = examples_dir().join("fujitsu-k5.toml");
+    let snapshot = examples_dir().join("snapshots/k5-two-servers.json");
+    let args = |json: bool| {
+        let mut args = vec![
+            "evaluate",
+            "--config",
+            config.to_str().unwrap(),
+            "--group",
+            "web-server",
+            "--snapshot",
+            snapshot.to_str().unwrap(),
+        ];
+        if json {
+            args.push("--json");
+        }
+        offline(&args)
+    };
+    let (ok, text) = args(true);
+    assert!(ok, "{text}");
+    let evaluation: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(evaluation["action"], "scale_out", "{text}");
+    assert_eq!(evaluation["desired"], 3, "{text}");
+    let explanation = evaluation["explanation"].as_str().unwrap();
+    assert!(explanation.contains("cpu 55% over 60 s"), "{explanation}");
+    let (ok, text) = args(false);
+    assert!(
+        ok && text.starts_with("scale_out 2 → 3: policy cpu_alarm_high"),
+        "{text}"
+    );
+
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        bad.path(),
+        r#"{"now": "2026-01-01T00:10:00Z", "desird": 2, "members": []}"#,
+    )
+    .unwrap();
+    let (ok, text) = offline(&[
+        "evaluate",
+        "--config",
+        config.to_str().unwrap(),
+        "--group",
+        "web-server",
+        "--snapshot",
+        bad.path().to_str().unwrap(),
+    ]);
+    assert!(!ok && text.contains("desird"), "{text}");
 }
 
 #[test]

@@ -217,6 +217,61 @@ pub struct RenewResponse {
     pub not_after_ms: i64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExplainRequest {
+    #[prost(string, tag = "1")]
+    pub group: ::prost::alloc::string::String,
+    /// Records that end at or after this time, milliseconds since the Unix epoch; 0: the newest ones.
+    #[prost(int64, tag = "2")]
+    pub since_ms: i64,
+    /// At most this many, the newest of them; 0 means 20.
+    #[prost(uint32, tag = "3")]
+    pub limit: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ExplainResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub explanations: ::prost::alloc::vec::Vec<Explanation>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Explanation {
+    /// The span of evaluations with this outcome.
+    #[prost(int64, tag = "1")]
+    pub from_ms: i64,
+    #[prost(int64, tag = "2")]
+    pub until_ms: i64,
+    #[prost(uint64, tag = "3")]
+    pub evaluations: u64,
+    /// scale_out, scale_in, replace, none
+    #[prost(string, tag = "4")]
+    pub action: ::prost::alloc::string::String,
+    /// policy, limits, at_max, at_min, in_cooldown, within_tolerance, stabilizing, insufficient_data,
+    /// warming, rate_limited, scale_in_disabled, no_alarm, no_policies, suspended, ...
+    #[prost(string, tag = "5")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "6")]
+    pub desired_before: u32,
+    #[prost(uint32, tag = "7")]
+    pub desired: u32,
+    /// The group decides but does not act.
+    #[prost(bool, tag = "8")]
+    pub dry_run: bool,
+    /// The latest evaluation of the span in words: decision, members by state, each policy's verdict.
+    #[prost(string, tag = "9")]
+    pub text: ::prost::alloc::string::String,
+    /// The same evaluation as JSON, for tools.
+    #[prost(string, tag = "10")]
+    pub json: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetSuspendedRequest {
+    #[prost(string, tag = "1")]
+    pub group: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub suspended: bool,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetSuspendedResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateTokenRequest {
     #[prost(string, tag = "1")]
     pub group: ::prost::alloc::string::String,
@@ -1335,6 +1390,52 @@ pub mod admin_client {
             req.extensions_mut().insert(GrpcMethod::new("ebb.v1.Admin", "RevokeMember"));
             self.inner.unary(req, path, codec).await
         }
+        /// Why a group did, or did not, scale: its evaluations, a run of equal outcomes as one record.
+        pub async fn explain(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExplainRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ExplainResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::SmallBufferCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/ebb.v1.Admin/Explain");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("ebb.v1.Admin", "Explain"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Suspends or resumes a group's scaling decisions (health replacement stops too).
+        pub async fn set_suspended(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetSuspendedRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetSuspendedResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::SmallBufferCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ebb.v1.Admin/SetSuspended",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("ebb.v1.Admin", "SetSuspended"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1406,6 +1507,19 @@ pub mod admin_server {
             request: tonic::Request<super::RevokeMemberRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RevokeMemberResponse>,
+            tonic::Status,
+        >;
+        /// Why a group did, or did not, scale: its evaluations, a run of equal outcomes as one record.
+        async fn explain(
+            &self,
+            request: tonic::Request<super::ExplainRequest>,
+        ) -> std::result::Result<tonic::Response<super::ExplainResponse>, tonic::Status>;
+        /// Suspends or resumes a group's scaling decisions (health replacement stops too).
+        async fn set_suspended(
+            &self,
+            request: tonic::Request<super::SetSuspendedRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetSuspendedResponse>,
             tonic::Status,
         >;
     }
@@ -1821,6 +1935,94 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RevokeMemberSvc(inner);
+                        let codec = crate::codec::SmallBufferCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ebb.v1.Admin/Explain" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExplainSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::ExplainRequest>
+                    for ExplainSvc<T> {
+                        type Response = super::ExplainResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExplainRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::explain(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExplainSvc(inner);
+                        let codec = crate::codec::SmallBufferCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ebb.v1.Admin/SetSuspended" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetSuspendedSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::SetSuspendedRequest>
+                    for SetSuspendedSvc<T> {
+                        type Response = super::SetSuspendedResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetSuspendedRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::set_suspended(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetSuspendedSvc(inner);
                         let codec = crate::codec::SmallBufferCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
