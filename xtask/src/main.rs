@@ -4,6 +4,8 @@
 //!   stream open, side by side with Debian's prometheus-node-exporter scraped once a second.
 //! - `bench enroll [--agents N]`, `bench ingest [--max N] [--secs N]`: many agents against one collector
 //!   (`fleet.rs`).
+//! - `bench engine [--secs N]`: the decision engine (`collector/benches/engine.rs`) and a collector with
+//!   1,000 groups (`fleet.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -27,13 +29,14 @@ fn main() -> anyhow::Result<()> {
         Some("bench") if args.get(1).map(String::as_str) == Some("agent") => bench_agent(&args[2..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("enroll") => fleet::bench_enroll(&args[2..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("ingest") => fleet::bench_ingest(&args[2..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("engine") => fleet::bench_engine(&args[2..]),
         _ => bail!(
-            "usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N] | bench enroll [--agents N] | bench ingest [--max N] [--secs N]"
+            "usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N] | bench enroll [--agents N] | bench ingest [--max N] [--secs N] | bench engine [--secs N]"
         ),
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 

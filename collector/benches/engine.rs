@@ -1,0 +1,159 @@
+//! `cargo bench -p ebb-collector --bench engine` (also run by `cargo xtask bench engine`): the decision
+//! engine's cost. Goals (issue 5): one evaluation of a 1,000-member group ≤ 1 ms; every group of a
+//! 1,000-group collector evaluated each second in < 10% of one core.
+//!
+//! Each group has the policies an operator is likely to combine: a step scale-out with three evaluation
+//! periods and two step ranges, a step scale-in over five periods, and target tracking; every member has
+//! data for every period, so no evaluation takes a shortcut.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use ebb_collector::engine::{
+    AdjustmentType, Comparison, Engine, GroupInput, HealthRules, HealthRun, MemberInput, MemberState, Metric,
+    OnMetricLoss, Policy, Statistic, Step, StepPolicy, TargetPolicy, Termination,
+};
+
+const NOW: i64 = 1_000_000_000;
+
+fn step(name: &str, comparison: Comparison, threshold: f64, periods: u32, steps: Vec<Step>) -> Policy {
+    Policy::Step(StepPolicy {
+        name: name.into(),
+        metric: Metric::Cpu,
+        statistic: Statistic::P95,
+        period_secs: 60,
+        evaluation_periods: periods,
+        datapoints_to_alarm: periods,
+        comparison,
+        threshold,
+        adjustment_type: AdjustmentType::ChangeInCapacity,
+        steps,
+        min_adjustment_step: 0,
+    })
+}
+
+fn engine() -> Engine {
+    let bounded = |lower, upper, adjustment| Step {
+        lower,
+        upper,
+        adjustment,
+    };
+    Engine {
+        scale_out_cooldown_secs: 60,
+        scale_in_cooldown_secs: 300,
+        warmup_secs: 60,
+        policies: vec![
+            step(
+                "out",
+                Comparison::Gt,
+                70.0,
+                3,
+                vec![bounded(Some(0.0), Some(15.0), 1), bounded(Some(15.0), None, 3)],
+            ),
+            step("in", Comparison::Lt, 20.0, 5, vec![bounded(None, None, -1)]),
+            Policy::TargetTracking(TargetPolicy {
+                name: "target".into(),
+                metric: Metric::Cpu,
+                target: 50.0,
+                period_secs: 60,
+                scale_out_tolerance: 0.1,
+                scale_in_tolerance: 0.1,
+                stabilization_secs: 300,
+                disable_scale_in: false,
+                scale_out_limit: None,
+                scale_in_limit: None,
+            }),
+        ],
+        health: HealthRules {
+            unhealthy_threshold: 3,
+            healthy_threshold: 3,
+            grace_period_secs: 120,
+            silent_secs: 30,
+            launch_timeout_secs: 900,
+            replace_unhealthy: true,
+        },
+        on_metric_loss: OnMetricLoss::Hold,
+        termination: Termination::Newest,
+        billing_period_secs: 3600,
+    }
+}
+
+fn group(members: usize) -> GroupInput {
+    GroupInput {
+        now: NOW,
+        min_size: 1,
+        max_size: members as u32 * 2,
+        desired: members as u32,
+        last_scale_out: None,
+        last_scale_in: None,
+        suspended: false,
+        members: (0..members)
+            .map(|i| {
+                let cpu = 30.0 + (i % 40) as f64;
+                MemberInput {
+                    id: format!("web-{i}"),
+                    state: MemberState::InService,
+                    launched: NOW - 3_600_000,
+                    in_service_since: Some(NOW - 3_500_000),
+                    protected: false,
+                    unhealthy: false,
+                    health: HealthRun {
+                        passes: 30,
+                        failures: 0,
+                        last_heard: Some(NOW - 500),
+                    },
+                    means: vec![vec![Some(cpu); 3], vec![Some(cpu); 5], vec![Some(cpu)]],
+                    load: Some(cpu),
+                }
+            })
+            .collect(),
+        recommendations: Vec::new(),
+        changes: Vec::new(),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs this once, quickly, as a smoke test.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let engine = engine();
+
+    let big = group(1000);
+    let runs = if quick { 10 } else { 2000 };
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        black_box(engine.evaluate(black_box(&big)));
+        times.push(started.elapsed());
+    }
+    times.sort();
+    println!("| measure | median | p99 | goal |");
+    println!("|---|---|---|---|");
+    println!(
+        "| one evaluation, 1,000 members, 3 policies ({runs} runs) | {:.3} ms | {:.3} ms | ≤ 1 ms |",
+        percentile(&times, 0.5).as_secs_f64() * 1e3,
+        percentile(&times, 0.99).as_secs_f64() * 1e3
+    );
+
+    let groups: Vec<GroupInput> = (0..1000).map(|_| group(10)).collect();
+    let rounds = if quick { 1 } else { 20 };
+    let mut round_times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        for g in &groups {
+            black_box(engine.evaluate(black_box(g)));
+        }
+        round_times.push(started.elapsed());
+    }
+    round_times.sort();
+    let median = percentile(&round_times, 0.5);
+    println!(
+        "| all 1,000 groups of 10 members, once ({rounds} rounds) | {:.1} ms = {:.1}% of one core each second | {:.1} ms | < 10% of one core |",
+        median.as_secs_f64() * 1e3,
+        median.as_secs_f64() * 100.0,
+        percentile(&round_times, 0.99).as_secs_f64() * 1e3
+    );
+}
