@@ -73,6 +73,10 @@ pub struct AgentConfig {
     pub health_check: Option<HealthCheckConfig>,
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// The operator's own metrics: name → a file whose content is one number, read at every sample
+    /// (`queue_depth = "/run/app/queue_depth"`). Policies use them as `metric = "custom:queue_depth"`.
+    #[serde(default)]
+    pub custom_metrics: std::collections::BTreeMap<String, PathBuf>,
     /// The file this came from, if any (the token is removed from it after enrolment).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -187,6 +191,13 @@ impl AgentConfig {
         }
         if self.reconnect.initial_backoff_ms == 0 || self.reconnect.initial_backoff_ms > self.reconnect.max_backoff_ms {
             problems.push("`reconnect.initial_backoff_ms` must be between 1 and `reconnect.max_backoff_ms`".into());
+        }
+        for name in self.custom_metrics.keys() {
+            if !ebb_proto::is_custom_metric_name(name) {
+                problems.push(format!(
+                    "`custom_metrics.{name}`: a name is a lowercase letter, then lowercase letters, digits and `_`"
+                ));
+            }
         }
         if problems.is_empty() {
             Ok(())

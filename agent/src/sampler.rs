@@ -21,6 +21,7 @@ pub struct Sampler {
     cpu: CpuReader,
     meter: CpuMeter,
     started: Instant,
+    custom_metrics: Vec<(String, PathBuf)>,
 }
 
 impl Sampler {
@@ -33,6 +34,7 @@ impl Sampler {
             cpu: CpuReader::new(config.cpu.clone(), online_cpus),
             meter: CpuMeter::default(),
             started: Instant::now(),
+            custom_metrics: config.custom_metrics.clone().into_iter().collect(),
         })
     }
 
@@ -115,8 +117,33 @@ impl Sampler {
             cpu_steal_percent: cpu.map(|c| c.steal_percent),
             mem_used_percent,
             health: Some(health),
+            custom: self.read_custom_metrics(),
         })
     }
+
+    /// Each custom metric's file read now; one that cannot be read or is not a number is left out (and
+    /// logged), so a policy on it sees no data from this member rather than a wrong value.
+    fn read_custom_metrics(&self) -> std::collections::HashMap<String, f64> {
+        self.custom_metrics
+            .iter()
+            .filter_map(|(name, path)| match read_number(path) {
+                Ok(value) => Some((name.clone(), value)),
+                Err(e) => {
+                    tracing::debug!(metric = %name, path = %path.display(), error = %e, "Cannot read a custom metric.");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+/// The first whitespace-separated word of a small file, as a finite number.
+fn read_number(path: &std::path::Path) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(path)?;
+    let word = text.split_whitespace().next().unwrap_or_default();
+    let value: f64 = word.parse().map_err(|_| anyhow::anyhow!("`{word}` is not a number"))?;
+    anyhow::ensure!(value.is_finite(), "`{word}` is not a finite number");
+    Ok(value)
 }
 
 /// Runs the configured HTTP check once per interval; publishes the latest result.
@@ -148,4 +175,47 @@ pub fn spawn_health_checker(mut settings: watch::Receiver<Settings>) -> watch::R
         }
     });
     result_rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_metrics_are_read_each_sample_and_bad_ones_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let config = AgentConfig {
+            custom_metrics: [
+                ("queue_depth".to_string(), write("queue", "42 jobs\n")),
+                ("not_a_number".to_string(), write("bad", "many")),
+                ("infinite".to_string(), write("inf", "inf")),
+                ("missing".to_string(), dir.path().join("nope")),
+            ]
+            .into_iter()
+            .collect(),
+            ..AgentConfig::default()
+        };
+        let mut sampler = Sampler::new(&config).unwrap();
+        let sample = sampler.sample(1, crate::health::not_configured()).unwrap();
+        assert_eq!(sample.custom.len(), 1, "{:?}", sample.custom);
+        assert_eq!(sample.custom["queue_depth"], 42.0);
+        write("queue", "7");
+        assert_eq!(
+            sampler.sample(2, crate::health::not_configured()).unwrap().custom["queue_depth"],
+            7.0
+        );
+    }
+
+    #[test]
+    fn custom_metric_names_are_checked() {
+        let mut config = AgentConfig::default();
+        config.custom_metrics.insert("Queue-Depth".into(), PathBuf::from("/x"));
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("custom_metrics.Queue-Depth"), "{error}");
+    }
 }

@@ -9,8 +9,8 @@ use thiserror::Error;
 
 use crate::engine::schedule::{Cron, ScheduledAction};
 use crate::engine::{
-    AdjustmentType, Comparison, Engine, HealthRules, Metric, OnMetricLoss, Policy, RateLimit, Statistic, Step,
-    StepPolicy, TargetPolicy, Termination,
+    AdjustmentType, Comparison, Engine, HealthRules, MAX_CUSTOM_METRICS, Metric, OnMetricLoss, Policy, RateLimit,
+    Statistic, Step, StepPolicy, TargetPolicy, Termination,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ebb/collector.toml";
@@ -598,6 +598,8 @@ pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
             .unwrap_or_default();
         syntax(format!("{line}key `{}`: {}", e.path(), e.inner().message()))
     })?;
+    let mut config = config;
+    config.assign_custom_slots();
     let problems = config.problems();
     if problems.is_empty() {
         Ok(config)
@@ -610,9 +612,45 @@ pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
 }
 
 impl CollectorConfig {
+    /// The custom metrics the policies use, in the order of their slots (first use first).
+    pub fn custom_metrics(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        for policy in self.groups.iter().flat_map(|g| &g.policies) {
+            if let Metric::Custom { name, .. } = policy.metric
+                && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    /// Gives each custom metric its slot in the stored samples.
+    fn assign_custom_slots(&mut self) {
+        let names = self.custom_metrics();
+        for policy in self.groups.iter_mut().flat_map(|g| &mut g.policies) {
+            if let Metric::Custom { name, .. } = policy.metric
+                && let Some(slot) = names
+                    .iter()
+                    .position(|n| *n == name)
+                    .filter(|s| *s < MAX_CUSTOM_METRICS)
+            {
+                policy.metric = Metric::Custom { slot: slot as u8, name };
+            }
+        }
+    }
+
     /// Every problem the types cannot catch, each with its key path.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        let custom = self.custom_metrics();
+        if custom.len() > MAX_CUSTOM_METRICS {
+            problems.push(format!(
+                "groups: the policies use {} custom metrics ({}); one collector keeps at most {MAX_CUSTOM_METRICS}",
+                custom.len(),
+                custom.join(", ")
+            ));
+        }
         if let Some(url) = &self.server.advertise_url
             && !url.starts_with("http://")
             && !url.starts_with("https://")
@@ -854,5 +892,139 @@ mod tests {
                 .any(|p| p.starts_with("groups[0].policies[0].period_secs")),
             "{problems:?}"
         );
+    }
+
+    const QUEUE_GROUP: &str = r#"
+        [[groups]]
+        name = "workers"
+        min_size = 1
+        max_size = 5
+        warmup_secs = 0
+        [groups.provider]
+        type = "local"
+        [groups.load_balancer]
+        type = "builtin"
+        listen = "127.0.0.1:0"
+        [[groups.policies]]
+        name = "queue-target"
+        type = "target_tracking"
+        metric = "custom:queue_depth"
+        target = 10.0
+        period_secs = 60
+    "#;
+
+    #[test]
+    fn a_custom_metric_gets_a_slot_and_drives_a_policy_from_a_snapshot() {
+        let config = parse(Path::new("c.toml"), QUEUE_GROUP).unwrap();
+        assert_eq!(config.custom_metrics(), ["queue_depth"]);
+        let group = &config.groups[0];
+        assert!(matches!(
+            group.policies[0].metric,
+            Metric::Custom {
+                slot: 0,
+                name: "queue_depth"
+            }
+        ));
+        let snapshot = crate::engine::snapshot::Snapshot::parse(
+            r#"{"now": "2026-01-01T00:10:00Z", "desired": 1,
+                "members": [{"id": "w1", "state": "in_service", "launched": "2026-01-01T00:00:00Z",
+                             "samples": [{"t": "2026-01-01T00:09:30Z", "cpu": 5.0, "custom": {"queue_depth": 35.0}}]}]}"#,
+        )
+        .unwrap();
+        let engine = group.engine();
+        let evaluation = engine.evaluate(&snapshot.input(&engine, group.min_size, group.max_size));
+        // 35 jobs for one worker at a target of 10 each: 4 workers.
+        assert_eq!(
+            (evaluation.action, evaluation.desired),
+            (crate::engine::Action::ScaleOut, 4)
+        );
+        assert!(
+            evaluation.explanation.contains("avg queue_depth 35"),
+            "{}",
+            evaluation.explanation
+        );
+    }
+
+    #[test]
+    fn custom_metric_names_and_count_are_checked() {
+        let text = QUEUE_GROUP.replace("custom:queue_depth", "custom:Queue");
+        let error = parse(Path::new("c.toml"), &text).unwrap_err().to_string();
+        assert!(
+            error.contains("groups[0].policies[0].metric") && error.contains("not a custom metric name"),
+            "{error}"
+        );
+        let mut text = QUEUE_GROUP.to_string();
+        for i in 0..4 {
+            text += &format!(
+                "[[groups.policies]]\nname = \"p{i}\"\ntype = \"target_tracking\"\nmetric = \"custom:m{i}\"\ntarget = 1.0\n"
+            );
+        }
+        let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &text) else {
+            panic!("five custom metrics must be refused")
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("5 custom metrics") && p.contains("at most 4")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn policy_keys_of_the_other_kind_and_bad_steps_are_refused() {
+        let text = QUEUE_GROUP.replace("target = 10.0", "target = 10.0\nthreshold = 5.0");
+        let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &text) else {
+            panic!()
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("policies[0].threshold: applies to `type = \"step\"`")),
+            "{problems:?}"
+        );
+        let steps = LOCAL_EXAMPLE.replacen(
+            "adjustment = 2",
+            "steps = [{lower = 0, upper = 20, adjustment = 1}, {lower = 10, adjustment = 3}]",
+            1,
+        );
+        let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &steps) else {
+            panic!()
+        };
+        assert!(
+            problems.iter().any(|p| p.contains("step ranges overlap")),
+            "{problems:?}"
+        );
+        let flapping = LOCAL_EXAMPLE.replacen("threshold = 20.0", "threshold = 60.0", 1);
+        let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &flapping) else {
+            panic!()
+        };
+        assert!(
+            problems.iter().any(|p| p.contains("the group would flap")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn close_thresholds_and_a_bad_schedule_are_reported() {
+        let close = LOCAL_EXAMPLE.replacen("threshold = 20.0", "threshold = 55.0", 1);
+        let warnings = parse(Path::new("c.toml"), &close).unwrap().warnings();
+        assert!(warnings.iter().any(|w| w.contains("are close")), "{warnings:?}");
+        assert!(parse(Path::new("c.toml"), LOCAL_EXAMPLE).unwrap().warnings().is_empty());
+        let schedule = format!(
+            "{LOCAL_EXAMPLE}\n[[groups.schedules]]\nname = \"s\"\ncron = \"0 25 * * *\"\ntime_zone = \"Mars/Olympus\"\n"
+        );
+        let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &schedule) else {
+            panic!()
+        };
+        for expected in [
+            "schedules[0].cron: hour: 25",
+            "schedules[0].time_zone: `Mars/Olympus`",
+            "schedules[0]: sets nothing",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{expected} in {problems:?}"
+            );
+        }
     }
 }

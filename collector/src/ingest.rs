@@ -13,6 +13,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::engine::{HealthRun, Metric, Millis, Reading, Window};
 use crate::metrics::Metrics;
 
+/// Custom values one sample may carry (the collector stores only those its policies use).
+pub const MAX_CUSTOM_VALUES: usize = 32;
+
 /// How far ahead of the collector's clock a sample's timestamp may be.
 pub const MAX_CLOCK_AHEAD_MS: Millis = 60_000;
 
@@ -30,7 +33,8 @@ pub enum IngestError {
 /// Why one sample was refused; it is counted and never stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleRejection {
-    /// Metric label: `not_finite`, `negative`, `above_100_percent`, `timestamp_in_future`, `no_sequence`.
+    /// Metric label: `not_finite`, `negative`, `above_100_percent`, `timestamp_in_future`, `no_sequence`,
+    /// `bad_custom_metric`.
     pub reason: &'static str,
     pub message: String,
 }
@@ -73,6 +77,26 @@ pub fn validate_sample(sample: &Sample, now: Millis) -> Result<(), SampleRejecti
             return reject("above_100_percent", format!("{name} is {value}, above 100%"));
         }
     }
+    if sample.custom.len() > MAX_CUSTOM_VALUES {
+        return reject(
+            "bad_custom_metric",
+            format!(
+                "{} custom metrics; at most {MAX_CUSTOM_VALUES} per sample",
+                sample.custom.len()
+            ),
+        );
+    }
+    for (name, value) in &sample.custom {
+        if !ebb_proto::is_custom_metric_name(name) {
+            return reject(
+                "bad_custom_metric",
+                format!("custom metric name `{name}` is not a valid name"),
+            );
+        }
+        if !value.is_finite() {
+            return reject("bad_custom_metric", format!("custom metric {name} is {value}"));
+        }
+    }
     Ok(())
 }
 
@@ -111,7 +135,8 @@ impl MemberRecord {
         crate::engine::mean(self.window.range(start..).take_while(|s| s.at < window.end), metric)
     }
 
-    fn store(&mut self, sample: &Sample) {
+    /// Stores a sample's values, and of its custom metrics those in `custom` (the policies' ones).
+    fn store(&mut self, sample: &Sample, custom: &[Metric]) {
         let healthy = match HealthStatus::try_from(sample.health.as_ref().map_or(0, |h| h.status)) {
             Ok(HealthStatus::Healthy) => Some(true),
             Ok(HealthStatus::Unhealthy) => Some(false),
@@ -127,6 +152,9 @@ impl MemberRecord {
             .with(Metric::Load15PerCpu, Some(sample.load15_per_cpu))
             .with(Metric::Mem, Some(sample.mem_used_percent))
             .with_health(healthy);
+        let stored = custom.iter().fold(stored, |reading, metric| {
+            reading.with(*metric, sample.custom.get(metric.name()).copied())
+        });
         let at = self.window.partition_point(|s| s.at <= stored.at);
         self.window.insert(at, stored);
         if self.latest.as_ref().is_none_or(|l| l.at <= stored.at) {
@@ -195,10 +223,11 @@ pub struct IngestHandle {
 }
 
 impl IngestHandle {
-    /// Starts the ingest task. Samples older than `retention_ms` are forgotten.
-    pub fn spawn(metrics: Arc<Metrics>, retention_ms: Millis) -> Self {
+    /// Starts the ingest task. Samples older than `retention_ms` are forgotten; of the custom metrics only
+    /// `custom` are kept.
+    pub fn spawn(metrics: Arc<Metrics>, retention_ms: Millis, custom: Vec<Metric>) -> Self {
         let (commands, receiver) = mpsc::channel(1024);
-        tokio::spawn(run(receiver, metrics, retention_ms));
+        tokio::spawn(run(receiver, metrics, retention_ms, custom));
         Self { commands }
     }
 
@@ -283,7 +312,7 @@ impl IngestHandle {
     }
 }
 
-async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, retention_ms: Millis) {
+async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, retention_ms: Millis, custom: Vec<Metric>) {
     let mut members: HashMap<String, MemberRecord> = HashMap::new();
     while let Some(command) = commands.recv().await {
         match command {
@@ -352,7 +381,7 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                             }
                             match validate_sample(sample, now) {
                                 Ok(()) => {
-                                    record.store(sample);
+                                    record.store(sample, &custom);
                                     metrics.sample_ingested();
                                 }
                                 Err(rejection) => {
@@ -479,7 +508,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_members_are_refused() {
-        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000);
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000, Vec::new());
         assert_eq!(
             ingest.hello(hello("stranger", 1)).await.unwrap_err(),
             IngestError::UnknownMember("stranger".into())
@@ -496,7 +525,7 @@ mod tests {
     #[tokio::test]
     async fn duplicates_are_dropped_and_bad_samples_rejected_not_stored() {
         let metrics = Arc::new(Metrics::default());
-        let ingest = IngestHandle::spawn(metrics.clone(), 600_000);
+        let ingest = IngestHandle::spawn(metrics.clone(), 600_000, Vec::new());
         ingest.register("web-1", AgentSettings::default()).await;
         ingest.hello(hello("web-1", 7)).await.unwrap();
 
@@ -560,7 +589,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_agent_run_numbers_from_one_again() {
-        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000);
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000, Vec::new());
         ingest.register("web-1", AgentSettings::default()).await;
         ingest.hello(hello("web-1", 1)).await.unwrap();
         ingest
@@ -590,7 +619,7 @@ mod tests {
 
     #[tokio::test]
     async fn windows_select_by_sample_time_and_old_samples_are_forgotten() {
-        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 60_000);
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 60_000, Vec::new());
         ingest.register("a", AgentSettings::default()).await;
         ingest.hello(hello("a", 1)).await.unwrap();
         let samples = vec![
@@ -625,5 +654,30 @@ mod tests {
         assert_eq!(observed[0].means, vec![vec![Some(10.0), Some(80.0)], vec![None]]);
         assert_eq!(observed[0].latest.as_ref().unwrap().at, NOW - 4_000);
         assert_eq!(observed[1].means, vec![vec![None, None], vec![None]]);
+    }
+
+    #[tokio::test]
+    async fn custom_metrics_are_stored_when_a_policy_uses_them_and_bad_ones_refused() {
+        let queue = Metric::Custom {
+            slot: 0,
+            name: "queue_depth",
+        };
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000, vec![queue]);
+        ingest.register("a", AgentSettings::default()).await;
+        ingest.hello(hello("a", 1)).await.unwrap();
+        let mut good = sample(1, 1_000, 10.0);
+        good.custom = [("queue_depth".to_string(), 12.0), ("other".to_string(), 1.0)].into();
+        let mut bad = sample(2, 2_000, 10.0);
+        bad.custom = [("queue_depth".to_string(), f64::NAN)].into();
+        let outcome = ingest.batch("a", 1, vec![good, bad], 5_000).await.unwrap();
+        assert_eq!(outcome.rejected.len(), 1);
+        assert!(
+            outcome.rejected[0].message.contains("custom metric queue_depth is NaN"),
+            "{:?}",
+            outcome.rejected
+        );
+        let window = Window { start: 0, end: 5_000 };
+        let observed = ingest.observe(vec!["a".into()], vec![(queue, vec![window])]).await;
+        assert_eq!(observed[0].means[0][0], Some(12.0));
     }
 }

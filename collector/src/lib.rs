@@ -37,6 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::activity::ActivityLog;
 use crate::config::{CollectorConfig, LoadBalancerConfig, ProviderConfig};
+use crate::engine::Metric;
 use crate::explain::ExplanationLog;
 use crate::ingest::IngestHandle;
 use crate::lb::LoadBalancer;
@@ -87,7 +88,11 @@ impl Collector {
             .map(|g| g.engine().lookback_ms() + 60_000)
             .fold(MIN_RETENTION_MS, i64::max);
         let explanations = ExplanationLog::new(config.server.explanation_retention_secs);
-        let ingest = IngestHandle::spawn(metrics.clone(), retention_ms);
+        let custom: Vec<Metric> = (0u8..)
+            .zip(config.custom_metrics())
+            .map(|(slot, name)| Metric::Custom { slot, name })
+            .collect();
+        let ingest = IngestHandle::spawn(metrics.clone(), retention_ms, custom);
         let authority = Arc::new(authority(&config.server)?);
         let tls = tls::server_config(authority.pki.server_chain_pem(), authority.pki.server_key_pem())?;
 

@@ -1057,7 +1057,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let provider = FakeProvider::default();
         let lb = FakeLoadBalancer::default();
-        let ingest = IngestHandle::spawn(metrics.clone(), 600_000);
+        let ingest = IngestHandle::spawn(metrics.clone(), 600_000, Vec::new());
         let activities = ActivityLog::new(metrics.clone());
         let pki_dir = tempfile::tempdir().unwrap();
         let deps = Dependencies {

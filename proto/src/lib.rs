@@ -1,9 +1,22 @@
-//! The `ebb.v1` protocol. Only the `.proto` files and the Rust generated from them live here; no logic.
+//! The `ebb.v1` protocol. Only the `.proto` files, the Rust generated from them and the rules the
+//! protocol states (custom metric names) live here; no other logic.
 //!
 //! The generated code is committed. `tests/bootstrap.rs` regenerates it with a pure-Rust protobuf
 //! compiler and fails when the committed copy drifts; run it with `EBB_BLESS=1` to update the copy.
 
 #![forbid(unsafe_code)]
+
+/// The longest custom metric name.
+pub const MAX_CUSTOM_METRIC_NAME: usize = 64;
+
+/// A custom metric's name (`Sample.custom`): a lowercase letter, then lowercase letters, digits and `_`.
+pub fn is_custom_metric_name(name: &str) -> bool {
+    name.len() <= MAX_CUSTOM_METRIC_NAME
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
 
 /// The codec the generated clients and servers use: prost with small buffers. ebb's messages are a few
 /// hundred bytes and every agent's stream holds an encode and a decode buffer, so tonic's default 8 KiB each

@@ -31,7 +31,7 @@ pub use policy::{
     AdjustmentType, AlarmState, Comparison, OnMetricLoss, Policy, RateLimit, Statistic, Step, StepPolicy, TargetPolicy,
     Verdict,
 };
-pub use reading::{HealthRun, Metric, Reading, mean};
+pub use reading::{HealthRun, MAX_CUSTOM_METRICS, Metric, Reading, mean};
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;

@@ -1,11 +1,15 @@
 //! One sample as the engine reads it, and the few things it computes from a member's samples.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Millis;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+/// Distinct custom metrics one collector can use (each takes a slot in every stored sample).
+pub const MAX_CUSTOM_METRICS: usize = 4;
+const BUILT_IN: usize = 9;
+
+/// In configuration and JSON, a metric is its name (`cpu`, `custom:queue_depth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Metric {
     /// Busy CPU, percent of the member's capacity.
     Cpu,
@@ -19,32 +23,31 @@ pub enum Metric {
     Mem,
     /// Share of the member's health checks that passed, percent (100 or 0 per check).
     HealthRatio,
+    /// `custom:NAME`: a value the agent reads from a file (its `[custom_metrics]`). `slot` is where samples
+    /// keep it, assigned by the configuration ([`crate::config::parse`]).
+    Custom {
+        slot: u8,
+        name: &'static str,
+    },
 }
 
 impl Metric {
-    pub const ALL: [Metric; 9] = [
-        Metric::Cpu,
-        Metric::Load1,
-        Metric::Load5,
-        Metric::Load15,
-        Metric::Load1PerCpu,
-        Metric::Load5PerCpu,
-        Metric::Load15PerCpu,
-        Metric::Mem,
-        Metric::HealthRatio,
+    const NAMED: [(Metric, &'static str); BUILT_IN] = [
+        (Metric::Cpu, "cpu"),
+        (Metric::Load1, "load1"),
+        (Metric::Load5, "load5"),
+        (Metric::Load15, "load15"),
+        (Metric::Load1PerCpu, "load1_per_cpu"),
+        (Metric::Load5PerCpu, "load5_per_cpu"),
+        (Metric::Load15PerCpu, "load15_per_cpu"),
+        (Metric::Mem, "mem"),
+        (Metric::HealthRatio, "health_ratio"),
     ];
 
     pub fn name(self) -> &'static str {
         match self {
-            Metric::Cpu => "cpu",
-            Metric::Load1 => "load1",
-            Metric::Load5 => "load5",
-            Metric::Load15 => "load15",
-            Metric::Load1PerCpu => "load1_per_cpu",
-            Metric::Load5PerCpu => "load5_per_cpu",
-            Metric::Load15PerCpu => "load15_per_cpu",
-            Metric::Mem => "mem",
-            Metric::HealthRatio => "health_ratio",
+            Metric::Custom { name, .. } => name,
+            built_in => Self::NAMED[built_in.index()].1,
         }
     }
 
@@ -56,8 +59,83 @@ impl Metric {
     }
 
     fn index(self) -> usize {
-        self as usize
+        match self {
+            Metric::Cpu => 0,
+            Metric::Load1 => 1,
+            Metric::Load5 => 2,
+            Metric::Load15 => 3,
+            Metric::Load1PerCpu => 4,
+            Metric::Load5PerCpu => 5,
+            Metric::Load15PerCpu => 6,
+            Metric::Mem => 7,
+            Metric::HealthRatio => 8,
+            Metric::Custom { slot, .. } => BUILT_IN + usize::from(slot),
+        }
     }
+}
+
+impl TryFrom<String> for Metric {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if let Some(name) = text.strip_prefix("custom:") {
+            if !ebb_proto::is_custom_metric_name(name) {
+                return Err(format!(
+                    "`{name}` is not a custom metric name: a lowercase letter, then lowercase letters, digits and `_`"
+                ));
+            }
+            // Unassigned until the configuration gives every custom metric its slot.
+            return Ok(Metric::Custom {
+                slot: u8::MAX,
+                name: intern(name),
+            });
+        }
+        Self::NAMED
+            .iter()
+            .find(|(_, name)| *name == text)
+            .map(|(metric, _)| *metric)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::NAMED.iter().map(|(_, n)| *n).collect();
+                format!(
+                    "unknown metric `{text}`; expected one of {}, or custom:NAME",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+impl From<Metric> for String {
+    fn from(metric: Metric) -> String {
+        match metric {
+            Metric::Custom { name, .. } => format!("custom:{name}"),
+            built_in => built_in.name().to_string(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Metric {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Metric::try_from(String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Metric {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&String::from(*self))
+    }
+}
+
+/// One `&'static str` per distinct custom metric name, however often configurations are parsed.
+fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut names = NAMES.lock().unwrap();
+    if let Some(known) = names.get(name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+    names.insert(leaked);
+    leaked
 }
 
 /// One sample of one member, compact (the collector keeps minutes of them per member): `NAN` marks a
@@ -65,19 +143,22 @@ impl Metric {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Reading {
     pub at: Millis,
-    values: [f32; 9],
+    values: [f32; BUILT_IN + MAX_CUSTOM_METRICS],
 }
 
 impl Reading {
     pub fn new(at: Millis) -> Self {
         Self {
             at,
-            values: [f32::NAN; 9],
+            values: [f32::NAN; BUILT_IN + MAX_CUSTOM_METRICS],
         }
     }
 
+    /// Sets a value; a custom metric without a slot is ignored.
     pub fn with(mut self, metric: Metric, value: Option<f64>) -> Self {
-        self.values[metric.index()] = value.map_or(f32::NAN, |v| v as f32);
+        if let Some(slot) = self.values.get_mut(metric.index()) {
+            *slot = value.map_or(f32::NAN, |v| v as f32);
+        }
         self
     }
 
@@ -86,7 +167,7 @@ impl Reading {
     }
 
     pub fn value(&self, metric: Metric) -> Option<f64> {
-        let value = self.values[metric.index()];
+        let value = *self.values.get(metric.index())?;
         (!value.is_nan()).then_some(f64::from(value))
     }
 
@@ -142,6 +223,31 @@ impl HealthRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_by_name_and_custom_ones_in_their_slots() {
+        assert_eq!(Metric::try_from("load5_per_cpu".to_string()), Ok(Metric::Load5PerCpu));
+        let error = Metric::try_from("cpu_percent".to_string()).unwrap_err();
+        assert!(
+            error.contains("unknown metric `cpu_percent`") && error.contains("custom:NAME"),
+            "{error}"
+        );
+        assert!(Metric::try_from("custom:Queue".to_string()).is_err());
+        let Metric::Custom { name, .. } = Metric::try_from("custom:queue_depth".to_string()).unwrap() else {
+            panic!()
+        };
+        let queue = Metric::Custom { slot: 1, name };
+        assert_eq!(
+            (queue.name(), String::from(queue)),
+            ("queue_depth", "custom:queue_depth".to_string())
+        );
+        let r = Reading::new(0)
+            .with(queue, Some(3.0))
+            .with(Metric::Custom { slot: u8::MAX, name }, Some(9.0));
+        assert_eq!(r.value(queue), Some(3.0));
+        assert_eq!(r.value(Metric::Custom { slot: 0, name }), None);
+        assert_eq!(r.value(Metric::Custom { slot: u8::MAX, name }), None);
+    }
 
     #[test]
     fn missing_values_stay_missing() {

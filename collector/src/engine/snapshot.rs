@@ -8,7 +8,8 @@
 //! ```
 //! Member `state` is one of pending, warming, in_service, draining, unhealthy. Optional extras: `min_size`
 //! and `max_size` (default: the group's configuration), `suspended`, a member's `in_service_since`, and a
-//! sample's `load5`, `load15`, `load1_per_cpu`, `load5_per_cpu`, `load15_per_cpu`.
+//! sample's `load5`, `load15`, `load1_per_cpu`, `load5_per_cpu`, `load15_per_cpu` and `custom` (an object
+//! of custom metrics by name).
 
 use serde::Deserialize;
 
@@ -69,11 +70,15 @@ struct SnapshotSample {
     load15_per_cpu: Option<f64>,
     mem: Option<f64>,
     healthy: Option<bool>,
+    /// Custom metrics by name.
+    #[serde(default)]
+    custom: std::collections::HashMap<String, f64>,
 }
 
 impl SnapshotSample {
-    fn reading(&self) -> Reading {
-        Reading::new(self.t.as_millisecond())
+    /// The sample as stored, with the custom metrics among `custom`.
+    fn reading(&self, custom: &[Metric]) -> Reading {
+        let reading = Reading::new(self.t.as_millisecond())
             .with(Metric::Cpu, self.cpu)
             .with(Metric::Load1, self.load1)
             .with(Metric::Load5, self.load5)
@@ -82,7 +87,10 @@ impl SnapshotSample {
             .with(Metric::Load5PerCpu, self.load5_per_cpu)
             .with(Metric::Load15PerCpu, self.load15_per_cpu)
             .with(Metric::Mem, self.mem)
-            .with_health(self.healthy)
+            .with_health(self.healthy);
+        custom.iter().fold(reading, |reading, metric| {
+            reading.with(*metric, self.custom.get(metric.name()).copied())
+        })
     }
 }
 
@@ -96,11 +104,17 @@ impl Snapshot {
     pub fn input(&self, engine: &Engine, min_size: u32, max_size: u32) -> GroupInput {
         let now = self.now.as_millisecond();
         let windows = engine.windows(now);
+        let custom: Vec<Metric> = engine
+            .policies
+            .iter()
+            .map(|p| p.metric())
+            .filter(|m| matches!(m, Metric::Custom { .. }))
+            .collect();
         let members = self
             .members
             .iter()
             .map(|m| {
-                let mut readings: Vec<Reading> = m.samples.iter().map(SnapshotSample::reading).collect();
+                let mut readings: Vec<Reading> = m.samples.iter().map(|s| s.reading(&custom)).collect();
                 readings.sort_by_key(|r| r.at);
                 let launched = m.launched.as_millisecond();
                 let since = m.in_service_since.map(|t| t.as_millisecond());

@@ -65,6 +65,10 @@ pub struct Sample {
     pub mem_used_percent: f64,
     #[prost(message, optional, tag = "12")]
     pub health: ::core::option::Option<HealthCheck>,
+    /// The operator's own metrics, each read from a file the agent's configuration names (\[custom_metrics\]);
+    /// names are lowercase letters, digits and `_`.
+    #[prost(map = "string, double", tag = "13")]
+    pub custom: ::std::collections::HashMap<::prost::alloc::string::String, f64>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HealthCheck {
