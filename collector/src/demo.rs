@@ -243,7 +243,7 @@ impl View {
                 .members
                 .iter()
                 .map(|m| {
-                    json!({"id": m.member.id, "state": m.member.state.as_str(),
+                    json!({"id": m.member.id, "state": m.member.state_name(),
                        "cpu": m.latest.as_ref().and_then(|l| l.cpu_busy_percent).map(round1),
                        "lb_connections": m.lb_connections})
                 })

@@ -56,6 +56,15 @@ pub struct Member {
 }
 
 impl Member {
+    /// What operators see: `pending`, `in_service`, `draining`, or `unhealthy` / `replacing` when judged so.
+    pub fn state_name(&self) -> &'static str {
+        match (self.replacing, self.unhealthy) {
+            (true, _) => "replacing",
+            (false, true) => "unhealthy",
+            _ => self.state.as_str(),
+        }
+    }
+
     /// Launched or joined at `now`, not in service yet; launched by ebb and not protected.
     fn pending(id: &str, instance_id: &str, address: Option<SocketAddr>, now: Millis) -> Self {
         Self {
@@ -474,7 +483,11 @@ impl GroupController {
             } else {
                 (ActivityKind::Healthy, "back behind the load balancer")
             };
-            let detail = if dry_run { "dry run: nothing changed" } else { detail };
+            let detail = if dry_run {
+                "dry run: load balancer unchanged"
+            } else {
+                detail
+            };
             self.record(
                 kind,
                 change.why.clone(),
@@ -482,10 +495,11 @@ impl GroupController {
                 &change.member,
                 (self.desired, self.desired),
             );
+            // The judgement is kept even in a dry run, so that it is made (and recorded) once.
+            self.members[index].unhealthy = change.unhealthy;
             if dry_run {
                 continue;
             }
-            self.members[index].unhealthy = change.unhealthy;
             let member = self.members[index].clone();
             if member.state != MemberState::InService {
                 continue;
@@ -730,12 +744,22 @@ impl GroupController {
             };
             let (took, external) = (now - member.launched_at, member.external);
             let id = member.id.clone();
-            let result = self.deps.load_balancer.register(&id, address).await;
+            // A dry run counts the member in service but leaves the load balancer alone.
+            let result = if self.config.dry_run {
+                Ok(())
+            } else {
+                self.deps.load_balancer.register(&id, address).await
+            };
             let ok = result.is_ok();
+            let detail = if self.config.dry_run {
+                format!("dry run: load balancer unchanged ({address})")
+            } else {
+                address.to_string()
+            };
             self.record(
                 ActivityKind::Register,
                 format!("health check passed in {} ms", latest.health.latency_ms),
-                result.map(|()| address.to_string()),
+                result.map(|()| detail),
                 &id,
                 (self.desired, self.desired),
             );
@@ -1351,6 +1375,14 @@ mod tests {
             ["web-1", "web-2", "web-3"],
             "the replacement launches first"
         );
+        let states: Vec<&str> = h
+            .handle
+            .status()
+            .members
+            .iter()
+            .map(|m| m.member.state_name())
+            .collect();
+        assert_eq!(states, ["in_service", "replacing", "pending"]);
 
         // Once the replacement serves, the unhealthy one goes.
         report_span(&mut h, &[("web-1", true), ("web-3", true)], now + 5200, now + 6200).await;
@@ -1379,6 +1411,29 @@ mod tests {
         let records = h.controller.deps.explanations.since("web", 0, 10);
         assert!(records.iter().all(|r| r.dry_run), "{records:?}");
         assert!(h.handle.status().last_evaluation.starts_with("dry run: "));
+    }
+
+    #[tokio::test]
+    async fn in_dry_run_an_unhealthy_member_is_judged_once_and_the_load_balancer_left_alone() {
+        let mut h = harness_with(|g| {
+            g.replace("cooldown_secs = 0", "cooldown_secs = 0\ndry_run = true")
+                + "[groups.health_check]\ngrace_period_secs = 0\n"
+        });
+        // A hand-made member, healthy, then failing.
+        let id = join(&mut h, false).await;
+        let now = now_ms();
+        report_span(&mut h, &[(id.as_str(), true)], now, now + 1000).await;
+        h.controller.step(now + 1000).await;
+        assert_eq!(h.handle.status().members[0].member.state_name(), "in_service");
+        report_span(&mut h, &[(id.as_str(), false)], now + 2000, now + 6000).await;
+        for t in 0..3 {
+            h.controller.step(now + 6000 + t * 1000).await;
+        }
+        let unhealthy = h.kinds().iter().filter(|k| k.starts_with("unhealthy")).count();
+        assert_eq!(unhealthy, 1, "{:?}", h.kinds());
+        assert!(h.lb.registered().is_empty(), "a dry run leaves the load balancer alone");
+        assert_eq!(h.handle.status().members[0].member.state_name(), "unhealthy");
+        assert!(h.provider.running().is_empty());
     }
 
     #[tokio::test]

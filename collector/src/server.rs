@@ -436,7 +436,7 @@ impl Admin for AdminService {
                 group: status.name.clone(),
                 instance_id: m.member.instance_id.clone(),
                 address: m.member.address.map(|a| a.to_string()).unwrap_or_default(),
-                state: m.member.state.as_str().to_string(),
+                state: m.member.state_name().to_string(),
                 launched_at_ms: m.member.launched_at,
                 cpu_busy_percent: m.latest.as_ref().and_then(|l| l.cpu_busy_percent),
                 load1: m.latest.as_ref().map(|l| l.load1),
