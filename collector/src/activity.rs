@@ -1,16 +1,17 @@
-//! The activity history: every scaling decision and every cloud call, with its cause and outcome, newest
-//! last. Bounded in memory for now; counted in the metrics by kind and outcome.
+//! The activity history: every scaling decision and every cloud call, with its cause and outcome. Kept
+//! in the store (`server.activity_retention_days`, six weeks by default, like EC2's activity history);
+//! counted in the metrics by kind and outcome.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::engine::Millis;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
-/// Activities kept in memory.
-const CAPACITY: usize = 10_000;
+/// At most this many activities per read.
+const READ_LIMIT: usize = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -46,6 +47,28 @@ pub enum ActivityKind {
 }
 
 impl ActivityKind {
+    const ALL: [ActivityKind; 15] = [
+        ActivityKind::ScaleOut,
+        ActivityKind::ScaleIn,
+        ActivityKind::SetDesired,
+        ActivityKind::Launch,
+        ActivityKind::Terminate,
+        ActivityKind::Register,
+        ActivityKind::Deregister,
+        ActivityKind::InstanceLost,
+        ActivityKind::Join,
+        ActivityKind::Leave,
+        ActivityKind::Unhealthy,
+        ActivityKind::Healthy,
+        ActivityKind::Scheduled,
+        ActivityKind::Warning,
+        ActivityKind::Suspension,
+    ];
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|k| k.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ActivityKind::ScaleOut => "scale_out",
@@ -83,63 +106,61 @@ pub struct Activity {
     pub member_id: String,
 }
 
-/// Shared by every group; cheap to clone.
+/// Shared by every group; cheap to clone. Kept in the store, so the history survives restarts.
 #[derive(Clone)]
 pub struct ActivityLog {
-    inner: Arc<Mutex<(u64, VecDeque<Activity>)>>,
+    store: Arc<Store>,
     metrics: Arc<Metrics>,
 }
 
 impl ActivityLog {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            inner: Arc::default(),
-            metrics,
-        }
+    pub fn new(metrics: Arc<Metrics>, store: Arc<Store>) -> Self {
+        Self { store, metrics }
     }
 
-    /// Records an activity; its `id` is assigned here.
+    /// Records an activity; its `id` is assigned by the store (0 if the store could not save it, which is
+    /// logged and counted).
     pub fn record(&self, mut activity: Activity) -> Activity {
         self.metrics
             .activity(&activity.group, activity.kind.as_str(), activity.outcome);
-        let level_ok = activity.outcome == "ok";
-        if level_ok {
+        if activity.outcome == "ok" {
             tracing::info!(group = %activity.group, kind = activity.kind.as_str(), member = %activity.member_id, cause = %activity.cause, detail = %activity.detail, "Activity.");
         } else {
             tracing::warn!(group = %activity.group, kind = activity.kind.as_str(), member = %activity.member_id, cause = %activity.cause, error = %activity.detail, "Activity failed.");
         }
-        let mut inner = self.inner.lock().unwrap();
-        inner.0 += 1;
-        activity.id = inner.0;
-        if inner.1.len() == CAPACITY {
-            inner.1.pop_front();
+        match self.store.add_activity(&activity) {
+            Ok(id) => activity.id = id,
+            Err(e) => {
+                self.metrics.store_error();
+                tracing::error!(error = %e, group = %activity.group, kind = activity.kind.as_str(), "Cannot save an activity.");
+            }
         }
-        inner.1.push_back(activity.clone());
         activity
     }
 
     /// Activities with an id greater than `after`, of `group` (all groups if empty), oldest first.
     pub fn since(&self, after: u64, group: &str) -> Vec<Activity> {
-        let inner = self.inner.lock().unwrap();
-        let start = inner.1.partition_point(|a| a.id <= after);
-        inner
-            .1
-            .range(start..)
-            .filter(|a| group.is_empty() || a.group == group)
-            .cloned()
-            .collect()
+        self.read(self.store.activities_after(after, group, READ_LIMIT))
     }
 
     /// The newest `limit` activities of `group` (all groups if empty), newest first.
     pub fn newest(&self, group: &str, limit: usize) -> Vec<Activity> {
-        let inner = self.inner.lock().unwrap();
-        inner
-            .1
-            .iter()
-            .rev()
-            .filter(|a| group.is_empty() || a.group == group)
-            .take(limit)
-            .cloned()
-            .collect()
+        self.read(self.store.newest_activities(group, limit))
+    }
+
+    /// Forgets activities older than `before`.
+    pub fn prune(&self, before: Millis) {
+        if let Err(e) = self.store.prune_activities(before) {
+            self.metrics.store_error();
+            tracing::error!(error = %e, "Cannot prune old activities.");
+        }
+    }
+
+    fn read(&self, result: Result<Vec<Activity>, crate::store::StoreError>) -> Vec<Activity> {
+        result.unwrap_or_else(|e| {
+            self.metrics.store_error();
+            tracing::error!(error = %e, "Cannot read activities.");
+            Vec::new()
+        })
     }
 }

@@ -82,9 +82,17 @@ pub struct ServerConfig {
     /// activity history.
     #[serde(default = "default_explanation_retention_secs")]
     pub explanation_retention_secs: u64,
+    /// How long activities are kept in the store.
+    #[serde(default = "default_activity_retention_days")]
+    pub activity_retention_days: u32,
 }
 
 impl ServerConfig {
+    /// The embedded store: `collector.db` in the state directory.
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("collector.db")
+    }
+
     pub fn admin_socket(&self) -> PathBuf {
         self.admin_socket
             .clone()
@@ -503,6 +511,9 @@ fn default_launch_token_ttl_secs() -> u32 {
 }
 fn default_enrollments_per_minute() -> u32 {
     600
+}
+fn default_activity_retention_days() -> u32 {
+    42
 }
 fn default_explanation_retention_secs() -> u64 {
     42 * 24 * 3600

@@ -19,6 +19,7 @@ pub mod pki;
 pub mod providers;
 pub mod reconcile;
 pub mod server;
+pub mod store;
 pub mod tls;
 pub mod userdata;
 pub mod workload;
@@ -47,6 +48,7 @@ use crate::pki::{Authority, Pki};
 use crate::providers::Provider;
 use crate::providers::local::LocalProvider;
 use crate::reconcile::{Dependencies, GroupController, GroupHandle};
+use crate::store::Store;
 
 /// Samples are kept at least this long, and as long as the furthest-looking policy needs plus a minute.
 const MIN_RETENTION_MS: i64 = 2 * 60 * 1000;
@@ -81,7 +83,10 @@ impl Collector {
     /// Binds every listener and starts every task; returns once all are listening.
     pub async fn start(config: CollectorConfig) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::default());
-        let activities = ActivityLog::new(metrics.clone());
+        let pki = pki(&config.server)?;
+        let store = Arc::new(Store::open(&config.server.store_path())?);
+        let activities = ActivityLog::new(metrics.clone(), store.clone());
+        activities.prune(reconcile::now_ms() - i64::from(config.server.activity_retention_days) * 86_400_000);
         let retention_ms = config
             .groups
             .iter()
@@ -93,7 +98,12 @@ impl Collector {
             .map(|(slot, name)| Metric::Custom { slot, name })
             .collect();
         let ingest = IngestHandle::spawn(metrics.clone(), retention_ms, custom);
-        let authority = Arc::new(authority(&config.server)?);
+        let authority = Arc::new(Authority::new(
+            pki,
+            config.server.launch_token_ttl_secs,
+            config.server.enrollments_per_minute,
+            store.clone(),
+        )?);
         let tls = tls::server_config(authority.pki.server_chain_pem(), authority.pki.server_key_pem())?;
 
         let grpc = TcpListener::bind(config.server.grpc_listen)
@@ -149,10 +159,11 @@ impl Collector {
                 metrics: metrics.clone(),
                 authority: authority.clone(),
                 explanations: explanations.clone(),
+                store: store.clone(),
                 collector_url: collector_url.clone(),
             };
             let name = group.name.clone();
-            let (controller, handle, commands) = GroupController::new(group, deps);
+            let (controller, handle, commands) = GroupController::new(group, deps).await?;
             controllers.push(tokio::spawn(controller.run(commands, stop_rx.clone())));
             groups.insert(name, handle);
         }
@@ -269,7 +280,8 @@ impl Collector {
 
 /// The collector's CA (its own, created on first start, or the operator's), and on first start an admin
 /// certificate in the state directory for the local CLI.
-fn authority(server: &config::ServerConfig) -> anyhow::Result<Authority> {
+/// The CA (created in the state directory on first start, or the operator's) and a local admin certificate.
+fn pki(server: &config::ServerConfig) -> anyhow::Result<Pki> {
     let lifetime = std::time::Duration::from_secs(server.member_cert_lifetime_secs.into());
     // The Admin API's Unix socket is reached as `localhost`.
     let mut names = server.tls_names.clone();
@@ -287,11 +299,7 @@ fn authority(server: &config::ServerConfig) -> anyhow::Result<Authority> {
         pki::write_private(&server.state_dir.join("admin.key"), &key)?;
         pki::write_private(&admin_cert, &cert.pem)?;
     }
-    Ok(Authority::new(
-        pki,
-        server.launch_token_ttl_secs,
-        server.enrollments_per_minute,
-    ))
+    Ok(pki)
 }
 
 /// The Admin API's Unix socket, owner-only. A stale socket left by a crash is replaced; a live one means

@@ -24,6 +24,7 @@ pub struct GroupGauges {
 pub struct Metrics {
     samples_ingested: AtomicU64,
     samples_duplicate: AtomicU64,
+    store_errors: AtomicU64,
     samples_rejected: Mutex<BTreeMap<&'static str, u64>>,
     agents_connected: AtomicI64,
     enrollments: AtomicU64,
@@ -39,6 +40,10 @@ impl Metrics {
 
     pub fn sample_duplicate(&self) {
         self.samples_duplicate.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn store_error(&self) {
+        self.store_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn sample_rejected(&self, reason: &'static str) {
@@ -110,6 +115,17 @@ impl Metrics {
             out,
             "ebb_samples_duplicate_total {}",
             self.samples_duplicate.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "ebb_store_errors_total",
+            "counter",
+            "Reads and writes of the store that failed (disk full, unwritable); each is also logged at ERROR.",
+        );
+        let _ = writeln!(
+            out,
+            "ebb_store_errors_total {}",
+            self.store_errors.load(Ordering::Relaxed)
         );
         header(
             &mut out,

@@ -27,6 +27,7 @@ use crate::lb::LoadBalancer;
 use crate::metrics::{GroupGauges, Metrics};
 use crate::pki::Authority;
 use crate::providers::{CloudError, InstanceState, LaunchSpec, Provider};
+use crate::store::{GroupRecord, Store};
 use crate::userdata::{self, UserDataFormat};
 
 /// How often a group is evaluated.
@@ -212,6 +213,7 @@ pub struct Dependencies {
     pub metrics: Arc<Metrics>,
     pub authority: Arc<Authority>,
     pub explanations: ExplanationLog,
+    pub store: Arc<Store>,
     /// The URL agents use to reach the collector.
     pub collector_url: String,
 }
@@ -242,47 +244,114 @@ pub struct GroupController {
     cpu_avg: Option<f64>,
     latest: Vec<Option<LatestSample>>,
     health: Vec<HealthRun>,
+    /// What the store last accepted.
+    saved: Option<(GroupRecord, Vec<Member>)>,
+    /// The last write failed: decisions pause until one succeeds.
+    store_failing: bool,
     status: watch::Sender<GroupStatus>,
 }
 
 impl GroupController {
-    pub fn new(config: GroupConfig, deps: Dependencies) -> (Self, GroupHandle, mpsc::Receiver<Command>) {
+    /// A controller for `config`, with the state and members the store kept from an earlier run: desired
+    /// capacity (within the configuration's limits, which win), cooldown clocks, suspension, the launch
+    /// counter, and every member with its flags, whose agents may carry on reporting.
+    pub async fn new(
+        config: GroupConfig,
+        deps: Dependencies,
+    ) -> Result<(Self, GroupHandle, mpsc::Receiver<Command>), crate::store::StoreError> {
         let engine = config.engine();
         let schedules = config.scheduled_actions();
         let (min_size, max_size) = (config.min_size, config.max_size);
-        let desired = config.desired_capacity.unwrap_or(config.min_size);
+        let (saved, members) = deps.store.load_group(&config.name)?.unwrap_or_else(|| {
+            let desired = config.desired_capacity.unwrap_or(config.min_size);
+            (
+                GroupRecord {
+                    desired,
+                    ..GroupRecord::default()
+                },
+                Vec::new(),
+            )
+        });
         let (status, status_rx) = watch::channel(GroupStatus::default());
         let (commands, commands_rx) = mpsc::channel(16);
-        let controller = Self {
+        let mut controller = Self {
             config,
             engine,
             deps,
             min_size,
             max_size,
-            desired,
-            last_scale_out: None,
-            last_scale_in: None,
+            desired: saved.desired.clamp(min_size, max_size),
+            last_scale_out: saved.last_scale_out,
+            last_scale_in: saved.last_scale_in,
             recommendations: Vec::new(),
             changes: Vec::new(),
             schedules,
             schedules_checked: None,
-            suspended: false,
+            suspended: saved.suspended,
             warned: Default::default(),
-            members: Vec::new(),
-            launches: 0,
+            members,
+            launches: saved.launches,
             next_launch_at: 0,
             last_evaluation: "not evaluated yet".into(),
             cpu_avg: None,
             latest: Vec::new(),
             health: Vec::new(),
+            saved: None,
+            store_failing: false,
             status,
         };
+        for member in &controller.members {
+            let settings = controller.agent_settings(member.address);
+            controller.deps.ingest.register(&member.id, settings).await;
+        }
+        controller.save();
         controller.publish(Vec::new());
         let handle = GroupHandle {
             commands,
             status: status_rx,
         };
-        (controller, handle, commands_rx)
+        Ok((controller, handle, commands_rx))
+    }
+
+    /// What the store keeps of this group.
+    fn record_to_save(&self) -> (GroupRecord, Vec<Member>) {
+        let record = GroupRecord {
+            min_size: self.min_size,
+            max_size: self.max_size,
+            desired: self.desired,
+            suspended: self.suspended,
+            last_scale_out: self.last_scale_out,
+            last_scale_in: self.last_scale_in,
+            launches: self.launches,
+        };
+        (record, self.members.clone())
+    }
+
+    /// Writes the group's state to the store if it changed; false if the store refused (disk full,
+    /// unwritable), which is logged and counted, and pauses decisions until a write succeeds.
+    fn save(&mut self) -> bool {
+        let current = self.record_to_save();
+        if self.saved.as_ref() == Some(&current) {
+            return true;
+        }
+        match self.deps.store.save_group(&self.config.name, &current.0, &current.1) {
+            Ok(()) => {
+                if self.store_failing {
+                    tracing::info!(group = %self.config.name, "The store accepts writes again; decisions resume.");
+                }
+                self.saved = Some(current);
+                self.store_failing = false;
+                true
+            }
+            Err(e) => {
+                if !self.store_failing {
+                    tracing::error!(group = %self.config.name, error = %e, "Cannot save the group's state; decisions pause until the store accepts writes.");
+                }
+                self.deps.metrics.store_error();
+                self.store_failing = true;
+                false
+            }
+        }
     }
 
     /// Runs until `stop` fires, then closes the provider.
@@ -301,6 +370,11 @@ impl GroupController {
 
     /// Carries out an operator's or an enrolling VM's request, then publishes the new state before answering.
     async fn handle(&mut self, command: Command, now: Millis) {
+        self.carry_out(command, now).await;
+        self.save();
+    }
+
+    async fn carry_out(&mut self, command: Command, now: Millis) {
         match command {
             Command::SetDesired { desired, reply } => {
                 let result = self.set_desired(desired, now).await;
@@ -417,6 +491,11 @@ impl GroupController {
 
     /// One evaluation: schedules, lost instances, health, decision, reconciliation, status.
     pub async fn step(&mut self, now: Millis) {
+        if self.store_failing && !self.save() {
+            self.last_evaluation = "paused: the store refuses writes (disk full or unwritable); see the log".into();
+            self.refresh_status().await;
+            return;
+        }
         self.run_schedules(now);
         self.forget_lost_instances().await;
         let means = self.observe(now).await;
@@ -442,6 +521,7 @@ impl GroupController {
         if !self.config.dry_run && !self.suspended {
             self.reconcile(now, &cause).await;
         }
+        self.save();
         self.refresh_status().await;
     }
 
@@ -1071,18 +1151,27 @@ mod tests {
         seq: u64,
     }
 
-    fn harness() -> Harness {
-        harness_with(|group| group)
+    async fn harness() -> Harness {
+        harness_with(|group| group).await
     }
 
     /// A harness for the test group with its TOML changed by `edit`.
-    fn harness_with(edit: impl FnOnce(String) -> String) -> Harness {
+    async fn harness_with(edit: impl FnOnce(String) -> String) -> Harness {
+        let store = Arc::new(Store::in_memory());
+        harness_on(edit, store, FakeProvider::default(), FakeLoadBalancer::default()).await
+    }
+
+    /// A harness whose state lives in `store`, with these cloud fakes (a restart keeps all three).
+    async fn harness_on(
+        edit: impl FnOnce(String) -> String,
+        store: Arc<Store>,
+        provider: FakeProvider,
+        lb: FakeLoadBalancer,
+    ) -> Harness {
         let config = crate::config::parse(std::path::Path::new("test.toml"), &edit(GROUP.to_string())).unwrap();
         let metrics = Arc::new(Metrics::default());
-        let provider = FakeProvider::default();
-        let lb = FakeLoadBalancer::default();
         let ingest = IngestHandle::spawn(metrics.clone(), 600_000, Vec::new());
-        let activities = ActivityLog::new(metrics.clone());
+        let activities = ActivityLog::new(metrics.clone(), store.clone());
         let pki_dir = tempfile::tempdir().unwrap();
         let deps = Dependencies {
             provider: Arc::new(provider.clone()),
@@ -1090,11 +1179,14 @@ mod tests {
             ingest: ingest.clone(),
             activities: activities.clone(),
             metrics,
-            authority: Arc::new(Authority::new(crate::pki::tests::pki(pki_dir.path()), 1800, 600)),
+            authority: Arc::new(
+                Authority::new(crate::pki::tests::pki(pki_dir.path()), 1800, 600, store.clone()).unwrap(),
+            ),
             explanations: ExplanationLog::new(3600),
+            store: store.clone(),
             collector_url: "https://127.0.0.1:7300".into(),
         };
-        let (controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps);
+        let (controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps).await.unwrap();
         Harness {
             controller,
             handle,
@@ -1145,7 +1237,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_member_joins_the_load_balancer_only_once_healthy() {
-        let mut h = harness();
+        let mut h = harness().await;
         let now = now_ms();
         h.controller.step(now).await;
         assert_eq!(h.provider.running(), ["web-1"]);
@@ -1171,7 +1263,7 @@ mod tests {
 
     #[tokio::test]
     async fn scale_in_deregisters_before_it_terminates() {
-        let mut h = harness();
+        let mut h = harness().await;
         let now = now_ms();
         h.controller.desired = 2;
         h.controller.step(now).await;
@@ -1210,7 +1302,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_launch_is_recorded_and_retried_later_not_every_second() {
-        let mut h = harness();
+        let mut h = harness().await;
         h.provider
             .fail_next_launch(CloudError::Permanent("quota exceeded: 20 instances".into()));
         let now = now_ms();
@@ -1227,7 +1319,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_instance_leaves_the_load_balancer_and_is_replaced() {
-        let mut h = harness();
+        let mut h = harness().await;
         let now = now_ms();
         h.controller.step(now).await;
         h.report("web-1", now + 100, 50.0, true).await;
@@ -1285,7 +1377,7 @@ mod tests {
 
     #[tokio::test]
     async fn protected_members_are_never_scaled_in_and_hand_made_ones_are_never_terminated() {
-        let mut h = harness();
+        let mut h = harness().await;
         h.controller.step(now_ms()).await;
         let monitored = join(&mut h, true).await;
         let extra = join(&mut h, false).await;
@@ -1318,7 +1410,7 @@ mod tests {
 
     #[tokio::test]
     async fn operators_set_desired_within_the_limits_only() {
-        let mut h = harness();
+        let mut h = harness().await;
         let now = now_ms();
         let (reply, answer) = oneshot::channel();
         h.controller
@@ -1358,7 +1450,8 @@ mod tests {
         let mut h = harness_with(|g| {
             g.replace("min_size = 1", "min_size = 2")
                 + "[groups.health_check]\ngrace_period_secs = 0\nunhealthy_threshold = 3\n"
-        });
+        })
+        .await;
         let now = now_ms();
         h.controller.desired = 2;
         h.controller.step(now).await;
@@ -1403,7 +1496,7 @@ mod tests {
 
     #[tokio::test]
     async fn dry_run_decides_and_explains_but_never_calls_the_cloud() {
-        let mut h = harness_with(|g| g.replace("cooldown_secs = 0", "cooldown_secs = 0\ndry_run = true"));
+        let mut h = harness_with(|g| g.replace("cooldown_secs = 0", "cooldown_secs = 0\ndry_run = true")).await;
         let now = now_ms();
         h.controller.step(now).await;
         assert!(h.provider.running().is_empty());
@@ -1418,7 +1511,8 @@ mod tests {
         let mut h = harness_with(|g| {
             g.replace("cooldown_secs = 0", "cooldown_secs = 0\ndry_run = true")
                 + "[groups.health_check]\ngrace_period_secs = 0\n"
-        });
+        })
+        .await;
         // A hand-made member, healthy, then failing.
         let id = join(&mut h, false).await;
         let now = now_ms();
@@ -1441,7 +1535,8 @@ mod tests {
         let mut h = harness_with(|g| {
             g.replace("max_size = 3", "max_size = 10")
                 .replace("cooldown_secs = 0", "cooldown_secs = 0\nmax_surge = 2")
-        });
+        })
+        .await;
         let now = now_ms();
         h.controller.desired = 5;
         h.controller.step(now).await;
@@ -1460,7 +1555,8 @@ mod tests {
         let mut h = harness_with(|g| {
             g.replace("min_size = 1", "min_size = 2")
                 .replace("cooldown_secs = 0", "cooldown_secs = 0\nmax_surge = 1")
-        });
+        })
+        .await;
         let now = now_ms();
         h.controller.desired = 2;
         h.controller.step(now).await;
@@ -1478,7 +1574,7 @@ mod tests {
         let mut h = harness_with(|g| {
             g.replace("max_size = 3", "max_size = 10")
                 + "[[groups.schedules]]\nname = \"every-minute\"\ncron = \"* * * * *\"\ntime_zone = \"Asia/Tokyo\"\nmin_size = 3\n"
-        });
+        }).await;
         let minute = 60_000;
         let start = (now_ms() / minute) * minute + 100;
         h.controller.step(start).await;
@@ -1495,7 +1591,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_suspended_group_launches_nothing() {
-        let mut h = harness();
+        let mut h = harness().await;
         let now = now_ms();
         let (reply, answer) = oneshot::channel();
         h.controller
@@ -1518,5 +1614,79 @@ mod tests {
             .await;
         h.controller.step(now + 1000).await;
         assert_eq!(h.provider.running(), ["web-1"]);
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_members_flags_capacity_and_the_launch_counter() {
+        let store = Arc::new(Store::in_memory());
+        let (provider, lb) = (FakeProvider::default(), FakeLoadBalancer::default());
+        let four = |g: String| g.replace("max_size = 3", "max_size = 4");
+        let mut h = harness_on(four, store.clone(), provider.clone(), lb.clone()).await;
+        let now = now_ms();
+        h.controller.desired = 2;
+        h.controller.step(now).await;
+        report_span(&mut h, &[("web-1", true), ("web-2", true)], now + 100, now + 1100).await;
+        h.controller.step(now + 1200).await;
+        let hand_made = join(&mut h, true).await;
+        let (reply, _) = oneshot::channel();
+        h.controller
+            .handle(Command::SetSuspended { suspended: true, reply }, now + 1300)
+            .await;
+        let before = h.handle.status();
+        drop(h);
+
+        let mut h = harness_on(four, store, provider, lb).await;
+        let after = h.handle.status();
+        assert_eq!(after.desired, before.desired);
+        let members = |s: &GroupStatus| s.members.iter().map(|m| m.member.clone()).collect::<Vec<_>>();
+        assert_eq!(members(&after), members(&before));
+        assert!(
+            after
+                .members
+                .iter()
+                .any(|m| m.member.id == hand_made && m.member.protected)
+        );
+        // Still suspended: nothing launches.
+        h.controller.desired = 4;
+        h.controller.step(now + 2000).await;
+        assert_eq!(h.provider.running().len(), 2);
+        let (reply, _) = oneshot::channel();
+        h.controller
+            .handle(
+                Command::SetSuspended {
+                    suspended: false,
+                    reply,
+                },
+                now + 2100,
+            )
+            .await;
+        h.controller.step(now + 2200).await;
+        // The next member id follows the ones before the restart.
+        assert_eq!(h.provider.running(), ["web-1", "web-2", "web-4"]);
+        // The members' agents are known to ingest again, so they carry on reporting.
+        report_span(&mut h, &[("web-1", true)], now + 2300, now + 2400).await;
+    }
+
+    #[tokio::test]
+    async fn decisions_pause_while_the_store_refuses_writes() {
+        let mut h = harness().await;
+        let now = now_ms();
+        h.controller.deps.store.refuse_writes(true);
+        h.controller.step(now).await;
+        // The launch happened before the write failed; the next steps decide nothing more.
+        let launched = h.provider.running().len();
+        h.controller.desired = 3;
+        h.controller.step(now + 1000).await;
+        h.controller.step(now + 2000).await;
+        assert_eq!(h.provider.running().len(), launched);
+        assert!(
+            h.handle
+                .status()
+                .last_evaluation
+                .starts_with("paused: the store refuses writes")
+        );
+        h.controller.deps.store.refuse_writes(false);
+        h.controller.step(now + 3000).await;
+        assert_eq!(h.provider.running().len(), 3, "resumed once the store accepts writes");
     }
 }

@@ -2,17 +2,11 @@
 
 mod common;
 
-use common::Harness;
+use common::{Harness, report};
 use ebb_agent::identity::{self, IdentityError};
 use ebb_proto::v1::admin_client::AdminClient;
 use ebb_proto::v1::enrollment_client::EnrollmentClient;
-use ebb_proto::v1::telemetry_client::TelemetryClient;
-use ebb_proto::v1::{
-    EnrollRequest, Hello, ListGroupsRequest, ReportRequest, RevokeMemberRequest, Sample, SampleBatch, report_request,
-    report_response,
-};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use ebb_proto::v1::{EnrollRequest, ListGroupsRequest, RevokeMemberRequest, report_response};
 use tonic::Code;
 
 fn csr() -> Vec<u8> {
@@ -22,48 +16,6 @@ fn csr() -> Vec<u8> {
         .unwrap()
         .der()
         .to_vec()
-}
-
-/// Opens a Report stream as `member_id` and sends one sample; the first response or the refusal.
-async fn report(
-    channel: tonic::transport::Channel,
-    member_id: &str,
-) -> Result<
-    (
-        tonic::Streaming<ebb_proto::v1::ReportResponse>,
-        mpsc::Sender<ReportRequest>,
-    ),
-    tonic::Status,
-> {
-    let (requests, outgoing) = mpsc::channel(4);
-    requests
-        .send(ReportRequest {
-            message: Some(report_request::Message::Hello(Hello {
-                member_id: member_id.into(),
-                run_id: 1,
-                ..Hello::default()
-            })),
-        })
-        .await
-        .unwrap();
-    requests
-        .send(ReportRequest {
-            message: Some(report_request::Message::Batch(SampleBatch {
-                samples: vec![Sample {
-                    seq: 1,
-                    timestamp_ms: ebb_agent::now_ms(),
-                    cpu_busy_percent: Some(10.0),
-                    ..Sample::default()
-                }],
-            })),
-        })
-        .await
-        .unwrap();
-    let stream = TelemetryClient::new(channel)
-        .report(ReceiverStream::new(outgoing))
-        .await?
-        .into_inner();
-    Ok((stream, requests))
 }
 
 #[tokio::test]

@@ -377,20 +377,35 @@ pub struct Authority {
     pub launch_token_ttl_secs: u32,
     /// Enrolments allowed per remote address per minute.
     pub enrollments_per_minute: u32,
-    /// Serials each member may use: the current one and, while it renews, the one before.
+    /// Serials each member may use: the current one and, while it renews, the one before. Written
+    /// through to the store, so enrolled agents keep working across a restart.
     serials: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
     attempts: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (Millis, u32)>>,
+    store: std::sync::Arc<crate::store::Store>,
 }
 
 impl Authority {
-    pub fn new(pki: Pki, launch_token_ttl_secs: u32, enrollments_per_minute: u32) -> Self {
-        Self {
+    /// The authority over `pki`, with the tokens and serials `store` holds.
+    pub fn new(
+        pki: Pki,
+        launch_token_ttl_secs: u32,
+        enrollments_per_minute: u32,
+        store: std::sync::Arc<crate::store::Store>,
+    ) -> Result<Self, crate::store::StoreError> {
+        Ok(Self {
             pki,
-            tokens: tokens::TokenStore::default(),
+            tokens: tokens::TokenStore::load(store.clone())?,
             launch_token_ttl_secs,
             enrollments_per_minute,
-            serials: Default::default(),
+            serials: std::sync::Mutex::new(store.serials()?.into_iter().collect()),
             attempts: Default::default(),
+            store,
+        })
+    }
+
+    fn persist_serials(&self, member_id: &str, serials: &[String]) {
+        if let Err(e) = self.store.save_serials(member_id, serials) {
+            tracing::error!(error = %e, member = %member_id, "Cannot save a member's certificate serials.");
         }
     }
 
@@ -402,6 +417,7 @@ impl Authority {
         if valid.len() > 2 {
             valid.remove(0);
         }
+        self.persist_serials(member_id, valid);
     }
 
     /// Whether `serial` is a current certificate of `member_id`.
@@ -416,7 +432,11 @@ impl Authority {
     /// Denies every certificate of `member_id` from now on; false if it had none.
     pub fn revoke_member(&self, member_id: &str) -> bool {
         self.tokens.revoke_bound(member_id);
-        self.serials.lock().unwrap().remove(member_id).is_some()
+        let had = self.serials.lock().unwrap().remove(member_id).is_some();
+        if had {
+            self.persist_serials(member_id, &[]);
+        }
+        had
     }
 
     /// Counts an enrolment attempt from `address`; false once it made too many this minute.

@@ -2,9 +2,10 @@
 //! expiry and a use count. A launch's token is single-use and bound to that launch's member id.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::engine::Millis;
+use crate::store::Store;
 
 /// Secrets start with this, so that leaked ones are easy to find in logs and repositories.
 pub const TOKEN_PREFIX: &str = "ebbjt_";
@@ -29,9 +30,10 @@ pub struct TokenRejection {
     pub message: String,
 }
 
-#[derive(Default)]
+/// The tokens, in memory and in the store: every change is written through, so a restart forgets none.
 pub struct TokenStore {
     by_hash: Mutex<HashMap<String, Token>>,
+    store: Arc<Store>,
 }
 
 fn hash(secret: &str) -> String {
@@ -39,6 +41,32 @@ fn hash(secret: &str) -> String {
 }
 
 impl TokenStore {
+    /// The tokens the store holds.
+    pub fn load(store: Arc<Store>) -> Result<Self, crate::store::StoreError> {
+        let by_hash = store.tokens()?.into_iter().collect();
+        Ok(Self {
+            by_hash: Mutex::new(by_hash),
+            store,
+        })
+    }
+
+    /// Writes a token's record through to the store; a failure is logged (the in-memory record still holds
+    /// until a restart).
+    fn persist(&self, hash: &str, token: &Token) {
+        if let Err(e) = self.store.save_token(hash, token) {
+            tracing::error!(error = %e, token = %token.id, "Cannot save a join token.");
+        }
+    }
+
+    fn forget(&self, hashes: Vec<String>) {
+        if hashes.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.delete_tokens(&hashes) {
+            tracing::error!(error = %e, "Cannot delete join tokens.");
+        }
+    }
+
     /// Mints a token; returns the secret (shown once) and its record.
     pub fn create(
         &self,
@@ -62,6 +90,7 @@ impl TokenStore {
             protected,
             bound_member,
         };
+        self.persist(&hashed, &token);
         self.by_hash.lock().unwrap().insert(hashed, token.clone());
         (secret, token)
     }
@@ -74,8 +103,17 @@ impl TokenStore {
         };
         let mut tokens = self.by_hash.lock().unwrap();
         // Expired tokens are kept an hour, so that a late VM hears "expired" rather than "unknown".
-        tokens.retain(|_, t| t.expires_at + 3_600_000 > now);
-        let token = tokens.get_mut(&hash(secret)).ok_or_else(|| {
+        let stale: Vec<String> = tokens
+            .iter()
+            .filter(|(_, t)| t.expires_at + 3_600_000 <= now)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in &stale {
+            tokens.remove(h);
+        }
+        self.forget(stale);
+        let hashed = hash(secret);
+        let token = tokens.get_mut(&hashed).ok_or_else(|| {
             reject(
                 "unknown_token",
                 "the join token is not known to this collector (mistyped, revoked, or for another collector)",
@@ -100,6 +138,7 @@ impl TokenStore {
             });
         }
         token.uses_left -= 1;
+        self.persist(&hashed, token);
         Ok(token.clone())
     }
 
@@ -119,18 +158,28 @@ impl TokenStore {
 
     /// Forgets the token with this public id; false if there is none.
     pub fn revoke(&self, id: &str) -> bool {
-        let mut tokens = self.by_hash.lock().unwrap();
-        let before = tokens.len();
-        tokens.retain(|_, t| t.id != id);
-        tokens.len() < before
+        self.remove_where(|t| t.id == id)
     }
 
     /// Forgets every token bound to `member_id` (its launch failed or it was terminated before enrolling).
     pub fn revoke_bound(&self, member_id: &str) {
-        self.by_hash
-            .lock()
-            .unwrap()
-            .retain(|_, t| t.bound_member.as_deref() != Some(member_id));
+        self.remove_where(|t| t.bound_member.as_deref() == Some(member_id));
+    }
+
+    /// Forgets the tokens `matches` picks; whether there were any.
+    fn remove_where(&self, matches: impl Fn(&Token) -> bool) -> bool {
+        let mut tokens = self.by_hash.lock().unwrap();
+        let gone: Vec<String> = tokens
+            .iter()
+            .filter(|(_, t)| matches(t))
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in &gone {
+            tokens.remove(h);
+        }
+        let any = !gone.is_empty();
+        self.forget(gone);
+        any
     }
 }
 
@@ -142,7 +191,7 @@ mod tests {
 
     #[test]
     fn a_single_use_token_works_once() {
-        let store = TokenStore::default();
+        let store = TokenStore::load(Arc::new(Store::in_memory())).unwrap();
         let (secret, token) = store.create("web", NOW, 1800, 1, false, Some("web-4".into()));
         assert!(secret.starts_with(TOKEN_PREFIX) && secret.len() == TOKEN_PREFIX.len() + 64);
         assert!(
@@ -159,7 +208,7 @@ mod tests {
 
     #[test]
     fn expired_unknown_and_other_group_tokens_are_refused() {
-        let store = TokenStore::default();
+        let store = TokenStore::load(Arc::new(Store::in_memory())).unwrap();
         let (secret, _) = store.create("web", NOW, 60, 5, false, None);
         assert_eq!(store.redeem(&secret, "db", NOW).unwrap_err().reason, "wrong_group");
         assert_eq!(
@@ -172,8 +221,22 @@ mod tests {
     }
 
     #[test]
+    fn tokens_outlive_a_restart() {
+        let db = Arc::new(Store::in_memory());
+        let store = TokenStore::load(db.clone()).unwrap();
+        let (secret, _) = store.create("web", NOW, 3600, 2, false, None);
+        let (revoked, token) = store.create("web", NOW, 3600, 1, false, None);
+        store.redeem(&secret, "web", NOW).unwrap();
+        store.revoke(&token.id);
+        let again = TokenStore::load(db).unwrap();
+        assert_eq!(again.list(NOW)[0].uses_left, 1, "the use is remembered");
+        again.redeem(&secret, "web", NOW).unwrap();
+        assert_eq!(again.redeem(&revoked, "web", NOW).unwrap_err().reason, "unknown_token");
+    }
+
+    #[test]
     fn operators_list_and_revoke() {
-        let store = TokenStore::default();
+        let store = TokenStore::load(Arc::new(Store::in_memory())).unwrap();
         let (secret, token) = store.create("web", NOW, 3600, 2, true, None);
         assert_eq!(store.list(NOW), std::slice::from_ref(&token));
         assert!(store.revoke(&token.id));

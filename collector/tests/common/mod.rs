@@ -9,8 +9,12 @@ use std::time::Duration;
 
 use ebb_agent::identity::{self, Identity};
 use ebb_collector::Collector;
+use ebb_proto::v1::telemetry_client::TelemetryClient;
+use ebb_proto::v1::{Hello, ReportRequest, Sample, SampleBatch, report_request};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
 
 pub fn config(state_dir: &Path, extra_server: &str) -> ebb_collector::config::CollectorConfig {
@@ -44,13 +48,27 @@ pub fn config(state_dir: &Path, extra_server: &str) -> ebb_collector::config::Co
 pub struct Harness {
     pub collector: Collector,
     pub state: tempfile::TempDir,
+    extra_server: String,
 }
 
 impl Harness {
     pub async fn start(extra_server: &str) -> Self {
         let state = tempfile::tempdir().unwrap();
         let collector = Collector::start(config(state.path(), extra_server)).await.unwrap();
-        Self { collector, state }
+        Self {
+            collector,
+            state,
+            extra_server: extra_server.to_string(),
+        }
+    }
+
+    /// Stops the collector and starts a new one on the same state directory (new ports).
+    pub async fn restart(self) -> Self {
+        self.collector.shutdown().await;
+        let collector = Collector::start(config(self.state.path(), &self.extra_server))
+            .await
+            .unwrap();
+        Self { collector, ..self }
     }
 
     pub fn url(&self) -> String {
@@ -166,4 +184,46 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     })
     .await
     .unwrap_or_else(|_| panic!("{what} within 30 s"));
+}
+
+/// Opens a Report stream as `member_id` and sends one sample; the first response or the refusal.
+pub async fn report(
+    channel: tonic::transport::Channel,
+    member_id: &str,
+) -> Result<
+    (
+        tonic::Streaming<ebb_proto::v1::ReportResponse>,
+        mpsc::Sender<ReportRequest>,
+    ),
+    tonic::Status,
+> {
+    let (requests, outgoing) = mpsc::channel(4);
+    requests
+        .send(ReportRequest {
+            message: Some(report_request::Message::Hello(Hello {
+                member_id: member_id.into(),
+                run_id: 1,
+                ..Hello::default()
+            })),
+        })
+        .await
+        .unwrap();
+    requests
+        .send(ReportRequest {
+            message: Some(report_request::Message::Batch(SampleBatch {
+                samples: vec![Sample {
+                    seq: 1,
+                    timestamp_ms: ebb_agent::now_ms(),
+                    cpu_busy_percent: Some(10.0),
+                    ..Sample::default()
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+    let stream = TelemetryClient::new(channel)
+        .report(ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    Ok((stream, requests))
 }
