@@ -44,10 +44,14 @@ pub enum ActivityKind {
     Warning,
     /// An operator suspended or resumed scaling.
     Suspension,
+    /// A launch interrupted by a restart was found running and taken back into the group.
+    Adopt,
+    /// An instance tagged for the group that no member owns.
+    Orphan,
 }
 
 impl ActivityKind {
-    const ALL: [ActivityKind; 15] = [
+    const ALL: [ActivityKind; 17] = [
         ActivityKind::ScaleOut,
         ActivityKind::ScaleIn,
         ActivityKind::SetDesired,
@@ -63,6 +67,8 @@ impl ActivityKind {
         ActivityKind::Scheduled,
         ActivityKind::Warning,
         ActivityKind::Suspension,
+        ActivityKind::Adopt,
+        ActivityKind::Orphan,
     ];
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -86,6 +92,8 @@ impl ActivityKind {
             ActivityKind::Scheduled => "scheduled",
             ActivityKind::Warning => "warning",
             ActivityKind::Suspension => "suspension",
+            ActivityKind::Adopt => "adopt",
+            ActivityKind::Orphan => "orphan",
         }
     }
 }

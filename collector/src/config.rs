@@ -137,6 +137,15 @@ pub struct GroupConfig {
     /// Decide and explain, but never launch, terminate or change the load balancer.
     #[serde(default)]
     pub dry_run: bool,
+    /// How often the provider's instances and the load balancer's members are compared with the group's.
+    #[serde(default = "default_reconcile_interval_secs")]
+    pub reconcile_interval_secs: u32,
+    /// An instance tagged for the group that no member owns is terminated after this long...
+    #[serde(default = "default_orphan_grace_secs")]
+    pub orphan_grace_secs: u32,
+    /// ... unless this is false: then it is only reported.
+    #[serde(default = "default_true")]
+    pub terminate_orphans: bool,
     /// How often the agents sample.
     #[serde(default = "default_agent_interval_secs")]
     pub agent_interval_secs: u32,
@@ -556,6 +565,12 @@ fn default_instance_cpus() -> f64 {
 }
 fn default_stop_grace_secs() -> u32 {
     10
+}
+fn default_reconcile_interval_secs() -> u32 {
+    60
+}
+fn default_orphan_grace_secs() -> u32 {
+    600
 }
 fn default_max_surge() -> u32 {
     10

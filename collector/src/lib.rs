@@ -85,6 +85,7 @@ impl Collector {
         let metrics = Arc::new(Metrics::default());
         let pki = pki(&config.server)?;
         let store = Arc::new(Store::open(&config.server.store_path())?);
+        let cluster_id = store.cluster_id()?;
         let activities = ActivityLog::new(metrics.clone(), store.clone());
         activities.prune(reconcile::now_ms() - i64::from(config.server.activity_retention_days) * 86_400_000);
         let retention_ms = config
@@ -160,6 +161,7 @@ impl Collector {
                 authority: authority.clone(),
                 explanations: explanations.clone(),
                 store: store.clone(),
+                cluster_id: cluster_id.clone(),
                 collector_url: collector_url.clone(),
             };
             let name = group.name.clone();

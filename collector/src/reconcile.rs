@@ -26,8 +26,8 @@ use crate::ingest::{self, IngestHandle, LatestSample};
 use crate::lb::LoadBalancer;
 use crate::metrics::{GroupGauges, Metrics};
 use crate::pki::Authority;
-use crate::providers::{CloudError, InstanceState, LaunchSpec, Provider};
-use crate::store::{GroupRecord, Store};
+use crate::providers::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
+use crate::store::{GroupRecord, Intent, IntentKind, Store};
 use crate::userdata::{self, UserDataFormat};
 
 /// How often a group is evaluated.
@@ -214,6 +214,8 @@ pub struct Dependencies {
     pub authority: Arc<Authority>,
     pub explanations: ExplanationLog,
     pub store: Arc<Store>,
+    /// This collector's identity, tagged on every instance it launches.
+    pub cluster_id: String,
     /// The URL agents use to reach the collector.
     pub collector_url: String,
 }
@@ -248,6 +250,12 @@ pub struct GroupController {
     saved: Option<(GroupRecord, Vec<Member>)>,
     /// The last write failed: decisions pause until one succeeds.
     store_failing: bool,
+    /// The provider's instances have been compared with the store since start.
+    recovered: bool,
+    /// When the provider's instances were last listed.
+    last_inventory: Millis,
+    /// Instances tagged for this group that no member owns: instance id → (member id, first seen).
+    orphans: std::collections::HashMap<String, (String, Millis)>,
     status: watch::Sender<GroupStatus>,
 }
 
@@ -298,6 +306,9 @@ impl GroupController {
             health: Vec::new(),
             saved: None,
             store_failing: false,
+            recovered: false,
+            last_inventory: 0,
+            orphans: Default::default(),
             status,
         };
         for member in &controller.members {
@@ -495,6 +506,17 @@ impl GroupController {
             self.last_evaluation = "paused: the store refuses writes (disk full or unwritable); see the log".into();
             self.refresh_status().await;
             return;
+        }
+        if !self.recovered {
+            if !self.recover(now).await {
+                self.last_evaluation = "waiting to compare the provider's instances with the store; see the log".into();
+                self.refresh_status().await;
+                return;
+            }
+            (self.recovered, self.last_inventory) = (true, now);
+        } else if now - self.last_inventory >= Millis::from(self.config.reconcile_interval_secs) * 1000 {
+            self.take_inventory(now).await;
+            self.last_inventory = now;
         }
         self.run_schedules(now);
         self.forget_lost_instances().await;
@@ -717,6 +739,175 @@ impl GroupController {
         }
     }
 
+    /// After a start: finishes what the intent log says was under way, then looks for orphans. A launch
+    /// found running is adopted, one not found did not happen; an interrupted termination is finished.
+    /// False if the provider cannot list its instances yet (nothing is decided until it can).
+    async fn recover(&mut self, now: Millis) -> bool {
+        let instances = match self.deps.provider.list(&self.config.name).await {
+            Ok(instances) => instances,
+            Err(e) => {
+                tracing::warn!(group = %self.config.name, error = %e, "Cannot list the group's instances; retrying before deciding anything.");
+                return false;
+            }
+        };
+        let intents = match self.deps.store.open_intents(&self.config.name) {
+            Ok(intents) => intents,
+            Err(e) => {
+                tracing::error!(group = %self.config.name, error = %e, "Cannot read the intent log.");
+                self.deps.metrics.store_error();
+                return false;
+            }
+        };
+        for intent in intents {
+            let outcome = match intent.kind {
+                IntentKind::Launch => self.recover_launch(&intent, &instances, now).await,
+                IntentKind::Terminate => self.recover_termination(&intent, &instances).await,
+            };
+            self.finish_intent(&intent.key, now, &outcome);
+        }
+        self.check_orphans(&instances, now).await;
+        self.save();
+        true
+    }
+
+    async fn recover_launch(&mut self, intent: &Intent, instances: &[Instance], now: Millis) -> String {
+        // The member id is never given out again.
+        let number = intent.member_id.rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
+        self.launches = self.launches.max(number.unwrap_or(0));
+        if self.members.iter().any(|m| m.id == intent.member_id) {
+            return "recorded before the restart".into();
+        }
+        let running = instances
+            .iter()
+            .find(|i| i.member_id == intent.member_id && !matches!(i.state, InstanceState::Terminated { .. }));
+        let Some(instance) = running else {
+            self.deps.authority.revoke_member(&intent.member_id);
+            return "did not happen; capacity is reconciled against desired".into();
+        };
+        let address = instance.address.map(|ip| SocketAddr::new(ip, self.config.member_port));
+        let launched_at = intent.created_at.min(now);
+        self.add_pending(Member::pending(&intent.member_id, &instance.id, address, launched_at))
+            .await;
+        let size = self.members.len() as u32;
+        self.record(
+            ActivityKind::Adopt,
+            "a launch interrupted by a restart found running".into(),
+            Ok(format!("instance {}", instance.id)),
+            &intent.member_id,
+            (size - 1, size),
+        );
+        format!("adopted instance {}", instance.id)
+    }
+
+    async fn recover_termination(&mut self, intent: &Intent, instances: &[Instance]) -> String {
+        if let Some(index) = self.members.iter().position(|m| m.id == intent.member_id) {
+            return if self
+                .remove(index, "finishing a termination interrupted by a restart")
+                .await
+            {
+                "finished after a restart".into()
+            } else {
+                "failed after a restart; the member stays and is tried again".into()
+            };
+        }
+        let running = instances
+            .iter()
+            .any(|i| i.id == intent.instance_id && !matches!(i.state, InstanceState::Terminated { .. }));
+        if running {
+            let result = self.deps.provider.terminate(&intent.instance_id).await;
+            let outcome = format!("{result:?}");
+            self.record(
+                ActivityKind::Terminate,
+                "finishing a termination interrupted by a restart".into(),
+                result.map(|()| format!("instance {}", intent.instance_id)),
+                &intent.member_id,
+                (self.desired, self.desired),
+            );
+            return outcome;
+        }
+        "already done".into()
+    }
+
+    /// Every `reconcile_interval_secs`: orphans, and load-balancer memberships changed outside ebb.
+    async fn take_inventory(&mut self, now: Millis) {
+        match self.deps.provider.list(&self.config.name).await {
+            Ok(instances) => self.check_orphans(&instances, now).await,
+            Err(e) => tracing::warn!(group = %self.config.name, error = %e, "Cannot list the group's instances."),
+        }
+        if self.config.dry_run {
+            return;
+        }
+        let Ok(backends) = self.deps.load_balancer.members().await else {
+            return;
+        };
+        let serving: Vec<(String, SocketAddr)> = self
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::InService && !m.unhealthy && !m.replacing)
+            .filter_map(|m| Some((m.id.clone(), m.address?)))
+            .collect();
+        for (id, address) in serving {
+            if backends.iter().any(|b| b.member_id == id) {
+                continue;
+            }
+            let result = self.deps.load_balancer.register(&id, address).await;
+            self.record(
+                ActivityKind::Register,
+                "its load-balancer membership was removed outside ebb; restored".into(),
+                result.map(|()| address.to_string()),
+                &id,
+                (self.desired, self.desired),
+            );
+        }
+    }
+
+    /// Instances tagged for this group that no member owns are reported once, and terminated after
+    /// `orphan_grace_secs` unless `terminate_orphans = false`.
+    async fn check_orphans(&mut self, instances: &[Instance], now: Millis) {
+        let running: Vec<&Instance> = instances
+            .iter()
+            .filter(|i| !matches!(i.state, InstanceState::Terminated { .. }))
+            .filter(|i| !self.members.iter().any(|m| m.instance_id == i.id))
+            .collect();
+        self.orphans.retain(|id, _| running.iter().any(|i| &i.id == id));
+        let grace_ms = Millis::from(self.config.orphan_grace_secs) * 1000;
+        for instance in running {
+            if !self.orphans.contains_key(&instance.id) {
+                self.orphans
+                    .insert(instance.id.clone(), (instance.member_id.clone(), now));
+                let fate = if self.config.terminate_orphans {
+                    format!("terminated after {} s unless claimed", self.config.orphan_grace_secs)
+                } else {
+                    "reported only (terminate_orphans = false)".into()
+                };
+                self.record(
+                    ActivityKind::Orphan,
+                    format!(
+                        "instance {} is tagged for this group but no member owns it",
+                        instance.id
+                    ),
+                    Ok(fate),
+                    &instance.member_id,
+                    (self.desired, self.desired),
+                );
+            }
+            let (_, first_seen) = self.orphans[&instance.id];
+            if self.config.terminate_orphans && !self.config.dry_run && now - first_seen >= grace_ms {
+                let result = self.deps.provider.terminate(&instance.id).await;
+                if result.is_ok() {
+                    self.orphans.remove(&instance.id);
+                }
+                self.record(
+                    ActivityKind::Terminate,
+                    format!("an orphan for more than {} s", self.config.orphan_grace_secs),
+                    result.map(|()| format!("instance {}", instance.id)),
+                    &instance.member_id,
+                    (self.desired, self.desired),
+                );
+            }
+        }
+    }
+
     /// Members whose instance died on its own leave the group; the reconciler replaces them.
     async fn forget_lost_instances(&mut self) {
         if self.members.is_empty() {
@@ -908,6 +1099,20 @@ impl GroupController {
     async fn launch(&mut self, now: Millis, cause: &str) -> Result<(), CloudError> {
         self.launches += 1;
         let member_id = format!("{}-{}", self.config.name, self.launches);
+        let launch_id = format!("{member_id}-{now}");
+        // The counter and the intent are on disk before the cloud hears of the launch: after a crash the
+        // instance is adopted, or the launch known not to have happened; its member id is never reused.
+        let intent = Intent {
+            key: launch_id.clone(),
+            group: self.config.name.clone(),
+            kind: IntentKind::Launch,
+            member_id: member_id.clone(),
+            instance_id: String::new(),
+            created_at: now,
+        };
+        if !self.save() || !self.write_intent(&intent) {
+            return Err(CloudError::Retryable("the store refuses writes; not launching".into()));
+        }
         let size = self.members.len() as u32;
         // Allowed to report before the instance exists: its agent may be quicker than the launch call.
         self.deps.ingest.register(&member_id, self.agent_settings(None)).await;
@@ -930,7 +1135,8 @@ impl GroupController {
         let spec = LaunchSpec {
             group: self.config.name.clone(),
             member_id: member_id.clone(),
-            launch_id: format!("{}-{now}", member_id),
+            cluster_id: self.deps.cluster_id.clone(),
+            launch_id,
             service_port: self.config.member_port,
             user_data: userdata::render(UserDataFormat::CloudConfig, &agent_config),
             agent_config,
@@ -952,6 +1158,10 @@ impl GroupController {
             .map(|i| format!("instance {}", i.id))
             .map_err(Clone::clone);
         let new_size = self.members.len() as u32;
+        let outcome = match &detail {
+            Ok(instance) => format!("launched {instance}"),
+            Err(e) => format!("failed: {e}"),
+        };
         self.record(
             ActivityKind::Launch,
             cause.to_string(),
@@ -959,7 +1169,32 @@ impl GroupController {
             &member_id,
             (size, new_size),
         );
+        // The member is saved before its intent is marked done.
+        if self.save() {
+            self.finish_intent(&intent.key, now, &outcome);
+        }
         result.map(|_| ())
+    }
+
+    /// Writes an intent; false (logged, counted, decisions paused) if the store refuses.
+    fn write_intent(&mut self, intent: &Intent) -> bool {
+        match self.deps.store.begin_intent(intent) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(group = %self.config.name, error = %e, "Cannot write an intent; not calling the cloud.");
+                self.deps.metrics.store_error();
+                self.store_failing = true;
+                false
+            }
+        }
+    }
+
+    fn finish_intent(&mut self, key: &str, now: Millis, outcome: &str) {
+        if let Err(e) = self.deps.store.finish_intent(key, now, outcome) {
+            tracing::error!(group = %self.config.name, error = %e, "Cannot mark an intent done.");
+            self.deps.metrics.store_error();
+            self.store_failing = true;
+        }
     }
 
     /// Adds a member that waits for its first healthy check, telling ingest what its agent should check.
@@ -974,6 +1209,19 @@ impl GroupController {
     /// Out of the load balancer first, then terminated; `false` if the termination failed (the member
     /// stays, and a later pass tries again).
     async fn remove(&mut self, index: usize, cause: &str) -> bool {
+        let now = now_ms();
+        let intent = Intent {
+            key: format!("terminate-{}-{now}", self.members[index].id),
+            group: self.config.name.clone(),
+            kind: IntentKind::Terminate,
+            member_id: self.members[index].id.clone(),
+            instance_id: self.members[index].instance_id.clone(),
+            created_at: now,
+        };
+        // ebb terminates only what it launched; the intent is on disk before anything changes.
+        if !self.members[index].external && !self.write_intent(&intent) {
+            return false;
+        }
         let member = self.members.remove(index);
         let size = self.members.len() as u32;
         if member.state == MemberState::InService {
@@ -1018,9 +1266,13 @@ impl GroupController {
                     ..member
                 },
             );
+            self.finish_intent(&intent.key, now, "failed; kept, to try again");
             return false;
         }
         self.deps.ingest.unregister(&member.id).await;
+        if self.save() {
+            self.finish_intent(&intent.key, now, "terminated");
+        }
         true
     }
 
@@ -1184,6 +1436,7 @@ mod tests {
             ),
             explanations: ExplanationLog::new(3600),
             store: store.clone(),
+            cluster_id: "test".into(),
             collector_url: "https://127.0.0.1:7300".into(),
         };
         let (controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps).await.unwrap();
@@ -1672,13 +1925,12 @@ mod tests {
         let mut h = harness().await;
         let now = now_ms();
         h.controller.deps.store.refuse_writes(true);
-        h.controller.step(now).await;
-        // The launch happened before the write failed; the next steps decide nothing more.
-        let launched = h.provider.running().len();
         h.controller.desired = 3;
-        h.controller.step(now + 1000).await;
-        h.controller.step(now + 2000).await;
-        assert_eq!(h.provider.running().len(), launched);
+        for t in 0..3 {
+            h.controller.step(now + t * 1000).await;
+        }
+        // No launch without its intent on disk.
+        assert!(h.provider.calls().is_empty(), "{:?}", h.provider.calls());
         assert!(
             h.handle
                 .status()
@@ -1686,7 +1938,240 @@ mod tests {
                 .starts_with("paused: the store refuses writes")
         );
         h.controller.deps.store.refuse_writes(false);
-        h.controller.step(now + 3000).await;
-        assert_eq!(h.provider.running().len(), 3, "resumed once the store accepts writes");
+        // Resumed once the store accepts writes (after the failed launch's retry delay).
+        h.controller.step(now + LAUNCH_RETRY_MS + 3000).await;
+        assert_eq!(h.provider.running().len(), 3);
+    }
+
+    /// A launch the cloud carried out but the collector never recorded, as a crash between the two leaves it.
+    async fn interrupted_launch(store: &Store, provider: &FakeProvider, member_id: &str, now: Millis) {
+        let key = format!("{member_id}-{now}");
+        store
+            .begin_intent(&Intent {
+                key: key.clone(),
+                group: "web".into(),
+                kind: IntentKind::Launch,
+                member_id: member_id.into(),
+                instance_id: String::new(),
+                created_at: now,
+            })
+            .unwrap();
+        let spec = LaunchSpec {
+            group: "web".into(),
+            member_id: member_id.into(),
+            cluster_id: "test".into(),
+            launch_id: key,
+            service_port: 8080,
+            agent_config: String::new(),
+            user_data: String::new(),
+        };
+        provider.launch(&spec).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_a_launch_that_happened_is_adopted_not_repeated() {
+        let (store, provider) = (Arc::new(Store::in_memory()), FakeProvider::default());
+        let now = now_ms();
+        // The group's counter reached 1 before the crash; the cloud has web-1, the store does not.
+        store
+            .save_group(
+                "web",
+                &GroupRecord {
+                    desired: 1,
+                    launches: 1,
+                    ..GroupRecord::default()
+                },
+                &[],
+            )
+            .unwrap();
+        interrupted_launch(&store, &provider, "web-1", now - 5000).await;
+        let mut h = harness_on(|g| g, store.clone(), provider.clone(), FakeLoadBalancer::default()).await;
+        h.controller.step(now).await;
+        assert_eq!(provider.calls(), ["launch web-1"], "no second launch");
+        assert_eq!(h.handle.status().members[0].member.id, "web-1");
+        assert!(h.kinds().contains(&"adopt web-1".to_string()), "{:?}", h.kinds());
+        assert!(store.open_intents("web").unwrap().is_empty());
+        // The next launch takes a new id.
+        h.controller.desired = 2;
+        h.controller.step(now + 1000).await;
+        assert_eq!(provider.running(), ["web-1", "web-2"]);
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_a_launch_that_did_not_happen_is_dropped_and_capacity_reconciled() {
+        let (store, provider) = (Arc::new(Store::in_memory()), FakeProvider::default());
+        let now = now_ms();
+        store
+            .save_group(
+                "web",
+                &GroupRecord {
+                    desired: 1,
+                    launches: 1,
+                    ..GroupRecord::default()
+                },
+                &[],
+            )
+            .unwrap();
+        store
+            .begin_intent(&Intent {
+                key: "web-1-1".into(),
+                group: "web".into(),
+                kind: IntentKind::Launch,
+                member_id: "web-1".into(),
+                instance_id: String::new(),
+                created_at: now - 5000,
+            })
+            .unwrap();
+        let mut h = harness_on(|g| g, store.clone(), provider.clone(), FakeLoadBalancer::default()).await;
+        h.controller.step(now).await;
+        assert_eq!(
+            provider.running(),
+            ["web-2"],
+            "one launch for desired 1, under a new id"
+        );
+        assert!(store.open_intents("web").unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_an_interrupted_termination_is_finished() {
+        let (store, provider, lb) = (
+            Arc::new(Store::in_memory()),
+            FakeProvider::default(),
+            FakeLoadBalancer::default(),
+        );
+        let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb.clone()).await;
+        let now = now_ms();
+        h.controller.desired = 2;
+        h.controller.step(now).await;
+        let member = h.controller.members[1].clone();
+        drop(h);
+        // The collector decided web-2 goes, wrote its intent, and died before the call.
+        // Desired stays 2: only the intent, not a scale-in, can make web-2 go.
+        store
+            .save_group(
+                "web",
+                &GroupRecord {
+                    desired: 2,
+                    launches: 2,
+                    ..GroupRecord::default()
+                },
+                &[h_member(&store, "web-1"), member.clone()],
+            )
+            .unwrap();
+        store
+            .begin_intent(&Intent {
+                key: "terminate-web-2".into(),
+                group: "web".into(),
+                kind: IntentKind::Terminate,
+                member_id: member.id.clone(),
+                instance_id: member.instance_id.clone(),
+                created_at: now,
+            })
+            .unwrap();
+        let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb).await;
+        h.controller.step(now + 1000).await;
+        assert!(
+            provider.calls().contains(&format!("terminate {}", member.instance_id)),
+            "{:?}",
+            provider.calls()
+        );
+        assert_eq!(
+            provider.running(),
+            ["web-1", "web-3"],
+            "finished, then refilled to desired"
+        );
+        assert!(store.open_intents("web").unwrap().is_empty());
+    }
+
+    /// The stored record of `id`, as the previous run saved it.
+    fn h_member(store: &Store, id: &str) -> Member {
+        store
+            .load_group("web")
+            .unwrap()
+            .unwrap()
+            .1
+            .into_iter()
+            .find(|m| m.id == id)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn orphans_are_reported_then_terminated_after_their_grace() {
+        let (store, provider) = (Arc::new(Store::in_memory()), FakeProvider::default());
+        let now = now_ms();
+        // Tagged for the group, launched by nobody the store knows (no intent either).
+        let spec = LaunchSpec {
+            group: "web".into(),
+            member_id: "web-77".into(),
+            cluster_id: "test".into(),
+            launch_id: "web-77-1".into(),
+            service_port: 8080,
+            agent_config: String::new(),
+            user_data: String::new(),
+        };
+        provider.launch(&spec).await.unwrap();
+        let edit = |g: String| {
+            g.replace(
+                "cooldown_secs = 0",
+                "cooldown_secs = 0\norphan_grace_secs = 30\nreconcile_interval_secs = 10",
+            )
+        };
+        let mut h = harness_on(edit, store, provider.clone(), FakeLoadBalancer::default()).await;
+        h.controller.step(now).await;
+        assert!(h.kinds().contains(&"orphan web-77".to_string()), "{:?}", h.kinds());
+        assert!(
+            provider.running().contains(&"web-77".to_string()),
+            "not before its grace"
+        );
+        h.controller.step(now + 20_000).await;
+        assert!(provider.running().contains(&"web-77".to_string()));
+        h.controller.step(now + 31_000).await;
+        assert!(
+            !provider.running().contains(&"web-77".to_string()),
+            "{:?}",
+            provider.running()
+        );
+        assert_eq!(
+            h.kinds().iter().filter(|k| k.as_str() == "orphan web-77").count(),
+            1,
+            "reported once"
+        );
+    }
+
+    #[tokio::test]
+    async fn orphans_are_only_reported_when_so_configured() {
+        let (store, provider) = (Arc::new(Store::in_memory()), FakeProvider::default());
+        interrupted_launch(&store, &provider, "stray-1", 0).await;
+        store.finish_intent("stray-1-0", 1, "test").unwrap();
+        let edit = |g: String| {
+            g.replace(
+                "cooldown_secs = 0",
+                "cooldown_secs = 0\norphan_grace_secs = 0\nterminate_orphans = false",
+            )
+        };
+        let mut h = harness_on(edit, store, provider.clone(), FakeLoadBalancer::default()).await;
+        h.controller.step(now_ms()).await;
+        assert!(provider.running().contains(&"stray-1".to_string()));
+        assert!(h.kinds().contains(&"orphan stray-1".to_string()), "{:?}", h.kinds());
+    }
+
+    #[tokio::test]
+    async fn a_load_balancer_membership_removed_by_hand_is_restored() {
+        let edit = |g: String| g.replace("cooldown_secs = 0", "cooldown_secs = 0\nreconcile_interval_secs = 10");
+        let mut h = harness_with(edit).await;
+        let now = now_ms();
+        h.controller.step(now).await;
+        report_span(&mut h, &[("web-1", true)], now + 100, now + 1100).await;
+        h.controller.step(now + 1200).await;
+        assert_eq!(h.lb.registered(), ["web-1"]);
+        h.lb.deregister("web-1").await.unwrap();
+        h.controller.step(now + 11_000).await;
+        assert_eq!(h.lb.registered(), ["web-1"]);
+        let restored = h.activities.newest("web", 1).remove(0);
+        assert!(
+            restored.cause.contains("removed outside ebb; restored"),
+            "{}",
+            restored.cause
+        );
     }
 }

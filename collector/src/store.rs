@@ -18,7 +18,8 @@ use crate::pki::tokens::Token;
 use crate::reconcile::Member;
 
 /// Each entry brings the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE groups (
         name TEXT PRIMARY KEY,
@@ -67,7 +68,21 @@ const MIGRATIONS: &[&str] = &[r#"
         member_id TEXT NOT NULL
     );
     CREATE INDEX activities_at ON activities (at);
-"#];
+"#,
+    r#"
+    CREATE TABLE intents (
+        key TEXT PRIMARY KEY,
+        grp TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        member_id TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        done_at INTEGER,
+        outcome TEXT
+    );
+    CREATE INDEX intents_open ON intents (grp, done_at);
+"#,
+];
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -98,6 +113,35 @@ pub struct GroupRecord {
     pub last_scale_in: Option<Millis>,
     /// Launches so far; the next member id follows it.
     pub launches: u64,
+}
+
+/// A call that changes the cloud, written before it is made and marked done after: after a crash, an
+/// intent still open says what may or may not have happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    /// The idempotency key (a launch's `launch_id`).
+    pub key: String,
+    pub group: String,
+    pub kind: IntentKind,
+    pub member_id: String,
+    /// Empty for a launch.
+    pub instance_id: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntentKind {
+    Launch,
+    Terminate,
+}
+
+impl IntentKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            IntentKind::Launch => "launch",
+            IntentKind::Terminate => "terminate",
+        }
+    }
 }
 
 pub struct Store {
@@ -343,6 +387,67 @@ impl Store {
         })
     }
 
+    // The intent log.
+
+    pub fn begin_intent(&self, intent: &Intent) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO intents (key, grp, kind, member_id, instance_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    intent.key,
+                    intent.group,
+                    intent.kind.as_str(),
+                    intent.member_id,
+                    intent.instance_id,
+                    intent.created_at
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn finish_intent(&self, key: &str, at: Millis, outcome: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE intents SET done_at = ?2, outcome = ?3 WHERE key = ?1",
+                params![key, at, outcome],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The intents of `group` never marked done, oldest first.
+    pub fn open_intents(&self, group: &str) -> Result<Vec<Intent>, StoreError> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT key, grp, kind, member_id, instance_id, created_at FROM intents
+                 WHERE grp = ?1 AND done_at IS NULL ORDER BY created_at, key",
+            )?;
+            statement
+                .query_map([group], |r| {
+                    let kind: String = r.get(2)?;
+                    Ok(Intent {
+                        key: r.get(0)?,
+                        group: r.get(1)?,
+                        kind: if kind == "terminate" {
+                            IntentKind::Terminate
+                        } else {
+                            IntentKind::Launch
+                        },
+                        member_id: r.get(3)?,
+                        instance_id: r.get(4)?,
+                        created_at: r.get(5)?,
+                    })
+                })?
+                .collect()
+        })
+    }
+
+    /// Forgets intents done before `before`.
+    pub fn prune_intents(&self, before: Millis) -> Result<usize, StoreError> {
+        self.with(|c| c.execute("DELETE FROM intents WHERE done_at < ?1", [before]))
+    }
+
     // Activities.
 
     /// Saves an activity; returns its id.
@@ -573,6 +678,28 @@ mod tests {
         assert!(error.is_err());
         store.refuse_writes(false);
         assert_eq!(store.load_group("web").unwrap().unwrap().1, [member("web-1", false)]);
+    }
+
+    #[test]
+    fn intents_stay_open_until_marked_done() {
+        let store = Store::in_memory();
+        let intent = |key: &str, kind| Intent {
+            key: key.into(),
+            group: "web".into(),
+            kind,
+            member_id: "web-1".into(),
+            instance_id: String::new(),
+            created_at: 1,
+        };
+        store.begin_intent(&intent("web-1-1", IntentKind::Launch)).unwrap();
+        store.begin_intent(&intent("t-1", IntentKind::Terminate)).unwrap();
+        store.finish_intent("t-1", 2, "done").unwrap();
+        assert_eq!(
+            store.open_intents("web").unwrap(),
+            [intent("web-1-1", IntentKind::Launch)]
+        );
+        assert!(store.open_intents("db").unwrap().is_empty());
+        assert_eq!(store.prune_intents(3).unwrap(), 1);
     }
 
     #[test]

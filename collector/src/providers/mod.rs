@@ -33,6 +33,9 @@ pub struct LaunchSpec {
     pub group: String,
     /// ebb's name for the member, which its agent reports as.
     pub member_id: String,
+    /// The collector's identity: with the group and the launch id, the tags that let a restarted
+    /// collector find what it launched.
+    pub cluster_id: String,
     /// Unique per launch attempt; clouds that take an idempotency key get this.
     pub launch_id: String,
     /// The port the member serves on.

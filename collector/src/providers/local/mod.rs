@@ -321,6 +321,7 @@ mod tests {
 
     fn spec(member_id: &str) -> LaunchSpec {
         LaunchSpec {
+            cluster_id: "test".into(),
             group: "web".into(),
             member_id: member_id.into(),
             launch_id: format!("{member_id}-1"),
