@@ -1943,19 +1943,34 @@ mod tests {
         assert_eq!(h.provider.running().len(), 3);
     }
 
+    /// The intent a launch of `member_id` writes at `at`; returns its key.
+    fn launch_intent(store: &Store, member_id: &str, at: Millis) -> String {
+        let key = format!("{member_id}-{at}");
+        let intent = Intent {
+            key: key.clone(),
+            group: "web".into(),
+            kind: IntentKind::Launch,
+            member_id: member_id.into(),
+            instance_id: String::new(),
+            created_at: at,
+        };
+        store.begin_intent(&intent).unwrap();
+        key
+    }
+
+    /// The stored group had launched once and wanted one member.
+    fn one_launch_before_the_crash(store: &Store) {
+        let record = GroupRecord {
+            desired: 1,
+            launches: 1,
+            ..GroupRecord::default()
+        };
+        store.save_group("web", &record, &[]).unwrap();
+    }
+
     /// A launch the cloud carried out but the collector never recorded, as a crash between the two leaves it.
     async fn interrupted_launch(store: &Store, provider: &FakeProvider, member_id: &str, now: Millis) {
-        let key = format!("{member_id}-{now}");
-        store
-            .begin_intent(&Intent {
-                key: key.clone(),
-                group: "web".into(),
-                kind: IntentKind::Launch,
-                member_id: member_id.into(),
-                instance_id: String::new(),
-                created_at: now,
-            })
-            .unwrap();
+        let key = launch_intent(store, member_id, now);
         let spec = LaunchSpec {
             group: "web".into(),
             member_id: member_id.into(),
@@ -1973,17 +1988,7 @@ mod tests {
         let (store, provider) = (Arc::new(Store::in_memory()), FakeProvider::default());
         let now = now_ms();
         // The group's counter reached 1 before the crash; the cloud has web-1, the store does not.
-        store
-            .save_group(
-                "web",
-                &GroupRecord {
-                    desired: 1,
-                    launches: 1,
-                    ..GroupRecord::default()
-                },
-                &[],
-            )
-            .unwrap();
+        one_launch_before_the_crash(&store);
         interrupted_launch(&store, &provider, "web-1", now - 5000).await;
         let mut h = harness_on(|g| g, store.clone(), provider.clone(), FakeLoadBalancer::default()).await;
         h.controller.step(now).await;
@@ -2001,27 +2006,8 @@ mod tests {
     async fn after_a_crash_a_launch_that_did_not_happen_is_dropped_and_capacity_reconciled() {
         let (store, provider) = (Arc::new(Store::in_memory()), FakeProvider::default());
         let now = now_ms();
-        store
-            .save_group(
-                "web",
-                &GroupRecord {
-                    desired: 1,
-                    launches: 1,
-                    ..GroupRecord::default()
-                },
-                &[],
-            )
-            .unwrap();
-        store
-            .begin_intent(&Intent {
-                key: "web-1-1".into(),
-                group: "web".into(),
-                kind: IntentKind::Launch,
-                member_id: "web-1".into(),
-                instance_id: String::new(),
-                created_at: now - 5000,
-            })
-            .unwrap();
+        one_launch_before_the_crash(&store);
+        launch_intent(&store, "web-1", now - 5000);
         let mut h = harness_on(|g| g, store.clone(), provider.clone(), FakeLoadBalancer::default()).await;
         h.controller.step(now).await;
         assert_eq!(
