@@ -77,6 +77,12 @@ pub struct AgentConfig {
     /// (`queue_depth = "/run/app/queue_depth"`). Policies use them as `metric = "custom:queue_depth"`.
     #[serde(default)]
     pub custom_metrics: std::collections::BTreeMap<String, PathBuf>,
+    /// Run when the collector says this member is leaving (it is already out of the load balancer), e.g. to
+    /// finish queued work; the agent reports `drained` when it exits or after `pre_stop_timeout_secs`.
+    #[serde(default)]
+    pub pre_stop_command: Vec<String>,
+    #[serde(default = "default_pre_stop_timeout_secs")]
+    pub pre_stop_timeout_secs: u32,
     /// The file this came from, if any (the token is removed from it after enrolment).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -131,6 +137,9 @@ fn default_collector_url() -> String {
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/ebb")
+}
+fn default_pre_stop_timeout_secs() -> u32 {
+    60
 }
 fn default_interval_secs() -> u32 {
     1

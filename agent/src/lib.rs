@@ -10,6 +10,7 @@
 pub mod backoff;
 pub mod config;
 pub mod cpu;
+pub mod drain;
 pub mod health;
 pub mod identity;
 pub mod metadata;
@@ -34,6 +35,8 @@ use crate::outbox::Outbox;
 pub struct Settings {
     pub interval: Duration,
     pub health: Option<HealthTarget>,
+    /// The collector says this member is leaving.
+    pub drain: bool,
 }
 
 impl Settings {
@@ -49,6 +52,7 @@ impl Settings {
         Ok(Self {
             interval: Duration::from_secs(config.interval_secs.into()),
             health,
+            drain: false,
         })
     }
 }
@@ -64,7 +68,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let outbox = Arc::new(Mutex::new(Outbox::new(config.buffer_samples())));
     let (latest_tx, latest_rx) = watch::channel(0u64);
     let health = sampler::spawn_health_checker(settings_rx.clone());
-    let sampler = sampler::Sampler::new(&config)?;
+    let drained = drain::spawn(&config, settings_rx.clone());
+    let sampler = sampler::Sampler::new(&config)?.reporting_drained(drained);
     let sampling = tokio::spawn(sampler.run(settings_rx, health, outbox.clone(), latest_tx));
     let connection = stream::Connection::new(&config, identity, outbox, settings_tx);
     tokio::select! {

@@ -22,6 +22,7 @@ pub struct Sampler {
     meter: CpuMeter,
     started: Instant,
     custom_metrics: Vec<(String, PathBuf)>,
+    drained: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Sampler {
@@ -35,7 +36,13 @@ impl Sampler {
             meter: CpuMeter::default(),
             started: Instant::now(),
             custom_metrics: config.custom_metrics.clone().into_iter().collect(),
+            drained: Arc::default(),
         })
+    }
+
+    /// Samples report this flag as `drained` (see [`crate::drain`]).
+    pub fn reporting_drained(self, drained: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Self { drained, ..self }
     }
 
     /// Samples until the settings channel closes.
@@ -118,6 +125,7 @@ impl Sampler {
             mem_used_percent,
             health: Some(health),
             custom: self.read_custom_metrics(),
+            drained: self.drained.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 

@@ -165,6 +165,7 @@ impl Connection {
                 }
             }
         }
+        next.drain = wanted.drain;
         if next != current {
             tracing::info!(interval_secs = next.interval.as_secs(), health = ?next.health.as_ref().map(|h| &h.path), "Settings changed by the collector.");
             self.settings.send_replace(next);

@@ -48,10 +48,12 @@ pub enum ActivityKind {
     Adopt,
     /// An instance tagged for the group that no member owns.
     Orphan,
+    /// Out of the load balancer, finishing its requests before it goes.
+    Drain,
 }
 
 impl ActivityKind {
-    const ALL: [ActivityKind; 17] = [
+    const ALL: [ActivityKind; 18] = [
         ActivityKind::ScaleOut,
         ActivityKind::ScaleIn,
         ActivityKind::SetDesired,
@@ -69,6 +71,7 @@ impl ActivityKind {
         ActivityKind::Suspension,
         ActivityKind::Adopt,
         ActivityKind::Orphan,
+        ActivityKind::Drain,
     ];
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -94,6 +97,7 @@ impl ActivityKind {
             ActivityKind::Suspension => "suspension",
             ActivityKind::Adopt => "adopt",
             ActivityKind::Orphan => "orphan",
+            ActivityKind::Drain => "drain",
         }
     }
 }

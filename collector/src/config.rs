@@ -137,6 +137,10 @@ pub struct GroupConfig {
     /// Decide and explain, but never launch, terminate or change the load balancer.
     #[serde(default)]
     pub dry_run: bool,
+    /// A leaving member is out of the load balancer this long (its agent may report drained sooner)
+    /// before it is terminated: the deregistration delay.
+    #[serde(default = "default_drain_secs")]
+    pub drain_secs: u32,
     /// How often the provider's instances and the load balancer's members are compared with the group's.
     #[serde(default = "default_reconcile_interval_secs")]
     pub reconcile_interval_secs: u32,
@@ -565,6 +569,9 @@ fn default_instance_cpus() -> f64 {
 }
 fn default_stop_grace_secs() -> u32 {
     10
+}
+fn default_drain_secs() -> u32 {
+    30
 }
 fn default_reconcile_interval_secs() -> u32 {
     60

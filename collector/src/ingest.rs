@@ -116,6 +116,8 @@ pub struct LatestSample {
     pub cpu_busy_percent: Option<f64>,
     pub load1: f64,
     pub health: ebb_proto::v1::HealthCheck,
+    /// Told to drain, the agent has finished its pre-stop command.
+    pub drained: bool,
 }
 
 struct MemberRecord {
@@ -163,6 +165,7 @@ impl MemberRecord {
                 cpu_busy_percent: sample.cpu_busy_percent,
                 load1: sample.load1,
                 health: sample.health.clone().unwrap_or_default(),
+                drained: sample.drained,
             });
         }
     }

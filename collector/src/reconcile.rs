@@ -54,6 +54,8 @@ pub struct Member {
     pub unhealthy: bool,
     /// Unhealthy and being replaced: it goes once enough healthy members serve.
     pub replacing: bool,
+    /// Draining: terminated at this time, or sooner once its agent reports drained.
+    pub drain_until: Option<Millis>,
 }
 
 impl Member {
@@ -79,6 +81,7 @@ impl Member {
             external: false,
             unhealthy: false,
             replacing: false,
+            drain_until: None,
         }
     }
 }
@@ -312,7 +315,7 @@ impl GroupController {
             status,
         };
         for member in &controller.members {
-            let settings = controller.agent_settings(member.address);
+            let settings = controller.agent_settings(member);
             controller.deps.ingest.register(&member.id, settings).await;
         }
         controller.save();
@@ -567,9 +570,12 @@ impl GroupController {
             .collect()
     }
 
-    /// Members not being replaced: the ones that count toward desired capacity.
+    /// Members neither being replaced nor leaving: the ones that count toward desired capacity.
     fn live(&self) -> u32 {
-        self.members.iter().filter(|m| !m.replacing).count() as u32
+        self.members
+            .iter()
+            .filter(|m| !m.replacing && m.drain_until.is_none())
+            .count() as u32
     }
 
     /// Marks health changes; an unhealthy member leaves the load balancer and, if the group replaces
@@ -1044,8 +1050,9 @@ impl GroupController {
         }
     }
 
-    /// Launches or terminates until the group has `desired` members (not counting those being replaced),
-    /// at most `max_surge` launches in flight; replaced members go once enough healthy members serve.
+    /// Launches or drains until the group has `desired` members (not counting those being replaced or
+    /// leaving), at most `max_surge` launches in flight; replaced members go once enough healthy members
+    /// serve; drained members are terminated.
     async fn reconcile(&mut self, now: Millis, cause: &str) {
         while self.live() < self.desired && now >= self.next_launch_at {
             let in_flight = self
@@ -1067,10 +1074,9 @@ impl GroupController {
             .filter(|m| m.state == MemberState::InService && !m.unhealthy && !m.replacing)
             .count() as u32;
         if serving >= self.desired {
-            while let Some(index) = self.members.iter().position(|m| m.replacing) {
-                if !self.remove(index, "unhealthy, and its replacement is in service").await {
-                    break;
-                }
+            while let Some(index) = self.members.iter().position(|m| m.replacing && m.drain_until.is_none()) {
+                self.start_drain(index, "unhealthy, and its replacement is in service", now)
+                    .await;
             }
         }
         while self.live() > self.desired {
@@ -1078,7 +1084,7 @@ impl GroupController {
                 .member_inputs(Vec::new())
                 .into_iter()
                 .zip(&self.members)
-                .filter(|(_, m)| !m.replacing)
+                .filter(|(_, m)| !m.replacing && m.drain_until.is_none())
                 .map(|(input, _)| input)
                 .collect();
             let Some(victim) = self.engine.victims(&candidates, 1, now).pop() else {
@@ -1090,10 +1096,9 @@ impl GroupController {
                 .iter()
                 .position(|m| m.id == victim)
                 .expect("a victim is a member");
-            if !self.remove(index, cause).await {
-                break;
-            }
+            self.start_drain(index, cause, now).await;
         }
+        self.finish_drains(now).await;
     }
 
     async fn launch(&mut self, now: Millis, cause: &str) -> Result<(), CloudError> {
@@ -1115,7 +1120,8 @@ impl GroupController {
         }
         let size = self.members.len() as u32;
         // Allowed to report before the instance exists: its agent may be quicker than the launch call.
-        self.deps.ingest.register(&member_id, self.agent_settings(None)).await;
+        let settings = self.agent_settings(&Member::pending(&member_id, "", None, now));
+        self.deps.ingest.register(&member_id, settings).await;
         // This launch's own token: single use, bound to this member id.
         let authority = &self.deps.authority;
         let (token, _) = authority.tokens.create(
@@ -1201,7 +1207,7 @@ impl GroupController {
     async fn add_pending(&mut self, member: Member) {
         self.deps
             .ingest
-            .register(&member.id, self.agent_settings(member.address))
+            .register(&member.id, self.agent_settings(&member))
             .await;
         self.members.push(member);
     }
@@ -1225,14 +1231,7 @@ impl GroupController {
         let member = self.members.remove(index);
         let size = self.members.len() as u32;
         if member.state == MemberState::InService {
-            let result = self.deps.load_balancer.deregister(&member.id).await;
-            self.record(
-                ActivityKind::Deregister,
-                cause.to_string(),
-                result.map(|()| String::new()),
-                &member.id,
-                (size + 1, size),
-            );
+            self.leave_load_balancer(&member.id, cause, (size + 1, size)).await;
         }
         // Denied at once: its stream closes and its certificate no longer works.
         self.deps.authority.revoke_member(&member.id);
@@ -1276,13 +1275,73 @@ impl GroupController {
         true
     }
 
-    fn agent_settings(&self, address: Option<SocketAddr>) -> AgentSettings {
+    /// What `member`'s agent is told: its interval, its health check, and whether it is leaving.
+    fn agent_settings(&self, member: &Member) -> AgentSettings {
         AgentSettings {
             interval_secs: self.config.agent_interval_secs,
-            health_check_url: address
+            health_check_url: member
+                .address
                 .map(|a| format!("http://{a}{}", self.config.health_check.path))
                 .unwrap_or_default(),
             health_check_timeout_ms: self.config.health_check.timeout_ms,
+            drain: member.state == MemberState::Draining,
+        }
+    }
+
+    /// Takes a member out of the load balancer, recording why.
+    async fn leave_load_balancer(&self, member_id: &str, cause: &str, capacity: (u32, u32)) {
+        let result = self.deps.load_balancer.deregister(member_id).await;
+        self.record(
+            ActivityKind::Deregister,
+            cause.to_string(),
+            result.map(|()| String::new()),
+            member_id,
+            capacity,
+        );
+    }
+
+    /// The first step of leaving: out of the load balancer, the agent told to drain, terminated later by
+    /// [`Self::finish_drains`] at `drain_secs` or when the agent reports drained.
+    async fn start_drain(&mut self, index: usize, cause: &str, now: Millis) {
+        let member = self.members[index].clone();
+        if member.state == MemberState::InService {
+            self.leave_load_balancer(&member.id, cause, (self.desired, self.desired))
+                .await;
+        }
+        let until = now + Millis::from(self.config.drain_secs) * 1000;
+        self.members[index].state = MemberState::Draining;
+        self.members[index].drain_until = Some(until);
+        let settings = self.agent_settings(&self.members[index]);
+        self.deps.ingest.register(&member.id, settings).await;
+        self.record(
+            ActivityKind::Drain,
+            cause.to_string(),
+            Ok(format!("terminated within {} s", self.config.drain_secs)),
+            &member.id,
+            (self.desired, self.desired),
+        );
+        self.save();
+    }
+
+    /// Draining members whose agent reported drained, or whose time is up, go.
+    async fn finish_drains(&mut self, now: Millis) {
+        let drained = |c: &Self, i: usize| c.latest.get(i).cloned().flatten().is_some_and(|l| l.drained);
+        while let Some(index) = (0..self.members.len()).find(|&i| {
+            self.members[i]
+                .drain_until
+                .is_some_and(|until| now >= until || drained(self, i))
+        }) {
+            let cause = if drained(self, index) {
+                "drained: its agent finished"
+            } else {
+                "drain time is up"
+            };
+            if !self.remove(index, cause).await {
+                break;
+            }
+            if index < self.latest.len() {
+                self.latest.remove(index);
+            }
         }
     }
 
@@ -1378,6 +1437,7 @@ mod tests {
         max_size = 3
         cooldown_secs = 0
         warmup_secs = 0
+        drain_secs = 0
         member_port = 8080
         [groups.provider]
         type = "local"
@@ -1454,6 +1514,18 @@ mod tests {
     impl Harness {
         /// One sample from `member` at `at` with this CPU and health.
         async fn report(&mut self, member: &str, at: Millis, cpu: f64, healthy: bool) {
+            self.report_sample(member, at, cpu, healthy, false).await;
+        }
+
+        /// A sample that may say the agent has drained; returns the settings the agent is sent back.
+        async fn report_sample(
+            &mut self,
+            member: &str,
+            at: Millis,
+            cpu: f64,
+            healthy: bool,
+            drained: bool,
+        ) -> Option<AgentSettings> {
             self.seq += 1;
             let hello = Hello {
                 member_id: member.into(),
@@ -1474,9 +1546,10 @@ mod tests {
                     status: status as i32,
                     ..HealthCheck::default()
                 }),
+                drained,
                 ..Sample::default()
             };
-            self.ingest.batch(member, 1, vec![sample], at).await.unwrap();
+            self.ingest.batch(member, 1, vec![sample], at).await.unwrap().settings
         }
 
         fn kinds(&self) -> Vec<String> {
@@ -2159,5 +2232,50 @@ mod tests {
             "{}",
             restored.cause
         );
+    }
+
+    /// Two members in service, then an operator scales to one: web-2 starts leaving.
+    async fn two_in_service_then_one(h: &mut Harness, now: Millis) {
+        h.controller.desired = 2;
+        h.controller.step(now).await;
+        report_span(h, &[("web-1", true), ("web-2", true)], now + 100, now + 1100).await;
+        h.controller.step(now + 1200).await;
+        send(h, |reply| Command::SetDesired { desired: 1, reply }).await;
+    }
+
+    #[tokio::test]
+    async fn scale_in_drains_before_it_terminates_and_the_agent_is_told() {
+        let mut h = harness_with(|g| g.replace("drain_secs = 0", "drain_secs = 30")).await;
+        let now = now_ms();
+        two_in_service_then_one(&mut h, now).await;
+        // Out of the load balancer at once, still running.
+        assert_eq!(h.lb.registered(), ["web-1"]);
+        assert_eq!(h.provider.running(), ["web-1", "web-2"]);
+        assert_eq!(h.handle.status().members[1].member.state_name(), "draining");
+        let settings = h.report_sample("web-2", now + 1300, 1.0, true, false).await.unwrap();
+        assert!(settings.drain, "the agent is told to drain");
+        // It does not count toward capacity: nothing is launched in its place.
+        h.controller.step(now + 2000).await;
+        assert_eq!(h.provider.running(), ["web-1", "web-2"]);
+        // At the deadline it goes.
+        h.controller.step(now + 1300 + 30_000).await;
+        assert_eq!(h.provider.running(), ["web-1"]);
+        let terminate = h.activities.newest("web", 1).remove(0);
+        assert_eq!(
+            (terminate.kind, terminate.cause.as_str()),
+            (ActivityKind::Terminate, "drain time is up")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drained_agent_lets_its_member_go_before_the_deadline() {
+        let mut h = harness_with(|g| g.replace("drain_secs = 0", "drain_secs = 300")).await;
+        let now = now_ms();
+        two_in_service_then_one(&mut h, now).await;
+        h.report_sample("web-2", now + 2000, 1.0, true, true).await;
+        h.controller.step(now + 2100).await;
+        assert_eq!(h.provider.running(), ["web-1"]);
+        let terminate = h.activities.newest("web", 1).remove(0);
+        assert_eq!(terminate.cause, "drained: its agent finished");
     }
 }

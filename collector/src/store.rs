@@ -82,6 +82,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX intents_open ON intents (grp, done_at);
 "#,
+    r#"
+    ALTER TABLE members ADD COLUMN drain_until INTEGER;
+"#,
 ];
 
 #[derive(Debug, Error)]
@@ -232,8 +235,8 @@ impl Store {
             tx.execute("DELETE FROM members WHERE grp = ?1", [name])?;
             for m in members {
                 tx.execute(
-                    "INSERT INTO members (id, grp, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    "INSERT INTO members (id, grp, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                     params![
                         m.id,
                         name,
@@ -245,7 +248,8 @@ impl Store {
                         m.protected,
                         m.external,
                         m.unhealthy,
-                        m.replacing
+                        m.replacing,
+                        m.drain_until
                     ],
                 )?;
             }
@@ -277,7 +281,7 @@ impl Store {
                 return Ok(None);
             };
             let mut statement = c.prepare(
-                "SELECT id, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing
+                "SELECT id, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until
                  FROM members WHERE grp = ?1 ORDER BY rowid",
             )?;
             let members = statement
@@ -299,6 +303,7 @@ impl Store {
                         external: r.get(7)?,
                         unhealthy: r.get(8)?,
                         replacing: r.get(9)?,
+                        drain_until: r.get(10)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -565,6 +570,7 @@ mod tests {
             external: false,
             unhealthy: false,
             replacing: false,
+            drain_until: None,
         }
     }
 

@@ -69,6 +69,9 @@ pub struct Sample {
     /// names are lowercase letters, digits and `_`.
     #[prost(map = "string, double", tag = "13")]
     pub custom: ::std::collections::HashMap<::prost::alloc::string::String, f64>,
+    /// Told to drain, the agent has finished its pre-stop command (or has none): the member may go.
+    #[prost(bool, tag = "14")]
+    pub drained: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HealthCheck {
@@ -170,6 +173,10 @@ pub struct AgentSettings {
     pub health_check_url: ::prost::alloc::string::String,
     #[prost(uint32, tag = "3")]
     pub health_check_timeout_ms: u32,
+    /// The member is leaving: it is out of the load balancer; the agent runs its pre-stop command, if any,
+    /// then reports `drained`.
+    #[prost(bool, tag = "4")]
+    pub drain: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct EnrollRequest {
