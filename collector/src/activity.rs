@@ -50,10 +50,12 @@ pub enum ActivityKind {
     Orphan,
     /// Out of the load balancer, finishing its requests before it goes.
     Drain,
+    /// The configuration was reloaded.
+    Reconfigure,
 }
 
 impl ActivityKind {
-    const ALL: [ActivityKind; 18] = [
+    const ALL: [ActivityKind; 19] = [
         ActivityKind::ScaleOut,
         ActivityKind::ScaleIn,
         ActivityKind::SetDesired,
@@ -72,6 +74,7 @@ impl ActivityKind {
         ActivityKind::Adopt,
         ActivityKind::Orphan,
         ActivityKind::Drain,
+        ActivityKind::Reconfigure,
     ];
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -98,6 +101,7 @@ impl ActivityKind {
             ActivityKind::Adopt => "adopt",
             ActivityKind::Orphan => "orphan",
             ActivityKind::Drain => "drain",
+            ActivityKind::Reconfigure => "reconfigure",
         }
     }
 }

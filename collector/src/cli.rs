@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use ebb_proto::v1::admin_client::AdminClient;
 use ebb_proto::v1::{
     CreateTokenRequest, ExplainRequest, ListActivitiesRequest, ListGroupsRequest, ListMembersRequest,
-    ListTokensRequest, RevokeMemberRequest, RevokeTokenRequest, SetDesiredCapacityRequest, SetSuspendedRequest,
+    ListTokensRequest, ReloadRequest, RevokeMemberRequest, RevokeTokenRequest, SetDesiredCapacityRequest,
+    SetSuspendedRequest,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -220,6 +221,8 @@ pub enum Command {
     Suspend { group: String },
     /// Resume a suspended group's scaling.
     Resume { group: String },
+    /// Re-read the configuration file and apply it to the running groups (as SIGHUP does).
+    Reload,
     /// The collector's certificate authority.
     Ca {
         #[command(subcommand)]
@@ -469,6 +472,15 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 })
                 .await?;
             println!("{group}: scaling suspended; `ebb-collector resume {group}` resumes it");
+        }
+        Command::Reload => {
+            let changes = client.reload(ReloadRequest {}).await?.into_inner().changes;
+            if changes.is_empty() {
+                println!("reloaded: nothing changed");
+            }
+            for change in changes {
+                println!("reloaded: {change}");
+            }
         }
         Command::Resume { group } => {
             client

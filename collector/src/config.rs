@@ -43,6 +43,9 @@ pub struct CollectorConfig {
     pub server: ServerConfig,
     #[serde(default)]
     pub groups: Vec<GroupConfig>,
+    /// The file this came from, for `reload`.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -613,7 +616,9 @@ pub fn load(path: &Path) -> Result<CollectorConfig, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(path, &text)
+    let mut config = parse(path, &text)?;
+    config.source = Some(path.to_path_buf());
+    Ok(config)
 }
 
 /// Parses and validates configuration text; `path` only names it in errors.

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pki;
 pub mod providers;
 pub mod reconcile;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod tls;
@@ -48,6 +49,7 @@ use crate::pki::{Authority, Pki};
 use crate::providers::Provider;
 use crate::providers::local::LocalProvider;
 use crate::reconcile::{Dependencies, GroupController, GroupHandle};
+use crate::reload::Reloader;
 use crate::store::Store;
 
 /// Samples are kept at least this long, and as long as the furthest-looking policy needs plus a minute.
@@ -67,6 +69,8 @@ pub struct Collector {
     pub state_dir: std::path::PathBuf,
     pub http_address: SocketAddr,
     pub groups: BTreeMap<String, GroupHandle>,
+    /// `reload` and SIGHUP.
+    pub reloader: Arc<Reloader>,
     /// The built-in load balancers' front addresses, by group.
     pub load_balancer_fronts: BTreeMap<String, SocketAddr>,
     pub activities: ActivityLog,
@@ -136,6 +140,7 @@ impl Collector {
         let mut groups = BTreeMap::new();
         let mut load_balancer_fronts = BTreeMap::new();
         let mut controllers = Vec::new();
+        let running = config.clone();
         for group in config.groups {
             let provider: Arc<dyn Provider> = match &group.provider {
                 ProviderConfig::Local(local) => Arc::new(
@@ -182,6 +187,7 @@ impl Collector {
             groups: groups.clone(),
         })
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
+        let reloader = Arc::new(Reloader::new(running, groups.clone()));
         let admin_service = tonic::service::interceptor::InterceptedService::new(
             AdminServer::new(server::AdminService {
                 groups: groups.clone(),
@@ -189,6 +195,7 @@ impl Collector {
                 explanations: explanations.clone(),
                 authority: authority.clone(),
                 ingest: ingest.clone(),
+                reloader: reloader.clone(),
             })
             .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
             server::require_admin(authority.clone(), metrics.clone()),
@@ -251,6 +258,7 @@ impl Collector {
             state_dir: config.server.state_dir.clone(),
             http_address,
             groups,
+            reloader,
             load_balancer_fronts,
             activities,
             metrics,

@@ -26,7 +26,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Serve { config } => {
             let config = config::load(&config)?;
             let collector = Collector::start(config).await?;
-            shutdown_signal().await;
+            serve_until_stopped(&collector).await;
             tracing::info!("Stopping: no new evaluations; stopping local instances.");
             collector.shutdown().await;
             Ok(true)
@@ -56,12 +56,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     }
 }
 
-async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// Until SIGINT or SIGTERM; SIGHUP reloads the configuration.
+async fn serve_until_stopped(collector: &Collector) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = terminate.recv() => return,
+            _ = hangup.recv() => match collector.reloader.reload().await {
+                Ok(changes) => tracing::info!(changes = ?changes, "SIGHUP: reloaded the configuration."),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: the configuration was not reloaded."),
+            },
+        }
     }
 }
 

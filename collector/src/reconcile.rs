@@ -144,6 +144,11 @@ pub enum Command {
         suspended: bool,
         reply: oneshot::Sender<()>,
     },
+    /// The group's new settings from a reloaded configuration (same provider and load balancer).
+    Reconfigure {
+        config: Box<GroupConfig>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The handle the rest of the collector keeps for a group.
@@ -190,6 +195,21 @@ impl GroupHandle {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::SetSuspended { suspended, reply })
+            .await
+            .map_err(|_| "the group's controller has stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the group's controller has stopped".to_string())
+    }
+
+    /// Applies a reloaded configuration's settings for this group; its members are not touched.
+    pub async fn reconfigure(&self, config: GroupConfig) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Reconfigure {
+                config: Box::new(config),
+                reply,
+            })
             .await
             .map_err(|_| "the group's controller has stopped".to_string())?;
         answer
@@ -411,6 +431,11 @@ impl GroupController {
                 }
                 self.refresh_status().await;
             }
+            Command::Reconfigure { config, reply } => {
+                self.reconfigure(*config).await;
+                self.refresh_status().await;
+                let _ = reply.send(());
+            }
             Command::SetSuspended { suspended, reply } => {
                 if self.suspended != suspended {
                     self.suspended = suspended;
@@ -501,6 +526,28 @@ impl GroupController {
             (from, self.desired),
         );
         Ok(member_id)
+    }
+
+    /// New limits, policies, schedules and health rules at once; members stay as they are, their agents
+    /// get the new interval and health check.
+    async fn reconfigure(&mut self, config: GroupConfig) {
+        self.engine = config.engine();
+        self.schedules = config.scheduled_actions();
+        (self.min_size, self.max_size) = (config.min_size, config.max_size);
+        let from = self.desired;
+        self.desired = self.desired.clamp(self.min_size, self.max_size);
+        self.config = config;
+        for member in &self.members {
+            let settings = self.agent_settings(member);
+            self.deps.ingest.register(&member.id, settings).await;
+        }
+        self.record(
+            ActivityKind::Reconfigure,
+            "the configuration was reloaded".into(),
+            Ok(format!("min_size..max_size {}..{}", self.min_size, self.max_size)),
+            "",
+            (from, self.desired),
+        );
     }
 
     /// One evaluation: schedules, lost instances, health, decision, reconciliation, status.

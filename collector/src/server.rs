@@ -12,10 +12,10 @@ use ebb_proto::v1::telemetry_server::Telemetry;
 use ebb_proto::v1::{
     Ack, CreateTokenRequest, CreateTokenResponse, EnrollRequest, EnrollResponse, ExplainRequest, ExplainResponse,
     Explanation, JoinToken, ListActivitiesRequest, ListActivitiesResponse, ListGroupsRequest, ListGroupsResponse,
-    ListMembersRequest, ListMembersResponse, ListTokensRequest, ListTokensResponse, RenewRequest, RenewResponse,
-    ReportRequest, ReportResponse, RevokeMemberRequest, RevokeMemberResponse, RevokeTokenRequest, RevokeTokenResponse,
-    SetDesiredCapacityRequest, SetDesiredCapacityResponse, SetSuspendedRequest, SetSuspendedResponse, report_request,
-    report_response,
+    ListMembersRequest, ListMembersResponse, ListTokensRequest, ListTokensResponse, ReloadRequest, ReloadResponse,
+    RenewRequest, RenewResponse, ReportRequest, ReportResponse, RevokeMemberRequest, RevokeMemberResponse,
+    RevokeTokenRequest, RevokeTokenResponse, SetDesiredCapacityRequest, SetDesiredCapacityResponse,
+    SetSuspendedRequest, SetSuspendedResponse, report_request, report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -361,6 +361,7 @@ pub struct AdminService {
     pub groups: BTreeMap<String, GroupHandle>,
     pub activities: ActivityLog,
     pub explanations: crate::explain::ExplanationLog,
+    pub reloader: Arc<crate::reload::Reloader>,
     pub authority: Arc<Authority>,
     pub ingest: IngestHandle,
 }
@@ -570,6 +571,12 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(ExplainResponse { explanations }))
+    }
+
+    async fn reload(&self, _request: Request<ReloadRequest>) -> Result<Response<ReloadResponse>, Status> {
+        let changes = self.reloader.reload().await.map_err(Status::failed_precondition)?;
+        tracing::info!(changes = ?changes, "Reloaded the configuration.");
+        Ok(Response::new(ReloadResponse { changes }))
     }
 
     async fn set_suspended(

@@ -218,6 +218,36 @@ fn serve_with_enrolled_members_admin_commands_metrics_and_a_clean_stop() {
         text.contains("suspension") && text.contains("an operator resumed scaling"),
         "{text}"
     );
+
+    // Live reload: a new max_size applies at once, members untouched; a broken file is refused.
+    std::fs::write(&config_path, config.replacen("max_size = 4", "max_size = 6", 1)).unwrap();
+    let (ok, text) = admin(&server, &state, &["reload"]);
+    assert!(
+        ok && text.contains("reloaded: web: min_size..max_size 1..4 → 1..6"),
+        "{text}"
+    );
+    let (_, text) = admin(&server, &state, &["groups"]);
+    assert!(
+        text.lines().any(|l| l.starts_with("web ") && l.contains(" 6 ")),
+        "{text}"
+    );
+    assert_eq!(in_service(&server, &state), 3, "members are not touched");
+    std::fs::write(&config_path, config.replacen("max_size = 4", "max_size = 0", 1)).unwrap();
+    let (ok, text) = admin(&server, &state, &["reload"]);
+    assert!(
+        !ok && text.contains("min_size") && text.contains("running configuration is kept"),
+        "{text}"
+    );
+    // SIGHUP does the same as `reload`.
+    std::fs::write(&config_path, config.replacen("max_size = 4", "max_size = 5", 1)).unwrap();
+    nix::sys::signal::kill(collector.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || admin(&server, &state, &["groups"])
+            .1
+            .lines()
+            .any(|l| l.starts_with("web ") && l.contains(" 5 "))),
+        "SIGHUP reloads"
+    );
     // The same over the Admin API's Unix socket in the state directory, the default.
     let (ok, text) = admin("", &state, &["groups"]);
     assert!(
