@@ -217,10 +217,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop a group's scaling: nothing is decided, launched or terminated until `resume`.
-    Suspend { group: String },
-    /// Resume a suspended group's scaling.
-    Resume { group: String },
+    /// Suspend a group's processes until `resume`: all of them, or those named with --process (decide,
+    /// launch, terminate, replace_unhealthy, scheduled_actions, add_to_load_balancer).
+    Suspend {
+        group: String,
+        #[arg(long = "process")]
+        processes: Vec<String>,
+    },
+    /// Resume a group's suspended processes: all of them, or those named with --process.
+    Resume {
+        group: String,
+        #[arg(long = "process")]
+        processes: Vec<String>,
+    },
     /// Re-read the configuration file and apply it to the running groups (as SIGHUP does).
     Reload,
     /// The collector's certificate authority.
@@ -323,6 +332,30 @@ pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<(
             }
         }
         _ => unreachable!("not a local command"),
+    }
+    Ok(())
+}
+
+/// Suspends or resumes processes of `group` and says which are suspended now.
+async fn suspension(
+    client: &mut AdminClient<Channel>,
+    group: String,
+    processes: Vec<String>,
+    suspended: bool,
+) -> anyhow::Result<()> {
+    let request = SetSuspendedRequest {
+        group: group.clone(),
+        suspended,
+        processes,
+    };
+    let now = client.set_suspended(request).await?.into_inner().suspended;
+    if now.is_empty() {
+        println!("{group}: every process runs");
+    } else {
+        println!(
+            "{group}: suspended: {}; `ebb-collector resume {group}` resumes them",
+            now.join(", ")
+        );
     }
     Ok(())
 }
@@ -464,15 +497,6 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 println!("{span}{dry}\n  {}\n", e.text.replace('\n', "\n  "));
             }
         }
-        Command::Suspend { group } => {
-            client
-                .set_suspended(SetSuspendedRequest {
-                    group: group.clone(),
-                    suspended: true,
-                })
-                .await?;
-            println!("{group}: scaling suspended; `ebb-collector resume {group}` resumes it");
-        }
         Command::Reload => {
             let changes = client.reload(ReloadRequest {}).await?.into_inner().changes;
             if changes.is_empty() {
@@ -482,15 +506,8 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 println!("reloaded: {change}");
             }
         }
-        Command::Resume { group } => {
-            client
-                .set_suspended(SetSuspendedRequest {
-                    group: group.clone(),
-                    suspended: false,
-                })
-                .await?;
-            println!("{group}: scaling resumed");
-        }
+        Command::Suspend { group, processes } => suspension(&mut client, group, processes, true).await?,
+        Command::Resume { group, processes } => suspension(&mut client, group, processes, false).await?,
         Command::Scale { group, to } => {
             let response = client
                 .set_desired_capacity(SetDesiredCapacityRequest {

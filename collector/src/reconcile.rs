@@ -37,6 +37,73 @@ const STATUS_WINDOW_MS: Millis = 10_000;
 /// After a failed launch, the next attempt waits this long.
 const LAUNCH_RETRY_MS: Millis = 10_000;
 
+/// What an operator can suspend in a group, each on its own (EC2's scaling processes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Process {
+    /// Scaling decisions (the engine holds with `suspended`).
+    Decide,
+    Launch,
+    /// Scale-in: draining and terminating.
+    Terminate,
+    ReplaceUnhealthy,
+    ScheduledActions,
+    /// Putting healthy new members behind the load balancer.
+    AddToLoadBalancer,
+}
+
+impl Process {
+    pub const ALL: [Process; 6] = [
+        Process::Decide,
+        Process::Launch,
+        Process::Terminate,
+        Process::ReplaceUnhealthy,
+        Process::ScheduledActions,
+        Process::AddToLoadBalancer,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Process::Decide => "decide",
+            Process::Launch => "launch",
+            Process::Terminate => "terminate",
+            Process::ReplaceUnhealthy => "replace_unhealthy",
+            Process::ScheduledActions => "scheduled_actions",
+            Process::AddToLoadBalancer => "add_to_load_balancer",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|p| p.name()).collect();
+            format!("no process named `{name}`; the processes are: {}", names.join(", "))
+        })
+    }
+}
+
+/// A set of suspended processes, kept in the store as bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Suspended(pub u32);
+
+impl Suspended {
+    pub const ALL: Suspended = Suspended((1 << Process::ALL.len()) - 1);
+
+    pub fn of(processes: &[Process]) -> Self {
+        Suspended(processes.iter().fold(0, |bits, p| bits | 1 << *p as u32))
+    }
+
+    pub fn has(self, process: Process) -> bool {
+        self.0 & (1 << process as u32) != 0
+    }
+
+    pub fn names(self) -> Vec<&'static str> {
+        Process::ALL
+            .into_iter()
+            .filter(|p| self.has(*p))
+            .map(Process::name)
+            .collect()
+    }
+}
+
 /// A member of a group, as its controller keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
@@ -138,11 +205,11 @@ pub enum Command {
     },
     /// Its enrolment failed after joining.
     LeaveExternal { member_id: String },
-    /// An operator suspends or resumes scaling: while suspended nothing is decided, launched or
-    /// terminated.
+    /// An operator suspends (or resumes) some of the group's processes; replies with those suspended now.
     SetSuspended {
-        suspended: bool,
-        reply: oneshot::Sender<()>,
+        processes: Suspended,
+        suspend: bool,
+        reply: oneshot::Sender<Suspended>,
     },
     /// The group's new settings from a reloaded configuration (same provider and load balancer).
     Reconfigure {
@@ -191,10 +258,15 @@ impl GroupHandle {
             .map_err(|_| "the group's controller has stopped".to_string())?
     }
 
-    pub async fn set_suspended(&self, suspended: bool) -> Result<(), String> {
+    /// Suspends or resumes `processes`; the processes suspended afterwards.
+    pub async fn set_suspended(&self, processes: Suspended, suspend: bool) -> Result<Suspended, String> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::SetSuspended { suspended, reply })
+            .send(Command::SetSuspended {
+                processes,
+                suspend,
+                reply,
+            })
             .await
             .map_err(|_| "the group's controller has stopped".to_string())?;
         answer
@@ -259,7 +331,7 @@ pub struct GroupController {
     schedules: Vec<ScheduledAction>,
     /// Scheduled actions due up to this time have run.
     schedules_checked: Option<Millis>,
-    suspended: bool,
+    suspended: Suspended,
     /// Settings already warned about as shorter than the group's boot time.
     warned: std::collections::HashSet<&'static str>,
     members: Vec<Member>,
@@ -318,7 +390,7 @@ impl GroupController {
             changes: Vec::new(),
             schedules,
             schedules_checked: None,
-            suspended: saved.suspended,
+            suspended: Suspended(saved.suspended),
             warned: Default::default(),
             members,
             launches: saved.launches,
@@ -353,7 +425,7 @@ impl GroupController {
             min_size: self.min_size,
             max_size: self.max_size,
             desired: self.desired,
-            suspended: self.suspended,
+            suspended: self.suspended.0,
             last_scale_out: self.last_scale_out,
             last_scale_in: self.last_scale_in,
             launches: self.launches,
@@ -436,23 +508,32 @@ impl GroupController {
                 self.refresh_status().await;
                 let _ = reply.send(());
             }
-            Command::SetSuspended { suspended, reply } => {
-                if self.suspended != suspended {
-                    self.suspended = suspended;
-                    let cause = if suspended {
-                        "an operator suspended scaling: nothing is decided, launched or terminated"
-                    } else {
-                        "an operator resumed scaling"
+            Command::SetSuspended {
+                processes,
+                suspend,
+                reply,
+            } => {
+                let next = if suspend {
+                    Suspended(self.suspended.0 | processes.0)
+                } else {
+                    Suspended(self.suspended.0 & !processes.0)
+                };
+                if next != self.suspended {
+                    self.suspended = next;
+                    let verb = if suspend { "suspended" } else { "resumed" };
+                    let now_suspended = match next.names() {
+                        names if names.is_empty() => "none".to_string(),
+                        names => names.join(", "),
                     };
                     self.record(
                         ActivityKind::Suspension,
-                        cause.into(),
-                        Ok(String::new()),
+                        format!("an operator {verb} {}", processes.names().join(", ")),
+                        Ok(format!("suspended now: {now_suspended}")),
                         "",
                         (self.desired, self.desired),
                     );
                 }
-                let _ = reply.send(());
+                let _ = reply.send(self.suspended);
             }
         }
     }
@@ -579,7 +660,7 @@ impl GroupController {
             desired: self.desired,
             last_scale_out: self.last_scale_out,
             last_scale_in: self.last_scale_in,
-            suspended: self.suspended,
+            suspended: self.suspended.has(Process::Decide),
             members: self.member_inputs(means),
             recommendations: self.recommendations.clone(),
             changes: self.changes.clone(),
@@ -590,7 +671,7 @@ impl GroupController {
         self.deps
             .explanations
             .record(&self.config.name, evaluation, self.config.dry_run);
-        if !self.config.dry_run && !self.suspended {
+        if !self.config.dry_run {
             self.reconcile(now, &cause).await;
         }
         self.save();
@@ -685,6 +766,9 @@ impl GroupController {
         if dry_run {
             return;
         }
+        if self.suspended.has(Process::ReplaceUnhealthy) {
+            return;
+        }
         for id in &evaluation.replace {
             if let Some(member) = self.members.iter_mut().find(|m| &m.id == id && !m.replacing) {
                 member.replacing = true;
@@ -734,6 +818,9 @@ impl GroupController {
         let Some(checked) = self.schedules_checked.replace(now) else {
             return;
         };
+        if self.suspended.has(Process::ScheduledActions) {
+            return;
+        }
         let due: Vec<ScheduledAction> = self
             .schedules
             .iter()
@@ -1066,6 +1153,9 @@ impl GroupController {
             else {
                 continue;
             };
+            if self.suspended.has(Process::AddToLoadBalancer) {
+                continue;
+            }
             let (took, external) = (now - member.launched_at, member.external);
             let id = member.id.clone();
             // A dry run counts the member in service but leaves the load balancer alone.
@@ -1101,7 +1191,7 @@ impl GroupController {
     /// leaving), at most `max_surge` launches in flight; replaced members go once enough healthy members
     /// serve; drained members are terminated.
     async fn reconcile(&mut self, now: Millis, cause: &str) {
-        while self.live() < self.desired && now >= self.next_launch_at {
+        while self.live() < self.desired && now >= self.next_launch_at && !self.suspended.has(Process::Launch) {
             let in_flight = self
                 .members
                 .iter()
@@ -1120,6 +1210,9 @@ impl GroupController {
             .iter()
             .filter(|m| m.state == MemberState::InService && !m.unhealthy && !m.replacing)
             .count() as u32;
+        if self.suspended.has(Process::Terminate) {
+            return;
+        }
         if serving >= self.desired {
             while let Some(index) = self.members.iter().position(|m| m.replacing && m.drain_until.is_none()) {
                 self.start_drain(index, "unhealthy, and its replacement is in service", now)
@@ -1966,25 +2059,12 @@ mod tests {
     async fn a_suspended_group_launches_nothing() {
         let mut h = harness().await;
         let now = now_ms();
-        let (reply, answer) = oneshot::channel();
-        h.controller
-            .handle(Command::SetSuspended { suspended: true, reply }, now)
-            .await;
-        answer.await.unwrap();
+        suspend(&mut h, Suspended::ALL, true, now).await;
         h.controller.step(now).await;
         assert!(h.provider.running().is_empty());
         let records = h.controller.deps.explanations.since("web", 0, 1);
         assert_eq!(records[0].evaluation.reason.code, "suspended");
-        let (reply, _) = oneshot::channel();
-        h.controller
-            .handle(
-                Command::SetSuspended {
-                    suspended: false,
-                    reply,
-                },
-                now,
-            )
-            .await;
+        suspend(&mut h, Suspended::ALL, false, now).await;
         h.controller.step(now + 1000).await;
         assert_eq!(h.provider.running(), ["web-1"]);
     }
@@ -2001,10 +2081,7 @@ mod tests {
         report_span(&mut h, &[("web-1", true), ("web-2", true)], now + 100, now + 1100).await;
         h.controller.step(now + 1200).await;
         let hand_made = join(&mut h, true).await;
-        let (reply, _) = oneshot::channel();
-        h.controller
-            .handle(Command::SetSuspended { suspended: true, reply }, now + 1300)
-            .await;
+        suspend(&mut h, Suspended::ALL, true, now + 1300).await;
         let before = h.handle.status();
         drop(h);
 
@@ -2023,16 +2100,7 @@ mod tests {
         h.controller.desired = 4;
         h.controller.step(now + 2000).await;
         assert_eq!(h.provider.running().len(), 2);
-        let (reply, _) = oneshot::channel();
-        h.controller
-            .handle(
-                Command::SetSuspended {
-                    suspended: false,
-                    reply,
-                },
-                now + 2100,
-            )
-            .await;
+        suspend(&mut h, Suspended::ALL, false, now + 2100).await;
         h.controller.step(now + 2200).await;
         // The next member id follows the ones before the restart.
         assert_eq!(h.provider.running(), ["web-1", "web-2", "web-4"]);
@@ -2324,5 +2392,52 @@ mod tests {
         assert_eq!(h.provider.running(), ["web-1"]);
         let terminate = h.activities.newest("web", 1).remove(0);
         assert_eq!(terminate.cause, "drained: its agent finished");
+    }
+
+    /// Suspends (or resumes) `processes` as an operator would; the processes suspended afterwards.
+    async fn suspend(h: &mut Harness, processes: Suspended, suspend: bool, now: Millis) -> Suspended {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::SetSuspended {
+            processes,
+            suspend,
+            reply,
+        };
+        h.controller.handle(command, now).await;
+        answer.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn processes_are_suspended_one_by_one() {
+        let mut h = harness().await;
+        let now = now_ms();
+        let now_suspended = suspend(&mut h, Suspended::of(&[Process::AddToLoadBalancer]), true, now).await;
+        assert_eq!(now_suspended.names(), ["add_to_load_balancer"]);
+        // Launching still works; the healthy member is kept out of the load balancer.
+        h.controller.step(now).await;
+        report_span(&mut h, &[("web-1", true)], now + 100, now + 1100).await;
+        h.controller.step(now + 1200).await;
+        assert_eq!(h.provider.running(), ["web-1"]);
+        assert!(h.lb.registered().is_empty());
+        // Launch suspended too: a higher desired capacity waits.
+        suspend(&mut h, Suspended::of(&[Process::Launch]), true, now + 1300).await;
+        h.controller.desired = 2;
+        h.controller.step(now + 2000).await;
+        assert_eq!(h.provider.running(), ["web-1"]);
+        // Resumed: both happen.
+        let left = suspend(&mut h, Suspended::ALL, false, now + 2100).await;
+        assert!(left.names().is_empty());
+        h.controller.step(now + 3000).await;
+        assert_eq!(h.lb.registered(), ["web-1"]);
+        assert_eq!(h.provider.running(), ["web-1", "web-2"]);
+        // Terminate suspended: scale-in waits.
+        suspend(&mut h, Suspended::of(&[Process::Terminate]), true, now + 3100).await;
+        h.controller.desired = 1;
+        h.controller.step(now + 4000).await;
+        assert_eq!(h.provider.running(), ["web-1", "web-2"]);
+        assert!(
+            Process::parse("launches")
+                .unwrap_err()
+                .contains("the processes are: decide, launch")
+        );
     }
 }

@@ -26,7 +26,7 @@ use crate::activity::{Activity, ActivityLog};
 use crate::ingest::{IngestError, IngestHandle};
 use crate::metrics::Metrics;
 use crate::pki::{Authority, CertRejection, ClientIdentity};
-use crate::reconcile::{GroupHandle, GroupStatus, now_ms};
+use crate::reconcile::{GroupHandle, GroupStatus, Process, Suspended, now_ms};
 use crate::tls::PeerInfo;
 
 /// Largest message accepted from anyone; a batch of 100 samples is about 10 KB.
@@ -584,10 +584,19 @@ impl Admin for AdminService {
         request: Request<SetSuspendedRequest>,
     ) -> Result<Response<SetSuspendedResponse>, Status> {
         let request = request.into_inner();
-        self.group(&request.group)?
-            .set_suspended(request.suspended)
+        let group = self.group(&request.group)?;
+        let processes = if request.processes.is_empty() {
+            Suspended::ALL
+        } else {
+            let parsed: Result<Vec<Process>, String> = request.processes.iter().map(|p| Process::parse(p)).collect();
+            Suspended::of(&parsed.map_err(Status::invalid_argument)?)
+        };
+        let now = group
+            .set_suspended(processes, request.suspended)
             .await
             .map_err(Status::unavailable)?;
-        Ok(Response::new(SetSuspendedResponse {}))
+        Ok(Response::new(SetSuspendedResponse {
+            suspended: now.names().into_iter().map(str::to_string).collect(),
+        }))
     }
 }

@@ -111,7 +111,8 @@ pub struct GroupRecord {
     pub min_size: u32,
     pub max_size: u32,
     pub desired: u32,
-    pub suspended: bool,
+    /// Suspended processes, as bits (`reconcile::Suspended`).
+    pub suspended: u32,
     pub last_scale_out: Option<Millis>,
     pub last_scale_in: Option<Millis>,
     /// Launches so far; the next member id follows it.
@@ -597,7 +598,7 @@ mod tests {
             min_size: 1,
             max_size: 4,
             desired: 3,
-            suspended: true,
+            suspended: 5,
             last_scale_out: Some(9),
             last_scale_in: None,
             launches: 7,

@@ -61,6 +61,7 @@ async fn explanations_say_why_and_follow_a_suspension() {
         .set_suspended(SetSuspendedRequest {
             group: "web".into(),
             suspended: true,
+            processes: vec!["decide".into()],
         })
         .await
         .unwrap();

@@ -209,13 +209,19 @@ fn serve_with_enrolled_members_admin_commands_metrics_and_a_clean_stop() {
         text.contains("evaluations)"),
         "a quiet group's seconds are one record: {text}"
     );
-    let (ok, text) = admin(&server, &state, &["suspend", "web"]);
-    assert!(ok && text.contains("web: scaling suspended"), "{text}");
+    let (ok, text) = admin(
+        &server,
+        &state,
+        &["suspend", "web", "--process", "launch", "--process", "terminate"],
+    );
+    assert!(ok && text.contains("web: suspended: launch, terminate"), "{text}");
+    let (ok, text) = admin(&server, &state, &["suspend", "web", "--process", "launchs"]);
+    assert!(!ok && text.contains("no process named `launchs`"), "{text}");
     let (ok, text) = admin(&server, &state, &["resume", "web"]);
-    assert!(ok && text.contains("web: scaling resumed"), "{text}");
+    assert!(ok && text.contains("web: every process runs"), "{text}");
     let (_, text) = admin(&server, &state, &["activities", "web", "--limit", "2"]);
     assert!(
-        text.contains("suspension") && text.contains("an operator resumed scaling"),
+        text.contains("suspension") && text.contains("an operator resumed decide, launch, terminate"),
         "{text}"
     );
 

@@ -285,11 +285,20 @@ pub struct Explanation {
 pub struct SetSuspendedRequest {
     #[prost(string, tag = "1")]
     pub group: ::prost::alloc::string::String,
+    /// true suspends, false resumes.
     #[prost(bool, tag = "2")]
     pub suspended: bool,
+    /// Which processes: decide, launch, terminate, replace_unhealthy, scheduled_actions, add_to_load_balancer.
+    /// Empty means all of them.
+    #[prost(string, repeated, tag = "3")]
+    pub processes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct SetSuspendedResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetSuspendedResponse {
+    /// The group's processes suspended now.
+    #[prost(string, repeated, tag = "1")]
+    pub suspended: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateTokenRequest {
     #[prost(string, tag = "1")]
