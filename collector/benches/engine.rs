@@ -94,6 +94,7 @@ fn group(members: usize) -> GroupInput {
                     id: format!("web-{i}"),
                     state: MemberState::InService,
                     launched: NOW - 3_600_000,
+                    watched_since: None,
                     in_service_since: Some(NOW - 3_500_000),
                     protected: false,
                     unhealthy: false,

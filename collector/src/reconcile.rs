@@ -347,6 +347,8 @@ pub struct GroupController {
     store_failing: bool,
     /// The provider's instances have been compared with the store since start.
     recovered: bool,
+    /// When this controller started: members restored from the store are judged from then.
+    started_at: Millis,
     /// When the provider's instances were last listed.
     last_inventory: Millis,
     /// Instances tagged for this group that no member owns: instance id → (member id, first seen).
@@ -402,6 +404,7 @@ impl GroupController {
             saved: None,
             store_failing: false,
             recovered: false,
+            started_at: now_ms(),
             last_inventory: 0,
             orphans: Default::default(),
             status,
@@ -688,6 +691,7 @@ impl GroupController {
                 id: m.id.clone(),
                 state: m.state,
                 launched: m.launched_at,
+                watched_since: Some(self.started_at),
                 in_service_since: m.in_service_since,
                 protected: m.protected,
                 unhealthy: m.unhealthy,
@@ -2439,5 +2443,43 @@ mod tests {
                 .unwrap_err()
                 .contains("the processes are: decide, launch")
         );
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_members_get_time_to_reconnect_before_they_are_judged() {
+        let (store, provider) = (Arc::new(Store::in_memory()), FakeProvider::default());
+        let now = now_ms();
+        let mut saved = Vec::new();
+        for id in ["web-1", "web-2"] {
+            interrupted_launch(&store, &provider, id, now).await;
+            store.finish_intent(&format!("{id}-{now}"), now, "test").unwrap();
+            let instance = provider.list("web").await.unwrap().pop().unwrap();
+            saved.push(Member {
+                state: MemberState::InService,
+                in_service_since: Some(now - 3_600_000),
+                ..Member::pending(
+                    id,
+                    &instance.id,
+                    Some("10.0.0.1:8080".parse().unwrap()),
+                    now - 3_700_000,
+                )
+            });
+        }
+        let record = GroupRecord {
+            desired: 2,
+            launches: 2,
+            ..GroupRecord::default()
+        };
+        store.save_group("web", &record, &saved).unwrap();
+        let edit = |g: String| g + "[groups.health_check]\ngrace_period_secs = 0\nsilent_secs = 30\n";
+        let mut h = harness_on(edit, store, provider.clone(), FakeLoadBalancer::default()).await;
+        // web-1's agent is back at once; web-2's takes 20 s, within silent_secs of the restart.
+        report_span(&mut h, &[("web-1", true)], now, now + 20_000).await;
+        h.controller.step(now + 20_000).await;
+        assert!(!h.kinds().iter().any(|k| k.starts_with("unhealthy")), "{:?}", h.kinds());
+        // Still silent 31 s after the restart: now it is judged.
+        report_span(&mut h, &[("web-1", true)], now + 20_000, now + 32_000).await;
+        h.controller.step(now + 32_000).await;
+        assert!(h.kinds().contains(&"unhealthy web-2".to_string()), "{:?}", h.kinds());
     }
 }

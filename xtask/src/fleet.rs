@@ -304,11 +304,7 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<()> {
 /// collector with 1,000 groups, each evaluated every second: its CPU over `--secs` (default 20).
 pub fn bench_engine(args: &[String]) -> anyhow::Result<()> {
     let secs = u64::from(flag(args, "--secs", 20)?);
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(crate::root())
-        .args(["bench", "-p", "ebb-collector", "--bench", "engine"])
-        .status()?;
-    ensure!(status.success(), "cargo bench failed");
+    crate::cargo_bench("engine")?;
     let bin = build_release()?;
     let groups: String = (1..1000)
         .map(|i| {

@@ -6,6 +6,8 @@
 //!   (`fleet.rs`).
 //! - `bench engine [--secs N]`: the decision engine (`collector/benches/engine.rs`) and a collector with
 //!   1,000 groups (`fleet.rs`).
+//! - `bench store`: activity and intent writes, and a restart with 1,000 members
+//!   (`collector/benches/store.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -30,8 +32,9 @@ fn main() -> anyhow::Result<()> {
         Some("bench") if args.get(1).map(String::as_str) == Some("enroll") => fleet::bench_enroll(&args[2..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("ingest") => fleet::bench_ingest(&args[2..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("engine") => fleet::bench_engine(&args[2..]),
+        Some("bench") if args.get(1).map(String::as_str) == Some("store") => cargo_bench("store"),
         _ => bail!(
-            "usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N] | bench enroll [--agents N] | bench ingest [--max N] [--secs N] | bench engine [--secs N]"
+            "usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N] | bench enroll [--agents N] | bench ingest [--max N] [--secs N] | bench engine [--secs N] | bench store"
         ),
     }
 }
@@ -47,6 +50,16 @@ fn build_release() -> anyhow::Result<PathBuf> {
         .status()?;
     ensure!(status.success(), "cargo build --release failed");
     Ok(root().join("target/release"))
+}
+
+/// `cargo bench -p ebb-collector --bench NAME`.
+pub(crate) fn cargo_bench(name: &str) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args(["bench", "-p", "ebb-collector", "--bench", name])
+        .status()?;
+    ensure!(status.success(), "cargo bench --bench {name} failed");
+    Ok(())
 }
 
 fn demo(args: &[String]) -> anyhow::Result<()> {

@@ -107,6 +107,10 @@ pub struct MemberInput {
     pub id: String,
     pub state: MemberState,
     pub launched: Millis,
+    /// When this collector started watching it, if after its launch (it restarted since): the grace
+    /// period, the launch timeout and silence count from then, so a restart never condemns members whose
+    /// agents have not reconnected yet.
+    pub watched_since: Option<Millis>,
     /// When it joined the load balancer.
     pub in_service_since: Option<Millis>,
     pub protected: bool,
@@ -117,6 +121,13 @@ pub struct MemberInput {
     pub means: Vec<Vec<Option<f64>>>,
     /// Latest CPU, for `least_loaded`.
     pub load: Option<f64>,
+}
+
+impl MemberInput {
+    /// Since when its health may be judged: its launch, or this collector's start if later.
+    fn watched(&self) -> Millis {
+        self.watched_since.map_or(self.launched, |w| w.max(self.launched))
+    }
 }
 
 /// A target-tracking recommendation made by an earlier evaluation.
@@ -386,7 +397,8 @@ impl Engine {
             .health
             .last_heard
             .or(member.in_service_since)
-            .unwrap_or(member.launched);
+            .unwrap_or(member.launched)
+            .max(member.watched());
         now - heard > Millis::from(self.health.silent_secs) * 1000
     }
 
@@ -399,7 +411,7 @@ impl Engine {
             .any(|m| m.state == MemberState::InService && !self.is_silent(m, input.now));
         let mut changes = Vec::new();
         for member in &input.members {
-            if input.now - member.launched < Millis::from(rules.grace_period_secs) * 1000 {
+            if input.now - member.watched() < Millis::from(rules.grace_period_secs) * 1000 {
                 continue;
             }
             let change = |unhealthy: bool, why: String| HealthChange {
@@ -410,7 +422,7 @@ impl Engine {
             match (member.state, member.unhealthy) {
                 (MemberState::Pending, false)
                     if member.in_service_since.is_none()
-                        && input.now - member.launched > Millis::from(rules.launch_timeout_secs) * 1000 =>
+                        && input.now - member.watched() > Millis::from(rules.launch_timeout_secs) * 1000 =>
                 {
                     changes.push(change(
                         true,

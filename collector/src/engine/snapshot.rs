@@ -144,6 +144,7 @@ impl Snapshot {
                     id: m.id.clone(),
                     state,
                     launched,
+                    watched_since: None,
                     in_service_since,
                     protected: m.protected,
                     unhealthy: matches!(m.state, SnapshotState::Unhealthy),

@@ -75,6 +75,7 @@ fn member(id: &str, cpu: Option<f64>) -> MemberInput {
         id: id.into(),
         state: MemberState::InService,
         launched: NOW - 700 * SEC,
+        watched_since: None,
         in_service_since: Some(NOW - 600 * SEC),
         protected: false,
         unhealthy: false,
