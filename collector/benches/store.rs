@@ -144,17 +144,9 @@ async fn restart(dir: &std::path::Path, count: usize) -> Duration {
             continue;
         }
         saved.push(Member {
-            id: spec.member_id,
-            instance_id: instance.id,
-            address: Some("10.0.0.1:80".parse().unwrap()),
             state: MemberState::InService,
-            launched_at: 1,
             in_service_since: Some(2),
-            protected: false,
-            external: false,
-            unhealthy: false,
-            replacing: false,
-            drain_until: None,
+            ..Member::pending(&spec.member_id, &instance.id, Some("10.0.0.1:80".parse().unwrap()), 1)
         });
     }
     let record = GroupRecord {

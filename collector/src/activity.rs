@@ -52,10 +52,12 @@ pub enum ActivityKind {
     Drain,
     /// The configuration was reloaded.
     Reconfigure,
+    /// A lifecycle hook answered (or timed out).
+    Hook,
 }
 
 impl ActivityKind {
-    const ALL: [ActivityKind; 19] = [
+    const ALL: [ActivityKind; 20] = [
         ActivityKind::ScaleOut,
         ActivityKind::ScaleIn,
         ActivityKind::SetDesired,
@@ -75,6 +77,7 @@ impl ActivityKind {
         ActivityKind::Orphan,
         ActivityKind::Drain,
         ActivityKind::Reconfigure,
+        ActivityKind::Hook,
     ];
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -102,6 +105,7 @@ impl ActivityKind {
             ActivityKind::Orphan => "orphan",
             ActivityKind::Drain => "drain",
             ActivityKind::Reconfigure => "reconfigure",
+            ActivityKind::Hook => "hook",
         }
     }
 }

@@ -167,6 +167,8 @@ pub struct GroupConfig {
     pub policies: Vec<PolicyConfig>,
     #[serde(default)]
     pub schedules: Vec<ScheduleConfig>,
+    #[serde(default)]
+    pub lifecycle_hooks: Vec<crate::hooks::HookConfig>,
 }
 
 impl GroupConfig {
@@ -793,6 +795,19 @@ impl CollectorConfig {
                         out.metric.name(),
                         out.threshold
                     ));
+                }
+            }
+            let mut hook_names = std::collections::HashSet::new();
+            for (j, hook) in group.lifecycle_hooks.iter().enumerate() {
+                let at = format!("{at}.lifecycle_hooks[{j}]");
+                if !hook_names.insert(&hook.name) {
+                    problems.push(format!("{at}.name: `{}` is used by an earlier hook", hook.name));
+                }
+                if hook.command.is_empty() {
+                    problems.push(format!("{at}.command: must name a program"));
+                }
+                if hook.timeout_secs == 0 {
+                    problems.push(format!("{at}.timeout_secs: must be at least 1"));
                 }
             }
             let mut schedule_names = std::collections::HashSet::new();

@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod explain;
+pub mod hooks;
 pub mod ingest;
 pub mod lb;
 pub mod metrics;

@@ -22,6 +22,7 @@ use crate::engine::{
     Action, Change, Engine, Evaluation, GroupInput, HealthRun, MemberInput, Metric, Millis, Recommendation, Window,
 };
 use crate::explain::ExplanationLog;
+use crate::hooks::{HookResult, Hooks, Transition};
 use crate::ingest::{self, IngestHandle, LatestSample};
 use crate::lb::LoadBalancer;
 use crate::metrics::{GroupGauges, Metrics};
@@ -136,7 +137,7 @@ impl Member {
     }
 
     /// Launched or joined at `now`, not in service yet; launched by ebb and not protected.
-    fn pending(id: &str, instance_id: &str, address: Option<SocketAddr>, now: Millis) -> Self {
+    pub fn pending(id: &str, instance_id: &str, address: Option<SocketAddr>, now: Millis) -> Self {
         Self {
             id: id.to_string(),
             instance_id: instance_id.to_string(),
@@ -349,6 +350,7 @@ pub struct GroupController {
     recovered: bool,
     /// When this controller started: members restored from the store are judged from then.
     started_at: Millis,
+    hooks: Hooks,
     /// When the provider's instances were last listed.
     last_inventory: Millis,
     /// Instances tagged for this group that no member owns: instance id → (member id, first seen).
@@ -367,6 +369,7 @@ impl GroupController {
         let engine = config.engine();
         let schedules = config.scheduled_actions();
         let (min_size, max_size) = (config.min_size, config.max_size);
+        let hooks = Hooks::new(&config.name, config.lifecycle_hooks.clone());
         let (saved, members) = deps.store.load_group(&config.name)?.unwrap_or_else(|| {
             let desired = config.desired_capacity.unwrap_or(config.min_size);
             (
@@ -405,6 +408,7 @@ impl GroupController {
             store_failing: false,
             recovered: false,
             started_at: now_ms(),
+            hooks,
             last_inventory: 0,
             orphans: Default::default(),
             status,
@@ -617,6 +621,7 @@ impl GroupController {
     async fn reconfigure(&mut self, config: GroupConfig) {
         self.engine = config.engine();
         self.schedules = config.scheduled_actions();
+        self.hooks = Hooks::new(&config.name, config.lifecycle_hooks.clone());
         (self.min_size, self.max_size) = (config.min_size, config.max_size);
         let from = self.desired;
         self.desired = self.desired.clamp(self.min_size, self.max_size);
@@ -1144,6 +1149,7 @@ impl GroupController {
 
     /// Pending members whose latest health check passed go behind the load balancer.
     async fn admit_healthy_members(&mut self, now: Millis) {
+        let mut abandoned = Vec::new();
         for index in 0..self.members.len() {
             let member = &self.members[index];
             let healthy = self
@@ -1160,6 +1166,24 @@ impl GroupController {
             if self.suspended.has(Process::AddToLoadBalancer) {
                 continue;
             }
+            let Some(verdict) = self.hooks.check(member, Transition::Launching, now) else {
+                continue;
+            };
+            if verdict.result == HookResult::Abandon {
+                abandoned.push((member.id.clone(), verdict.why));
+                continue;
+            }
+            if !verdict.why.is_empty() {
+                let id = member.id.clone();
+                self.record(
+                    ActivityKind::Hook,
+                    verdict.why,
+                    Ok("continue".into()),
+                    &id,
+                    (self.desired, self.desired),
+                );
+            }
+            let member = &self.members[index];
             let (took, external) = (now - member.launched_at, member.external);
             let id = member.id.clone();
             // A dry run counts the member in service but leaves the load balancer alone.
@@ -1187,6 +1211,18 @@ impl GroupController {
                 if !external {
                     self.check_boot_time(took);
                 }
+            }
+        }
+        for (id, why) in abandoned {
+            self.record(
+                ActivityKind::Hook,
+                why.clone(),
+                Ok("abandon: the member goes".into()),
+                &id,
+                (self.desired, self.desired),
+            );
+            if let Some(index) = self.members.iter().position(|m| m.id == id) {
+                self.remove(index, &why).await;
             }
         }
     }
@@ -1373,6 +1409,7 @@ impl GroupController {
             return false;
         }
         let member = self.members.remove(index);
+        self.hooks.forget(&member.id);
         let size = self.members.len() as u32;
         if member.state == MemberState::InService {
             self.leave_load_balancer(&member.id, cause, (size + 1, size)).await;
@@ -1470,18 +1507,40 @@ impl GroupController {
     /// Draining members whose agent reported drained, or whose time is up, go.
     async fn finish_drains(&mut self, now: Millis) {
         let drained = |c: &Self, i: usize| c.latest.get(i).cloned().flatten().is_some_and(|l| l.drained);
-        while let Some(index) = (0..self.members.len()).find(|&i| {
-            self.members[i]
-                .drain_until
-                .is_some_and(|until| now >= until || drained(self, i))
-        }) {
-            let cause = if drained(self, index) {
-                "drained: its agent finished"
-            } else {
-                "drain time is up"
+        let ready: Vec<(String, &'static str)> = (0..self.members.len())
+            .filter_map(|i| {
+                let until = self.members[i].drain_until?;
+                match (drained(self, i), now >= until) {
+                    (true, _) => Some((self.members[i].id.clone(), "drained: its agent finished")),
+                    (false, true) => Some((self.members[i].id.clone(), "drain time is up")),
+                    _ => None,
+                }
+            })
+            .collect();
+        for (id, cause) in ready {
+            let Some(index) = self.members.iter().position(|m| m.id == id) else {
+                continue;
             };
+            // Terminating hooks hold it; either answer lets it go.
+            let Some(verdict) = self.hooks.check(&self.members[index], Transition::Terminating, now) else {
+                continue;
+            };
+            if !verdict.why.is_empty() {
+                let result = if verdict.result == HookResult::Continue {
+                    "continue"
+                } else {
+                    "abandon"
+                };
+                self.record(
+                    ActivityKind::Hook,
+                    verdict.why,
+                    Ok(result.into()),
+                    &id,
+                    (self.desired, self.desired),
+                );
+            }
             if !self.remove(index, cause).await {
-                break;
+                continue;
             }
             if index < self.latest.len() {
                 self.latest.remove(index);
@@ -2481,5 +2540,61 @@ mod tests {
         report_span(&mut h, &[("web-1", true)], now + 20_000, now + 32_000).await;
         h.controller.step(now + 32_000).await;
         assert!(h.kinds().contains(&"unhealthy web-2".to_string()), "{:?}", h.kinds());
+    }
+
+    /// Steps until `done` holds, a little real time apart, for hooks that run as processes (bounded).
+    async fn step_until(h: &mut Harness, now: Millis, done: impl Fn(&Harness) -> bool) {
+        for k in 0..200 {
+            h.report("web-1", now + k, 50.0, true).await;
+            h.controller.step(now + k).await;
+            if done(h) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("not done within 4 s: {:?}", h.kinds());
+    }
+
+    #[tokio::test]
+    async fn a_launching_hook_holds_the_member_out_of_the_load_balancer_until_it_confirms() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = dir.path().join("gate");
+        let script = format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display());
+        let edit = move |g: String| {
+            g + &format!(
+                "[[groups.lifecycle_hooks]]\nname = \"warm-cache\"\ntransition = \"launching\"\ncommand = [\"sh\", \"-c\", \"{script}\"]\ntimeout_secs = 60\n"
+            )
+        };
+        let mut h = harness_with(edit).await;
+        let now = now_ms();
+        h.controller.step(now).await;
+        for k in 1..5 {
+            h.report("web-1", now + k * 100, 50.0, true).await;
+            h.controller.step(now + k * 100).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(h.lb.registered().is_empty(), "healthy, but held by its hook");
+        std::fs::write(&gate, "").unwrap();
+        step_until(&mut h, now + 1000, |h| !h.lb.registered().is_empty()).await;
+        assert!(h.kinds().contains(&"hook web-1".to_string()), "{:?}", h.kinds());
+    }
+
+    #[tokio::test]
+    async fn an_abandoning_launching_hook_terminates_the_member() {
+        let edit = |g: String| {
+            g + "[[groups.lifecycle_hooks]]\nname = \"check\"\ntransition = \"launching\"\ncommand = [\"false\"]\n"
+        };
+        let mut h = harness_with(edit).await;
+        let now = now_ms();
+        h.controller.step(now).await;
+        step_until(&mut h, now + 100, |h| h.kinds().iter().any(|k| k == "terminate web-1")).await;
+        assert!(h.lb.registered().is_empty());
+        let hook = h
+            .activities
+            .since(0, "web")
+            .into_iter()
+            .find(|a| a.kind == ActivityKind::Hook)
+            .unwrap();
+        assert_eq!(hook.cause, "lifecycle hook check abandoned (non-zero exit)");
     }
 }
