@@ -2597,4 +2597,26 @@ mod tests {
             .unwrap();
         assert_eq!(hook.cause, "lifecycle hook check abandoned (non-zero exit)");
     }
+
+    #[tokio::test]
+    async fn a_terminating_hook_runs_before_the_member_is_terminated() {
+        let dir = tempfile::tempdir().unwrap();
+        let flushed = dir.path().join("flushed");
+        let script = format!("sleep 0.2; echo {{member_id}} > {}", flushed.display());
+        let edit = move |g: String| {
+            g + &format!(
+                "[[groups.lifecycle_hooks]]\nname = \"flush-logs\"\ntransition = \"terminating\"\ncommand = [\"sh\", \"-c\", \"{script}\"]\n"
+            )
+        };
+        let mut h = harness_with(edit).await;
+        let now = now_ms();
+        two_in_service_then_one(&mut h, now).await;
+        assert_eq!(h.provider.running(), ["web-1", "web-2"], "held by its hook");
+        step_until(&mut h, now + 2000, |h| h.provider.running() == ["web-1"]).await;
+        assert_eq!(std::fs::read_to_string(&flushed).unwrap(), "web-2\n");
+        let kinds = h.kinds();
+        let hook = kinds.iter().position(|k| k == "hook web-2").unwrap();
+        let terminate = kinds.iter().position(|k| k == "terminate web-2").unwrap();
+        assert!(hook < terminate, "{kinds:?}");
+    }
 }

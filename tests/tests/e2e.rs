@@ -492,3 +492,27 @@ fn a_typo_in_the_config_is_reported_with_file_key_and_line() {
         "{text}"
     );
 }
+
+/// A damaged store is never silently replaced: `serve` refuses to start and says what to do.
+#[test]
+fn a_damaged_store_stops_the_collector_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("collector.db"), vec![0x42; 4096]).unwrap();
+    let path = dir.path().join("collector.toml");
+    std::fs::write(&path, local_config("127.0.6", false, &state)).unwrap();
+    let output = Command::new(collector_bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("is not a usable ebb database") && stderr.contains("move it aside"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(state.join("collector.db")).unwrap(), vec![0x42; 4096]);
+}
