@@ -54,10 +54,12 @@ pub enum ActivityKind {
     Reconfigure,
     /// A lifecycle hook answered (or timed out).
     Hook,
+    /// An instance refresh started, replaced a member, or finished.
+    Refresh,
 }
 
 impl ActivityKind {
-    const ALL: [ActivityKind; 20] = [
+    const ALL: [ActivityKind; 21] = [
         ActivityKind::ScaleOut,
         ActivityKind::ScaleIn,
         ActivityKind::SetDesired,
@@ -78,6 +80,7 @@ impl ActivityKind {
         ActivityKind::Drain,
         ActivityKind::Reconfigure,
         ActivityKind::Hook,
+        ActivityKind::Refresh,
     ];
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -106,6 +109,7 @@ impl ActivityKind {
             ActivityKind::Drain => "drain",
             ActivityKind::Reconfigure => "reconfigure",
             ActivityKind::Hook => "hook",
+            ActivityKind::Refresh => "refresh",
         }
     }
 }

@@ -7,8 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use ebb_proto::v1::admin_client::AdminClient;
 use ebb_proto::v1::{
     CreateTokenRequest, ExplainRequest, ListActivitiesRequest, ListGroupsRequest, ListMembersRequest,
-    ListTokensRequest, ReloadRequest, RevokeMemberRequest, RevokeTokenRequest, SetDesiredCapacityRequest,
-    SetSuspendedRequest,
+    ListTokensRequest, RefreshRequest, ReloadRequest, RevokeMemberRequest, RevokeTokenRequest,
+    SetDesiredCapacityRequest, SetSuspendedRequest,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -232,6 +232,14 @@ pub enum Command {
     },
     /// Re-read the configuration file and apply it to the running groups (as SIGHUP does).
     Reload,
+    /// Replace, by rolling, the members launched with older provider settings: each replacement serves
+    /// before the member it replaces leaves.
+    Refresh {
+        group: String,
+        /// Healthy capacity kept, percent of desired; bounds how many are replaced at once.
+        #[arg(long, default_value_t = 90)]
+        min_healthy_pct: u32,
+    },
     /// The collector's certificate authority.
     Ca {
         #[command(subcommand)]
@@ -496,6 +504,14 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 let dry = if e.dry_run { " [dry run: not carried out]" } else { "" };
                 println!("{span}{dry}\n  {}\n", e.text.replace('\n', "\n  "));
             }
+        }
+        Command::Refresh { group, min_healthy_pct } => {
+            let request = RefreshRequest {
+                group: group.clone(),
+                min_healthy_percent: min_healthy_pct,
+            };
+            let outdated = client.refresh(request).await?.into_inner().outdated;
+            println!("{group}: refreshing {outdated} member(s); `ebb-collector activities {group}` shows progress");
         }
         Command::Reload => {
             let changes = client.reload(ReloadRequest {}).await?.into_inner().changes;

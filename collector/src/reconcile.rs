@@ -124,6 +124,8 @@ pub struct Member {
     pub replacing: bool,
     /// Draining: terminated at this time, or sooner once its agent reports drained.
     pub drain_until: Option<Millis>,
+    /// The fingerprint of the provider settings it was launched with (empty for hand-made members).
+    pub launch_spec: String,
 }
 
 impl Member {
@@ -150,6 +152,7 @@ impl Member {
             unhealthy: false,
             replacing: false,
             drain_until: None,
+            launch_spec: String::new(),
         }
     }
 }
@@ -212,6 +215,11 @@ pub enum Command {
         suspend: bool,
         reply: oneshot::Sender<Suspended>,
     },
+    /// Replace members launched from an older launch specification, keeping `min_healthy_percent`.
+    Refresh {
+        min_healthy_percent: u32,
+        reply: oneshot::Sender<u32>,
+    },
     /// The group's new settings from a reloaded configuration (same provider and load balancer).
     Reconfigure {
         config: Box<GroupConfig>,
@@ -231,63 +239,55 @@ impl GroupHandle {
         self.status.borrow().clone()
     }
 
+    /// Sends the command `make` builds and waits for its answer.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, String> {
+        const STOPPED: &str = "the group's controller has stopped";
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| STOPPED.to_string())?;
+        answer.await.map_err(|_| STOPPED.to_string())
+    }
+
     /// Sets desired capacity as an operator; refused outside min..max.
     pub async fn set_desired(&self, desired: u32) -> Result<GroupStatus, String> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::SetDesired { desired, reply })
-            .await
-            .map_err(|_| "the group's controller has stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the group's controller has stopped".to_string())?
+        self.ask(|reply| Command::SetDesired { desired, reply }).await?
     }
 
     /// Adds a VM that enrolled with an operator's token; returns its member id.
     pub async fn join_external(&self, facts: ebb_proto::v1::InstanceFacts, protected: bool) -> Result<String, String> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::JoinExternal {
-                facts,
-                protected,
-                reply,
-            })
-            .await
-            .map_err(|_| "the group's controller has stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the group's controller has stopped".to_string())?
+        self.ask(|reply| Command::JoinExternal {
+            facts,
+            protected,
+            reply,
+        })
+        .await?
     }
 
     /// Suspends or resumes `processes`; the processes suspended afterwards.
     pub async fn set_suspended(&self, processes: Suspended, suspend: bool) -> Result<Suspended, String> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::SetSuspended {
-                processes,
-                suspend,
-                reply,
-            })
-            .await
-            .map_err(|_| "the group's controller has stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the group's controller has stopped".to_string())
+        self.ask(|reply| Command::SetSuspended {
+            processes,
+            suspend,
+            reply,
+        })
+        .await
+    }
+
+    /// Starts an instance refresh; how many members are outdated.
+    pub async fn refresh(&self, min_healthy_percent: u32) -> Result<u32, String> {
+        self.ask(|reply| Command::Refresh {
+            min_healthy_percent,
+            reply,
+        })
+        .await
     }
 
     /// Applies a reloaded configuration's settings for this group; its members are not touched.
     pub async fn reconfigure(&self, config: GroupConfig) -> Result<(), String> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Reconfigure {
-                config: Box::new(config),
-                reply,
-            })
-            .await
-            .map_err(|_| "the group's controller has stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the group's controller has stopped".to_string())
+        self.ask(|reply| Command::Reconfigure {
+            config: Box::new(config),
+            reply,
+        })
+        .await
     }
 
     pub async fn leave_external(&self, member_id: &str) {
@@ -351,6 +351,10 @@ pub struct GroupController {
     /// When this controller started: members restored from the store are judged from then.
     started_at: Millis,
     hooks: Hooks,
+    /// The fingerprint of the provider settings new members are launched with.
+    launch_spec: String,
+    /// An instance refresh under way: the healthy percentage of desired it keeps.
+    refresh: Option<u32>,
     /// When the provider's instances were last listed.
     last_inventory: Millis,
     /// Instances tagged for this group that no member owns: instance id → (member id, first seen).
@@ -370,6 +374,7 @@ impl GroupController {
         let schedules = config.scheduled_actions();
         let (min_size, max_size) = (config.min_size, config.max_size);
         let hooks = Hooks::new(&config.name, config.lifecycle_hooks.clone());
+        let spec = launch_spec(&config);
         let (saved, members) = deps.store.load_group(&config.name)?.unwrap_or_else(|| {
             let desired = config.desired_capacity.unwrap_or(config.min_size);
             (
@@ -409,6 +414,8 @@ impl GroupController {
             recovered: false,
             started_at: now_ms(),
             hooks,
+            launch_spec: spec,
+            refresh: None,
             last_inventory: 0,
             orphans: Default::default(),
             status,
@@ -509,6 +516,23 @@ impl GroupController {
                     self.deps.ingest.unregister(&member.id).await;
                 }
                 self.refresh_status().await;
+            }
+            Command::Refresh {
+                min_healthy_percent,
+                reply,
+            } => {
+                let outdated = self.outdated().len() as u32;
+                self.refresh = Some(min_healthy_percent.min(100));
+                self.record(
+                    ActivityKind::Refresh,
+                    format!("an operator started an instance refresh keeping {min_healthy_percent}% healthy"),
+                    Ok(format!(
+                        "{outdated} member(s) launched from an older launch specification"
+                    )),
+                    "",
+                    (self.desired, self.desired),
+                );
+                let _ = reply.send(outdated);
             }
             Command::Reconfigure { config, reply } => {
                 self.reconfigure(*config).await;
@@ -1227,10 +1251,54 @@ impl GroupController {
         }
     }
 
+    /// Members ebb launched from another launch specification than the current one, not already leaving.
+    fn outdated(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| {
+                let m = &self.members[i];
+                !m.external && m.launch_spec != self.launch_spec && !m.replacing && m.drain_until.is_none()
+            })
+            .collect()
+    }
+
+    /// An instance refresh's next step: mark outdated members for replacement (a new member serves before
+    /// each leaves), at most as many at once as the healthy percentage allows; done when none is left.
+    fn roll_refresh(&mut self) {
+        let Some(percent) = self.refresh else {
+            return;
+        };
+        let outdated = self.outdated();
+        let in_flight = self.members.iter().filter(|m| m.replacing).count();
+        if outdated.is_empty() && in_flight == 0 {
+            self.refresh = None;
+            self.record(
+                ActivityKind::Refresh,
+                "the instance refresh finished".into(),
+                Ok("every member runs the current launch specification".into()),
+                "",
+                (self.desired, self.desired),
+            );
+            return;
+        }
+        let batch = ((self.desired * (100 - percent)) / 100).max(1) as usize;
+        for index in outdated.into_iter().take(batch.saturating_sub(in_flight)) {
+            self.members[index].replacing = true;
+            let id = self.members[index].id.clone();
+            self.record(
+                ActivityKind::Refresh,
+                "launched from an older launch specification".into(),
+                Ok("a replacement launches first".into()),
+                &id,
+                (self.desired, self.desired),
+            );
+        }
+    }
+
     /// Launches or drains until the group has `desired` members (not counting those being replaced or
     /// leaving), at most `max_surge` launches in flight; replaced members go once enough healthy members
     /// serve; drained members are terminated.
     async fn reconcile(&mut self, now: Millis, cause: &str) {
+        self.roll_refresh();
         while self.live() < self.desired && now >= self.next_launch_at && !self.suspended.has(Process::Launch) {
             let in_flight = self
                 .members
@@ -1331,8 +1399,11 @@ impl GroupController {
         match &result {
             Ok(instance) => {
                 let address = instance.address.map(|ip| SocketAddr::new(ip, self.config.member_port));
-                self.add_pending(Member::pending(&member_id, &instance.id, address, now))
-                    .await;
+                let member = Member {
+                    launch_spec: self.launch_spec.clone(),
+                    ..Member::pending(&member_id, &instance.id, address, now)
+                };
+                self.add_pending(member).await;
             }
             Err(_) => {
                 self.deps.ingest.unregister(&member_id).await;
@@ -1616,6 +1687,12 @@ impl GroupController {
         );
         self.status.send_replace(status);
     }
+}
+
+/// A short fingerprint of the provider settings members are launched with.
+fn launch_spec(config: &GroupConfig) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{:?}", config.provider).as_bytes());
+    crate::pki::hex(&digest.as_ref()[..6])
 }
 
 pub fn now_ms() -> Millis {
@@ -2618,5 +2695,41 @@ mod tests {
         let hook = kinds.iter().position(|k| k == "hook web-2").unwrap();
         let terminate = kinds.iter().position(|k| k == "terminate web-2").unwrap();
         assert!(hook < terminate, "{kinds:?}");
+    }
+
+    #[tokio::test]
+    async fn an_instance_refresh_replaces_old_members_one_by_one_never_below_desired() {
+        let mut h = harness().await;
+        let now = now_ms();
+        h.controller.desired = 2;
+        h.controller.step(now).await;
+        report_span(&mut h, &[("web-1", true), ("web-2", true)], now + 100, now + 1100).await;
+        h.controller.step(now + 1200).await;
+        // The provider settings changed (a restart with a new template, say).
+        h.controller.launch_spec = "new-template".into();
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Refresh {
+            min_healthy_percent: 50,
+            reply,
+        };
+        h.controller.handle(command, now + 1300).await;
+        assert_eq!(answer.await.unwrap(), 2);
+        let mut t = now + 2000;
+        for _ in 0..10 {
+            h.controller.step(t).await;
+            assert!(
+                h.lb.registered().len() >= 2,
+                "healthy capacity never drops: {:?}",
+                h.lb.registered()
+            );
+            let running = h.provider.running();
+            let running: Vec<(&str, bool)> = running.iter().map(|m| (m.as_str(), true)).collect();
+            report_span(&mut h, &running, t + 100, t + 1100).await;
+            t += 2000;
+        }
+        assert_eq!(h.provider.running(), ["web-3", "web-4"]);
+        assert!(h.controller.refresh.is_none(), "finished");
+        let refreshes = h.kinds().iter().filter(|k| k.starts_with("refresh")).count();
+        assert_eq!(refreshes, 4, "started, two replaced, finished: {:?}", h.kinds());
     }
 }

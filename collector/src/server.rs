@@ -12,10 +12,10 @@ use ebb_proto::v1::telemetry_server::Telemetry;
 use ebb_proto::v1::{
     Ack, CreateTokenRequest, CreateTokenResponse, EnrollRequest, EnrollResponse, ExplainRequest, ExplainResponse,
     Explanation, JoinToken, ListActivitiesRequest, ListActivitiesResponse, ListGroupsRequest, ListGroupsResponse,
-    ListMembersRequest, ListMembersResponse, ListTokensRequest, ListTokensResponse, ReloadRequest, ReloadResponse,
-    RenewRequest, RenewResponse, ReportRequest, ReportResponse, RevokeMemberRequest, RevokeMemberResponse,
-    RevokeTokenRequest, RevokeTokenResponse, SetDesiredCapacityRequest, SetDesiredCapacityResponse,
-    SetSuspendedRequest, SetSuspendedResponse, report_request, report_response,
+    ListMembersRequest, ListMembersResponse, ListTokensRequest, ListTokensResponse, RefreshRequest, RefreshResponse,
+    ReloadRequest, ReloadResponse, RenewRequest, RenewResponse, ReportRequest, ReportResponse, RevokeMemberRequest,
+    RevokeMemberResponse, RevokeTokenRequest, RevokeTokenResponse, SetDesiredCapacityRequest,
+    SetDesiredCapacityResponse, SetSuspendedRequest, SetSuspendedResponse, report_request, report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -571,6 +571,21 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(ExplainResponse { explanations }))
+    }
+
+    async fn refresh(&self, request: Request<RefreshRequest>) -> Result<Response<RefreshResponse>, Status> {
+        let request = request.into_inner();
+        let percent = match request.min_healthy_percent {
+            0 => 90,
+            p if p > 100 => return Err(Status::invalid_argument("min_healthy_percent is at most 100")),
+            p => p,
+        };
+        let outdated = self
+            .group(&request.group)?
+            .refresh(percent)
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(RefreshResponse { outdated }))
     }
 
     async fn reload(&self, _request: Request<ReloadRequest>) -> Result<Response<ReloadResponse>, Status> {

@@ -85,6 +85,9 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE members ADD COLUMN drain_until INTEGER;
 "#,
+    r#"
+    ALTER TABLE members ADD COLUMN launch_spec TEXT NOT NULL DEFAULT '';
+"#,
 ];
 
 #[derive(Debug, Error)]
@@ -236,8 +239,8 @@ impl Store {
             tx.execute("DELETE FROM members WHERE grp = ?1", [name])?;
             for m in members {
                 tx.execute(
-                    "INSERT INTO members (id, grp, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    "INSERT INTO members (id, grp, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until, launch_spec)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                     params![
                         m.id,
                         name,
@@ -250,7 +253,8 @@ impl Store {
                         m.external,
                         m.unhealthy,
                         m.replacing,
-                        m.drain_until
+                        m.drain_until,
+                        m.launch_spec
                     ],
                 )?;
             }
@@ -282,7 +286,7 @@ impl Store {
                 return Ok(None);
             };
             let mut statement = c.prepare(
-                "SELECT id, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until
+                "SELECT id, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until, launch_spec
                  FROM members WHERE grp = ?1 ORDER BY rowid",
             )?;
             let members = statement
@@ -305,6 +309,7 @@ impl Store {
                         unhealthy: r.get(8)?,
                         replacing: r.get(9)?,
                         drain_until: r.get(10)?,
+                        launch_spec: r.get(11)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -572,6 +577,7 @@ mod tests {
             unhealthy: false,
             replacing: false,
             drain_until: None,
+            launch_spec: "v1".into(),
         }
     }
 
