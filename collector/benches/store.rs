@@ -169,7 +169,7 @@ async fn restart(dir: &std::path::Path, count: usize) -> Duration {
         activities: ActivityLog::new(metrics.clone(), store.clone()),
         metrics,
         authority: Arc::new(Authority::new(pki, 1800, 600, store.clone()).unwrap()),
-        explanations: ExplanationLog::new(3600),
+        explanations: ExplanationLog::new(store.clone(), 3600),
         store,
         cluster_id: "bench".into(),
         collector_url: "https://127.0.0.1:7300".into(),

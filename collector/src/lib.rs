@@ -98,7 +98,7 @@ impl Collector {
             .iter()
             .map(|g| g.engine().lookback_ms() + 60_000)
             .fold(MIN_RETENTION_MS, i64::max);
-        let explanations = ExplanationLog::new(config.server.explanation_retention_secs);
+        let explanations = ExplanationLog::new(store.clone(), config.server.explanation_retention_secs);
         let custom: Vec<Metric> = (0u8..)
             .zip(config.custom_metrics())
             .map(|(slot, name)| Metric::Custom { slot, name })

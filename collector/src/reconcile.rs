@@ -1774,7 +1774,7 @@ mod tests {
             authority: Arc::new(
                 Authority::new(crate::pki::tests::pki(pki_dir.path()), 1800, 600, store.clone()).unwrap(),
             ),
-            explanations: ExplanationLog::new(3600),
+            explanations: ExplanationLog::new(store.clone(), 3600),
             store: store.clone(),
             cluster_id: "test".into(),
             collector_url: "https://127.0.0.1:7300".into(),
@@ -2203,7 +2203,7 @@ mod tests {
         h.controller.step(now).await;
         assert!(h.provider.running().is_empty());
         let records = h.controller.deps.explanations.since("web", 0, 1);
-        assert_eq!(records[0].evaluation.reason.code, "suspended");
+        assert_eq!(records[0].reason, "suspended");
         suspend(&mut h, Suspended::ALL, false, now).await;
         h.controller.step(now + 1000).await;
         assert_eq!(h.provider.running(), ["web-1"]);

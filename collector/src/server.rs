@@ -561,13 +561,13 @@ impl Admin for AdminService {
                 from_ms: r.from,
                 until_ms: r.until,
                 evaluations: r.evaluations,
-                action: r.evaluation.action.as_str().to_string(),
-                reason: r.evaluation.reason.code.to_string(),
-                desired_before: r.evaluation.desired_before,
-                desired: r.evaluation.desired,
+                action: r.action,
+                reason: r.reason,
+                desired_before: r.desired_before,
+                desired: r.desired,
                 dry_run: r.dry_run,
-                json: serde_json::to_string(&r.evaluation).unwrap_or_default(),
-                text: r.evaluation.explanation,
+                json: r.json,
+                text: r.text,
             })
             .collect();
         Ok(Response::new(ExplainResponse { explanations }))

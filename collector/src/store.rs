@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::activity::{Activity, ActivityKind};
 use crate::engine::{MemberState, Millis};
+use crate::explain::Explained;
 use crate::pki::tokens::Token;
 use crate::reconcile::Member;
 
@@ -87,6 +88,23 @@ const MIGRATIONS: &[&str] = &[
 "#,
     r#"
     ALTER TABLE members ADD COLUMN launch_spec TEXT NOT NULL DEFAULT '';
+"#,
+    r#"
+    CREATE TABLE explanations (
+        id INTEGER PRIMARY KEY,
+        grp TEXT NOT NULL,
+        from_ms INTEGER NOT NULL,
+        until_ms INTEGER NOT NULL,
+        evaluations INTEGER NOT NULL,
+        dry_run INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        desired_before INTEGER NOT NULL,
+        desired INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        json TEXT NOT NULL
+    );
+    CREATE INDEX explanations_grp_until ON explanations (grp, until_ms);
 "#,
 ];
 
@@ -457,6 +475,76 @@ impl Store {
     /// Forgets intents done before `before`.
     pub fn prune_intents(&self, before: Millis) -> Result<usize, StoreError> {
         self.with(|c| c.execute("DELETE FROM intents WHERE done_at < ?1", [before]))
+    }
+
+    // Explanations.
+
+    /// Saves a new explanation record; returns its id.
+    pub fn add_explanation(&self, group: &str, e: &Explained) -> Result<i64, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO explanations (grp, from_ms, until_ms, evaluations, dry_run, action, reason, desired_before, desired, text, json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    group,
+                    e.from,
+                    e.until,
+                    e.evaluations as i64,
+                    e.dry_run,
+                    e.action,
+                    e.reason,
+                    e.desired_before,
+                    e.desired,
+                    e.text,
+                    e.json
+                ],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    /// Extends a record to its latest evaluation.
+    pub fn update_explanation(&self, id: i64, e: &Explained) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE explanations SET until_ms = ?2, evaluations = ?3, text = ?4, json = ?5 WHERE id = ?1",
+                params![id, e.until, e.evaluations as i64, e.text, e.json],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The records of `group` that end at or after `since`, oldest first, at most the newest `limit`.
+    pub fn explanations(&self, group: &str, since: Millis, limit: usize) -> Result<Vec<Explained>, StoreError> {
+        self.with(|c| {
+            let mut statement = c.prepare_cached(
+                "SELECT from_ms, until_ms, evaluations, dry_run, action, reason, desired_before, desired, text, json
+                 FROM explanations WHERE grp = ?1 AND until_ms >= ?2 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let mut records = statement
+                .query_map(params![group, since, limit as i64], |r| {
+                    Ok(Explained {
+                        from: r.get(0)?,
+                        until: r.get(1)?,
+                        evaluations: r.get::<_, i64>(2)? as u64,
+                        dry_run: r.get(3)?,
+                        action: r.get(4)?,
+                        reason: r.get(5)?,
+                        desired_before: r.get(6)?,
+                        desired: r.get(7)?,
+                        text: r.get(8)?,
+                        json: r.get(9)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            records.reverse();
+            Ok(records)
+        })
+    }
+
+    /// Forgets explanations that ended before `before`.
+    pub fn prune_explanations(&self, before: Millis) -> Result<usize, StoreError> {
+        self.with(|c| c.execute("DELETE FROM explanations WHERE until_ms < ?1", [before]))
     }
 
     // Activities.
