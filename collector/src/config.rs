@@ -803,8 +803,13 @@ impl CollectorConfig {
                 if !hook_names.insert(&hook.name) {
                     problems.push(format!("{at}.name: `{}` is used by an earlier hook", hook.name));
                 }
-                if hook.command.is_empty() {
-                    problems.push(format!("{at}.command: must name a program"));
+                match (&hook.url, hook.command.is_empty()) {
+                    (None, true) => problems.push(format!("{at}: give `command` or `url`")),
+                    (Some(_), false) => problems.push(format!("{at}: give `command` or `url`, not both")),
+                    (Some(url), true) if !url.starts_with("http://") => {
+                        problems.push(format!("{at}.url: `{url}` must start with http://"))
+                    }
+                    _ => {}
                 }
                 if hook.timeout_secs == 0 {
                     problems.push(format!("{at}.timeout_secs: must be at least 1"));
@@ -1074,6 +1079,27 @@ mod tests {
             "schedules[0].time_zone: `Mars/Olympus`",
             "schedules[0]: sets nothing",
         ] {
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{expected} in {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lifecycle_hook_needs_a_command_or_an_http_url() {
+        let hook = |body: &str| {
+            format!("{LOCAL_EXAMPLE}\n[[groups.lifecycle_hooks]]\nname = \"h\"\ntransition = \"launching\"\n{body}\n")
+        };
+        assert!(parse(Path::new("c.toml"), &hook("url = \"http://127.0.0.1:9000/hook\"")).is_ok());
+        for (body, expected) in [
+            ("", "give `command` or `url`"),
+            ("url = \"https://hooks.example/x\"", "must start with http://"),
+            ("url = \"http://a/b\"\ncommand = [\"true\"]", "not both"),
+        ] {
+            let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &hook(body)) else {
+                panic!("{body} must be refused")
+            };
             assert!(
                 problems.iter().any(|p| p.contains(expected)),
                 "{expected} in {problems:?}"

@@ -5,7 +5,9 @@
 //! terminated (and replaced like any missing member); an abandoned termination still terminates.
 //!
 //! The command gets `{member_id}`, `{instance_id}`, `{address}`, `{group}` and `{transition}` replaced in
-//! its arguments. A restart of the collector runs a member's hooks again.
+//! its arguments. A hook may instead name an `http://` URL: it is sent a POST with the same facts as JSON
+//! (retried every 2 s while unreachable); a 2xx answer continues, any other status abandons. A restart of
+//! the collector runs a member's hooks again.
 
 use std::collections::HashMap;
 
@@ -45,8 +47,11 @@ pub enum HookResult {
 pub struct HookConfig {
     pub name: String,
     pub transition: Transition,
-    /// argv; placeholders as in the module's documentation.
+    /// argv; placeholders as in the module's documentation. Either this or `url`.
+    #[serde(default)]
     pub command: Vec<String>,
+    /// An `http://` endpoint to POST the member's facts to.
+    pub url: Option<String>,
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u32,
     /// What a hook that does not answer in time decides.
@@ -64,6 +69,8 @@ struct Run {
     deadline: Millis,
     answer: oneshot::Receiver<bool>,
     task: JoinHandle<()>,
+    /// How a refusal reads: a command's non-zero exit, an endpoint's non-2xx answer.
+    refusal: &'static str,
 }
 
 /// A group's hooks and the runs under way.
@@ -111,7 +118,7 @@ impl Hooks {
         let hook = &self.hooks[order[run.position]];
         let (result, how) = match run.answer.try_recv() {
             Ok(true) => (HookResult::Continue, "confirmed".to_string()),
-            Ok(false) => (HookResult::Abandon, "abandoned (non-zero exit)".to_string()),
+            Ok(false) => (HookResult::Abandon, format!("abandoned ({})", run.refusal)),
             Err(oneshot::error::TryRecvError::Empty) if now < run.deadline => return None,
             Err(oneshot::error::TryRecvError::Empty) => {
                 run.task.abort();
@@ -158,6 +165,38 @@ impl Hooks {
             .collect();
         let (reply, answer) = oneshot::channel();
         let name = hook.name.clone();
+        if let Some(url) = hook.url.clone() {
+            let body = serde_json::json!({
+                "group": self.group,
+                "member_id": member.id,
+                "instance_id": member.instance_id,
+                "address": member.address.map(|a| a.to_string()).unwrap_or_default(),
+                "transition": transition.name(),
+                "hook": hook.name,
+            })
+            .to_string();
+            let task = tokio::spawn(async move {
+                loop {
+                    match post(&url, &body).await {
+                        Ok(status) => {
+                            let _ = reply.send((200..300).contains(&status));
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(hook = %name, url = %url, error = %e, "Cannot reach a lifecycle hook; retrying.");
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        }
+                    }
+                }
+            });
+            return Run {
+                position,
+                deadline: now + Millis::from(hook.timeout_secs) * 1000,
+                answer,
+                task,
+                refusal: "non-2xx answer",
+            };
+        }
         let task = tokio::spawn(async move {
             let Some((program, args)) = argv.split_first() else {
                 return;
@@ -180,8 +219,42 @@ impl Hooks {
             deadline: now + Millis::from(hook.timeout_secs) * 1000,
             answer,
             task,
+            refusal: "non-zero exit",
         }
     }
+}
+
+/// POSTs `body` as JSON to an `http://host:port/path` URL; the response's status code.
+async fn post(url: &str, body: &str) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| invalid("only http:// URLs"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || head.len() > 8192 {
+            return Err(invalid("no HTTP status line"));
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    // "HTTP/1.1 200 OK"
+    String::from_utf8_lossy(&head)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| invalid("no HTTP status code"))
 }
 
 impl Drop for Hooks {
@@ -200,6 +273,7 @@ mod tests {
         HookConfig {
             name: name.into(),
             transition,
+            url: None,
             command: vec!["sh".into(), "-c".into(), script.into()],
             timeout_secs: 5,
             default_result,
@@ -243,6 +317,47 @@ mod tests {
             hooks.check(&member(), Transition::Terminating, 0).unwrap().result,
             HookResult::Continue
         );
+    }
+
+    /// An endpoint that answers each request with the next status, recording the bodies.
+    async fn endpoint(statuses: Vec<u16>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks/ebb", listener.local_addr().unwrap());
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = bodies.clone();
+        tokio::spawn(async move {
+            for status in statuses {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut request = vec![0u8; 4096];
+                let n = stream.read(&mut request).await.unwrap();
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&request[..n]).to_string());
+                let response = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+                stream.write_all(response.as_bytes()).await.unwrap();
+            }
+        });
+        (url, bodies)
+    }
+
+    #[tokio::test]
+    async fn an_http_hook_continues_on_2xx_and_abandons_otherwise() {
+        let (url, bodies) = endpoint(vec![204, 409]).await;
+        let http = |name: &str| HookConfig {
+            name: name.into(),
+            transition: Transition::Launching,
+            command: Vec::new(),
+            url: Some(url.clone()),
+            timeout_secs: 5,
+            default_result: HookResult::Continue,
+        };
+        let mut hooks = Hooks::new("web", vec![http("first"), http("second")]);
+        let verdict = answer(&mut hooks, Transition::Launching, 0).await;
+        assert_eq!(verdict.why, "lifecycle hook second abandoned (non-2xx answer)");
+        let bodies = bodies.lock().unwrap();
+        assert!(bodies[0].starts_with("POST /hooks/ebb HTTP/1.1"), "{}", bodies[0]);
+        assert!(bodies[0].contains(r#""member_id":"web-3""#) && bodies[0].contains(r#""transition":"launching""#));
     }
 
     #[tokio::test]
