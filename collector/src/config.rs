@@ -478,6 +478,8 @@ pub struct ScheduleConfig {
 pub enum ProviderConfig {
     /// Instances are local process groups; see `providers::local`.
     Local(LocalProviderConfig),
+    /// A fake cloud in a directory, for fault tests and benchmarks; see `providers::fake::dir`.
+    Fake(crate::providers::fake::dir::DirCloudConfig),
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -737,6 +739,7 @@ impl CollectorConfig {
                 problems.push(format!("{at}.health_check.path: must start with `/`"));
             }
             match &group.provider {
+                ProviderConfig::Fake(_) => {}
                 ProviderConfig::Local(local) => {
                     if local.command.is_empty() {
                         problems.push(format!("{at}.provider.command: must name a program"));

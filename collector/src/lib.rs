@@ -148,6 +148,10 @@ impl Collector {
                     LocalProvider::new(local.clone(), config.server.state_dir.join("local"))
                         .with_context(|| format!("group {}: provider", group.name))?,
                 ),
+                ProviderConfig::Fake(fake) => Arc::new(
+                    crate::providers::fake::dir::DirCloud::new(fake.clone())
+                        .with_context(|| format!("group {}: provider", group.name))?,
+                ),
             };
             let load_balancer: Arc<dyn LoadBalancer> = match &group.load_balancer {
                 LoadBalancerConfig::Builtin { listen } => {

@@ -9,6 +9,8 @@ use async_trait::async_trait;
 
 use super::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
 
+pub mod dir;
+
 #[derive(Debug, Default)]
 struct State {
     instances: Vec<Instance>,
