@@ -1485,10 +1485,10 @@ impl GroupController {
         if member.state == MemberState::InService {
             self.leave_load_balancer(&member.id, cause, (size + 1, size)).await;
         }
-        // Denied at once: its stream closes and its certificate no longer works.
-        self.deps.authority.revoke_member(&member.id);
         if member.external {
-            // ebb did not launch it and does not terminate it; it only leaves the group.
+            // ebb did not launch it and does not terminate it; it only leaves the group, and its
+            // certificate is denied at once (its stream closes).
+            self.deps.authority.revoke_member(&member.id);
             self.deps.ingest.unregister(&member.id).await;
             self.record(
                 ActivityKind::Leave,
@@ -1520,6 +1520,8 @@ impl GroupController {
             self.finish_intent(&intent.key, now, "failed; kept, to try again");
             return false;
         }
+        // Terminated: its certificate is denied from now on and its stream closed.
+        self.deps.authority.revoke_member(&member.id);
         self.deps.ingest.unregister(&member.id).await;
         if self.save() {
             self.finish_intent(&intent.key, now, "terminated");
@@ -2512,9 +2514,16 @@ mod tests {
         // It does not count toward capacity: nothing is launched in its place.
         h.controller.step(now + 2000).await;
         assert_eq!(h.provider.running(), ["web-1", "web-2"]);
-        // At the deadline it goes.
+        // Its identity still works while it drains (its agent must hear "drain" and report back)...
+        let bound = |h: &Harness| {
+            let tokens = h.controller.deps.authority.tokens.list(now);
+            tokens.iter().any(|t| t.bound_member.as_deref() == Some("web-2"))
+        };
+        assert!(bound(&h));
+        // At the deadline it goes, and only then is it revoked.
         h.controller.step(now + 1300 + 30_000).await;
         assert_eq!(h.provider.running(), ["web-1"]);
+        assert!(!bound(&h), "revoked once terminated");
         let terminate = h.activities.newest("web", 1).remove(0);
         assert_eq!(
             (terminate.kind, terminate.cause.as_str()),
