@@ -1,0 +1,199 @@
+//! How members leave: out of the load balancer, drained (the agent's pre-stop, `drain_secs`), held by
+//! terminating hooks, then terminated with an intent written first and the certificate revoked; and the
+//! instance refresh that rolls members launched from an older launch specification.
+
+use super::{GroupController, Member, MemberState, now_ms};
+use crate::activity::ActivityKind;
+use crate::engine::Millis;
+use crate::hooks::{HookResult, Transition};
+use crate::store::{Intent, IntentKind};
+
+impl GroupController {
+    /// Takes a member out of the load balancer, recording why.
+    pub(super) async fn leave_load_balancer(&self, member_id: &str, cause: &str, capacity: (u32, u32)) {
+        let result = self.deps.load_balancer.deregister(member_id).await;
+        self.record(
+            ActivityKind::Deregister,
+            cause.to_string(),
+            result.map(|()| String::new()),
+            member_id,
+            capacity,
+        );
+    }
+
+    /// The first step of leaving: out of the load balancer, the agent told to drain, terminated later by
+    /// [`Self::finish_drains`] at `drain_secs` or when the agent reports drained.
+    pub(super) async fn start_drain(&mut self, index: usize, cause: &str, now: Millis) {
+        let member = self.members[index].clone();
+        if member.state == MemberState::InService {
+            self.leave_load_balancer(&member.id, cause, (self.desired, self.desired))
+                .await;
+        }
+        let until = now + Millis::from(self.config.drain_secs) * 1000;
+        self.members[index].state = MemberState::Draining;
+        self.members[index].drain_until = Some(until);
+        let settings = self.agent_settings(&self.members[index]);
+        self.deps.ingest.register(&member.id, settings).await;
+        self.record(
+            ActivityKind::Drain,
+            cause.to_string(),
+            Ok(format!("terminated within {} s", self.config.drain_secs)),
+            &member.id,
+            (self.desired, self.desired),
+        );
+        self.save();
+    }
+
+    /// Draining members whose agent reported drained, or whose time is up, go.
+    pub(super) async fn finish_drains(&mut self, now: Millis) {
+        let drained = |c: &Self, i: usize| c.latest.get(i).cloned().flatten().is_some_and(|l| l.drained);
+        let ready: Vec<(String, &'static str)> = (0..self.members.len())
+            .filter_map(|i| {
+                let until = self.members[i].drain_until?;
+                match (drained(self, i), now >= until) {
+                    (true, _) => Some((self.members[i].id.clone(), "drained: its agent finished")),
+                    (false, true) => Some((self.members[i].id.clone(), "drain time is up")),
+                    _ => None,
+                }
+            })
+            .collect();
+        for (id, cause) in ready {
+            let Some(index) = self.members.iter().position(|m| m.id == id) else {
+                continue;
+            };
+            // Terminating hooks hold it; either answer lets it go.
+            let Some(verdict) = self.hooks.check(&self.members[index], Transition::Terminating, now) else {
+                continue;
+            };
+            if !verdict.why.is_empty() {
+                let result = if verdict.result == HookResult::Continue {
+                    "continue"
+                } else {
+                    "abandon"
+                };
+                self.record(
+                    ActivityKind::Hook,
+                    verdict.why,
+                    Ok(result.into()),
+                    &id,
+                    (self.desired, self.desired),
+                );
+            }
+            if !self.remove(index, cause).await {
+                continue;
+            }
+            if index < self.latest.len() {
+                self.latest.remove(index);
+            }
+        }
+    }
+
+    /// Out of the load balancer first, then terminated; `false` if the termination failed (the member
+    /// stays, and a later pass tries again).
+    pub(super) async fn remove(&mut self, index: usize, cause: &str) -> bool {
+        let now = now_ms();
+        let intent = Intent {
+            key: format!("terminate-{}-{now}", self.members[index].id),
+            group: self.config.name.clone(),
+            kind: IntentKind::Terminate,
+            member_id: self.members[index].id.clone(),
+            instance_id: self.members[index].instance_id.clone(),
+            created_at: now,
+        };
+        // ebb terminates only what it launched; the intent is on disk before anything changes.
+        if !self.members[index].external && !self.write_intent(&intent) {
+            return false;
+        }
+        let member = self.members.remove(index);
+        self.hooks.forget(&member.id);
+        let size = self.members.len() as u32;
+        if member.state == MemberState::InService {
+            self.leave_load_balancer(&member.id, cause, (size + 1, size)).await;
+        }
+        if member.external {
+            // ebb did not launch it and does not terminate it; it only leaves the group, and its
+            // certificate is denied at once (its stream closes).
+            self.deps.authority.revoke_member(&member.id);
+            self.deps.ingest.unregister(&member.id).await;
+            self.record(
+                ActivityKind::Leave,
+                cause.to_string(),
+                Ok("left running: ebb did not launch it".into()),
+                &member.id,
+                (size + 1, size),
+            );
+            return true;
+        }
+        let result = self.deps.provider.terminate(&member.instance_id).await;
+        let failed = result.is_err();
+        self.record(
+            ActivityKind::Terminate,
+            cause.to_string(),
+            result.map(|()| format!("instance {}", member.instance_id)),
+            &member.id,
+            (size + 1, size),
+        );
+        if failed {
+            // Keep it: it may still be running, and the next pass tries again.
+            self.members.insert(
+                index,
+                Member {
+                    state: MemberState::Pending,
+                    ..member
+                },
+            );
+            self.finish_intent(&intent.key, now, "failed; kept, to try again");
+            return false;
+        }
+        // Terminated: its certificate is denied from now on and its stream closed.
+        self.deps.authority.revoke_member(&member.id);
+        self.deps.ingest.unregister(&member.id).await;
+        if self.save() {
+            self.finish_intent(&intent.key, now, "terminated");
+        }
+        true
+    }
+
+    /// Members ebb launched from another launch specification than the current one, not already leaving.
+    pub(super) fn outdated(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| {
+                let m = &self.members[i];
+                !m.external && m.launch_spec != self.launch_spec && !m.replacing && m.drain_until.is_none()
+            })
+            .collect()
+    }
+
+    /// An instance refresh's next step: mark outdated members for replacement (a new member serves before
+    /// each leaves), at most as many at once as the healthy percentage allows; done when none is left.
+    pub(super) fn roll_refresh(&mut self) {
+        let Some(percent) = self.refresh else {
+            return;
+        };
+        let outdated = self.outdated();
+        let in_flight = self.members.iter().filter(|m| m.replacing).count();
+        if outdated.is_empty() && in_flight == 0 {
+            self.refresh = None;
+            self.record(
+                ActivityKind::Refresh,
+                "the instance refresh finished".into(),
+                Ok("every member runs the current launch specification".into()),
+                "",
+                (self.desired, self.desired),
+            );
+            return;
+        }
+        let batch = ((self.desired * (100 - percent)) / 100).max(1) as usize;
+        for index in outdated.into_iter().take(batch.saturating_sub(in_flight)) {
+            self.members[index].replacing = true;
+            let id = self.members[index].id.clone();
+            self.record(
+                ActivityKind::Refresh,
+                "launched from an older launch specification".into(),
+                Ok("a replacement launches first".into()),
+                &id,
+                (self.desired, self.desired),
+            );
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! After a restart, and every `reconcile_interval_secs`: the group compared with what the cloud and the
+//! load balancer hold. Open intents are settled (a launch found running is adopted, one not found did not
+//! happen, an interrupted termination is finished), orphans are reported and terminated after their grace,
+//! and load-balancer memberships removed by hand are restored.
+
+use std::net::SocketAddr;
+
+use super::{GroupController, Member, MemberState};
+use crate::activity::ActivityKind;
+use crate::engine::Millis;
+use crate::providers::{Instance, InstanceState};
+use crate::store::{Intent, IntentKind};
+
+impl GroupController {
+    /// After a start: finishes what the intent log says was under way, then looks for orphans. A launch
+    /// found running is adopted, one not found did not happen; an interrupted termination is finished.
+    /// False if the provider cannot list its instances yet (nothing is decided until it can).
+    pub(super) async fn recover(&mut self, now: Millis) -> bool {
+        let instances = match self.deps.provider.list(&self.config.name).await {
+            Ok(instances) => instances,
+            Err(e) => {
+                tracing::warn!(group = %self.config.name, error = %e, "Cannot list the group's instances; retrying before deciding anything.");
+                return false;
+            }
+        };
+        let intents = match self.deps.store.open_intents(&self.config.name) {
+            Ok(intents) => intents,
+            Err(e) => {
+                tracing::error!(group = %self.config.name, error = %e, "Cannot read the intent log.");
+                self.deps.metrics.store_error();
+                return false;
+            }
+        };
+        for intent in intents {
+            let outcome = match intent.kind {
+                IntentKind::Launch => self.recover_launch(&intent, &instances, now).await,
+                IntentKind::Terminate => self.recover_termination(&intent, &instances).await,
+            };
+            self.finish_intent(&intent.key, now, &outcome);
+        }
+        self.check_orphans(&instances, now).await;
+        self.save();
+        true
+    }
+
+    async fn recover_launch(&mut self, intent: &Intent, instances: &[Instance], now: Millis) -> String {
+        // The member id is never given out again.
+        let number = intent.member_id.rsplit('-').next().and_then(|n| n.parse::<u64>().ok());
+        self.launches = self.launches.max(number.unwrap_or(0));
+        if self.members.iter().any(|m| m.id == intent.member_id) {
+            return "recorded before the restart".into();
+        }
+        let running = instances
+            .iter()
+            .find(|i| i.member_id == intent.member_id && !matches!(i.state, InstanceState::Terminated { .. }));
+        let Some(instance) = running else {
+            self.deps.authority.revoke_member(&intent.member_id);
+            return "did not happen; capacity is reconciled against desired".into();
+        };
+        let address = instance.address.map(|ip| SocketAddr::new(ip, self.config.member_port));
+        let launched_at = intent.created_at.min(now);
+        self.add_pending(Member::pending(&intent.member_id, &instance.id, address, launched_at))
+            .await;
+        let size = self.members.len() as u32;
+        self.record(
+            ActivityKind::Adopt,
+            "a launch interrupted by a restart found running".into(),
+            Ok(format!("instance {}", instance.id)),
+            &intent.member_id,
+            (size - 1, size),
+        );
+        format!("adopted instance {}", instance.id)
+    }
+
+    async fn recover_termination(&mut self, intent: &Intent, instances: &[Instance]) -> String {
+        if let Some(index) = self.members.iter().position(|m| m.id == intent.member_id) {
+            return if self
+                .remove(index, "finishing a termination interrupted by a restart")
+                .await
+            {
+                "finished after a restart".into()
+            } else {
+                "failed after a restart; the member stays and is tried again".into()
+            };
+        }
+        let running = instances
+            .iter()
+            .any(|i| i.id == intent.instance_id && !matches!(i.state, InstanceState::Terminated { .. }));
+        if running {
+            let result = self.deps.provider.terminate(&intent.instance_id).await;
+            let outcome = format!("{result:?}");
+            self.record(
+                ActivityKind::Terminate,
+                "finishing a termination interrupted by a restart".into(),
+                result.map(|()| format!("instance {}", intent.instance_id)),
+                &intent.member_id,
+                (self.desired, self.desired),
+            );
+            return outcome;
+        }
+        "already done".into()
+    }
+
+    /// Every `reconcile_interval_secs`: orphans, and load-balancer memberships changed outside ebb.
+    pub(super) async fn take_inventory(&mut self, now: Millis) {
+        match self.deps.provider.list(&self.config.name).await {
+            Ok(instances) => self.check_orphans(&instances, now).await,
+            Err(e) => tracing::warn!(group = %self.config.name, error = %e, "Cannot list the group's instances."),
+        }
+        if self.config.dry_run {
+            return;
+        }
+        let Ok(backends) = self.deps.load_balancer.members().await else {
+            return;
+        };
+        let serving: Vec<(String, SocketAddr)> = self
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::InService && !m.unhealthy && !m.replacing)
+            .filter_map(|m| Some((m.id.clone(), m.address?)))
+            .collect();
+        for (id, address) in serving {
+            if backends.iter().any(|b| b.member_id == id) {
+                continue;
+            }
+            let result = self.deps.load_balancer.register(&id, address).await;
+            self.record(
+                ActivityKind::Register,
+                "its load-balancer membership was removed outside ebb; restored".into(),
+                result.map(|()| address.to_string()),
+                &id,
+                (self.desired, self.desired),
+            );
+        }
+    }
+
+    /// Instances tagged for this group that no member owns are reported once, and terminated after
+    /// `orphan_grace_secs` unless `terminate_orphans = false`.
+    async fn check_orphans(&mut self, instances: &[Instance], now: Millis) {
+        let running: Vec<&Instance> = instances
+            .iter()
+            .filter(|i| !matches!(i.state, InstanceState::Terminated { .. }))
+            .filter(|i| !self.members.iter().any(|m| m.instance_id == i.id))
+            .collect();
+        self.orphans.retain(|id, _| running.iter().any(|i| &i.id == id));
+        let grace_ms = Millis::from(self.config.orphan_grace_secs) * 1000;
+        for instance in running {
+            if !self.orphans.contains_key(&instance.id) {
+                self.orphans
+                    .insert(instance.id.clone(), (instance.member_id.clone(), now));
+                let fate = if self.config.terminate_orphans {
+                    format!("terminated after {} s unless claimed", self.config.orphan_grace_secs)
+                } else {
+                    "reported only (terminate_orphans = false)".into()
+                };
+                self.record(
+                    ActivityKind::Orphan,
+                    format!(
+                        "instance {} is tagged for this group but no member owns it",
+                        instance.id
+                    ),
+                    Ok(fate),
+                    &instance.member_id,
+                    (self.desired, self.desired),
+                );
+            }
+            let (_, first_seen) = self.orphans[&instance.id];
+            if self.config.terminate_orphans && !self.config.dry_run && now - first_seen >= grace_ms {
+                let result = self.deps.provider.terminate(&instance.id).await;
+                if result.is_ok() {
+                    self.orphans.remove(&instance.id);
+                }
+                self.record(
+                    ActivityKind::Terminate,
+                    format!("an orphan for more than {} s", self.config.orphan_grace_secs),
+                    result.map(|()| format!("instance {}", instance.id)),
+                    &instance.member_id,
+                    (self.desired, self.desired),
+                );
+            }
+        }
+    }
+}
