@@ -28,19 +28,23 @@ struct Fleet {
     url: String,
     fingerprint: String,
     token: String,
-    dir: PathBuf,
+    _dir: TempDir,
 }
 
-impl Drop for Fleet {
+/// A directory removed when dropped, whether the collector started or not.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
 /// A collector with one group that launches nothing and admits `capacity` hand-made members, and one
 /// operator token good for all of them; `more_groups` is appended to its configuration.
 fn start_collector(bin: &Path, capacity: u32, more_groups: &str) -> anyhow::Result<Fleet> {
-    let dir = std::env::temp_dir().join(format!("ebb-fleet-{}", std::process::id()));
+    let guard = TempDir(std::env::temp_dir().join(format!("ebb-fleet-{}", std::process::id())));
+    let dir = guard.0.clone();
     let state = dir.join("state");
     std::fs::create_dir_all(&dir)?;
     let (grpc, admin) = (
@@ -115,7 +119,7 @@ fn start_collector(bin: &Path, capacity: u32, more_groups: &str) -> anyhow::Resu
         url: format!("https://{grpc}"),
         fingerprint,
         token,
-        dir,
+        _dir: guard,
     })
 }
 
