@@ -24,16 +24,27 @@ pub fn spawn(config: &AgentConfig, mut settings: watch::Receiver<Settings>) -> A
             }
         }
         tracing::info!("The collector is draining this member.");
-        run_pre_stop(&command, timeout).await;
+        let _ = run_pre_stop(&command, timeout).await;
         flag.store(true, Ordering::Relaxed);
     });
     drained
 }
 
+/// How the pre-stop command ended; every way lets the member go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreStop {
+    /// None is configured.
+    None,
+    Finished,
+    Failed,
+    /// It did not finish within its timeout and was stopped.
+    TimedOut,
+}
+
 /// Runs `command` (argv) to completion or until `timeout`; its failure is logged, never fatal.
-pub async fn run_pre_stop(command: &[String], timeout: Duration) {
+pub async fn run_pre_stop(command: &[String], timeout: Duration) -> PreStop {
     let Some((program, args)) = command.split_first() else {
-        return;
+        return PreStop::None;
     };
     let mut child = match tokio::process::Command::new(program)
         .args(args)
@@ -43,19 +54,29 @@ pub async fn run_pre_stop(command: &[String], timeout: Duration) {
         Ok(child) => child,
         Err(e) => {
             tracing::warn!(command = %program, error = %e, "Cannot start the pre-stop command.");
-            return;
+            return PreStop::Failed;
         }
     };
     match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(status)) if status.success() => tracing::info!("The pre-stop command finished."),
-        Ok(Ok(status)) => tracing::warn!(%status, "The pre-stop command failed."),
-        Ok(Err(e)) => tracing::warn!(error = %e, "Cannot wait for the pre-stop command."),
+        Ok(Ok(status)) if status.success() => {
+            tracing::info!("The pre-stop command finished.");
+            PreStop::Finished
+        }
+        Ok(Ok(status)) => {
+            tracing::warn!(%status, "The pre-stop command failed.");
+            PreStop::Failed
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "Cannot wait for the pre-stop command.");
+            PreStop::Failed
+        }
         Err(_) => {
             tracing::warn!(
                 timeout_secs = timeout.as_secs(),
                 "The pre-stop command did not finish in time; stopping it."
             );
             let _ = child.kill().await;
+            PreStop::TimedOut
         }
     }
 }
@@ -101,10 +122,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_pre_stop_command_that_hangs_is_cut_at_its_timeout() {
-        let started = std::time::Instant::now();
-        run_pre_stop(&["sleep".into(), "30".into()], Duration::from_millis(200)).await;
-        assert!(started.elapsed() < Duration::from_secs(10));
-        // And one that cannot start is only logged.
-        run_pre_stop(&["/nonexistent/pre-stop".into()], Duration::from_secs(1)).await;
+        let sleep = ["sleep".to_string(), "30".to_string()];
+        assert_eq!(
+            run_pre_stop(&sleep, Duration::from_millis(200)).await,
+            PreStop::TimedOut
+        );
+        // One that fails or cannot start is only logged; none configured lets the member go at once.
+        let exit = ["sh".to_string(), "-c".to_string(), "exit 4".to_string()];
+        assert_eq!(run_pre_stop(&exit, Duration::from_secs(5)).await, PreStop::Failed);
+        let missing = ["/nonexistent/pre-stop".to_string()];
+        assert_eq!(run_pre_stop(&missing, Duration::from_secs(1)).await, PreStop::Failed);
+        assert_eq!(run_pre_stop(&[], Duration::from_secs(1)).await, PreStop::None);
     }
 }

@@ -481,7 +481,10 @@ impl Engine {
             return (to, action, Reason { code: "limits", text }, None);
         }
         let best = |out: bool| {
-            policies_proposing(&self.policies, verdicts)
+            verdicts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| Some((i, v, v.proposal?)))
                 .filter(|(_, _, to)| (*to > current) == out && *to != current)
                 .max_by_key(|(i, _, to)| (*to, std::cmp::Reverse(*i)))
         };
@@ -625,17 +628,6 @@ impl Engine {
         });
         candidates.into_iter().take(count).map(|(_, m)| m.id.clone()).collect()
     }
-}
-
-fn policies_proposing<'a>(
-    policies: &'a [Policy],
-    verdicts: &'a [Verdict],
-) -> impl Iterator<Item = (usize, &'a Verdict, u32)> + 'a {
-    policies
-        .iter()
-        .zip(verdicts)
-        .enumerate()
-        .filter_map(|(i, (_, v))| Some((i, v, v.proposal?)))
 }
 
 /// Seconds of cooldown left after `last`, if any.

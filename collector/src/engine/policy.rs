@@ -448,14 +448,6 @@ impl StepPolicy {
 impl TargetPolicy {
     fn verdict(&self, p: usize, context: &Context) -> Verdict {
         let value_of = |m: &&super::MemberInput| m.means.get(p).and_then(|m| m.first().copied().flatten());
-        let describe = format!(
-            "avg {} {}{} (target {}{})",
-            self.metric.name(),
-            "{}",
-            self.metric.unit(),
-            fmt_value(self.target),
-            self.metric.unit()
-        );
         if let Some(loss) = &context.metric_loss {
             if context.on_metric_loss == crate::engine::OnMetricLoss::AssumeHigh {
                 let to = context.desired + 1;
@@ -479,7 +471,13 @@ impl TargetPolicy {
         // Missing members count as 0 here: they can only lower the recommendation.
         let sum: f64 = present.iter().sum();
         let mean = sum / context.counted.len() as f64;
-        let measured = describe.replacen("{}", &fmt_value(mean), 1);
+        let unit = self.metric.unit();
+        let measured = format!(
+            "avg {} {}{unit} (target {}{unit})",
+            self.metric.name(),
+            fmt_value(mean),
+            fmt_value(self.target)
+        );
         let mut v = verdict(&self.name, AlarmState::Tracking, vec![Some(mean)]);
         let desired = context.desired;
         let ratio = mean / self.target;

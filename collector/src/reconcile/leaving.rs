@@ -46,7 +46,7 @@ impl GroupController {
 
     /// Draining members whose agent reported drained, or whose time is up, go.
     pub(super) async fn finish_drains(&mut self, now: Millis) {
-        let drained = |c: &Self, i: usize| c.latest.get(i).cloned().flatten().is_some_and(|l| l.drained);
+        let drained = |c: &Self, i: usize| c.latest.get(i).and_then(Option::as_ref).is_some_and(|l| l.drained);
         let ready: Vec<(String, &'static str)> = (0..self.members.len())
             .filter_map(|i| {
                 let until = self.members[i].drain_until?;

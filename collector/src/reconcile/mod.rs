@@ -726,7 +726,11 @@ impl GroupController {
                 unhealthy: m.unhealthy,
                 health: self.health.get(i).copied().unwrap_or_default(),
                 means: means.next().unwrap_or_default(),
-                load: self.latest.get(i).cloned().flatten().and_then(|l| l.cpu_busy_percent),
+                load: self
+                    .latest
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .and_then(|l| l.cpu_busy_percent),
             })
             .collect()
     }

@@ -88,7 +88,10 @@ impl GroupController {
             .any(|i| i.id == intent.instance_id && !matches!(i.state, InstanceState::Terminated { .. }));
         if running {
             let result = self.deps.provider.terminate(&intent.instance_id).await;
-            let outcome = format!("{result:?}");
+            let outcome = match &result {
+                Ok(()) => "finished after a restart".to_string(),
+                Err(e) => format!("failed after a restart: {e}"),
+            };
             self.record(
                 ActivityKind::Terminate,
                 "finishing a termination interrupted by a restart".into(),

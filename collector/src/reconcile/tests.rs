@@ -1033,3 +1033,21 @@ async fn an_instance_refresh_replaces_old_members_one_by_one_never_below_desired
     let refreshes = h.kinds().iter().filter(|k| k.starts_with("refresh")).count();
     assert_eq!(refreshes, 4, "started, two replaced, finished: {:?}", h.kinds());
 }
+
+#[tokio::test]
+async fn a_failed_termination_keeps_the_member_and_its_identity() {
+    let mut h = harness().await;
+    let now = now_ms();
+    h.provider
+        .fail_next_terminate(CloudError::Retryable("the cloud is busy".into()));
+    two_in_service_then_one(&mut h, now).await;
+    let bound = |h: &Harness| {
+        let tokens = h.controller.deps.authority.tokens.list(now);
+        tokens.iter().any(|t| t.bound_member.as_deref() == Some("web-2"))
+    };
+    assert_eq!(h.provider.running(), ["web-1", "web-2"]);
+    assert!(bound(&h), "its agent can still report while ebb retries");
+    h.controller.step(now + 3000).await;
+    assert_eq!(h.provider.running(), ["web-1"]);
+    assert!(!bound(&h), "revoked once terminated");
+}

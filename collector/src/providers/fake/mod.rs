@@ -17,6 +17,8 @@ struct State {
     launched: u32,
     /// Errors the next launches return, in order.
     launch_failures: Vec<CloudError>,
+    /// Errors the next terminations return, in order.
+    terminate_failures: Vec<CloudError>,
     latency: Duration,
     calls: Vec<String>,
 }
@@ -30,6 +32,11 @@ impl FakeProvider {
     /// The next launch fails with `error`.
     pub fn fail_next_launch(&self, error: CloudError) {
         self.state.lock().unwrap().launch_failures.push(error);
+    }
+
+    /// The next termination fails with `error`.
+    pub fn fail_next_terminate(&self, error: CloudError) {
+        self.state.lock().unwrap().terminate_failures.push(error);
     }
 
     /// Every call waits this long.
@@ -111,6 +118,9 @@ impl Provider for FakeProvider {
         self.delay().await;
         let mut state = self.state.lock().unwrap();
         state.calls.push(format!("terminate {id}"));
+        if !state.terminate_failures.is_empty() {
+            return Err(state.terminate_failures.remove(0));
+        }
         for instance in state.instances.iter_mut().filter(|i| i.id == id) {
             instance.state = InstanceState::Terminated {
                 reason: "terminated by ebb".into(),
