@@ -129,6 +129,8 @@ struct MemberRecord {
     /// Ordered by timestamp.
     window: VecDeque<Reading>,
     latest: Option<LatestSample>,
+    /// The health checks at the end of `window`, kept as samples arrive.
+    health: HealthRun,
 }
 
 impl MemberRecord {
@@ -159,6 +161,12 @@ impl MemberRecord {
         });
         let at = self.window.partition_point(|s| s.at <= stored.at);
         self.window.insert(at, stored);
+        if at + 1 == self.window.len() {
+            self.health.push(&stored);
+        } else {
+            // A replayed sample older than the newest: count the runs again.
+            self.health = HealthRun::of(self.window.iter());
+        }
         if self.latest.as_ref().is_none_or(|l| l.at <= stored.at) {
             self.latest = Some(LatestSample {
                 at: stored.at,
@@ -330,6 +338,7 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                         highest_seq: 0,
                         window: VecDeque::new(),
                         latest: None,
+                        health: HealthRun::default(),
                     });
             }
             Command::Unregister { member } => {
@@ -428,7 +437,7 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                                 .map(|(metric, ws)| ws.iter().map(|w| record.mean(*metric, *w)).collect())
                                 .collect(),
                             latest: record.latest.clone(),
-                            health: HealthRun::of(record.window.iter()),
+                            health: record.health,
                         },
                     })
                     .collect();
@@ -682,5 +691,43 @@ mod tests {
         let window = Window { start: 0, end: 5_000 };
         let observed = ingest.observe(vec!["a".into()], vec![(queue, vec![window])]).await;
         assert_eq!(observed[0].means[0][0], Some(12.0));
+    }
+
+    #[tokio::test]
+    async fn health_runs_follow_sample_time_even_when_replayed_out_of_order() {
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000, Vec::new());
+        ingest.register("a", AgentSettings::default()).await;
+        ingest.hello(hello("a", 1)).await.unwrap();
+        let checked = |seq: u64, at: Millis, healthy: bool| Sample {
+            health: Some(ebb_proto::v1::HealthCheck {
+                status: if healthy {
+                    HealthStatus::Healthy
+                } else {
+                    HealthStatus::Unhealthy
+                } as i32,
+                ..Default::default()
+            }),
+            ..sample(seq, at, 10.0)
+        };
+        // Newest last: a pass, then two failures; then an older pass arrives late.
+        let batch = vec![
+            checked(1, 1_000, true),
+            checked(2, 3_000, false),
+            checked(3, 4_000, false),
+        ];
+        ingest.batch("a", 1, batch, 5_000).await.unwrap();
+        ingest
+            .batch("a", 1, vec![checked(4, 2_000, true)], 5_000)
+            .await
+            .unwrap();
+        let observed = ingest.observe(vec!["a".into()], Vec::new()).await;
+        assert_eq!(
+            observed[0].health,
+            HealthRun {
+                passes: 0,
+                failures: 2,
+                last_heard: Some(4_000)
+            }
+        );
     }
 }

@@ -198,25 +198,28 @@ pub struct HealthRun {
 }
 
 impl HealthRun {
-    /// From samples ordered by time, oldest first; samples without a check neither break nor extend a run.
-    pub fn of<'a>(readings: impl DoubleEndedIterator<Item = &'a Reading>) -> Self {
-        let mut run = HealthRun::default();
-        let mut streak: Option<bool> = None;
-        for reading in readings.rev() {
-            run.last_heard = run.last_heard.max(Some(reading.at));
-            let Some(healthy) = reading.healthy() else { continue };
-            match streak {
-                None => streak = Some(healthy),
-                Some(s) if s != healthy => break,
-                Some(_) => {}
+    /// From samples ordered by time, oldest first.
+    pub fn of<'a>(readings: impl IntoIterator<Item = &'a Reading>) -> Self {
+        readings.into_iter().fold(HealthRun::default(), |mut run, reading| {
+            run.push(reading);
+            run
+        })
+    }
+
+    /// Extends the runs with the next sample in time; one without a check neither breaks nor extends a run.
+    pub fn push(&mut self, reading: &Reading) {
+        self.last_heard = self.last_heard.max(Some(reading.at));
+        match reading.healthy() {
+            Some(true) => {
+                self.failures = 0;
+                self.passes += 1;
             }
-            if healthy {
-                run.passes += 1;
-            } else {
-                run.failures += 1;
+            Some(false) => {
+                self.passes = 0;
+                self.failures += 1;
             }
+            None => {}
         }
-        run
     }
 }
 
