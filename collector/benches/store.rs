@@ -166,7 +166,7 @@ async fn restart(dir: &std::path::Path, count: usize) -> Duration {
         provider: Arc::new(provider),
         load_balancer: Arc::new(FakeLoadBalancer::default()),
         ingest: IngestHandle::spawn(metrics.clone(), 600_000, Vec::new()),
-        activities: ActivityLog::new(metrics.clone(), store.clone()),
+        activities: ActivityLog::new(metrics.clone(), store.clone(), 42),
         metrics,
         authority: Arc::new(Authority::new(pki, 1800, 600, store.clone()).unwrap()),
         explanations: ExplanationLog::new(store.clone(), 3600),

@@ -135,11 +135,23 @@ pub struct Activity {
 pub struct ActivityLog {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    retention_ms: Millis,
+    /// When old activities were last pruned.
+    pruned_at: Arc<std::sync::Mutex<Millis>>,
 }
 
+/// How often activities older than the retention are pruned.
+const PRUNE_EVERY_MS: Millis = 3_600_000;
+
 impl ActivityLog {
-    pub fn new(metrics: Arc<Metrics>, store: Arc<Store>) -> Self {
-        Self { store, metrics }
+    /// Activities older than `retention_days` are pruned as new ones are recorded, at most hourly.
+    pub fn new(metrics: Arc<Metrics>, store: Arc<Store>, retention_days: u32) -> Self {
+        Self {
+            store,
+            metrics,
+            retention_ms: Millis::from(retention_days) * 86_400_000,
+            pruned_at: Arc::default(),
+        }
     }
 
     /// Records an activity; its `id` is assigned by the store (0 if the store could not save it, which is
@@ -152,6 +164,7 @@ impl ActivityLog {
         } else {
             tracing::warn!(group = %activity.group, kind = activity.kind.as_str(), member = %activity.member_id, cause = %activity.cause, error = %activity.detail, "Activity failed.");
         }
+        self.prune_if_due(activity.at);
         match self.store.add_activity(&activity) {
             Ok(id) => activity.id = id,
             Err(e) => {
@@ -172,9 +185,13 @@ impl ActivityLog {
         self.read(self.store.newest_activities(group, limit))
     }
 
-    /// Forgets activities older than `before`.
-    pub fn prune(&self, before: Millis) {
-        if let Err(e) = self.store.prune_activities(before) {
+    fn prune_if_due(&self, now: Millis) {
+        let mut pruned_at = self.pruned_at.lock().unwrap();
+        if now - *pruned_at < PRUNE_EVERY_MS {
+            return;
+        }
+        *pruned_at = now;
+        if let Err(e) = self.store.prune_activities(now - self.retention_ms) {
             self.metrics.store_error();
             tracing::error!(error = %e, "Cannot prune old activities.");
         }
@@ -186,5 +203,38 @@ impl ActivityLog {
             tracing::error!(error = %e, "Cannot read activities.");
             Vec::new()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(at: Millis) -> Activity {
+        Activity {
+            id: 0,
+            group: "web".into(),
+            kind: ActivityKind::Launch,
+            cause: "test".into(),
+            outcome: "ok",
+            detail: String::new(),
+            at,
+            from_capacity: 0,
+            to_capacity: 1,
+            member_id: "web-1".into(),
+        }
+    }
+
+    #[test]
+    fn a_long_running_collector_forgets_activities_past_their_retention() {
+        let log = ActivityLog::new(Arc::default(), Arc::new(Store::in_memory()), 1);
+        let hour = 3_600_000;
+        log.record(at(0));
+        log.record(at(20 * hour));
+        assert_eq!(log.newest("web", 10).len(), 2, "within a day");
+        // At 30 h the one from 0 h is past the day; the one from 20 h is not.
+        log.record(at(30 * hour));
+        let left: Vec<Millis> = log.newest("web", 10).iter().map(|a| a.at).collect();
+        assert_eq!(left, [30 * hour, 20 * hour]);
     }
 }

@@ -91,8 +91,7 @@ impl Collector {
         let pki = pki(&config.server)?;
         let store = Arc::new(Store::open(&config.server.store_path())?);
         let cluster_id = store.cluster_id()?;
-        let activities = ActivityLog::new(metrics.clone(), store.clone());
-        activities.prune(reconcile::now_ms() - i64::from(config.server.activity_retention_days) * 86_400_000);
+        let activities = ActivityLog::new(metrics.clone(), store.clone(), config.server.activity_retention_days);
         let retention_ms = config
             .groups
             .iter()

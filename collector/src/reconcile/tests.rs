@@ -59,7 +59,7 @@ async fn harness_on(
     let config = crate::config::parse(std::path::Path::new("test.toml"), &edit(GROUP.to_string())).unwrap();
     let metrics = Arc::new(Metrics::default());
     let ingest = IngestHandle::spawn(metrics.clone(), 600_000, Vec::new());
-    let activities = ActivityLog::new(metrics.clone(), store.clone());
+    let activities = ActivityLog::new(metrics.clone(), store.clone(), 42);
     let pki_dir = tempfile::tempdir().unwrap();
     let deps = Dependencies {
         provider: Arc::new(provider.clone()),
