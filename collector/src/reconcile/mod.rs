@@ -1119,7 +1119,8 @@ impl GroupController {
                     .await;
             }
         }
-        while self.live() > self.desired {
+        let excess = self.live().saturating_sub(self.desired) as usize;
+        if excess > 0 {
             let candidates: Vec<MemberInput> = self
                 .member_inputs(Vec::new())
                 .into_iter()
@@ -1127,16 +1128,18 @@ impl GroupController {
                 .filter(|(_, m)| !m.replacing && m.drain_until.is_none())
                 .map(|(input, _)| input)
                 .collect();
-            let Some(victim) = self.engine.victims(&candidates, 1, now).pop() else {
+            let victims = self.engine.victims(&candidates, excess, now);
+            if victims.len() < excess {
                 tracing::warn!(group = %self.config.name, desired = self.desired, "Only protected members are left; not scaling in further.");
-                break;
-            };
-            let index = self
-                .members
-                .iter()
-                .position(|m| m.id == victim)
-                .expect("a victim is a member");
-            self.start_drain(index, cause, now).await;
+            }
+            for victim in victims {
+                let index = self
+                    .members
+                    .iter()
+                    .position(|m| m.id == victim)
+                    .expect("a victim is a member");
+                self.start_drain(index, cause, now).await;
+            }
         }
         self.finish_drains(now).await;
     }
