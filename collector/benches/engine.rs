@@ -9,73 +9,49 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use ebb_collector::engine::{
-    AdjustmentType, Comparison, Engine, GroupInput, HealthRules, HealthRun, MemberInput, MemberState, Metric,
-    OnMetricLoss, Policy, Statistic, Step, StepPolicy, TargetPolicy, Termination,
-};
+use ebb_collector::engine::{Engine, GroupInput, HealthRun, MemberInput, MemberState};
 
 const NOW: i64 = 1_000_000_000;
 
-fn step(name: &str, comparison: Comparison, threshold: f64, periods: u32, steps: Vec<Step>) -> Policy {
-    Policy::Step(StepPolicy {
-        name: name.into(),
-        metric: Metric::Cpu,
-        statistic: Statistic::P95,
-        period_secs: 60,
-        evaluation_periods: periods,
-        datapoints_to_alarm: periods,
-        comparison,
-        threshold,
-        adjustment_type: AdjustmentType::ChangeInCapacity,
-        steps,
-        min_adjustment_step: 0,
-    })
-}
+/// The group's rules as an operator writes them; the collector's own defaults fill in the rest.
+const GROUP: &str = r#"
+    [[groups]]
+    name = "web"
+    min_size = 1
+    max_size = 2000
+    cooldown_secs = 60
+    scale_in_cooldown_secs = 300
+    [groups.provider]
+    type = "local"
+    [groups.load_balancer]
+    type = "builtin"
+    listen = "127.0.0.1:0"
+    [[groups.policies]]
+    name = "out"
+    metric = "cpu"
+    statistic = "p95"
+    evaluation_periods = 3
+    comparison = "gt"
+    threshold = 70.0
+    steps = [{ lower = 0.0, upper = 15.0, adjustment = 1 }, { lower = 15.0, adjustment = 3 }]
+    [[groups.policies]]
+    name = "in"
+    metric = "cpu"
+    statistic = "p95"
+    evaluation_periods = 5
+    comparison = "lt"
+    threshold = 20.0
+    adjustment = -1
+    [[groups.policies]]
+    name = "target"
+    type = "target_tracking"
+    metric = "cpu"
+    target = 50.0
+"#;
 
 fn engine() -> Engine {
-    let bounded = |lower, upper, adjustment| Step {
-        lower,
-        upper,
-        adjustment,
-    };
-    Engine {
-        scale_out_cooldown_secs: 60,
-        scale_in_cooldown_secs: 300,
-        warmup_secs: 60,
-        policies: vec![
-            step(
-                "out",
-                Comparison::Gt,
-                70.0,
-                3,
-                vec![bounded(Some(0.0), Some(15.0), 1), bounded(Some(15.0), None, 3)],
-            ),
-            step("in", Comparison::Lt, 20.0, 5, vec![bounded(None, None, -1)]),
-            Policy::TargetTracking(TargetPolicy {
-                name: "target".into(),
-                metric: Metric::Cpu,
-                target: 50.0,
-                period_secs: 60,
-                scale_out_tolerance: 0.1,
-                scale_in_tolerance: 0.1,
-                stabilization_secs: 300,
-                disable_scale_in: false,
-                scale_out_limit: None,
-                scale_in_limit: None,
-            }),
-        ],
-        health: HealthRules {
-            unhealthy_threshold: 3,
-            healthy_threshold: 3,
-            grace_period_secs: 120,
-            silent_secs: 30,
-            launch_timeout_secs: 900,
-            replace_unhealthy: true,
-        },
-        on_metric_loss: OnMetricLoss::Hold,
-        termination: Termination::Newest,
-        billing_period_secs: 3600,
-    }
+    let config = ebb_collector::config::parse(std::path::Path::new("bench.toml"), GROUP).expect("a valid group");
+    config.groups[0].engine()
 }
 
 fn group(members: usize) -> GroupInput {
