@@ -248,9 +248,6 @@ pub struct Cli {
     /// Measure the CPU of the agent's own cgroup (v2) instead of the host.
     #[arg(long, env = "EBB_CPU_CGROUP")]
     pub cpu_cgroup: bool,
-    /// Exit when standard input closes: for a supervisor that starts the agent and wants it gone with itself.
-    #[arg(long, hide = true)]
-    pub exit_on_stdin_eof: bool,
 }
 
 impl Cli {

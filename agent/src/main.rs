@@ -2,7 +2,6 @@
 
 use clap::Parser;
 use ebb_agent::config::Cli;
-use tokio::io::AsyncReadExt;
 
 fn main() -> anyhow::Result<()> {
     init_logging();
@@ -13,26 +12,17 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         tokio::select! {
             result = ebb_agent::run(config) => result,
-            () = shutdown_signal(cli.exit_on_stdin_eof) => Ok(()),
+            () = shutdown_signal() => Ok(()),
         }
     })
 }
 
-async fn shutdown_signal(exit_on_stdin_eof: bool) {
-    let stdin_closed = async {
-        if !exit_on_stdin_eof {
-            return std::future::pending().await;
-        }
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 64];
-        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
-    };
+async fn shutdown_signal() {
     let mut terminate =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
-        () = stdin_closed => {}
     }
     tracing::info!("Stopping.");
 }

@@ -56,8 +56,8 @@ use crate::store::Store;
 /// Samples are kept at least this long, and as long as the furthest-looking policy needs plus a minute.
 const MIN_RETENTION_MS: i64 = 2 * 60 * 1000;
 
-/// A running collector. Dropping it without [`Collector::shutdown`] stops the tasks but may leave the
-/// local provider's processes to their stdin-close fallback.
+/// A running collector. Dropping it without [`Collector::shutdown`] stops the tasks; the local provider's
+/// instances are killed when its last handle goes.
 pub struct Collector {
     pub grpc_address: SocketAddr,
     /// The Admin API's Unix socket, and its TCP address if `server.admin_listen` is set.

@@ -1,7 +1,7 @@
 //! The built-in workload that local instances run (`ebb-collector workload`, hidden): a small HTTP server
 //! that behaves like a one-vCPU web server. `GET /work` burns `work_ms` of CPU, one request at a time, and
-//! answers with the member's id; `GET /health` answers at once. It exits when its standard input closes,
-//! so it never outlives the collector that started it.
+//! answers with the member's id; `GET /health` answers at once. Like a VM's web server it runs until it is
+//! stopped (SIGTERM), whatever happens to the collector.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,11 +27,6 @@ pub struct WorkloadArgs {
 
 pub fn run(args: WorkloadArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)?;
-    std::thread::spawn(|| {
-        // Exit with the collector: it holds the other end of our stdin.
-        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-        std::process::exit(0);
-    });
     let cpu = Arc::new(Mutex::new(()));
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {

@@ -55,12 +55,25 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped, whatever the test did.
 pub struct Running {
     pub child: Child,
+    /// A collector's local instances, killed after it when dropped.
+    local_instances: Option<PathBuf>,
 }
 
 impl Running {
     pub fn spawn(command: &mut Command) -> Self {
         let child = command.stdin(Stdio::piped()).spawn().expect("spawn");
-        Self { child }
+        Self {
+            child,
+            local_instances: None,
+        }
+    }
+
+    /// A collector with the local provider and this state directory: the instances it leaves behind (as
+    /// a collector killed with SIGKILL does, like a cloud's) are killed when this is dropped.
+    pub fn collector(command: &mut Command, state_dir: &Path) -> Self {
+        let mut running = Self::spawn(command);
+        running.local_instances = Some(state_dir.join("local"));
+        running
     }
 
     pub fn pid(&self) -> Pid {
@@ -88,7 +101,46 @@ impl Drop for Running {
         if let Ok(None) = self.child.try_wait() {
             self.terminate(Duration::from_secs(10));
         }
+        if let Some(dir) = &self.local_instances {
+            kill_local_instances(dir);
+        }
     }
+}
+
+/// The process groups of the local instances recorded in `dir` that are still running, as
+/// `(pgid, start time)`.
+pub fn local_instances(dir: &Path) -> Vec<(i32, u64)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(bytes) = std::fs::read(entry.path().join("instance.json")) else {
+            continue;
+        };
+        let record: serde_json::Value = serde_json::from_slice(&bytes).expect("an instance record");
+        let (Some(pid), Some(started)) = (record["pid"].as_i64(), record["started"].as_u64()) else {
+            panic!("an instance record without pid and start time: {record}");
+        };
+        let pid = pid as i32;
+        if start_time(pid) == Some(started) {
+            found.push((pid, started));
+        }
+    }
+    found
+}
+
+fn kill_local_instances(dir: &Path) {
+    for (pid, _) in local_instances(dir) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// When a running (not zombie) process started, in clock ticks since boot.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 /// PIDs of processes whose command line contains `needle`.

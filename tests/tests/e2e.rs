@@ -38,13 +38,14 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("collector.toml");
     std::fs::write(&config_path, local_config("127.0.3", true, dir.path())).unwrap();
-    let mut demo = Running::spawn(
+    let mut demo = Running::collector(
         Command::new(collector_bin())
             // The demo stops itself after 85 s whatever happened; how long it took is benchmarked, not asserted.
             .args(["demo", "--headless", "--duration-secs", "85", "--config"])
             .arg(&config_path)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit()),
+        dir.path(),
     );
     let stdout = demo.child.stdout.take().unwrap();
     let lines: Vec<Value> = BufReader::new(stdout)
@@ -159,11 +160,12 @@ fn serve_with_enrolled_members_admin_commands_metrics_and_a_clean_stop() {
     let (ok, text) = offline(&["validate", "--config", config_path.to_str().unwrap()]);
     assert!(ok && text.contains("valid, 1 group(s)"), "{text}");
 
-    let mut collector = Running::spawn(
+    let mut collector = Running::collector(
         Command::new(collector_bin())
             .args(["serve", "--config"])
             .arg(&config_path)
             .env("EBB_LOG", "warn"),
+        &state,
     );
     assert!(
         wait_for(Duration::from_secs(30), || in_service(&server, &state) == 1),
@@ -359,6 +361,85 @@ fn serve_with_enrolled_members_admin_commands_metrics_and_a_clean_stop() {
     );
 }
 
+/// Members' ids and addresses, as `members` lists them.
+fn members(server: &str, state_dir: &Path) -> Vec<String> {
+    let (ok, text) = admin(server, state_dir, &["members", "web"]);
+    assert!(ok, "{text}");
+    let mut found: Vec<String> = text
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            format!("{} {}", columns[0], columns[2])
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn local_instances_outlive_a_crashed_collector_and_are_adopted_by_the_next() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = local_config("127.0.9", false, &state).replace("min_size = 1", "min_size = 2");
+    let config_path = dir.path().join("collector.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let server = address(&config, "admin_listen");
+    let serve = || {
+        Running::collector(
+            Command::new(collector_bin())
+                .args(["serve", "--config"])
+                .arg(&config_path)
+                .env("EBB_LOG", "warn"),
+            &state,
+        )
+    };
+
+    let mut crashed = serve();
+    assert!(
+        wait_for(Duration::from_secs(40), || in_service(&server, &state) == 2),
+        "{}",
+        admin(&server, &state, &["members", "web"]).1
+    );
+    let before = members(&server, &state);
+    let instances = ebb_tests::local_instances(&state.join("local"));
+    assert_eq!(instances.len(), 2, "{before:?}");
+    crashed.child.kill().unwrap();
+    crashed.child.wait().unwrap();
+    assert_eq!(
+        ebb_tests::local_instances(&state.join("local")),
+        instances,
+        "the instances keep running without their collector"
+    );
+
+    let mut restarted = serve();
+    assert!(
+        wait_for(Duration::from_secs(40), || in_service(&server, &state) == 2),
+        "{}",
+        admin(&server, &state, &["members", "web"]).1
+    );
+    assert_eq!(
+        members(&server, &state),
+        before,
+        "the same members, on the same instances"
+    );
+    assert_eq!(ebb_tests::local_instances(&state.join("local")), instances);
+    let (_, activities) = admin(&server, &state, &["activities", "web"]);
+    assert_eq!(
+        activities.matches("launch web-").count(),
+        2,
+        "nothing launched after the restart:\n{activities}"
+    );
+
+    let status = restarted.terminate(Duration::from_secs(30)).expect("stops on SIGTERM");
+    assert!(status.success(), "{status}");
+    assert!(
+        ebb_tests::local_instances(&state.join("local")).is_empty(),
+        "a normal stop takes the local instances with it"
+    );
+}
+
 #[test]
 fn user_data_renders_for_both_formats_with_a_fresh_token() {
     let _serial = serial();
@@ -368,11 +449,12 @@ fn user_data_renders_for_both_formats_with_a_fresh_token() {
     let config_path = dir.path().join("collector.toml");
     std::fs::write(&config_path, &config).unwrap();
     let server = address(&config, "admin_listen");
-    let _collector = Running::spawn(
+    let _collector = Running::collector(
         Command::new(collector_bin())
             .args(["serve", "--config"])
             .arg(&config_path)
             .env("EBB_LOG", "warn"),
+        &state,
     );
     assert!(wait_for(Duration::from_secs(30), || admin(
         &server,

@@ -77,7 +77,8 @@ pub trait Provider: Send + Sync {
     async fn terminate(&self, id: &str) -> Result<(), CloudError>;
     /// Every instance this provider holds for `group`.
     async fn list(&self, group: &str) -> Result<Vec<Instance>, CloudError>;
-    /// Called once when the collector stops. Cloud instances keep running; the local provider stops its
-    /// processes, because they cannot outlive the collector that started them.
+    /// Called once when the collector stops normally. Cloud instances keep running; the local provider
+    /// stops its processes, so the demo leaves nothing running on the machine (after a crash they keep
+    /// running, and the next start adopts them).
     async fn close(&self) {}
 }

@@ -2,12 +2,14 @@
 //! own loopback address (`<address_prefix>.N`, so instances never collide on a port), with its own
 //! `ebb-agent` measuring that instance's process tree. No cloud, no root.
 //!
-//! Both processes get a pipe on standard input that only the collector holds; the built-in workload and the
-//! agent exit when it closes, so even a collector killed with SIGKILL leaves nothing behind.
+//! Like a cloud's, its instances outlive a collector that crashes: each one is recorded in
+//! `<instances_dir>/<member_id>/instance.json` (its process group and that process's start time, so a
+//! reused PID is never mistaken for it), and listing reads those records, so a restarted collector finds
+//! and adopts them. A collector that stops normally stops its instances with it, so nothing keeps running
+//! on the machine after the demo.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,32 +17,70 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
 
 use super::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
 use crate::config::LocalProviderConfig;
 
-struct LocalInstance {
-    member_id: String,
-    /// The instance's agent configuration and state.
-    dir: PathBuf,
+/// What a launch leaves on disk, enough to find, describe and stop the instance from any later collector.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
     group: String,
+    member_id: String,
+    launch_id: String,
+    cluster_id: String,
     address: IpAddr,
-    /// The instance's process; its PID is the process group's id.
-    workload: Child,
-    agent: Child,
+    /// The workload's PID, which is also its process group's id (the agent is in the same group).
+    pid: i32,
+    /// The process's start time in clock ticks since boot (`/proc/PID/stat`, field 22).
+    started: u64,
 }
 
-impl LocalInstance {
-    fn process_group(&self) -> Option<Pid> {
-        self.workload.id().map(|pid| Pid::from_raw(pid as i32))
+impl Record {
+    const FILE: &str = "instance.json";
+
+    fn id(&self) -> String {
+        format!("local-{}", self.member_id)
+    }
+
+    fn state(&self) -> InstanceState {
+        if start_time(self.pid) == Some(self.started) {
+            InstanceState::Running
+        } else {
+            InstanceState::Terminated {
+                reason: "the instance's process exited".into(),
+            }
+        }
     }
 
     fn signal(&self, signal: Signal) {
-        if let Some(group) = self.process_group() {
-            let _ = killpg(group, signal);
+        // Only while the group is still ours: after it exits, its id may be another process's.
+        if start_time(self.pid) == Some(self.started) {
+            let _ = killpg(Pid::from_raw(self.pid), signal);
         }
     }
+
+    fn instance(&self) -> Instance {
+        Instance {
+            id: self.id(),
+            member_id: self.member_id.clone(),
+            address: Some(self.address),
+            state: self.state(),
+        }
+    }
+}
+
+/// When a running (not zombie) process started, in clock ticks since boot; `None` if it is gone.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may itself hold spaces and parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // fields[0] is the state (field 3), so field 22 is fields[19].
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 pub struct LocalProvider {
@@ -48,12 +88,13 @@ pub struct LocalProvider {
     instances_dir: PathBuf,
     agent_path: PathBuf,
     collector_exe: PathBuf,
-    instances: Mutex<HashMap<String, LocalInstance>>,
+    /// Held while a launch picks its address and writes its record, so two launches never share one.
+    launching: Mutex<()>,
 }
 
 impl LocalProvider {
     /// Checks that the agent binary exists; its absence is the operator's to fix. Each instance keeps its
-    /// agent's configuration and state in `<instances_dir>/<member_id>/`.
+    /// record and its agent's configuration and state in `<instances_dir>/<member_id>/`.
     pub fn new(config: LocalProviderConfig, instances_dir: PathBuf) -> Result<Self, CloudError> {
         let collector_exe = std::env::current_exe()
             .map_err(|e| CloudError::Permanent(format!("cannot find this executable's path: {e}")))?;
@@ -72,13 +113,37 @@ impl LocalProvider {
             instances_dir,
             agent_path,
             collector_exe,
-            instances: Mutex::new(HashMap::new()),
+            launching: Mutex::new(()),
         })
     }
 
-    /// The first `<prefix>.N` that no instance of ours uses and where `port` is free.
+    /// Every instance recorded in the instances directory, running or not.
+    fn records(&self) -> Vec<Record> {
+        let Ok(entries) = std::fs::read_dir(&self.instances_dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| read_record(&entry.path()))
+            .collect()
+    }
+
+    fn record(&self, id: &str) -> Option<Record> {
+        let member_id = id.strip_prefix("local-")?;
+        if member_id.is_empty() || member_id.contains('/') || member_id.starts_with('.') {
+            return None;
+        }
+        read_record(&self.instances_dir.join(member_id)).filter(|record| record.id() == id)
+    }
+
+    /// The first `<prefix>.N` that no running instance uses and where `port` is free.
     fn free_address(&self, port: u16) -> Result<IpAddr, CloudError> {
-        let taken: Vec<IpAddr> = self.instances.lock().unwrap().values().map(|i| i.address).collect();
+        let taken: Vec<IpAddr> = self
+            .records()
+            .into_iter()
+            .filter(|r| r.state() == InstanceState::Running)
+            .map(|r| r.address)
+            .collect();
         (1..=254)
             .filter_map(|n| format!("{}.{n}", self.config.address_prefix).parse::<IpAddr>().ok())
             .filter(|ip| !taken.contains(ip))
@@ -113,185 +178,191 @@ impl LocalProvider {
         }
     }
 
-    /// SIGTERM to the process group, SIGKILL after the grace period, and wait for both processes.
-    async fn stop(&self, mut instance: LocalInstance) {
-        instance.signal(Signal::SIGTERM);
-        let grace = Duration::from_secs(self.config.stop_grace_secs.into());
-        if tokio::time::timeout(grace, instance.workload.wait()).await.is_err() {
-            tracing::warn!(member = %instance.member_id, "The instance ignored SIGTERM; sending SIGKILL.");
-            instance.signal(Signal::SIGKILL);
-            let _ = instance.workload.wait().await;
-        }
-        if tokio::time::timeout(Duration::from_secs(2), instance.agent.wait())
-            .await
-            .is_err()
-        {
-            let _ = instance.agent.kill().await;
-        }
-        // Anything else left in the group.
-        instance.signal(Signal::SIGKILL);
-        let _ = std::fs::remove_dir_all(&instance.dir);
-    }
-}
-
-#[async_trait]
-impl Provider for LocalProvider {
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
+    /// Starts the workload and its agent in one new process group and records them; all of it undone if
+    /// any step fails.
+    fn start(&self, spec: &LaunchSpec, dir: &Path) -> Result<Record, CloudError> {
         let address = self.free_address(spec.service_port)?;
+        // The VM's "user data": the agent's configuration with this launch's join token, in the instance's
+        // own owner-only directory, which is also the agent's state directory. A directory left by an
+        // earlier attempt of this member holds nothing worth keeping.
+        let _ = std::fs::remove_dir_all(dir);
+        write_private(dir, "agent.toml", spec.agent_config.as_bytes())
+            .map_err(|e| CloudError::Permanent(format!("cannot write {}: {e}", dir.display())))?;
         let argv: Vec<String> = self
             .config
             .command
             .iter()
             .map(|arg| self.expand(arg, spec, address))
             .collect();
-        let mut workload = Command::new(&argv[0]);
-        workload
+        let workload = Command::new(&argv[0])
             .args(&argv[1..])
             .process_group(0)
-            .stdin(Stdio::piped())
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log_file(&spec.member_id, "workload"))
-            .kill_on_drop(true);
-        let workload = workload
             .spawn()
             .map_err(|e| CloudError::Permanent(format!("cannot start `{}`: {e}", argv[0])))?;
-        let pid = workload.id().expect("a process that was just spawned has a pid");
-        // The VM's "user data": the agent's configuration with this launch's join token, in the instance's
-        // own owner-only directory, which is also the agent's state directory.
-        let dir = self.instances_dir.join(&spec.member_id);
-        if let Err(e) = write_agent_config(&dir, &spec.agent_config) {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            return Err(CloudError::Permanent(format!("cannot write {}: {e}", dir.display())));
-        }
-        let agent = Command::new(&self.agent_path)
+        let pid = workload.id().expect("a process that was just spawned has a pid") as i32;
+        let started = start_time(pid).ok_or_else(|| {
+            CloudError::Permanent(format!(
+                "`{}` exited as soon as it started; set provider.log_dir to see why",
+                argv[0]
+            ))
+        })?;
+        let record = Record {
+            group: spec.group.clone(),
+            member_id: spec.member_id.clone(),
+            launch_id: spec.launch_id.clone(),
+            cluster_id: spec.cluster_id.clone(),
+            address,
+            pid,
+            started,
+        };
+        let undo = |error: CloudError| {
+            record.signal(Signal::SIGKILL);
+            let _ = std::fs::remove_dir_all(dir);
+            error
+        };
+        Command::new(&self.agent_path)
             .arg("--config")
             .arg(dir.join("agent.toml"))
             .arg("--state-dir")
-            .arg(&dir)
+            .arg(dir)
             .args([
                 "--cpu-pid",
                 &pid.to_string(),
                 "--cpu-capacity",
                 &self.config.instance_cpus.to_string(),
             ])
-            .arg("--exit-on-stdin-eof")
             .env("EBB_LOG", "warn")
-            .process_group(pid as i32)
-            .stdin(Stdio::piped())
+            .process_group(pid)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log_file(&spec.member_id, "agent"))
-            .kill_on_drop(true)
-            .spawn();
-        let instance = LocalInstance {
-            member_id: spec.member_id.clone(),
-            dir,
-            group: spec.group.clone(),
-            address,
-            workload,
-            agent: match agent {
-                Ok(agent) => agent,
-                Err(e) => {
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                    return Err(CloudError::Permanent(format!(
-                        "cannot start {}: {e}",
-                        self.agent_path.display()
-                    )));
-                }
-            },
-        };
-        let id = format!("local-{pid}");
-        self.instances.lock().unwrap().insert(id.clone(), instance);
-        Ok(Instance {
-            id,
-            member_id: spec.member_id.clone(),
-            address: Some(address),
-            state: InstanceState::Running,
-        })
+            .spawn()
+            .map_err(|e| {
+                undo(CloudError::Permanent(format!(
+                    "cannot start {}: {e}",
+                    self.agent_path.display()
+                )))
+            })?;
+        let json = serde_json::to_vec_pretty(&record).expect("a record serializes");
+        write_private(dir, Record::FILE, &json)
+            .map_err(|e| undo(CloudError::Permanent(format!("cannot write {}: {e}", dir.display()))))?;
+        Ok(record)
+    }
+
+    /// SIGTERM to the process group, SIGKILL after the grace period, then the record goes.
+    async fn stop(&self, record: Record) {
+        record.signal(Signal::SIGTERM);
+        let grace = Duration::from_secs(self.config.stop_grace_secs.into());
+        if !exits_within(&record, grace).await {
+            tracing::warn!(member = %record.member_id, "The instance ignored SIGTERM; sending SIGKILL.");
+            record.signal(Signal::SIGKILL);
+            exits_within(&record, Duration::from_secs(2)).await;
+        }
+        // Anything else left in the group: its id is not reused while any member is alive.
+        let _ = killpg(Pid::from_raw(record.pid), Signal::SIGKILL);
+        let _ = std::fs::remove_dir_all(self.instances_dir.join(&record.member_id));
+    }
+}
+
+async fn exits_within(record: &Record, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while record.state() == InstanceState::Running {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+fn read_record(dir: &Path) -> Option<Record> {
+    let path = dir.join(Record::FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    serde_json::from_slice(&bytes)
+        .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "Ignoring an unreadable instance record."))
+        .ok()
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
+        let _launching = self.launching.lock().unwrap();
+        let dir = self.instances_dir.join(&spec.member_id);
+        // A launch retried after it already happened finds its instance instead of starting a second one.
+        if let Some(record) =
+            read_record(&dir).filter(|r| r.launch_id == spec.launch_id && r.state() == InstanceState::Running)
+        {
+            return Ok(record.instance());
+        }
+        Ok(self.start(spec, &dir)?.instance())
     }
 
     async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceState>, CloudError> {
-        let mut instances = self.instances.lock().unwrap();
         Ok(ids
             .iter()
-            .map(|id| match instances.get_mut(id) {
+            .map(|id| match self.record(id) {
+                Some(record) => record.state(),
                 None => InstanceState::Terminated {
                     reason: "no such local instance".into(),
-                },
-                Some(instance) => match instance.workload.try_wait() {
-                    Ok(None) => InstanceState::Running,
-                    Ok(Some(status)) => InstanceState::Terminated {
-                        reason: format!("the instance's process exited ({status})"),
-                    },
-                    Err(e) => InstanceState::Terminated {
-                        reason: format!("cannot check the instance's process: {e}"),
-                    },
                 },
             })
             .collect())
     }
 
     async fn terminate(&self, id: &str) -> Result<(), CloudError> {
-        let instance = self.instances.lock().unwrap().remove(id);
-        if let Some(instance) = instance {
-            self.stop(instance).await;
+        if let Some(record) = self.record(id) {
+            self.stop(record).await;
         }
         Ok(())
     }
 
     async fn list(&self, group: &str) -> Result<Vec<Instance>, CloudError> {
-        let ids: Vec<(String, String, IpAddr)> = self
-            .instances
-            .lock()
-            .unwrap()
+        Ok(self
+            .records()
             .iter()
-            .filter(|(_, i)| i.group == group)
-            .map(|(id, i)| (id.clone(), i.member_id.clone(), i.address))
-            .collect();
-        let states = self
-            .describe(&ids.iter().map(|(id, _, _)| id.clone()).collect::<Vec<_>>())
-            .await?;
-        Ok(ids
-            .into_iter()
-            .zip(states)
-            .map(|((id, member_id, address), state)| Instance {
-                id,
-                member_id,
-                address: Some(address),
-                state,
-            })
+            .filter(|r| r.group == group)
+            .map(Record::instance)
             .collect())
     }
 
     async fn close(&self) {
-        let all: Vec<LocalInstance> = self.instances.lock().unwrap().drain().map(|(_, i)| i).collect();
+        let all = self.records();
         // Signal them all first, so their grace periods run at the same time.
-        all.iter().for_each(|instance| instance.signal(Signal::SIGTERM));
-        for instance in all {
-            self.stop(instance).await;
+        all.iter().for_each(|record| record.signal(Signal::SIGTERM));
+        for record in all {
+            self.stop(record).await;
         }
     }
 }
 
-/// Writes `agent.toml` into a new owner-only directory.
-fn write_agent_config(dir: &std::path::Path, contents: &str) -> std::io::Result<()> {
+/// Writes an owner-only file into `dir`, creating it owner-only if needed; the file appears whole or not
+/// at all.
+fn write_private(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    std::fs::OpenOptions::new()
+    let partial = dir.join(format!(".{name}.partial"));
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(dir.join("agent.toml"))?
-        .write_all(contents.as_bytes())
+        .open(&partial)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(partial, dir.join(name))
 }
 
 impl Drop for LocalProvider {
-    /// A provider dropped without `close` (a panic, an early return) still leaves no process behind.
+    /// A provider dropped without `close` (a panic, an early return) still leaves no process behind; only a
+    /// collector that dies without unwinding (SIGKILL, a power cut) leaves its instances for the next one.
     fn drop(&mut self) {
-        for instance in self.instances.get_mut().unwrap().values() {
-            instance.signal(Signal::SIGKILL);
-            let _ = std::fs::remove_dir_all(&instance.dir);
+        for record in self.records() {
+            record.signal(Signal::SIGKILL);
+            let _ = std::fs::remove_dir_all(self.instances_dir.join(&record.member_id));
         }
     }
 }
@@ -303,7 +374,11 @@ mod tests {
     /// A provider whose instances live in a temporary directory, removed with the returned guard.
     fn provider(command: &[&str], prefix: &str) -> (LocalProvider, tempfile::TempDir) {
         let instances = tempfile::tempdir().unwrap();
-        let provider = LocalProvider::new(
+        (provider_in(command, prefix, instances.path()), instances)
+    }
+
+    fn provider_in(command: &[&str], prefix: &str, instances: &Path) -> LocalProvider {
+        LocalProvider::new(
             LocalProviderConfig {
                 command: command.iter().map(|s| s.to_string()).collect(),
                 address_prefix: prefix.into(),
@@ -313,10 +388,9 @@ mod tests {
                 stop_grace_secs: 1,
                 log_dir: None,
             },
-            instances.path().to_path_buf(),
+            instances.to_path_buf(),
         )
-        .unwrap();
-        (provider, instances)
+        .unwrap()
     }
 
     fn spec(member_id: &str) -> LaunchSpec {
@@ -331,17 +405,12 @@ mod tests {
         }
     }
 
-    fn alive(pid: u32) -> bool {
-        // A zombie has exited; only a running or sleeping process counts.
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
+    fn alive(pid: i32) -> bool {
+        start_time(pid).is_some()
     }
 
-    fn pid_of(instance: &Instance) -> u32 {
-        instance.id.strip_prefix("local-").unwrap().parse().unwrap()
+    fn pid_of(provider: &LocalProvider, instance: &Instance) -> i32 {
+        provider.record(&instance.id).expect("a recorded instance").pid
     }
 
     #[tokio::test]
@@ -354,10 +423,16 @@ mod tests {
         assert_eq!(provider.list("web").await.unwrap().len(), 2);
         assert!(provider.list("other").await.unwrap().is_empty());
 
-        let _ = killpg(Pid::from_raw(pid_of(&a) as i32), Signal::SIGKILL);
+        let _ = killpg(Pid::from_raw(pid_of(&provider, &a)), Signal::SIGKILL);
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let b_pid = pid_of(&provider, &b);
         let states = provider
-            .describe(&[a.id.clone(), b.id.clone(), "local-0".into()])
+            .describe(&[
+                a.id.clone(),
+                b.id.clone(),
+                "local-web-0".into(),
+                "local-../web-2".into(),
+            ])
             .await
             .unwrap();
         assert!(
@@ -366,15 +441,16 @@ mod tests {
         );
         assert_eq!(states[1], InstanceState::Running);
         assert!(matches!(states[2], InstanceState::Terminated { .. }));
+        assert!(matches!(states[3], InstanceState::Terminated { .. }));
         provider.close().await;
-        assert!(!alive(pid_of(&b)), "close stops every instance");
+        assert!(!alive(b_pid), "close stops every instance");
     }
 
     #[tokio::test]
     async fn an_instance_that_ignores_sigterm_is_killed_after_the_grace_period() {
         let (provider, _instances) = provider(&["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"], "127.0.7");
         let instance = provider.launch(&spec("web-1")).await.unwrap();
-        let pid = pid_of(&instance);
+        let pid = pid_of(&provider, &instance);
         let config = provider.instances_dir.join("web-1/agent.toml");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
@@ -391,6 +467,57 @@ mod tests {
             .terminate(&instance.id)
             .await
             .expect("terminating twice succeeds");
+    }
+
+    #[tokio::test]
+    async fn instances_outlive_a_crashed_provider_and_the_next_one_finds_and_stops_them() {
+        let (crashed, instances) = provider(&["sleep", "30"], "127.0.8");
+        let spec = spec("web-1");
+        let launched = crashed.launch(&spec).await.unwrap();
+        let pid = pid_of(&crashed, &launched);
+        // A crash runs no destructor.
+        std::mem::forget(crashed);
+        assert!(alive(pid));
+
+        let restarted = provider_in(&["sleep", "30"], "127.0.8", instances.path());
+        let listed = restarted.list("web").await.unwrap();
+        assert_eq!(listed, vec![launched.clone()], "found again by listing");
+        assert_eq!(
+            restarted.launch(&spec).await.unwrap(),
+            launched,
+            "a retried launch finds its instance instead of starting another"
+        );
+        let second = restarted.launch(&self::spec("web-2")).await.unwrap();
+        assert_ne!(second.address, launched.address, "a recorded address stays taken");
+        restarted.terminate(&launched.id).await.unwrap();
+        assert!(!alive(pid));
+        assert_eq!(
+            restarted.describe(std::slice::from_ref(&launched.id)).await.unwrap(),
+            vec![InstanceState::Terminated {
+                reason: "no such local instance".into()
+            }]
+        );
+        drop(restarted);
+        assert!(
+            std::fs::read_dir(instances.path()).unwrap().next().is_none(),
+            "a dropped provider stops what is left"
+        );
+    }
+
+    #[test]
+    fn a_reused_pid_is_not_taken_for_the_instance() {
+        let record = Record {
+            group: "web".into(),
+            member_id: "web-1".into(),
+            launch_id: "web-1-1".into(),
+            cluster_id: "test".into(),
+            address: "127.0.8.1".parse().unwrap(),
+            pid: std::process::id() as i32,
+            started: start_time(std::process::id() as i32).unwrap() + 1,
+        };
+        assert!(matches!(record.state(), InstanceState::Terminated { .. }));
+        // And signalling it does nothing to this process.
+        record.signal(Signal::SIGTERM);
     }
 
     #[test]
