@@ -56,10 +56,12 @@ pub enum ActivityKind {
     Hook,
     /// An instance refresh started, replaced a member, or finished.
     Refresh,
+    /// An operator protected a member from scale-in, or lifted the protection.
+    Protection,
 }
 
 impl ActivityKind {
-    const ALL: [ActivityKind; 21] = [
+    const ALL: [ActivityKind; 22] = [
         ActivityKind::ScaleOut,
         ActivityKind::ScaleIn,
         ActivityKind::SetDesired,
@@ -81,6 +83,7 @@ impl ActivityKind {
         ActivityKind::Reconfigure,
         ActivityKind::Hook,
         ActivityKind::Refresh,
+        ActivityKind::Protection,
     ];
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -110,6 +113,7 @@ impl ActivityKind {
             ActivityKind::Reconfigure => "reconfigure",
             ActivityKind::Hook => "hook",
             ActivityKind::Refresh => "refresh",
+            ActivityKind::Protection => "protection",
         }
     }
 }

@@ -8,7 +8,7 @@ use ebb_proto::v1::admin_client::AdminClient;
 use ebb_proto::v1::{
     CreateTokenRequest, ExplainRequest, ListActivitiesRequest, ListGroupsRequest, ListMembersRequest,
     ListTokensRequest, RefreshRequest, ReloadRequest, RevokeMemberRequest, RevokeTokenRequest,
-    SetDesiredCapacityRequest, SetSuspendedRequest,
+    SetDesiredCapacityRequest, SetProtectedRequest, SetSuspendedRequest,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -120,6 +120,25 @@ pub struct TokenOptions {
     pub protected: bool,
 }
 
+async fn set_protected(client: &mut AdminClient<Channel>, member_id: String, protected: bool) -> anyhow::Result<()> {
+    let group = client
+        .set_protected(SetProtectedRequest {
+            member_id: member_id.clone(),
+            protected,
+        })
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner()
+        .group;
+    let now = if protected {
+        "protected from"
+    } else {
+        "no longer protected from"
+    };
+    println!("member {member_id} of group {group} is {now} scale-in");
+    Ok(())
+}
+
 impl TokenOptions {
     /// Mints the token; the secret is in the answer, once.
     async fn create(self, client: &mut AdminClient<Channel>) -> anyhow::Result<ebb_proto::v1::CreateTokenResponse> {
@@ -151,6 +170,10 @@ pub enum TokenCommand {
 pub enum MemberCommand {
     /// Deny a member's certificate at once and close its stream.
     Revoke { member_id: String },
+    /// Never choose this member for scale-in (EC2's scale-in protection); kept across restarts.
+    Protect { member_id: String },
+    /// Let scale-in choose this member again.
+    Unprotect { member_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -429,8 +452,8 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 .into_inner()
                 .members;
             println!(
-                "{:<16} {:<12} {:<22} {:>7} {:>6} {:>10}  HEALTH",
-                "MEMBER", "STATE", "ADDRESS", "CPU", "LOAD1", "LB_CONNS"
+                "{:<16} {:<12} {:<22} {:>7} {:>6} {:>10} {:<9}  HEALTH",
+                "MEMBER", "STATE", "ADDRESS", "CPU", "LOAD1", "LB_CONNS", "PROTECTED"
             );
             for m in members {
                 let cpu = m.cpu_busy_percent.map_or("-".into(), |c| format!("{c:.1}%"));
@@ -446,8 +469,9 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                         format!("{status}: {}", h.reason)
                     }
                 });
+                let protected = if m.protected { "yes" } else { "-" };
                 println!(
-                    "{:<16} {:<12} {:<22} {:>7} {:>6} {:>10}  {health}",
+                    "{:<16} {:<12} {:<22} {:>7} {:>6} {:>10} {protected:<9}  {health}",
                     m.id, m.state, m.address, cpu, load, m.lb_connections
                 );
             }
@@ -570,17 +594,19 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 println!("revoked token {id}");
             }
         },
-        Command::Member {
-            command: MemberCommand::Revoke { member_id },
-        } => {
-            client
-                .revoke_member(RevokeMemberRequest {
-                    member_id: member_id.clone(),
-                })
-                .await
-                .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
-            println!("revoked member {member_id}: its certificate is denied and its stream closed");
-        }
+        Command::Member { command } => match command {
+            MemberCommand::Revoke { member_id } => {
+                client
+                    .revoke_member(RevokeMemberRequest {
+                        member_id: member_id.clone(),
+                    })
+                    .await
+                    .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+                println!("revoked member {member_id}: its certificate is denied and its stream closed");
+            }
+            MemberCommand::Protect { member_id } => set_protected(&mut client, member_id, true).await?,
+            MemberCommand::Unprotect { member_id } => set_protected(&mut client, member_id, false).await?,
+        },
         Command::UserData {
             token,
             format,

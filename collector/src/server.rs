@@ -15,7 +15,8 @@ use ebb_proto::v1::{
     ListMembersRequest, ListMembersResponse, ListTokensRequest, ListTokensResponse, RefreshRequest, RefreshResponse,
     ReloadRequest, ReloadResponse, RenewRequest, RenewResponse, ReportRequest, ReportResponse, RevokeMemberRequest,
     RevokeMemberResponse, RevokeTokenRequest, RevokeTokenResponse, SetDesiredCapacityRequest,
-    SetDesiredCapacityResponse, SetSuspendedRequest, SetSuspendedResponse, report_request, report_response,
+    SetDesiredCapacityResponse, SetProtectedRequest, SetProtectedResponse, SetSuspendedRequest, SetSuspendedResponse,
+    report_request, report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -444,6 +445,7 @@ impl Admin for AdminService {
                 health: m.latest.as_ref().map(|l| l.health.clone()),
                 last_sample_at_ms: m.latest.as_ref().map_or(0, |l| l.at),
                 lb_connections: m.lb_connections,
+                protected: m.member.protected,
             })
             .collect();
         Ok(Response::new(ListMembersResponse { members }))
@@ -547,6 +549,25 @@ impl Admin for AdminService {
         self.ingest.disconnect(member_id).await;
         tracing::warn!(member = %member_id, "Revoked a member's certificate.");
         Ok(Response::new(RevokeMemberResponse {}))
+    }
+
+    async fn set_protected(
+        &self,
+        request: Request<SetProtectedRequest>,
+    ) -> Result<Response<SetProtectedResponse>, Status> {
+        let SetProtectedRequest { member_id, protected } = request.into_inner();
+        let Some((name, group)) = self
+            .groups
+            .iter()
+            .find(|(_, group)| group.status().members.iter().any(|m| m.member.id == member_id))
+        else {
+            return Err(Status::not_found(format!("no group has a member {member_id}")));
+        };
+        group
+            .set_protected(&member_id, protected)
+            .await
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(SetProtectedResponse { group: name.clone() }))
     }
 
     async fn explain(&self, request: Request<ExplainRequest>) -> Result<Response<ExplainResponse>, Status> {

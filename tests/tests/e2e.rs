@@ -618,7 +618,8 @@ fn running_in(cloud: &Path) -> Vec<String> {
 
 /// Issue 6's fault test: the collector killed with SIGKILL at random moments of scale-out and scale-in,
 /// twenty times, against a slow cloud that outlives it. Once reconciled there are exactly as many
-/// instances as desired, every one owned by a member (no orphan), and no activity was lost.
+/// instances as desired, every one owned by a member (no orphan), no activity was lost, and a member
+/// protected from scale-in stayed protected and was never terminated.
 #[test]
 fn kill_9_during_scaling_leaves_no_extra_instance_no_orphan_and_no_lost_activity() {
     let _serial = serial();
@@ -674,6 +675,24 @@ fn kill_9_during_scaling_leaves_no_extra_instance_no_orphan_and_no_lost_activity
             .lines()
             .count()
     };
+    // One member protected from scale-in before the faults begin; it must stay protected and never go.
+    let protected_member = || {
+        admin(&admin_address, &state, &["members", "web"])
+            .1
+            .lines()
+            .find(|l| l.split_whitespace().nth(6) == Some("yes"))
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+    };
+    let mut collector = start();
+    let (ok, text) = admin(&admin_address, &state, &["scale", "web", "--to", "1"]);
+    assert!(ok, "{text}");
+    assert!(wait_for(Duration::from_secs(10), || running_in(&cloud).len() == 1));
+    let first = running_in(&cloud).remove(0);
+    let (ok, text) = admin(&admin_address, &state, &["member", "protect", &first]);
+    assert!(ok && text.contains("is protected from scale-in"), "{text}");
+    assert_eq!(protected_member(), Some(first.clone()));
+    collector.terminate(Duration::from_secs(30)).expect("stops on SIGTERM");
+
     let mut seed: u64 = 0x5eed;
     let mut recorded = 0;
     for round in 0..20 {
@@ -682,6 +701,11 @@ fn kill_9_during_scaling_leaves_no_extra_instance_no_orphan_and_no_lost_activity
         assert!(
             now >= recorded,
             "round {round}: {now} activities after the restart, {recorded} before"
+        );
+        assert_eq!(
+            protected_member(),
+            Some(first.clone()),
+            "round {round}: still protected"
         );
         let target = if round % 2 == 0 { "5" } else { "1" };
         let (ok, text) = admin(&admin_address, &state, &["scale", "web", "--to", target]);
@@ -712,4 +736,5 @@ fn kill_9_during_scaling_leaves_no_extra_instance_no_orphan_and_no_lost_activity
         running_in(&cloud),
         members()
     );
+    assert!(running_in(&cloud).contains(&first), "the protected member never went");
 }

@@ -215,6 +215,12 @@ pub enum Command {
         suspend: bool,
         reply: oneshot::Sender<Suspended>,
     },
+    /// An operator protects a member from scale-in, or lifts the protection; saved before the reply.
+    SetProtected {
+        member_id: String,
+        protected: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// Replace members launched from an older launch specification, keeping `min_healthy_percent`.
     Refresh {
         min_healthy_percent: u32,
@@ -270,6 +276,16 @@ impl GroupHandle {
             reply,
         })
         .await
+    }
+
+    /// Protects `member_id`, one of this group's members, from scale-in (or lifts the protection).
+    pub async fn set_protected(&self, member_id: &str, protected: bool) -> Result<(), String> {
+        self.ask(|reply| Command::SetProtected {
+            member_id: member_id.to_string(),
+            protected,
+            reply,
+        })
+        .await?
     }
 
     /// Starts an instance refresh; how many members are outdated.
@@ -510,6 +526,15 @@ impl GroupController {
                 self.refresh_status().await;
                 let _ = reply.send(result);
             }
+            Command::SetProtected {
+                member_id,
+                protected,
+                reply,
+            } => {
+                let result = self.set_protected(&member_id, protected);
+                self.refresh_status().await;
+                let _ = reply.send(result);
+            }
             Command::LeaveExternal { member_id } => {
                 if let Some(index) = self.members.iter().position(|m| m.id == member_id) {
                     let member = self.members.remove(index);
@@ -567,6 +592,35 @@ impl GroupController {
                 let _ = reply.send(self.suspended);
             }
         }
+    }
+
+    fn set_protected(&mut self, member_id: &str, protected: bool) -> Result<(), String> {
+        let Some(member) = self.members.iter_mut().find(|m| m.id == member_id) else {
+            return Err(format!("group {} has no member {member_id}", self.config.name));
+        };
+        if member.protected == protected {
+            return Ok(());
+        }
+        member.protected = protected;
+        if !self.save() {
+            if let Some(member) = self.members.iter_mut().find(|m| m.id == member_id) {
+                member.protected = !protected;
+            }
+            return Err("the store refuses writes (is the disk full?); nothing changed".into());
+        }
+        let cause = if protected {
+            "an operator protected the member from scale-in"
+        } else {
+            "an operator lifted the member's scale-in protection"
+        };
+        self.record(
+            ActivityKind::Protection,
+            cause.into(),
+            Ok(String::new()),
+            member_id,
+            (self.desired, self.desired),
+        );
+        Ok(())
     }
 
     async fn set_desired(&mut self, desired: u32, now: Millis) -> Result<(), String> {

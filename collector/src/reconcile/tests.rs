@@ -309,6 +309,49 @@ async fn protected_members_are_never_scaled_in_and_hand_made_ones_are_never_term
 }
 
 #[tokio::test]
+async fn an_operator_protects_a_member_from_scale_in_and_lifts_it() {
+    async fn protect(h: &mut Harness, member_id: &str, protected: bool) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        let member_id = member_id.to_string();
+        let command = Command::SetProtected {
+            member_id,
+            protected,
+            reply,
+        };
+        h.controller.handle(command, now_ms()).await;
+        answer.await.unwrap()
+    }
+    let mut h = harness().await;
+    h.controller.step(now_ms()).await;
+    send(&mut h, |reply| Command::SetDesired { desired: 2, reply }).await;
+    assert_eq!(protect(&mut h, "web-1", true).await, Ok(()));
+    assert_eq!(
+        protect(&mut h, "web-9", true).await,
+        Err("group web has no member web-9".into())
+    );
+
+    // A change the store cannot keep is refused, not half made.
+    h.controller.deps.store.refuse_writes(true);
+    let refused = protect(&mut h, "web-1", false).await.unwrap_err();
+    assert!(refused.contains("the store refuses writes"), "{refused}");
+    h.controller.deps.store.refuse_writes(false);
+    assert!(h.controller.members.iter().any(|m| m.id == "web-1" && m.protected));
+
+    // The oldest member would go first; protected, it stays whatever the policy says.
+    h.controller.engine.termination = crate::engine::Termination::Oldest;
+    send(&mut h, |reply| Command::SetDesired { desired: 1, reply }).await;
+    let ids: Vec<String> = h.handle.status().members.iter().map(|m| m.member.id.clone()).collect();
+    assert_eq!(ids, ["web-1"]);
+    assert!(h.kinds().contains(&"protection web-1".to_string()), "{:?}", h.kinds());
+
+    assert_eq!(protect(&mut h, "web-1", false).await, Ok(()));
+    h.controller.config.min_size = 0;
+    h.controller.min_size = 0;
+    send(&mut h, |reply| Command::SetDesired { desired: 0, reply }).await;
+    assert!(h.handle.status().members.is_empty(), "unprotected, it can go");
+}
+
+#[tokio::test]
 async fn operators_set_desired_within_the_limits_only() {
     let mut h = harness().await;
     let now = now_ms();

@@ -371,6 +371,19 @@ pub struct RevokeMemberRequest {
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RevokeMemberResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetProtectedRequest {
+    #[prost(string, tag = "1")]
+    pub member_id: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub protected: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetProtectedResponse {
+    /// The member's group.
+    #[prost(string, tag = "1")]
+    pub group: ::prost::alloc::string::String,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListGroupsRequest {}
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -438,6 +451,9 @@ pub struct Member {
     /// Connections the load balancer has sent to this member.
     #[prost(uint64, tag = "11")]
     pub lb_connections: u64,
+    /// Never chosen for scale-in.
+    #[prost(bool, tag = "12")]
+    pub protected: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListActivitiesRequest {
@@ -1432,6 +1448,31 @@ pub mod admin_client {
             req.extensions_mut().insert(GrpcMethod::new("ebb.v1.Admin", "RevokeMember"));
             self.inner.unary(req, path, codec).await
         }
+        /// Protects a member from scale-in, or lifts the protection (EC2's instance scale-in protection); kept
+        /// across restarts. Health replacement still replaces a protected member that fails its checks.
+        pub async fn set_protected(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetProtectedRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetProtectedResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::SmallBufferCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ebb.v1.Admin/SetProtected",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("ebb.v1.Admin", "SetProtected"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Why a group did, or did not, scale: its evaluations, a run of equal outcomes as one record.
         pub async fn explain(
             &mut self,
@@ -1592,6 +1633,15 @@ pub mod admin_server {
             request: tonic::Request<super::RevokeMemberRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RevokeMemberResponse>,
+            tonic::Status,
+        >;
+        /// Protects a member from scale-in, or lifts the protection (EC2's instance scale-in protection); kept
+        /// across restarts. Health replacement still replaces a protected member that fails its checks.
+        async fn set_protected(
+            &self,
+            request: tonic::Request<super::SetProtectedRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetProtectedResponse>,
             tonic::Status,
         >;
         /// Why a group did, or did not, scale: its evaluations, a run of equal outcomes as one record.
@@ -2032,6 +2082,51 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RevokeMemberSvc(inner);
+                        let codec = crate::codec::SmallBufferCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ebb.v1.Admin/SetProtected" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetProtectedSvc<T: Admin>(pub Arc<T>);
+                    impl<
+                        T: Admin,
+                    > tonic::server::UnaryService<super::SetProtectedRequest>
+                    for SetProtectedSvc<T> {
+                        type Response = super::SetProtectedResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetProtectedRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::set_protected(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetProtectedSvc(inner);
                         let codec = crate::codec::SmallBufferCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
