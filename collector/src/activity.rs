@@ -142,10 +142,14 @@ pub struct ActivityLog {
     retention_ms: Millis,
     /// When old activities were last pruned.
     pruned_at: Arc<std::sync::Mutex<Millis>>,
+    /// Activities the store refused (a full disk), oldest first, saved in order once it accepts writes.
+    unsaved: Arc<std::sync::Mutex<std::collections::VecDeque<Activity>>>,
 }
 
 /// How often activities older than the retention are pruned.
 const PRUNE_EVERY_MS: Millis = 3_600_000;
+/// Activities held in memory while the store refuses writes; beyond this the oldest are dropped.
+const MAX_UNSAVED: usize = 10_000;
 
 impl ActivityLog {
     /// Activities older than `retention_days` are pruned as new ones are recorded, at most hourly.
@@ -155,11 +159,13 @@ impl ActivityLog {
             metrics,
             retention_ms: Millis::from(retention_days) * 86_400_000,
             pruned_at: Arc::default(),
+            unsaved: Arc::default(),
         }
     }
 
-    /// Records an activity; its `id` is assigned by the store (0 if the store could not save it, which is
-    /// logged and counted).
+    /// Records an activity; its `id` is assigned by the store. If the store refuses the write (a full
+    /// disk), the activity is kept in memory with id 0, counted, and saved, in order, with the first
+    /// activity recorded after the store accepts writes again.
     pub fn record(&self, mut activity: Activity) -> Activity {
         self.metrics
             .activity(&activity.group, activity.kind.as_str(), activity.outcome);
@@ -169,13 +175,35 @@ impl ActivityLog {
             tracing::warn!(group = %activity.group, kind = activity.kind.as_str(), member = %activity.member_id, cause = %activity.cause, error = %activity.detail, "Activity failed.");
         }
         self.prune_if_due(activity.at);
-        match self.store.add_activity(&activity) {
-            Ok(id) => activity.id = id,
-            Err(e) => {
-                self.metrics.store_error();
-                tracing::error!(error = %e, group = %activity.group, kind = activity.kind.as_str(), "Cannot save an activity.");
+        let mut unsaved = self.unsaved.lock().unwrap();
+        let held = unsaved.len();
+        unsaved.push_back(activity.clone());
+        let mut last_id = 0;
+        while let Some(next) = unsaved.front() {
+            match self.store.add_activity(next) {
+                Ok(id) => {
+                    unsaved.pop_front();
+                    last_id = id;
+                }
+                Err(e) => {
+                    self.metrics.store_error();
+                    if held == 0 {
+                        tracing::error!(error = %e, "Cannot save activities; holding them in memory until the store accepts writes.");
+                    }
+                    if unsaved.len() > MAX_UNSAVED {
+                        unsaved.pop_front();
+                    }
+                    return activity;
+                }
             }
         }
+        if held > 0 {
+            tracing::info!(
+                activities = held,
+                "Saved the activities held while the store refused writes."
+            );
+        }
+        activity.id = last_id;
         activity
     }
 
@@ -240,5 +268,22 @@ mod tests {
         log.record(at(30 * hour));
         let left: Vec<Millis> = log.newest("web", 10).iter().map(|a| a.at).collect();
         assert_eq!(left, [30 * hour, 20 * hour]);
+    }
+
+    #[test]
+    fn activities_the_store_refuses_are_saved_in_order_once_it_accepts_writes() {
+        let store = Arc::new(Store::in_memory());
+        let metrics = Arc::new(Metrics::default());
+        let log = ActivityLog::new(metrics.clone(), store.clone(), 42);
+        log.record(at(1));
+        store.refuse_writes(true);
+        assert_eq!(log.record(at(2)).id, 0, "not saved yet");
+        log.record(at(3));
+        assert_eq!(log.newest("web", 10).len(), 1);
+        store.refuse_writes(false);
+        let fourth = log.record(at(4));
+        let saved: Vec<Millis> = log.since(0, "web").iter().map(|a| a.at).collect();
+        assert_eq!(saved, [1, 2, 3, 4], "nothing lost, in order");
+        assert_eq!(fourth.id, log.newest("web", 1)[0].id);
     }
 }

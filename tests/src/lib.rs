@@ -209,3 +209,34 @@ pub fn test_tool(name: &str) -> PathBuf {
     assert!(path.exists(), "{} is missing after scripts/test-tools", path.display());
     path
 }
+
+/// An operator command against the Admin API at `server` (if empty: its Unix socket in `state_dir`), with
+/// the admin certificate in `state_dir`.
+pub fn admin(server: &str, state_dir: &Path, args: &[&str]) -> (bool, String) {
+    let mut command = Command::new(collector_bin());
+    if !server.is_empty() {
+        command.args(["--server", &format!("https://{server}")]);
+    }
+    let output = command.arg("--state-dir").arg(state_dir).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+/// Running instances in the directory-backed fake cloud, by member id.
+pub fn running_in(cloud: &Path) -> Vec<String> {
+    let mut running: Vec<String> = std::fs::read_dir(cloud)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .filter_map(|e| {
+                    serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(e.path()).ok()?).ok()
+                })
+                .filter(|r| r["running"] == true)
+                .map(|r| r["member_id"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    running.sort();
+    running
+}

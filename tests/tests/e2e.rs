@@ -6,7 +6,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ebb_tests::{Running, agent_bin, collector_bin, examples_dir, free_port, processes_mentioning, serial, wait_for};
+use ebb_tests::{
+    Running, admin, agent_bin, collector_bin, examples_dir, free_port, processes_mentioning, running_in, serial,
+    wait_for,
+};
 use serde_json::Value;
 
 /// The local example with its own loopback range, free ports and state directory, so it runs beside
@@ -109,18 +112,6 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
         Vec::<u32>::new(),
         "the demo left instances running"
     );
-}
-
-/// An operator command against the Admin API at `server` (if empty: its Unix socket in `state_dir`), with
-/// the admin certificate in `state_dir`.
-fn admin(server: &str, state_dir: &Path, args: &[&str]) -> (bool, String) {
-    let mut command = Command::new(collector_bin());
-    if !server.is_empty() {
-        command.args(["--server", &format!("https://{server}")]);
-    }
-    let output = command.arg("--state-dir").arg(state_dir).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), text)
 }
 
 /// A command that needs no collector.
@@ -597,23 +588,6 @@ fn a_damaged_store_stops_the_collector_from_starting() {
         "{stderr}"
     );
     assert_eq!(std::fs::read(state.join("collector.db")).unwrap(), vec![0x42; 4096]);
-}
-
-/// Running instances in the directory-backed fake cloud, by member id.
-fn running_in(cloud: &Path) -> Vec<String> {
-    let mut running: Vec<String> = std::fs::read_dir(cloud)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                .filter_map(|e| serde_json::from_str::<Value>(&std::fs::read_to_string(e.path()).ok()?).ok())
-                .filter(|r| r["running"] == true)
-                .map(|r| r["member_id"].as_str().unwrap_or_default().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    running.sort();
-    running
 }
 
 /// Issue 6's fault test: the collector killed with SIGKILL at random moments of scale-out and scale-in,
