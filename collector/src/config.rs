@@ -809,10 +809,17 @@ impl CollectorConfig {
                 match (&hook.url, hook.command.is_empty()) {
                     (None, true) => problems.push(format!("{at}: give `command` or `url`")),
                     (Some(_), false) => problems.push(format!("{at}: give `command` or `url`, not both")),
-                    (Some(url), true) if !url.starts_with("http://") => {
-                        problems.push(format!("{at}.url: `{url}` must start with http://"))
+                    (Some(url), true) if !url.starts_with("http://") && !url.starts_with("https://") => {
+                        problems.push(format!("{at}.url: `{url}` must start with http:// or https://"))
                     }
                     _ => {}
+                }
+                if let Some(ca_file) = &hook.ca_file {
+                    if !hook.url.as_deref().is_some_and(|u| u.starts_with("https://")) {
+                        problems.push(format!("{at}.ca_file: only for an https:// url"));
+                    } else if let Err(e) = crate::http::client(Some(ca_file)) {
+                        problems.push(format!("{at}.ca_file: {e}"));
+                    }
                 }
                 if hook.timeout_secs == 0 {
                     problems.push(format!("{at}.timeout_secs: must be at least 1"));
@@ -1095,10 +1102,23 @@ mod tests {
             format!("{LOCAL_EXAMPLE}\n[[groups.lifecycle_hooks]]\nname = \"h\"\ntransition = \"launching\"\n{body}\n")
         };
         assert!(parse(Path::new("c.toml"), &hook("url = \"http://127.0.0.1:9000/hook\"")).is_ok());
+        assert!(parse(Path::new("c.toml"), &hook("url = \"https://hooks.example/x\"")).is_ok());
+        let not_pem = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(not_pem.path(), "not a certificate").unwrap();
+        let not_pem = format!("url = \"https://a/b\"\nca_file = \"{}\"", not_pem.path().display());
         for (body, expected) in [
             ("", "give `command` or `url`"),
-            ("url = \"https://hooks.example/x\"", "must start with http://"),
+            ("url = \"ftp://hooks.example/x\"", "must start with http:// or https://"),
             ("url = \"http://a/b\"\ncommand = [\"true\"]", "not both"),
+            (
+                "url = \"http://a/b\"\nca_file = \"/etc/hostname\"",
+                "only for an https:// url",
+            ),
+            (
+                "url = \"https://a/b\"\nca_file = \"/nonexistent/ca.pem\"",
+                "cannot read the CA file",
+            ),
+            (not_pem.as_str(), "holds no PEM certificate"),
         ] {
             let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &hook(body)) else {
                 panic!("{body} must be refused")

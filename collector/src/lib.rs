@@ -13,6 +13,7 @@ pub mod demo;
 pub mod engine;
 pub mod explain;
 pub mod hooks;
+pub mod http;
 pub mod ingest;
 pub mod lb;
 pub mod metrics;

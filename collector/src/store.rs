@@ -15,6 +15,7 @@ use thiserror::Error;
 use crate::activity::{Activity, ActivityKind};
 use crate::engine::{MemberState, Millis};
 use crate::explain::Explained;
+use crate::hooks::{HookWait, Transition};
 use crate::pki::tokens::Token;
 use crate::reconcile::Member;
 
@@ -105,6 +106,11 @@ const MIGRATIONS: &[&str] = &[
         json TEXT NOT NULL
     );
     CREATE INDEX explanations_grp_until ON explanations (grp, until_ms);
+"#,
+    r#"
+    ALTER TABLE members ADD COLUMN hook_transition TEXT;
+    ALTER TABLE members ADD COLUMN hook_position INTEGER;
+    ALTER TABLE members ADD COLUMN hook_deadline INTEGER;
 "#,
 ];
 
@@ -257,8 +263,8 @@ impl Store {
             tx.execute("DELETE FROM members WHERE grp = ?1", [name])?;
             for m in members {
                 tx.execute(
-                    "INSERT INTO members (id, grp, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until, launch_spec)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    "INSERT INTO members (id, grp, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until, launch_spec, hook_transition, hook_position, hook_deadline)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                     params![
                         m.id,
                         name,
@@ -272,7 +278,10 @@ impl Store {
                         m.unhealthy,
                         m.replacing,
                         m.drain_until,
-                        m.launch_spec
+                        m.launch_spec,
+                        m.hook.map(|h| h.transition.name()),
+                        m.hook.map(|h| h.position),
+                        m.hook.map(|h| h.deadline)
                     ],
                 )?;
             }
@@ -304,13 +313,22 @@ impl Store {
                 return Ok(None);
             };
             let mut statement = c.prepare(
-                "SELECT id, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until, launch_spec
+                "SELECT id, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until, launch_spec, hook_transition, hook_position, hook_deadline
                  FROM members WHERE grp = ?1 ORDER BY rowid",
             )?;
             let members = statement
                 .query_map([name], |r| {
                     let state: String = r.get(3)?;
                     let address: Option<String> = r.get(2)?;
+                    let hook_transition: Option<String> = r.get(12)?;
+                    let hook = match (hook_transition.as_deref().and_then(Transition::from_name), r.get(13)?, r.get(14)?) {
+                        (Some(transition), Some(position), Some(deadline)) => Some(HookWait {
+                            transition,
+                            position,
+                            deadline,
+                        }),
+                        _ => None,
+                    };
                     Ok(Member {
                         id: r.get(0)?,
                         instance_id: r.get(1)?,
@@ -328,6 +346,7 @@ impl Store {
                         replacing: r.get(9)?,
                         drain_until: r.get(10)?,
                         launch_spec: r.get(11)?,
+                        hook,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -666,6 +685,11 @@ mod tests {
             replacing: false,
             drain_until: None,
             launch_spec: "v1".into(),
+            hook: Some(HookWait {
+                transition: Transition::Terminating,
+                position: 1,
+                deadline: 9_000,
+            }),
         }
     }
 

@@ -62,7 +62,7 @@ impl GroupController {
                 continue;
             };
             // Terminating hooks hold it; either answer lets it go.
-            let Some(verdict) = self.hooks.check(&self.members[index], Transition::Terminating, now) else {
+            let Some(verdict) = self.hooks.check(&mut self.members[index], Transition::Terminating, now) else {
                 continue;
             };
             if !verdict.why.is_empty() {

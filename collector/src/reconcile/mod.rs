@@ -126,6 +126,8 @@ pub struct Member {
     pub drain_until: Option<Millis>,
     /// The fingerprint of the provider settings it was launched with (empty for hand-made members).
     pub launch_spec: String,
+    /// Held by a lifecycle hook: which, and until when.
+    pub hook: Option<crate::hooks::HookWait>,
 }
 
 impl Member {
@@ -153,6 +155,7 @@ impl Member {
             replacing: false,
             drain_until: None,
             launch_spec: String::new(),
+            hook: None,
         }
     }
 }
@@ -1079,15 +1082,15 @@ impl GroupController {
             if self.suspended.has(Process::AddToLoadBalancer) {
                 continue;
             }
-            let Some(verdict) = self.hooks.check(member, Transition::Launching, now) else {
+            let id = member.id.clone();
+            let Some(verdict) = self.hooks.check(&mut self.members[index], Transition::Launching, now) else {
                 continue;
             };
             if verdict.result == HookResult::Abandon {
-                abandoned.push((member.id.clone(), verdict.why));
+                abandoned.push((id, verdict.why));
                 continue;
             }
             if !verdict.why.is_empty() {
-                let id = member.id.clone();
                 self.record(
                     ActivityKind::Hook,
                     verdict.why,
@@ -1098,7 +1101,6 @@ impl GroupController {
             }
             let member = &self.members[index];
             let (took, external) = (now - member.launched_at, member.external);
-            let id = member.id.clone();
             // A dry run counts the member in service but leaves the load balancer alone.
             let result = if self.config.dry_run {
                 Ok(())

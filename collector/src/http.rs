@@ -1,0 +1,33 @@
+//! The HTTP client for every call the collector makes out (lifecycle hooks; the cloud APIs): rustls with
+//! the system's CA certificates plus any the operator names, and bounded timeouts, so a dead endpoint
+//! never holds a group.
+
+use std::path::Path;
+use std::time::Duration;
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole request may take, answer included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client trusting the system's CAs and, if given, the PEM certificates in `extra_ca`.
+pub fn client(extra_ca: Option<&Path>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("ebb-collector/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT);
+    if let Some(path) = extra_ca {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{} holds no PEM certificate: {e}", path.display()))?;
+        if certificates.is_empty() {
+            return Err(format!("{} holds no PEM certificate", path.display()));
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot set up the HTTP client: {e}"))
+}
