@@ -20,12 +20,27 @@ pub struct Backend {
     pub connections: u64,
 }
 
+/// A member as the reconciler puts it behind a load balancer: clouds' balancers name it by instance, the
+/// built-in one by address.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Registration<'a> {
+    pub member_id: &'a str,
+    pub instance_id: &'a str,
+    pub address: SocketAddr,
+}
+
 #[async_trait]
 pub trait LoadBalancer: Send + Sync {
     /// Starts sending new traffic to the member. Registering a registered member changes nothing.
-    async fn register(&self, member_id: &str, address: SocketAddr) -> Result<(), CloudError>;
-    /// Stops sending new traffic to the member; connections already open may finish.
-    async fn deregister(&self, member_id: &str) -> Result<(), CloudError>;
-    /// The registered members.
+    async fn register(&self, member: &Registration<'_>) -> Result<(), CloudError>;
+    /// Stops sending new traffic to the member; connections already open may finish. Deregistering a
+    /// member that is not registered succeeds.
+    async fn deregister(&self, member_id: &str, instance_id: &str) -> Result<(), CloudError>;
+    /// The registered members, asked of the load balancer (a cloud API call for a cloud's).
     async fn members(&self) -> Result<Vec<Backend>, CloudError>;
+    /// Connections sent to each member so far, where this load balancer counts them locally; asked every
+    /// second for `members` and the metrics, so it never calls a cloud API.
+    fn connections(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
 }

@@ -10,13 +10,17 @@ use crate::store::{Intent, IntentKind};
 
 impl GroupController {
     /// Takes a member out of the load balancer, recording why.
-    pub(super) async fn leave_load_balancer(&self, member_id: &str, cause: &str, capacity: (u32, u32)) {
-        let result = self.deps.load_balancer.deregister(member_id).await;
+    pub(super) async fn leave_load_balancer(&self, member: &Member, cause: &str, capacity: (u32, u32)) {
+        let result = self
+            .deps
+            .load_balancer
+            .deregister(&member.id, &member.instance_id)
+            .await;
         self.record(
             ActivityKind::Deregister,
             cause.to_string(),
             result.map(|()| String::new()),
-            member_id,
+            &member.id,
             capacity,
         );
     }
@@ -26,7 +30,7 @@ impl GroupController {
     pub(super) async fn start_drain(&mut self, index: usize, cause: &str, now: Millis) {
         let member = self.members[index].clone();
         if member.state == MemberState::InService {
-            self.leave_load_balancer(&member.id, cause, (self.desired, self.desired))
+            self.leave_load_balancer(&member, cause, (self.desired, self.desired))
                 .await;
         }
         let until = now + Millis::from(self.config.drain_secs) * 1000;
@@ -108,7 +112,7 @@ impl GroupController {
         self.hooks.forget(&member.id);
         let size = self.members.len() as u32;
         if member.state == MemberState::InService {
-            self.leave_load_balancer(&member.id, cause, (size + 1, size)).await;
+            self.leave_load_balancer(&member, cause, (size + 1, size)).await;
         }
         if member.external {
             // ebb did not launch it and does not terminate it; it only leaves the group, and its

@@ -131,6 +131,15 @@ pub struct Member {
 }
 
 impl Member {
+    /// How a load balancer is told of this member, serving at `address`.
+    pub fn registration(&self, address: SocketAddr) -> crate::lb::Registration<'_> {
+        crate::lb::Registration {
+            member_id: &self.id,
+            instance_id: &self.instance_id,
+            address,
+        }
+    }
+
     /// What operators see: `pending`, `in_service`, `draining`, or `unhealthy` / `replacing` when judged so.
     pub fn state_name(&self) -> &'static str {
         match (self.replacing, self.unhealthy) {
@@ -835,7 +844,11 @@ impl GroupController {
                 continue;
             }
             if change.unhealthy {
-                let result = self.deps.load_balancer.deregister(&member.id).await;
+                let result = self
+                    .deps
+                    .load_balancer
+                    .deregister(&member.id, &member.instance_id)
+                    .await;
                 self.record(
                     ActivityKind::Deregister,
                     format!("unhealthy: {}", change.why),
@@ -846,7 +859,7 @@ impl GroupController {
             } else {
                 self.members[index].replacing = false;
                 if let Some(address) = member.address {
-                    let result = self.deps.load_balancer.register(&member.id, address).await;
+                    let result = self.deps.load_balancer.register(&member.registration(address)).await;
                     self.record(
                         ActivityKind::Register,
                         format!("healthy again: {}", change.why),
@@ -1003,7 +1016,11 @@ impl GroupController {
             };
             let member = self.members.remove(index);
             if member.state == MemberState::InService {
-                let result = self.deps.load_balancer.deregister(&member.id).await;
+                let result = self
+                    .deps
+                    .load_balancer
+                    .deregister(&member.id, &member.instance_id)
+                    .await;
                 self.record(
                     ActivityKind::Deregister,
                     "its instance is gone".into(),
@@ -1105,7 +1122,10 @@ impl GroupController {
             let result = if self.config.dry_run {
                 Ok(())
             } else {
-                self.deps.load_balancer.register(&id, address).await
+                self.deps
+                    .load_balancer
+                    .register(&self.members[index].registration(address))
+                    .await
             };
             let ok = result.is_ok();
             let detail = if self.config.dry_run {
@@ -1328,10 +1348,7 @@ impl GroupController {
     }
 
     async fn load_balancer_connections(&self) -> Vec<(String, u64)> {
-        match self.deps.load_balancer.members().await {
-            Ok(backends) => backends.into_iter().map(|b| (b.member_id, b.connections)).collect(),
-            Err(_) => Vec::new(),
-        }
+        self.deps.load_balancer.connections()
     }
 
     fn record(

@@ -116,17 +116,18 @@ impl GroupController {
         let Ok(backends) = self.deps.load_balancer.members().await else {
             return;
         };
-        let serving: Vec<(String, SocketAddr)> = self
+        let serving: Vec<(Member, SocketAddr)> = self
             .members
             .iter()
             .filter(|m| m.state == MemberState::InService && !m.unhealthy && !m.replacing)
-            .filter_map(|m| Some((m.id.clone(), m.address?)))
+            .filter_map(|m| Some((m.clone(), m.address?)))
             .collect();
-        for (id, address) in serving {
+        for (member, address) in serving {
+            let id = member.id.clone();
             if backends.iter().any(|b| b.member_id == id) {
                 continue;
             }
-            let result = self.deps.load_balancer.register(&id, address).await;
+            let result = self.deps.load_balancer.register(&member.registration(address)).await;
             self.record(
                 ActivityKind::Register,
                 "its load-balancer membership was removed outside ebb; restored".into(),

@@ -815,7 +815,7 @@ async fn a_load_balancer_membership_removed_by_hand_is_restored() {
     report_span(&mut h, &[("web-1", true)], now + 100, now + 1100).await;
     h.controller.step(now + 1200).await;
     assert_eq!(h.lb.registered(), ["web-1"]);
-    h.lb.deregister("web-1").await.unwrap();
+    h.lb.deregister("web-1", "fake-1").await.unwrap();
     h.controller.step(now + 11_000).await;
     assert_eq!(h.lb.registered(), ["web-1"]);
     let restored = h.activities.newest("web", 1).remove(0);

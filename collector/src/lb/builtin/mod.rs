@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use super::{Backend, LoadBalancer};
+use super::{Backend, LoadBalancer, Registration};
 use crate::providers::CloudError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -103,21 +103,31 @@ async fn accept(listener: TcpListener, pool: Arc<Pool>) {
 
 #[async_trait]
 impl LoadBalancer for BuiltinLoadBalancer {
-    async fn register(&self, member_id: &str, address: SocketAddr) -> Result<(), CloudError> {
+    async fn register(&self, member: &Registration<'_>) -> Result<(), CloudError> {
         let mut targets = self.pool.targets.write().unwrap();
-        if !targets.iter().any(|t| t.member_id == member_id) {
+        if !targets.iter().any(|t| t.member_id == member.member_id) {
             targets.push(Target {
-                member_id: member_id.to_string(),
-                address,
+                member_id: member.member_id.to_string(),
+                address: member.address,
                 connections: Arc::default(),
             });
         }
         Ok(())
     }
 
-    async fn deregister(&self, member_id: &str) -> Result<(), CloudError> {
+    async fn deregister(&self, member_id: &str, _instance_id: &str) -> Result<(), CloudError> {
         self.pool.targets.write().unwrap().retain(|t| t.member_id != member_id);
         Ok(())
+    }
+
+    fn connections(&self) -> Vec<(String, u64)> {
+        self.pool
+            .targets
+            .read()
+            .unwrap()
+            .iter()
+            .map(|t| (t.member_id.clone(), t.connections.load(Ordering::Relaxed)))
+            .collect()
     }
 
     async fn members(&self) -> Result<Vec<Backend>, CloudError> {
@@ -165,8 +175,8 @@ mod tests {
         let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         assert_eq!(fetch(lb.front()).await, "", "no members: the connection is closed");
 
-        lb.register("a", backend("a").await).await.unwrap();
-        lb.register("b", backend("b").await).await.unwrap();
+        lb.register(&at("a", backend("a").await)).await.unwrap();
+        lb.register(&at("b", backend("b").await)).await.unwrap();
         let mut answers = Vec::new();
         for _ in 0..4 {
             answers.push(fetch(lb.front()).await);
@@ -174,19 +184,28 @@ mod tests {
         answers.sort();
         assert_eq!(answers, ["a", "a", "b", "b"]);
 
-        lb.deregister("a").await.unwrap();
+        lb.deregister("a", "i-a").await.unwrap();
         assert_eq!(fetch(lb.front()).await, "b");
         let members = lb.members().await.unwrap();
         assert_eq!(members.len(), 1);
         assert_eq!(members[0].connections, 3);
+        assert_eq!(lb.connections(), [("b".to_string(), 3)]);
+    }
+
+    fn at(member_id: &str, address: SocketAddr) -> Registration<'_> {
+        Registration {
+            member_id,
+            instance_id: "i-test",
+            address,
+        }
     }
 
     #[tokio::test]
     async fn a_refusing_member_is_skipped() {
         let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        lb.register("gone", closed).await.unwrap();
-        lb.register("b", backend("b").await).await.unwrap();
+        lb.register(&at("gone", closed)).await.unwrap();
+        lb.register(&at("b", backend("b").await)).await.unwrap();
         for _ in 0..3 {
             assert_eq!(fetch(lb.front()).await, "b");
         }

@@ -1,11 +1,10 @@
 //! An in-memory load balancer for tests: records registrations, can be told to fail.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{Backend, LoadBalancer};
+use super::{Backend, LoadBalancer, Registration};
 use crate::providers::CloudError;
 
 #[derive(Debug, Default)]
@@ -45,23 +44,23 @@ impl FakeLoadBalancer {
 
 #[async_trait]
 impl LoadBalancer for FakeLoadBalancer {
-    async fn register(&self, member_id: &str, address: SocketAddr) -> Result<(), CloudError> {
+    async fn register(&self, member: &Registration<'_>) -> Result<(), CloudError> {
         let mut state = self.state.lock().unwrap();
-        state.calls.push(format!("register {member_id}"));
+        state.calls.push(format!("register {}", member.member_id));
         if let Some(error) = state.fail_next.take() {
             return Err(error);
         }
-        if !state.backends.iter().any(|b| b.member_id == member_id) {
+        if !state.backends.iter().any(|b| b.member_id == member.member_id) {
             state.backends.push(Backend {
-                member_id: member_id.to_string(),
-                address,
+                member_id: member.member_id.to_string(),
+                address: member.address,
                 connections: 0,
             });
         }
         Ok(())
     }
 
-    async fn deregister(&self, member_id: &str) -> Result<(), CloudError> {
+    async fn deregister(&self, member_id: &str, _instance_id: &str) -> Result<(), CloudError> {
         let mut state = self.state.lock().unwrap();
         state.calls.push(format!("deregister {member_id}"));
         if let Some(error) = state.fail_next.take() {
