@@ -480,6 +480,8 @@ pub enum ProviderConfig {
     Local(LocalProviderConfig),
     /// A fake cloud in a directory, for fault tests and benchmarks; see `providers::fake::dir`.
     Fake(crate::providers::fake::dir::DirCloudConfig),
+    /// CloudStack (IDCF Cloud and others); see `providers::cloudstack`.
+    Cloudstack(crate::providers::cloudstack::CloudStackConfig),
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -509,6 +511,8 @@ pub struct LocalProviderConfig {
 pub enum LoadBalancerConfig {
     /// The built-in TCP round-robin balancer; see `lb::builtin`.
     Builtin { listen: SocketAddr },
+    /// A CloudStack load-balancer rule, with the group's CloudStack provider's keys; see `lb::cloudstack`.
+    Cloudstack { rule_id: String },
 }
 
 fn default_grpc_listen() -> SocketAddr {
@@ -738,8 +742,22 @@ impl CollectorConfig {
             if !group.health_check.path.starts_with('/') {
                 problems.push(format!("{at}.health_check.path: must start with `/`"));
             }
+            match (&group.provider, &group.load_balancer) {
+                (ProviderConfig::Cloudstack(_), _) | (_, LoadBalancerConfig::Builtin { .. }) => {}
+                (_, LoadBalancerConfig::Cloudstack { .. }) => problems.push(format!(
+                    "{at}.load_balancer: type \"cloudstack\" needs the group's provider to be type \"cloudstack\" (it uses its keys)"
+                )),
+            }
+            if let LoadBalancerConfig::Cloudstack { rule_id } = &group.load_balancer
+                && rule_id.trim().is_empty()
+            {
+                problems.push(format!("{at}.load_balancer.rule_id: must not be empty"));
+            }
             match &group.provider {
                 ProviderConfig::Fake(_) => {}
+                ProviderConfig::Cloudstack(cloudstack) => {
+                    problems.extend(cloudstack.problems().into_iter().map(|p| format!("{at}.{p}")));
+                }
                 ProviderConfig::Local(local) => {
                     if local.command.is_empty() {
                         problems.push(format!("{at}.provider.command: must name a program"));

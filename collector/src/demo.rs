@@ -112,8 +112,13 @@ fn demo_config(args: &DemoArgs, state_dir: &Path) -> anyhow::Result<config::Coll
     config.server.admin_socket = None;
     config.server.state_dir = state_dir.to_path_buf();
     for group in &mut config.groups {
-        let LoadBalancerConfig::Builtin { listen } = &mut group.load_balancer;
-        listen.set_port(0);
+        match &mut group.load_balancer {
+            LoadBalancerConfig::Builtin { listen } => listen.set_port(0),
+            LoadBalancerConfig::Cloudstack { .. } => anyhow::bail!(
+                "the demo runs on this machine only: group {} uses a CloudStack load balancer",
+                group.name
+            ),
+        }
     }
     anyhow::ensure!(
         !config.groups.is_empty(),

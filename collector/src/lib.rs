@@ -46,9 +46,11 @@ use crate::explain::ExplanationLog;
 use crate::ingest::IngestHandle;
 use crate::lb::LoadBalancer;
 use crate::lb::builtin::BuiltinLoadBalancer;
+use crate::lb::cloudstack::CloudStackLoadBalancer;
 use crate::metrics::Metrics;
 use crate::pki::{Authority, Pki};
 use crate::providers::Provider;
+use crate::providers::cloudstack::CloudStackProvider;
 use crate::providers::local::LocalProvider;
 use crate::reconcile::{Dependencies, GroupController, GroupHandle};
 use crate::reload::Reloader;
@@ -143,6 +145,11 @@ impl Collector {
         let mut controllers = Vec::new();
         let running = config.clone();
         for group in config.groups {
+            let context = || format!("group {}: provider", group.name);
+            let cloudstack = match &group.provider {
+                ProviderConfig::Cloudstack(cloudstack) => Some(Arc::new(cloudstack.api().with_context(context)?)),
+                _ => None,
+            };
             let provider: Arc<dyn Provider> = match &group.provider {
                 ProviderConfig::Local(local) => Arc::new(
                     LocalProvider::new(local.clone(), config.server.state_dir.join("local"))
@@ -152,6 +159,11 @@ impl Collector {
                     crate::providers::fake::dir::DirCloud::new(fake.clone())
                         .with_context(|| format!("group {}: provider", group.name))?,
                 ),
+                ProviderConfig::Cloudstack(config) => Arc::new(CloudStackProvider::new(
+                    config.clone(),
+                    cloudstack.clone().expect("made above for a CloudStack provider"),
+                    &cluster_id,
+                )),
             };
             let load_balancer: Arc<dyn LoadBalancer> = match &group.load_balancer {
                 LoadBalancerConfig::Builtin { listen } => {
@@ -161,6 +173,11 @@ impl Collector {
                     load_balancer_fronts.insert(group.name.clone(), lb.front());
                     Arc::new(lb)
                 }
+                LoadBalancerConfig::Cloudstack { rule_id } => Arc::new(CloudStackLoadBalancer::new(
+                    cloudstack.clone().expect("validation requires a CloudStack provider"),
+                    rule_id,
+                    &cluster_id,
+                )),
             };
             let deps = Dependencies {
                 provider,

@@ -3,6 +3,7 @@
 //! deregisters it before the member is stopped.
 
 pub mod builtin;
+pub mod cloudstack;
 pub mod fake;
 
 use std::net::SocketAddr;
