@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cloudstack;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -192,9 +194,21 @@ pub fn examples_dir() -> PathBuf {
 
 /// A third-party tool from `scripts/test-tools`, installing it on first use.
 pub fn test_tool(name: &str) -> PathBuf {
+    installed(&Path::new("bin").join(name))
+}
+
+/// Apache libcloud's recorded CloudStack answers: `compute/` and `loadbalancer/` hold `<command>_<case>.json`.
+pub fn libcloud_fixtures() -> PathBuf {
+    let fixtures = installed(Path::new("libcloud-fixtures"));
+    assert!(fixtures.join("compute/deployVirtualMachine_default.json").exists());
+    fixtures
+}
+
+/// `relative` under `target/test-tools`, running `scripts/test-tools` first if it is missing.
+fn installed(relative: &Path) -> PathBuf {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let path = root.join("target/test-tools/bin").join(name);
+    let path = root.join("target/test-tools").join(relative);
     if !path.exists() {
         INSTALLED.get_or_init(|| {
             let status = Command::new(root.join("scripts/test-tools"))

@@ -105,6 +105,8 @@ pub struct Api {
     job_timeout: Duration,
     /// The first wait between polls of a job; it doubles up to 5 s.
     first_poll: Duration,
+    /// How long one request may take, answer included.
+    request_timeout: Duration,
 }
 
 impl Api {
@@ -119,12 +121,14 @@ impl Api {
             signature,
             job_timeout,
             first_poll: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(30),
         })
     }
 
-    /// For tests: poll jobs this often at first.
-    pub fn with_first_poll(mut self, first_poll: Duration) -> Self {
+    /// For tests: poll jobs this often at first, and give up on a request after `request_timeout`.
+    pub fn with_pace(mut self, first_poll: Duration, request_timeout: Duration) -> Self {
         self.first_poll = first_poll;
+        self.request_timeout = request_timeout;
         self
     }
 
@@ -171,7 +175,11 @@ impl Api {
             self.http.get(&url)
         };
         // A transport error's text may hold the URL, and the URL holds the signature: keep it out.
-        let response = request.send().await.map_err(|e| error(0, transport_error(&e)))?;
+        let response = request
+            .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(|e| error(0, transport_error(&e)))?;
         let status = response.status().as_u16();
         let body = response.text().await.map_err(|e| error(0, transport_error(&e)))?;
         let json: Value = serde_json::from_str(&body).map_err(|_| {
@@ -220,7 +228,8 @@ impl Api {
                 }
                 _ => {}
             }
-            if tokio::time::Instant::now() + wait > deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Err(ApiError {
                     command: command.to_string(),
                     code: 0,
@@ -230,7 +239,7 @@ impl Api {
                     ),
                 });
             }
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(wait.min(deadline - now)).await;
             wait = (wait * 2).min(Duration::from_secs(5));
         }
     }

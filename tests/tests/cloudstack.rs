@@ -1,0 +1,208 @@
+//! Issue 7: ebb's CloudStack client, provider and load-balancer rule against the fake CloudStack API
+//! (signatures checked the server's way, answers shaped like libcloud's recordings of real CloudStack).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ebb_collector::lb::cloudstack::CloudStackLoadBalancer;
+use ebb_collector::lb::{LoadBalancer, Registration};
+use ebb_collector::providers::cloudstack::api::{Api, Credentials, SignatureVersion};
+use ebb_collector::providers::cloudstack::{CloudStackConfig, CloudStackProvider};
+use ebb_collector::providers::{CloudError, InstanceState, LaunchSpec, Provider};
+use ebb_tests::cloudstack::{FakeCloudStack, Fault};
+
+const CLUSTER: &str = "0123456789abcdef";
+
+fn api(fake: &FakeCloudStack, secret: &str, signature: SignatureVersion) -> Arc<Api> {
+    let credentials = Credentials {
+        endpoint: fake.endpoint.clone(),
+        api_key: fake.api_key.clone(),
+        secret_key: secret.into(),
+    };
+    Arc::new(
+        Api::new(credentials, signature, Duration::from_secs(3))
+            .unwrap()
+            .with_pace(Duration::from_millis(50), Duration::from_millis(1500)),
+    )
+}
+
+fn config() -> CloudStackConfig {
+    toml::from_str(
+        r#"
+        zone_id = "f0954b9b-2626-4549-82ad-ca421073b3bc"
+        template_id = "3525"
+        service_offering_id = "24"
+        network_ids = ["n-1", "n-2"]
+        keypair = "ops"
+        "#,
+    )
+    .unwrap()
+}
+
+fn provider(fake: &FakeCloudStack) -> CloudStackProvider {
+    CloudStackProvider::new(config(), api(fake, &fake.secret_key, SignatureVersion::V3), CLUSTER)
+}
+
+fn spec(member_id: &str, user_data: &str) -> LaunchSpec {
+    LaunchSpec {
+        group: "web".into(),
+        member_id: member_id.into(),
+        cluster_id: CLUSTER.into(),
+        launch_id: format!("{member_id}-1"),
+        service_port: 80,
+        agent_config: String::new(),
+        user_data: user_data.into(),
+    }
+}
+
+fn count(calls: &[String], call: &str) -> usize {
+    calls.iter().filter(|c| *c == call).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_is_deployed_tagged_listed_and_destroyed() {
+    let fake = FakeCloudStack::start(None);
+    let provider = provider(&fake);
+    let instance = provider.launch(&spec("web-1", "#cloud-config\n")).await.unwrap();
+    assert_eq!(instance.member_id, "web-1");
+    assert_eq!(instance.state, InstanceState::Running, "deploy waits for its job");
+    assert!(instance.address.is_some());
+    assert_eq!(fake.running(), [format!("ebb.{CLUSTER}.web-1")]);
+    let calls = fake.calls();
+    assert_eq!(count(&calls, "GET deployVirtualMachine"), 1);
+    assert!(
+        count(&calls, "GET queryAsyncJobResult") >= 2,
+        "a job that takes a few polls: {calls:?}"
+    );
+    assert_eq!(count(&calls, "GET createTags"), 1);
+
+    let listed = provider.list("web").await.unwrap();
+    assert_eq!(listed, vec![instance.clone()]);
+    assert!(provider.list("api").await.unwrap().is_empty());
+    assert_eq!(
+        provider.describe(&[instance.id.clone(), "nope".into()]).await.unwrap()[0],
+        InstanceState::Running
+    );
+
+    // A launch retried after a lost answer finds its VM.
+    let again = provider.launch(&spec("web-1", "#cloud-config\n")).await.unwrap();
+    assert_eq!(again.id, instance.id);
+    assert_eq!(count(&fake.calls(), "GET deployVirtualMachine"), 1);
+
+    provider.terminate(&instance.id).await.unwrap();
+    assert!(fake.running().is_empty());
+    assert!(provider.list("web").await.unwrap().is_empty());
+    provider
+        .terminate(&instance.id)
+        .await
+        .expect("terminating a destroyed VM succeeds");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_user_data_goes_by_post_and_signature_version_1_works_too() {
+    let fake = FakeCloudStack::start(None);
+    let provider = CloudStackProvider::new(config(), api(&fake, &fake.secret_key, SignatureVersion::V1), CLUSTER);
+    let big = format!("#cloud-config\n# {}\n", "x".repeat(3000));
+    provider.launch(&spec("web-1", &big)).await.unwrap();
+    assert_eq!(count(&fake.calls(), "POST deployVirtualMachine"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_secret_is_refused_and_the_error_says_what_to_check_without_the_secret() {
+    let fake = FakeCloudStack::start(None);
+    let provider = CloudStackProvider::new(config(), api(&fake, "not-the-secret", SignatureVersion::V3), CLUSTER);
+    let error = provider.list("web").await.unwrap_err();
+    assert!(matches!(error, CloudError::Permanent(_)), "{error:?}");
+    let text = error.to_string();
+    assert!(
+        text.contains("check api_key and secret_key") && text.contains("401"),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-secret"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_jobs_and_refusals_become_clear_errors() {
+    let fake = FakeCloudStack::start(None);
+    let provider = provider(&fake);
+    fake.fail_next(
+        "deployVirtualMachine",
+        Fault::JobFails(533, "Unable to create a deployment for VM".into()),
+    );
+    let error = provider.launch(&spec("web-1", "")).await.unwrap_err();
+    assert!(error.is_retryable(), "{error:?}");
+    assert!(
+        error.to_string().contains("no capacity left") && error.to_string().contains("Unable to create a deployment"),
+        "{error}"
+    );
+    fake.fail_next(
+        "deployVirtualMachine",
+        Fault::Error(431, "Unable to find service offering: 24".into()),
+    );
+    let error = provider.launch(&spec("web-2", "")).await.unwrap_err();
+    assert!(!error.is_retryable(), "{error:?}");
+    assert!(error.to_string().contains("check the provider settings"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_are_retried_after_a_5xx_or_a_timeout_but_changes_are_not() {
+    let fake = FakeCloudStack::start(None);
+    let provider = provider(&fake);
+    fake.fail_next("listVirtualMachines", Fault::Http(503));
+    fake.fail_next("listVirtualMachines", Fault::Silence(Duration::from_secs(3)));
+    assert!(provider.list("web").await.unwrap().is_empty(), "retried to success");
+
+    fake.fail_next("deployVirtualMachine", Fault::Http(502));
+    let error = provider.launch(&spec("web-1", "")).await.unwrap_err();
+    assert!(error.is_retryable(), "{error:?}");
+    assert_eq!(
+        count(&fake.calls(), "GET deployVirtualMachine"),
+        1,
+        "never retried by the client"
+    );
+
+    for _ in 0..3 {
+        fake.fail_next("listVirtualMachines", Fault::Silence(Duration::from_secs(3)));
+    }
+    let error = provider.list("web").await.unwrap_err();
+    assert!(
+        error.is_retryable() && error.to_string().contains("timed out"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_never_ends_is_given_up_after_the_job_timeout() {
+    let fake = FakeCloudStack::start(None);
+    fake.set_job_ms(60_000);
+    let error = provider(&fake).launch(&spec("web-1", "")).await.unwrap_err();
+    assert!(error.to_string().contains("still running after 3 s"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_balancer_rule_follows_register_and_deregister() {
+    let fake = FakeCloudStack::start(None);
+    let monitored = fake.add_vm("scale01", Some("rule-1"));
+    let provider = provider(&fake);
+    let lb = CloudStackLoadBalancer::new(api(&fake, &fake.secret_key, SignatureVersion::V3), "rule-1", CLUSTER);
+    let instance = provider.launch(&spec("web-1", "")).await.unwrap();
+    let registration = Registration {
+        member_id: "web-1",
+        instance_id: &instance.id,
+        address: "10.1.1.1:80".parse().unwrap(),
+    };
+    lb.register(&registration).await.unwrap();
+    let mut members: Vec<String> = lb.members().await.unwrap().into_iter().map(|b| b.member_id).collect();
+    members.sort();
+    assert_eq!(
+        members,
+        ["scale01", "web-1"],
+        "ebb's member by its id, the hand-made VM by its name"
+    );
+    assert_eq!(fake.rule_members("rule-1").len(), 2);
+    lb.deregister("web-1", &instance.id).await.unwrap();
+    assert_eq!(fake.rule_members("rule-1"), ["scale01"]);
+    lb.deregister("scale01-is-not-ours", &format!("{monitored}-gone"))
+        .await
+        .expect("deregistering what is not there succeeds");
+}
