@@ -177,6 +177,17 @@ pub enum MemberCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// An ssh_scale.py `.idcfrc` (IDCF Cloud / CloudStack).
+    Idcfrc {
+        path: PathBuf,
+        /// The group's name.
+        #[arg(long, default_value = "web")]
+        group: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Print the CA's SHA-256 fingerprint, which agents pin.
     Show,
@@ -198,6 +209,12 @@ pub enum Command {
     },
     /// Print a commented example configuration.
     GenConfig,
+    /// Turn another tool's configuration into an ebb configuration on stdout; what changes in meaning
+    /// goes to stderr.
+    Import {
+        #[command(subcommand)]
+        from: ImportCommand,
+    },
     /// List the groups with their capacity and latest evaluation.
     Groups,
     /// List a group's members.

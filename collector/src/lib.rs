@@ -14,6 +14,7 @@ pub mod engine;
 pub mod explain;
 pub mod hooks;
 pub mod http;
+pub mod import;
 pub mod ingest;
 pub mod lb;
 pub mod metrics;

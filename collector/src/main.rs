@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ebb_collector::Collector;
-use ebb_collector::cli::{Cli, Command};
+use ebb_collector::cli::{Cli, Command, ImportCommand};
 use ebb_collector::config;
 
 fn main() -> ExitCode {
@@ -42,6 +42,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::GenConfig => {
             print!("{}", config::LOCAL_EXAMPLE);
+            Ok(true)
+        }
+        Command::Import {
+            from: ImportCommand::Idcfrc { path, group },
+        } => {
+            let imported = ebb_collector::import::idcfrc(&path, &group).map_err(anyhow::Error::msg)?;
+            print!("{}", imported.config);
+            for note in imported.notes {
+                eprintln!("note: {note}");
+            }
             Ok(true)
         }
         Command::Workload(_) => unreachable!("handled before the runtime starts"),

@@ -236,7 +236,8 @@ impl FakeCloudStack {
     pub fn add_vm(&self, display_name: &str, rule_id: Option<&str>) -> String {
         let mut state = self.state.lock().unwrap();
         let id = state.new_id();
-        let address = format!("10.15.0.{}", state.next_id);
+        // Loopback, with nothing listening: tests never reach beyond this machine.
+        let address = format!("127.0.12.{}", state.next_id % 250);
         state.vms.insert(
             id.clone(),
             Vm {
@@ -649,7 +650,7 @@ impl Server {
                     Err(e) => return (533, self.error(533, &format!("Insufficient capacity: {e}"))),
                 }
             }
-            _ => (format!("10.1.1.{}", self.state.lock().unwrap().next_id % 250), None),
+            _ => (format!("127.0.12.{}", self.state.lock().unwrap().next_id % 250), None),
         };
         let mut state = self.state.lock().unwrap();
         state.vms.insert(

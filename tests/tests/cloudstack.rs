@@ -189,7 +189,7 @@ async fn the_load_balancer_rule_follows_register_and_deregister() {
     let registration = Registration {
         member_id: "web-1",
         instance_id: &instance.id,
-        address: "10.1.1.1:80".parse().unwrap(),
+        address: "127.0.12.1:80".parse().unwrap(),
     };
     lb.register(&registration).await.unwrap();
     let mut members: Vec<String> = lb.members().await.unwrap().into_iter().map(|b| b.member_id).collect();
@@ -205,4 +205,218 @@ async fn the_load_balancer_rule_follows_register_and_deregister() {
     lb.deregister("scale01-is-not-ours", &format!("{monitored}-gone"))
         .await
         .expect("deregistering what is not there succeeds");
+}
+
+/// An ssh_scale.py `.idcfrc` for the fake: seed 000's layout, min 2, max 4, the fake's rule.
+fn idcfrc(fake: &FakeCloudStack, dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(".idcfrc");
+    let text = format!(
+        "[account]\nhost={}\napi_key={}\nsecret_key={}\n\n[monitoring]\nhost=scale01\nuser=root\nprivate_key_path=/root/.ssh/id_rsa\npass_phrase=x\n\n[launch_config]\nserviceofferingid=24\ntemplateid=3525\nzoneid=2\n\n[scaling]\nmin_size=2\nmax_size=4\nload_balancer=rule-1\n\n[scaling_policy_out]\nthreshold=2\n\n[scaling_policy_in]\nthreshold=1\n",
+        fake.endpoint, fake.api_key, fake.secret_key
+    );
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Requests `/work` round robin over the rule's VMs (playing the virtual router) until `done` or `limit`.
+fn load(fake: &FakeCloudStack, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    use std::io::{Read, Write};
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < limit && sent < 200_000 {
+        if done() {
+            return true;
+        }
+        let addresses = fake.rule_addresses("rule-1");
+        let threads: Vec<_> = addresses
+            .into_iter()
+            .map(|address| {
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        let Ok(ip) = address.parse::<std::net::IpAddr>() else {
+                            return;
+                        };
+                        assert!(ip.is_loopback(), "the fake's VMs are on loopback: {ip}");
+                        let target = std::net::SocketAddr::new(ip, 8080);
+                        if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                            let _ = write!(stream, "GET /work HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                            let _ = stream.read_to_end(&mut Vec::new());
+                        }
+                    }
+                })
+            })
+            .collect();
+        sent += 20 * threads.len().max(1) as u64;
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+    done()
+}
+
+/// Issue 7's end-to-end test: the collector, configured by `import idcfrc`, keeps min 2 VMs on the fake
+/// CloudStack (each VM a local instance whose agent enrols from its user data), scales to 4 under load and
+/// back to 2 after it with the load-balancer rule following, and a crash in the middle of a deploy leaves
+/// neither a duplicate nor an orphan once the collector is back.
+#[test]
+fn a_group_on_cloudstack_scales_out_and_in_and_survives_a_crash_mid_deploy() {
+    use ebb_tests::{Running, admin, agent_bin, collector_bin, free_port, serial, wait_for};
+    use std::process::Command;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let local = ebb_collector::providers::local::LocalProvider::new(
+        toml::from_str(&format!(
+            r#"
+            command = ["{}", "workload", "--listen", "{{address}}:{{port}}", "--member-id", "{{member_id}}"]
+            address_prefix = "127.0.11"
+            agent_path = "{}"
+            instance_cpus = 1.0
+            stop_grace_secs = 2
+            "#,
+            collector_bin().display(),
+            agent_bin().display()
+        ))
+        .unwrap(),
+        dir.path().join("vms"),
+    )
+    .unwrap();
+    let fake = FakeCloudStack::start(Some(local));
+    fake.add_vm("scale01", Some("rule-1"));
+
+    let output = Command::new(collector_bin())
+        .args(["import", "idcfrc", "--group", "web"])
+        .arg(idcfrc(&fake, dir.path()))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let notes = String::from_utf8_lossy(&output.stderr);
+    assert!(notes.contains("monitored VM `scale01`"), "{notes}");
+    let imported = String::from_utf8(output.stdout).unwrap();
+    // This machine's ports and directories, and policies that react within seconds for the test.
+    let (grpc, admin_address, http) = (free_port(), format!("127.0.0.1:{}", free_port()), free_port());
+    let state = dir.path().join("state");
+    let policies = imported.find("# [scaling_policy_out]").unwrap();
+    let config = imported[..policies]
+        .replace(
+            "grpc_listen = \"0.0.0.0:7300\"",
+            &format!(
+                "grpc_listen = \"127.0.0.1:{grpc}\"\nadmin_listen = \"{admin_address}\"\nstate_dir = \"{}\"",
+                state.display()
+            ),
+        )
+        .lines()
+        .filter(|l| !l.starts_with("advertise_url") && !l.starts_with("# advertise_url"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("127.0.0.1:7301", &format!("127.0.0.1:{http}"))
+        .replace(
+            "member_port = 80",
+            "member_port = 8080\ndrain_secs = 1\nreconcile_interval_secs = 2",
+        )
+        .replace("cooldown_secs = 60", "cooldown_secs = 3")
+        .replace("warmup_secs = 60", "warmup_secs = 3")
+        + r#"
+[groups.health_check]
+path = "/health"
+
+[[groups.policies]]
+name = "cpu-high"
+metric = "cpu"
+statistic = "avg"
+period_secs = 5
+comparison = "gt"
+threshold = 50.0
+adjustment = 1
+
+[[groups.policies]]
+name = "cpu-low"
+metric = "cpu"
+statistic = "avg"
+period_secs = 5
+comparison = "lt"
+threshold = 10.0
+adjustment = -1
+"#;
+    let config_path = dir.path().join("collector.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let (ok, text) = admin(
+        "127.0.0.1:1",
+        std::path::Path::new("/nonexistent"),
+        &["validate", "--config", config_path.to_str().unwrap()],
+    );
+    assert!(ok, "{text}\n{config}");
+
+    let serve = || {
+        Running::spawn(
+            Command::new(collector_bin())
+                .args(["serve", "--config"])
+                .arg(&config_path)
+                .env("EBB_LOG", "warn"),
+        )
+    };
+    let in_service = || {
+        admin(&admin_address, &state, &["members", "web"])
+            .1
+            .lines()
+            .filter(|l| l.contains(" in_service "))
+            .count()
+    };
+    let ours = |fake: &FakeCloudStack| fake.running().into_iter().filter(|n| n.starts_with("ebb.")).count();
+    let mut collector = serve();
+    assert!(
+        wait_for(Duration::from_secs(60), || in_service() == 2
+            && fake.rule_members("rule-1").len() == 3),
+        "min 2 in service and in the rule beside scale01: {}\n{:?}",
+        admin(&admin_address, &state, &["members", "web"]).1,
+        fake.rule_members("rule-1")
+    );
+
+    assert!(
+        load(&fake, Duration::from_secs(120), || ours(&fake) == 4
+            && in_service() == 4),
+        "scaled out to 4 under load: {}",
+        admin(&admin_address, &state, &["activities", "web"]).1
+    );
+    assert_eq!(
+        fake.rule_members("rule-1").len(),
+        5,
+        "the rule follows: {:?}",
+        fake.rule_members("rule-1")
+    );
+    assert!(
+        wait_for(Duration::from_secs(120), || ours(&fake) == 2
+            && fake.rule_members("rule-1").len() == 3),
+        "back to 2 after the load: {:?}\n{}",
+        fake.running(),
+        admin(&admin_address, &state, &["activities", "web"]).1
+    );
+
+    // A deploy that takes 3 s, and the collector killed while it runs. Policies are suspended (and stay so
+    // across the restart) so that only the operator's desired capacity counts.
+    let (ok, text) = admin(&admin_address, &state, &["suspend", "web", "--process", "decide"]);
+    assert!(ok, "{text}");
+    fake.set_job_ms(3000);
+    let deploys = |fake: &FakeCloudStack| {
+        fake.calls()
+            .iter()
+            .filter(|c| c.ends_with(" deployVirtualMachine"))
+            .count()
+    };
+    let before = deploys(&fake);
+    let (ok, text) = admin(&admin_address, &state, &["scale", "web", "--to", "3"]);
+    assert!(ok, "{text}");
+    assert!(wait_for(Duration::from_secs(10), || deploys(&fake) > before));
+    nix::sys::signal::kill(collector.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+    collector.child.wait().unwrap();
+    let _restarted = serve();
+    assert!(
+        wait_for(Duration::from_secs(60), || in_service() == 3 && ours(&fake) == 3),
+        "reconciled to 3: {:?}\n{}",
+        fake.running(),
+        admin(&admin_address, &state, &["activities", "web"]).1
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ours(&fake), 3, "no duplicate and no orphan: {:?}", fake.running());
+    assert_eq!(fake.rule_members("rule-1").len(), 4);
 }
