@@ -482,6 +482,8 @@ pub enum ProviderConfig {
     Fake(crate::providers::fake::dir::DirCloudConfig),
     /// CloudStack (IDCF Cloud and others); see `providers::cloudstack`.
     Cloudstack(crate::providers::cloudstack::CloudStackConfig),
+    /// AWS EC2 (and EC2-compatible clouds); see `providers::aws`.
+    Aws(crate::providers::aws::AwsConfig),
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -513,6 +515,13 @@ pub enum LoadBalancerConfig {
     Builtin { listen: SocketAddr },
     /// A CloudStack load-balancer rule, with the group's CloudStack provider's keys; see `lb::cloudstack`.
     Cloudstack { rule_id: String },
+    /// An ELBv2 target group, with the group's AWS provider's credentials; see `lb::aws`.
+    AwsTargetGroup {
+        target_group_arn: String,
+        /// The target group's target type is `ip`: members are registered by address and port.
+        #[serde(default)]
+        ip_targets: bool,
+    },
 }
 
 fn default_grpc_listen() -> SocketAddr {
@@ -743,10 +752,22 @@ impl CollectorConfig {
                 problems.push(format!("{at}.health_check.path: must start with `/`"));
             }
             match (&group.provider, &group.load_balancer) {
-                (ProviderConfig::Cloudstack(_), _) | (_, LoadBalancerConfig::Builtin { .. }) => {}
+                (ProviderConfig::Cloudstack(_), LoadBalancerConfig::Cloudstack { .. })
+                | (ProviderConfig::Aws(_), LoadBalancerConfig::AwsTargetGroup { .. })
+                | (_, LoadBalancerConfig::Builtin { .. }) => {}
                 (_, LoadBalancerConfig::Cloudstack { .. }) => problems.push(format!(
                     "{at}.load_balancer: type \"cloudstack\" needs the group's provider to be type \"cloudstack\" (it uses its keys)"
                 )),
+                (_, LoadBalancerConfig::AwsTargetGroup { .. }) => problems.push(format!(
+                    "{at}.load_balancer: type \"aws_target_group\" needs the group's provider to be type \"aws\" (it uses its credentials)"
+                )),
+            }
+            if let LoadBalancerConfig::AwsTargetGroup { target_group_arn, .. } = &group.load_balancer
+                && !target_group_arn.starts_with("arn:")
+            {
+                problems.push(format!(
+                    "{at}.load_balancer.target_group_arn: `{target_group_arn}` must be an ARN (arn:aws:elasticloadbalancing:…)"
+                ));
             }
             if let LoadBalancerConfig::Cloudstack { rule_id } = &group.load_balancer
                 && rule_id.trim().is_empty()
@@ -757,6 +778,9 @@ impl CollectorConfig {
                 ProviderConfig::Fake(_) => {}
                 ProviderConfig::Cloudstack(cloudstack) => {
                     problems.extend(cloudstack.problems().into_iter().map(|p| format!("{at}.{p}")));
+                }
+                ProviderConfig::Aws(aws) => {
+                    problems.extend(aws.problems().into_iter().map(|p| format!("{at}.{p}")));
                 }
                 ProviderConfig::Local(local) => {
                     if local.command.is_empty() {

@@ -114,8 +114,8 @@ fn demo_config(args: &DemoArgs, state_dir: &Path) -> anyhow::Result<config::Coll
     for group in &mut config.groups {
         match &mut group.load_balancer {
             LoadBalancerConfig::Builtin { listen } => listen.set_port(0),
-            LoadBalancerConfig::Cloudstack { .. } => anyhow::bail!(
-                "the demo runs on this machine only: group {} uses a CloudStack load balancer",
+            LoadBalancerConfig::Cloudstack { .. } | LoadBalancerConfig::AwsTargetGroup { .. } => anyhow::bail!(
+                "the demo runs on this machine only: group {} uses a cloud's load balancer",
                 group.name
             ),
         }

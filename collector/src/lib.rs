@@ -151,6 +151,10 @@ impl Collector {
                 ProviderConfig::Cloudstack(cloudstack) => Some(Arc::new(cloudstack.api().with_context(context)?)),
                 _ => None,
             };
+            let aws = match &group.provider {
+                ProviderConfig::Aws(aws) => Some(Arc::new(aws.connect().await.with_context(context)?)),
+                _ => None,
+            };
             let provider: Arc<dyn Provider> = match &group.provider {
                 ProviderConfig::Local(local) => Arc::new(
                     LocalProvider::new(local.clone(), config.server.state_dir.join("local"))
@@ -163,6 +167,11 @@ impl Collector {
                 ProviderConfig::Cloudstack(config) => Arc::new(CloudStackProvider::new(
                     config.clone(),
                     cloudstack.clone().expect("made above for a CloudStack provider"),
+                    &cluster_id,
+                )),
+                ProviderConfig::Aws(config) => Arc::new(crate::providers::aws::AwsProvider::new(
+                    config.clone(),
+                    aws.clone().expect("made above for an AWS provider"),
                     &cluster_id,
                 )),
             };
@@ -179,6 +188,18 @@ impl Collector {
                     rule_id,
                     &cluster_id,
                 )),
+                LoadBalancerConfig::AwsTargetGroup {
+                    target_group_arn,
+                    ip_targets,
+                } => Arc::new(
+                    crate::lb::aws::AwsTargetGroup::new(
+                        aws.clone().expect("validation requires an AWS provider"),
+                        target_group_arn,
+                        *ip_targets,
+                    )
+                    .await
+                    .with_context(|| format!("group {}: load_balancer", group.name))?,
+                ),
             };
             let deps = Dependencies {
                 provider,

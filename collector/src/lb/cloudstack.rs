@@ -68,10 +68,10 @@ impl LoadBalancer for CloudStackLoadBalancer {
                     .and_then(|nic| nic.get("ipaddress"))
                     .and_then(Value::as_str)
                     .and_then(|ip| ip.parse().ok())?;
-                id_text(vm.get("id")?)?;
                 Some(Backend {
                     // A VM ebb did not launch (the seeds' monitored VM) keeps its own name.
                     member_id: name.strip_prefix(&prefix).unwrap_or(name).to_string(),
+                    instance_id: id_text(vm.get("id")?)?,
                     address: SocketAddr::new(ip, 0),
                     connections: 0,
                 })

@@ -2,6 +2,7 @@
 //! balancer knows nothing of policies; the reconciler registers a member once its health check passes and
 //! deregisters it before the member is stopped.
 
+pub mod aws;
 pub mod builtin;
 pub mod cloudstack;
 pub mod fake;
@@ -15,7 +16,10 @@ use crate::providers::CloudError;
 /// A member as the load balancer sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Backend {
+    /// Empty where the load balancer knows members only by instance or address (an ELBv2 target group).
     pub member_id: String,
+    /// The instance (or, for an `ip` target group, the address) the load balancer names; may be empty.
+    pub instance_id: String,
     pub address: SocketAddr,
     /// Connections forwarded to it so far, where the load balancer counts them.
     pub connections: u64,
@@ -43,5 +47,10 @@ pub trait LoadBalancer: Send + Sync {
     /// second for `members` and the metrics, so it never calls a cloud API.
     fn connections(&self) -> Vec<(String, u64)> {
         Vec::new()
+    }
+    /// How long the load balancer keeps sending a deregistered member its open requests; a leaving member
+    /// drains at least this long.
+    fn deregistration_delay_secs(&self) -> u32 {
+        0
     }
 }

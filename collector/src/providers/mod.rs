@@ -2,6 +2,7 @@
 //! policies; it launches, describes, lists and terminates instances, and maps its cloud's errors to
 //! [`CloudError`].
 
+pub mod aws;
 pub mod cloudstack;
 pub mod fake;
 pub mod local;

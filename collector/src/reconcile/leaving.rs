@@ -33,7 +33,7 @@ impl GroupController {
             self.leave_load_balancer(&member, cause, (self.desired, self.desired))
                 .await;
         }
-        let until = now + Millis::from(self.config.drain_secs) * 1000;
+        let until = now + Millis::from(self.drain_secs()) * 1000;
         self.members[index].state = MemberState::Draining;
         self.members[index].drain_until = Some(until);
         let settings = self.agent_settings(&self.members[index]);
@@ -41,16 +41,31 @@ impl GroupController {
         self.record(
             ActivityKind::Drain,
             cause.to_string(),
-            Ok(format!("terminated within {} s", self.config.drain_secs)),
+            Ok(format!("terminated within {} s", self.drain_secs())),
             &member.id,
             (self.desired, self.desired),
         );
         self.save();
     }
 
-    /// Draining members whose agent reported drained, or whose time is up, go.
+    /// `drain_secs`, or the load balancer's deregistration delay if that is longer.
+    fn drain_secs(&self) -> u32 {
+        self.config
+            .drain_secs
+            .max(self.deps.load_balancer.deregistration_delay_secs())
+    }
+
+    /// Draining members whose agent reported drained, or whose time is up, go; never before the load
+    /// balancer's deregistration delay has passed, while it may still send them requests.
     pub(super) async fn finish_drains(&mut self, now: Millis) {
-        let drained = |c: &Self, i: usize| c.latest.get(i).and_then(Option::as_ref).is_some_and(|l| l.drained);
+        let lb_delay_ms = Millis::from(self.deps.load_balancer.deregistration_delay_secs()) * 1000;
+        let drain_ms = Millis::from(self.drain_secs()) * 1000;
+        let drained = |c: &Self, i: usize| {
+            let lb_done = c.members[i]
+                .drain_until
+                .is_some_and(|until| now >= until - drain_ms + lb_delay_ms);
+            lb_done && c.latest.get(i).and_then(Option::as_ref).is_some_and(|l| l.drained)
+        };
         let ready: Vec<(String, &'static str)> = (0..self.members.len())
             .filter_map(|i| {
                 let until = self.members[i].drain_until?;

@@ -124,7 +124,10 @@ impl GroupController {
             .collect();
         for (member, address) in serving {
             let id = member.id.clone();
-            if backends.iter().any(|b| b.member_id == id) {
+            if backends
+                .iter()
+                .any(|b| b.member_id == id || (!b.instance_id.is_empty() && b.instance_id == member.instance_id))
+            {
                 continue;
             }
             let result = self.deps.load_balancer.register(&member.registration(address)).await;

@@ -139,6 +139,7 @@ impl LoadBalancer for BuiltinLoadBalancer {
             .iter()
             .map(|t| Backend {
                 member_id: t.member_id.clone(),
+                instance_id: String::new(),
                 address: t.address,
                 connections: t.connections.load(Ordering::Relaxed),
             })

@@ -53,6 +53,7 @@ impl LoadBalancer for FakeLoadBalancer {
         if !state.backends.iter().any(|b| b.member_id == member.member_id) {
             state.backends.push(Backend {
                 member_id: member.member_id.to_string(),
+                instance_id: member.instance_id.to_string(),
                 address: member.address,
                 connections: 0,
             });
