@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::http::{form, read_request, respond};
 use base64::Engine as _;
 use ebb_collector::providers::local::LocalProvider;
 use ebb_collector::providers::{LaunchSpec, Provider};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A fault for the next call of a command.
 #[derive(Debug, Clone)]
@@ -324,30 +324,6 @@ fn java_url_encode(value: &str) -> String {
         .collect()
 }
 
-fn url_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl Server {
     /// ApiServer.verifyRequest: every parameter but `signature`, names sorted as they came, values
     /// URL-encoded with `+` replaced by `%20`, lowercased, HMAC-SHA1, base64; a v3 request must not have
@@ -383,15 +359,13 @@ impl Server {
     }
 
     async fn serve(&self, mut stream: tokio::net::TcpStream) {
-        let Some((method, target, body)) = read_request(&mut stream).await else {
+        let Some(request) = read_request(&mut stream).await else {
             return;
         };
-        let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
-        let mut params = BTreeMap::new();
-        for pair in query.split('&').chain(body.split('&')).filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            params.insert(url_decode(k), url_decode(v));
-        }
+        let query = request.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let mut params = form(query);
+        params.extend(form(&request.body));
+        let method = request.method;
         let command = params.get("command").cloned().unwrap_or_default();
         let fault = {
             let mut state = self.state.lock().unwrap();
@@ -669,49 +643,4 @@ impl Server {
         answer["id"] = json!(id);
         (200, answer)
     }
-}
-
-/// The method, request target and body of one HTTP/1.1 request.
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<(String, String, String)> {
-    let mut data = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let (head_end, length) = loop {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        data.extend_from_slice(&chunk[..n]);
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            break (end + 4, length);
-        }
-    };
-    while data.len() < head_end + length {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            break;
-        }
-        data.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-    let method = head.split_whitespace().next()?.to_string();
-    let target = head.split_whitespace().nth(1)?.to_string();
-    let body = String::from_utf8_lossy(&data[head_end..]).into_owned();
-    Some((method, target, body))
-}
-
-async fn respond(stream: &mut tokio::net::TcpStream, status: u16, body: &str) -> std::io::Result<()> {
-    let response = format!(
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }

@@ -3,7 +3,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod aws;
 pub mod cloudstack;
+mod http;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,13 +1,12 @@
 //! The AWS provider (seed 004): EC2 instances from a launch template or explicit settings, spread over the
 //! configured subnets (availability zones), each with its launch's user data, tagged `ebb-cluster`,
-//! `ebb-group`, `ebb-member`, `ebb-launch` and `Name`, launched with the launch id as ClientToken so a
-//! repeated launch never makes a second instance. When a subnet's zone has no capacity the next subnet is
+//! `ebb-group`, `ebb-member`, `ebb-launch` and `Name`, launched with the launch id as ClientToken (and
+//! looked for by its `ebb-launch` tag first) so a repeated launch never makes a second instance. When a subnet's zone has no capacity the next subnet is
 //! tried. `lb::aws` puts members in an ELBv2 target group.
 
 pub mod query;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -146,8 +145,6 @@ pub struct AwsProvider {
     aws: Arc<Aws>,
     config: AwsConfig,
     cluster_id: String,
-    /// The next subnet to launch in.
-    next_subnet: AtomicUsize,
 }
 
 fn pair(key: impl Into<String>, value: impl Into<String>) -> (String, String) {
@@ -203,7 +200,6 @@ impl AwsProvider {
             aws,
             config,
             cluster_id: cluster_id.to_string(),
-            next_subnet: AtomicUsize::new(0),
         }
     }
 
@@ -280,8 +276,26 @@ impl AwsProvider {
 #[async_trait]
 impl Provider for AwsProvider {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
+        // The ClientToken makes a repeated RunInstances harmless on EC2; EC2-compatible clouds (and moto)
+        // may ignore it, so a launch first looks for its instance by tag.
+        let existing = self
+            .describe_filtered(&[
+                ("tag:ebb-launch", vec![spec.launch_id.clone()]),
+                ("instance-state-name", vec!["pending".into(), "running".into()]),
+            ])
+            .await?;
+        if let Some(instance) = existing.into_iter().next() {
+            return Ok(instance);
+        }
         let subnets = &self.config.subnet_ids;
-        let first = self.next_subnet.fetch_add(1, Ordering::Relaxed);
+        // Members are numbered in launch order, so their numbers rotate over the subnets; and a retried
+        // launch picks the same subnet, so its ClientToken means the same request.
+        let first = spec
+            .member_id
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| spec.launch_id.bytes().map(usize::from).sum());
         let attempts = subnets.len().max(1);
         let mut last_error = None;
         for attempt in 0..attempts {

@@ -1,0 +1,299 @@
+//! Issue 8: ebb's AWS provider and target group against moto (EC2 and ELBv2 emulated), with a proxy in
+//! front that injects throttling, capacity errors and slow answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::SharedCredentialsProvider;
+use ebb_collector::lb::aws::AwsTargetGroup;
+use ebb_collector::lb::{LoadBalancer, Registration};
+use ebb_collector::providers::aws::query::{EC2_VERSION, ELBV2_VERSION, Query, Service};
+use ebb_collector::providers::aws::{Aws, AwsConfig, AwsProvider};
+use ebb_collector::providers::{InstanceState, LaunchSpec, Provider};
+use ebb_tests::aws::{Fault, Moto, element};
+
+const CLUSTER: &str = "0123456789abcdef";
+
+fn aws(moto: &Moto) -> Arc<Aws> {
+    let credentials = SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "test"));
+    let service = |signing_name, version| Service {
+        signing_name,
+        endpoint: moto.endpoint.clone(),
+        version,
+    };
+    Arc::new(Aws {
+        query: Query::new("us-east-1".into(), credentials)
+            .unwrap()
+            .with_first_backoff(Duration::from_millis(50)),
+        ec2: service("ec2", EC2_VERSION),
+        elbv2: service("elasticloadbalancing", ELBV2_VERSION),
+    })
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// An AMI, two subnets in two zones and a target group with a 1 s deregistration delay.
+struct World {
+    image_id: String,
+    subnets: Vec<String>,
+    target_group_arn: String,
+}
+
+async fn world(aws: &Aws) -> World {
+    let images = aws.ec2("DescribeImages", &[]).await.unwrap();
+    let image_id = element(&images, "imageId").unwrap().to_string();
+    let vpc = aws
+        .ec2("CreateVpc", &pairs(&[("CidrBlock", "10.0.0.0/16")]))
+        .await
+        .unwrap();
+    let vpc_id = element(&vpc, "vpcId").unwrap().to_string();
+    let mut subnets = Vec::new();
+    for (cidr, zone) in [("10.0.1.0/24", "us-east-1a"), ("10.0.2.0/24", "us-east-1b")] {
+        let params = pairs(&[("VpcId", &vpc_id), ("CidrBlock", cidr), ("AvailabilityZone", zone)]);
+        let subnet = aws.ec2("CreateSubnet", &params).await.unwrap();
+        subnets.push(element(&subnet, "subnetId").unwrap().to_string());
+    }
+    let params = pairs(&[
+        ("Name", "tastylog-dev-app-tg"),
+        ("Protocol", "HTTP"),
+        ("Port", "80"),
+        ("VpcId", &vpc_id),
+        ("TargetType", "instance"),
+    ]);
+    let group = aws.elbv2("CreateTargetGroup", &params).await.unwrap();
+    let target_group_arn = element(&group, "TargetGroupArn").unwrap().to_string();
+    let params = pairs(&[
+        ("TargetGroupArn", &target_group_arn),
+        ("Attributes.member.1.Key", "deregistration_delay.timeout_seconds"),
+        ("Attributes.member.1.Value", "1"),
+    ]);
+    aws.elbv2("ModifyTargetGroupAttributes", &params).await.unwrap();
+    World {
+        image_id,
+        subnets,
+        target_group_arn,
+    }
+}
+
+fn provider(aws: Arc<Aws>, world: &World) -> AwsProvider {
+    let config: AwsConfig = toml::from_str(&format!(
+        r#"
+        image_id = "{}"
+        instance_type = "t2.micro"
+        subnet_ids = ["{}", "{}"]
+        security_group_ids = []
+        key_name = "ops"
+        "#,
+        world.image_id, world.subnets[0], world.subnets[1]
+    ))
+    .unwrap();
+    AwsProvider::new(config, aws, CLUSTER)
+}
+
+fn spec(member_id: &str) -> LaunchSpec {
+    LaunchSpec {
+        group: "web".into(),
+        member_id: member_id.into(),
+        cluster_id: CLUSTER.into(),
+        launch_id: format!("{member_id}-1764000000000"),
+        service_port: 80,
+        agent_config: String::new(),
+        user_data: format!("#cloud-config\n# {member_id}\n"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_are_launched_with_user_data_and_tags_found_by_tag_and_terminated() {
+    let moto = Moto::start(None);
+    let aws = aws(&moto);
+    let world = world(&aws).await;
+    let provider = provider(aws.clone(), &world);
+    let instance = provider.launch(&spec("web-1")).await.unwrap();
+    assert_eq!(instance.member_id, "web-1", "read from its ebb-member tag");
+    assert_eq!(instance.state, InstanceState::Pending, "as RunInstances answers");
+    assert_eq!(
+        provider.describe(std::slice::from_ref(&instance.id)).await.unwrap(),
+        [InstanceState::Running]
+    );
+    assert!(instance.address.is_some());
+    let params = pairs(&[("InstanceId", &instance.id), ("Attribute", "userData")]);
+    let attribute = aws.ec2("DescribeInstanceAttribute", &params).await.unwrap();
+    let user_data = element(&attribute, "value").unwrap();
+    use base64::Engine as _;
+    let user_data = base64::engine::general_purpose::STANDARD.decode(user_data).unwrap();
+    assert_eq!(user_data, b"#cloud-config\n# web-1\n");
+
+    let listed = provider.list("web").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (&listed[0].id, &listed[0].member_id),
+        (&instance.id, &instance.member_id)
+    );
+    assert!(provider.list("api").await.unwrap().is_empty());
+    // The same launch again (a lost answer, retried): the ClientToken gives the same instance.
+    let again = provider.launch(&spec("web-1")).await;
+    let running = provider
+        .list("web")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.state == InstanceState::Running)
+        .count();
+    assert_eq!(running, 1, "no second instance: {again:?}");
+
+    provider.terminate(&instance.id).await.unwrap();
+    let state = &provider.describe(std::slice::from_ref(&instance.id)).await.unwrap()[0];
+    assert!(matches!(state, InstanceState::Terminated { .. }), "{state:?}");
+    let unknown = provider.describe(&["i-0000000000000000".into()]).await.unwrap();
+    assert!(matches!(unknown[0], InstanceState::Terminated { .. }));
+
+    moto.reset();
+    assert!(provider.list("web").await.unwrap().is_empty(), "reset empties moto");
+    assert!(
+        moto.calls().iter().all(|c| c == "DescribeInstances"),
+        "{:?}",
+        moto.calls()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn launches_rotate_over_subnets_and_move_on_when_a_zone_has_no_capacity() {
+    let moto = Moto::start(None);
+    let aws = aws(&moto);
+    let world = world(&aws).await;
+    let provider = provider(aws, &world);
+    moto.fail_next(
+        "RunInstances",
+        Fault::Error(
+            500,
+            "InsufficientInstanceCapacity".into(),
+            "no t2.micro in us-east-1a".into(),
+        ),
+    );
+    provider.launch(&spec("web-1")).await.unwrap();
+    provider.launch(&spec("web-2")).await.unwrap();
+    let runs: Vec<String> = moto
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("RunInstances"))
+        .collect();
+    let (a, b) = (&world.subnets[0], &world.subnets[1]);
+    assert_eq!(
+        runs,
+        [
+            format!("RunInstances {b}"),
+            format!("RunInstances {a}"),
+            format!("RunInstances {a}")
+        ],
+        "web-1 starts at the second subnet, whose zone had no capacity, and the first took it; web-2 starts at the first"
+    );
+    for _ in 0..2 {
+        moto.fail_next(
+            "RunInstances",
+            Fault::Error(500, "InsufficientInstanceCapacity".into(), "none".into()),
+        );
+    }
+    let error = provider.launch(&spec("web-3")).await.unwrap_err();
+    assert!(
+        error.is_retryable() && error.to_string().contains("no capacity for this instance type"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_is_waited_out_a_few_times_then_reported_never_a_retry_storm() {
+    let moto = Moto::start(None);
+    let aws = aws(&moto);
+    let world = world(&aws).await;
+    let provider = provider(aws, &world);
+    let describes = || moto.calls().iter().filter(|c| *c == "DescribeInstances").count();
+    for _ in 0..2 {
+        moto.fail_next(
+            "DescribeInstances",
+            Fault::Error(503, "RequestLimitExceeded".into(), "Request limit exceeded.".into()),
+        );
+    }
+    assert!(provider.list("web").await.unwrap().is_empty());
+    assert_eq!(describes(), 3);
+    for _ in 0..10 {
+        moto.fail_next(
+            "DescribeInstances",
+            Fault::Error(400, "Throttling".into(), "Rate exceeded".into()),
+        );
+    }
+    let error = provider.list("web").await.unwrap_err();
+    assert!(
+        error.is_retryable() && error.to_string().contains("throttling"),
+        "{error}"
+    );
+    assert_eq!(describes(), 3 + 4, "four attempts, then the error");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_launch_is_waited_for() {
+    let moto = Moto::start(None);
+    let aws = aws(&moto);
+    let world = world(&aws).await;
+    moto.fail_next("RunInstances", Fault::Slow(Duration::from_secs(2)));
+    let started = std::time::Instant::now();
+    let instance = provider(aws, &world).launch(&spec("web-1")).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(instance.state, InstanceState::Pending);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_target_group_registers_deregisters_and_reports_its_delay() {
+    let moto = Moto::start(None);
+    let aws = aws(&moto);
+    let world = world(&aws).await;
+    let provider = provider(aws.clone(), &world);
+    let instance = provider.launch(&spec("web-1")).await.unwrap();
+    let group = AwsTargetGroup::new(aws, &world.target_group_arn, false).await.unwrap();
+    assert_eq!(group.deregistration_delay_secs(), 1);
+    let registration = Registration {
+        member_id: "web-1",
+        instance_id: &instance.id,
+        address: "127.0.12.1:80".parse().unwrap(),
+    };
+    group.register(&registration).await.unwrap();
+    let targets: Vec<String> = group
+        .members()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.instance_id)
+        .collect();
+    assert_eq!(targets, std::slice::from_ref(&instance.id));
+    group.deregister("web-1", &instance.id).await.unwrap();
+    let targets = group.members().await.unwrap();
+    assert!(targets.is_empty(), "{targets:?}");
+    let missing = AwsTargetGroup::new(
+        Arc::new(Aws {
+            query: Query::new(
+                "us-east-1".into(),
+                SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "test")),
+            )
+            .unwrap(),
+            ec2: Service {
+                signing_name: "ec2",
+                endpoint: moto.endpoint.clone(),
+                version: EC2_VERSION,
+            },
+            elbv2: Service {
+                signing_name: "elasticloadbalancing",
+                endpoint: moto.endpoint.clone(),
+                version: ELBV2_VERSION,
+            },
+        }),
+        "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/nope/0",
+        false,
+    )
+    .await;
+    assert!(
+        missing.is_err(),
+        "a target group that does not exist is an error at start"
+    );
+}
