@@ -2,7 +2,9 @@
 //! makes instances `running` and targets `healthy` at once, so the proxy adds what it lacks: AWS error
 //! answers (throttling, no capacity) and slow answers for chosen actions, a record of every action, and —
 //! with a [`LocalProvider`] — a local instance for each instance moto launches, whose agent enrols from the
-//! UserData, stopped when moto's instance is terminated.
+//! UserData, stopped when moto's instance is terminated. The proxy then plays the network too: in moto's
+//! answers an instance's private address becomes its stand-in's loopback address, so nothing ever tries
+//! to reach moto's made-up 10.x addresses.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -30,8 +32,10 @@ struct State {
     faults: BTreeMap<String, VecDeque<Fault>>,
     /// `Action` or `Action SubnetId` per call.
     calls: Vec<String>,
-    /// moto's instance id → the local instance standing in for it.
-    local: BTreeMap<String, String>,
+    /// moto's instance id → the local instance standing in for it, and its address.
+    local: BTreeMap<String, (String, std::net::IpAddr)>,
+    /// moto's private address → the stand-in's loopback address, for rewriting moto's answers.
+    addresses: BTreeMap<String, String>,
 }
 
 pub struct Moto {
@@ -131,9 +135,15 @@ impl Moto {
         self.state.lock().unwrap().calls.clone()
     }
 
-    /// moto's instances that have a local instance running for them.
-    pub fn local_instances(&self) -> usize {
-        self.state.lock().unwrap().local.len()
+    /// The addresses of the local instances standing in for moto's running instances.
+    pub fn stand_ins(&self) -> Vec<std::net::IpAddr> {
+        self.state
+            .lock()
+            .unwrap()
+            .local
+            .values()
+            .map(|(_, address)| *address)
+            .collect()
     }
 }
 
@@ -200,7 +210,11 @@ impl Proxy {
         if status == 200 {
             self.stand_in(&action, &params, body).await;
         }
-        let _ = write(&mut stream, status, body).await;
+        let mut body = String::from_utf8_lossy(body).into_owned();
+        for (moto_ip, loopback) in &self.state.lock().unwrap().addresses {
+            body = body.replace(&format!(">{moto_ip}<"), &format!(">{loopback}<"));
+        }
+        let _ = write(&mut stream, status, body.as_bytes()).await;
     }
 
     /// Boots (or stops) the local instance standing in for moto's.
@@ -243,14 +257,20 @@ impl Proxy {
                     agent_config,
                     user_data,
                 };
-                if let Ok(instance) = local.launch(&spec).await {
-                    self.state.lock().unwrap().local.insert(instance_id, instance.id);
+                if let Ok(instance) = local.launch(&spec).await
+                    && let Some(address) = instance.address
+                {
+                    let mut state = self.state.lock().unwrap();
+                    if let Some(moto_ip) = element(&xml, "privateIpAddress") {
+                        state.addresses.insert(moto_ip.to_string(), address.to_string());
+                    }
+                    state.local.insert(instance_id, (instance.id, address));
                 }
             }
             "TerminateInstances" => {
                 let Some(id) = params.get("InstanceId.1") else { return };
                 let stand_in = self.state.lock().unwrap().local.remove(id);
-                if let Some(stand_in) = stand_in {
+                if let Some((stand_in, _)) = stand_in {
                     let _ = local.terminate(&stand_in).await;
                 }
             }

@@ -297,3 +297,177 @@ async fn the_target_group_registers_deregisters_and_reports_its_delay() {
         "a target group that does not exist is an error at start"
     );
 }
+
+/// Requests `/work` from every stand-in until `done` or `limit` (bounded in time and count).
+fn load(moto: &Moto, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < limit && sent < 200_000 {
+        if done() {
+            return true;
+        }
+        let threads: Vec<_> = moto
+            .stand_ins()
+            .into_iter()
+            .map(|ip| {
+                assert!(ip.is_loopback());
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        let target = std::net::SocketAddr::new(ip, 8080);
+                        if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                            let _ = write!(stream, "GET /work HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                            let _ = stream.read_to_end(&mut Vec::new());
+                        }
+                    }
+                })
+            })
+            .collect();
+        sent += 20 * threads.len().max(1) as u64;
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+    done()
+}
+
+/// Issue 8's end-to-end test: the collector (credentials and region from the environment, as AWS's chain
+/// reads them) keeps a group of min 1, max 2 on moto with a target-tracking CPU policy, as seed 004; local
+/// instances stand in for moto's, their agents enrolling from the UserData. Under load it scales out to 2
+/// with both in the target group, and back to 1 after it.
+#[test]
+fn a_group_on_aws_scales_out_and_back_in_with_the_target_group_following() {
+    use ebb_tests::{Running, admin, agent_bin, collector_bin, free_port, serial, wait_for};
+    use std::process::Command;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let local = ebb_collector::providers::local::LocalProvider::new(
+        toml::from_str(&format!(
+            r#"
+            command = ["{}", "workload", "--listen", "{{address}}:{{port}}", "--member-id", "{{member_id}}"]
+            address_prefix = "127.0.13"
+            agent_path = "{}"
+            instance_cpus = 1.0
+            stop_grace_secs = 2
+            "#,
+            collector_bin().display(),
+            agent_bin().display()
+        ))
+        .unwrap(),
+        dir.path().join("instances"),
+    )
+    .unwrap();
+    let moto = Moto::start(Some(local));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = aws(&moto);
+    let world = runtime.block_on(world(&client));
+    let targets = || {
+        runtime
+            .block_on(client.elbv2(
+                "DescribeTargetHealth",
+                &pairs(&[("TargetGroupArn", &world.target_group_arn)]),
+            ))
+            .unwrap()
+            .matches("<Target>")
+            .count()
+    };
+
+    let (admin_address, state) = (format!("127.0.0.1:{}", free_port()), dir.path().join("state"));
+    let config = format!(
+        r#"
+        [server]
+        grpc_listen = "127.0.0.1:{grpc}"
+        admin_listen = "{admin_address}"
+        http_listen = "127.0.0.1:{http}"
+        state_dir = "{state}"
+
+        [[groups]]
+        name = "tastylog-dev"
+        min_size = 1
+        max_size = 2
+        cooldown_secs = 3
+        warmup_secs = 3
+        drain_secs = 1
+        member_port = 8080
+        reconcile_interval_secs = 2
+
+        [groups.health_check]
+        path = "/health"
+
+        [groups.provider]
+        type = "aws"
+        region = "us-east-1"
+        endpoint_url = "{endpoint}"
+        image_id = "{image}"
+        instance_type = "t2.micro"
+        subnet_ids = ["{a}", "{b}"]
+
+        [groups.load_balancer]
+        type = "aws_target_group"
+        target_group_arn = "{arn}"
+
+        [[groups.policies]]
+        name = "cpu-target"
+        type = "target_tracking"
+        metric = "cpu"
+        target = 40.0
+        period_secs = 5
+        stabilization_secs = 5
+        "#,
+        grpc = free_port(),
+        http = free_port(),
+        state = state.display(),
+        endpoint = moto.endpoint,
+        image = world.image_id,
+        a = world.subnets[0],
+        b = world.subnets[1],
+        arn = world.target_group_arn,
+    );
+    let config_path = dir.path().join("collector.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let _collector = Running::spawn(
+        Command::new(collector_bin())
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("EBB_LOG", "warn")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            // Never ask a metadata service: this test stays on loopback.
+            .env("AWS_EC2_METADATA_DISABLED", "true"),
+    );
+    let in_service = || {
+        admin(&admin_address, &state, &["members", "tastylog-dev"])
+            .1
+            .lines()
+            .filter(|l| l.contains(" in_service "))
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || in_service() == 1 && targets() == 1),
+        "min 1 in service and in the target group: {}",
+        admin(&admin_address, &state, &["members", "tastylog-dev"]).1
+    );
+    let members = admin(&admin_address, &state, &["members", "tastylog-dev"]).1;
+    assert!(
+        members
+            .lines()
+            .skip(1)
+            .all(|l| l.split_whitespace().nth(2).is_some_and(|a| a.starts_with("127.0.13."))),
+        "members are known at their stand-ins' loopback addresses only: {members}"
+    );
+    assert!(
+        load(&moto, Duration::from_secs(90), || in_service() == 2 && targets() == 2),
+        "scaled out to 2 under load: {}",
+        admin(&admin_address, &state, &["activities", "tastylog-dev"]).1
+    );
+    assert!(
+        wait_for(Duration::from_secs(90), || in_service() == 1
+            && targets() == 1
+            && moto.stand_ins().len() == 1),
+        "back to 1 after the load: {}",
+        admin(&admin_address, &state, &["activities", "tastylog-dev"]).1
+    );
+    let runs = moto.calls().iter().filter(|c| c.starts_with("RunInstances")).count();
+    assert_eq!(runs, 2, "one launch per member: {:?}", moto.calls());
+}
