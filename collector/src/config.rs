@@ -484,6 +484,8 @@ pub enum ProviderConfig {
     Cloudstack(crate::providers::cloudstack::CloudStackConfig),
     /// AWS EC2 (and EC2-compatible clouds); see `providers::aws`.
     Aws(crate::providers::aws::AwsConfig),
+    /// OpenStack Nova (Red Hat OpenStack, FUJITSU K5, …); see `providers::openstack`.
+    Openstack(crate::providers::openstack::OpenStackConfig),
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -521,6 +523,13 @@ pub enum LoadBalancerConfig {
         /// The target group's target type is `ip`: members are registered by address and port.
         #[serde(default)]
         ip_targets: bool,
+    },
+    /// An Octavia pool, with the group's OpenStack provider's credentials; see `lb::octavia`.
+    Octavia {
+        pool_id: String,
+        /// The subnet members are reached on; default: the load balancer's VIP subnet.
+        subnet_id: Option<String>,
+        weight: Option<u32>,
     },
 }
 
@@ -754,9 +763,13 @@ impl CollectorConfig {
             match (&group.provider, &group.load_balancer) {
                 (ProviderConfig::Cloudstack(_), LoadBalancerConfig::Cloudstack { .. })
                 | (ProviderConfig::Aws(_), LoadBalancerConfig::AwsTargetGroup { .. })
+                | (ProviderConfig::Openstack(_), LoadBalancerConfig::Octavia { .. })
                 | (_, LoadBalancerConfig::Builtin { .. }) => {}
                 (_, LoadBalancerConfig::Cloudstack { .. }) => problems.push(format!(
                     "{at}.load_balancer: type \"cloudstack\" needs the group's provider to be type \"cloudstack\" (it uses its keys)"
+                )),
+                (_, LoadBalancerConfig::Octavia { .. }) => problems.push(format!(
+                    "{at}.load_balancer: type \"octavia\" needs the group's provider to be type \"openstack\" (it uses its credentials)"
                 )),
                 (_, LoadBalancerConfig::AwsTargetGroup { .. }) => problems.push(format!(
                     "{at}.load_balancer: type \"aws_target_group\" needs the group's provider to be type \"aws\" (it uses its credentials)"
@@ -781,6 +794,9 @@ impl CollectorConfig {
                 }
                 ProviderConfig::Aws(aws) => {
                     problems.extend(aws.problems().into_iter().map(|p| format!("{at}.{p}")));
+                }
+                ProviderConfig::Openstack(openstack) => {
+                    problems.extend(openstack.problems().into_iter().map(|p| format!("{at}.{p}")));
                 }
                 ProviderConfig::Local(local) => {
                     if local.command.is_empty() {

@@ -114,7 +114,9 @@ fn demo_config(args: &DemoArgs, state_dir: &Path) -> anyhow::Result<config::Coll
     for group in &mut config.groups {
         match &mut group.load_balancer {
             LoadBalancerConfig::Builtin { listen } => listen.set_port(0),
-            LoadBalancerConfig::Cloudstack { .. } | LoadBalancerConfig::AwsTargetGroup { .. } => anyhow::bail!(
+            LoadBalancerConfig::Cloudstack { .. }
+            | LoadBalancerConfig::AwsTargetGroup { .. }
+            | LoadBalancerConfig::Octavia { .. } => anyhow::bail!(
                 "the demo runs on this machine only: group {} uses a cloud's load balancer",
                 group.name
             ),

@@ -151,6 +151,10 @@ impl Collector {
                 ProviderConfig::Cloudstack(cloudstack) => Some(Arc::new(cloudstack.api().with_context(context)?)),
                 _ => None,
             };
+            let keystone = match &group.provider {
+                ProviderConfig::Openstack(openstack) => Some(Arc::new(openstack.keystone().with_context(context)?)),
+                _ => None,
+            };
             let aws = match &group.provider {
                 ProviderConfig::Aws(aws) => Some(Arc::new(aws.connect().await.with_context(context)?)),
                 _ => None,
@@ -167,6 +171,11 @@ impl Collector {
                 ProviderConfig::Cloudstack(config) => Arc::new(CloudStackProvider::new(
                     config.clone(),
                     cloudstack.clone().expect("made above for a CloudStack provider"),
+                    &cluster_id,
+                )),
+                ProviderConfig::Openstack(config) => Arc::new(crate::providers::openstack::OpenStackProvider::new(
+                    config.clone(),
+                    keystone.clone().expect("made above for an OpenStack provider"),
                     &cluster_id,
                 )),
                 ProviderConfig::Aws(config) => Arc::new(crate::providers::aws::AwsProvider::new(
@@ -187,6 +196,16 @@ impl Collector {
                     cloudstack.clone().expect("validation requires a CloudStack provider"),
                     rule_id,
                     &cluster_id,
+                )),
+                LoadBalancerConfig::Octavia {
+                    pool_id,
+                    subnet_id,
+                    weight,
+                } => Arc::new(crate::lb::octavia::OctaviaPool::new(
+                    keystone.clone().expect("validation requires an OpenStack provider"),
+                    pool_id,
+                    subnet_id.clone(),
+                    *weight,
                 )),
                 LoadBalancerConfig::AwsTargetGroup {
                     target_group_arn,

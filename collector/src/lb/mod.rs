@@ -6,6 +6,7 @@ pub mod aws;
 pub mod builtin;
 pub mod cloudstack;
 pub mod fake;
+pub mod octavia;
 
 use std::net::SocketAddr;
 

@@ -6,6 +6,7 @@ pub mod aws;
 pub mod cloudstack;
 pub mod fake;
 pub mod local;
+pub mod openstack;
 
 use std::net::IpAddr;
 
