@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod cloudstack;
 mod http;
+pub mod openstack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
