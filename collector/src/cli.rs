@@ -185,6 +185,13 @@ pub enum ImportCommand {
         #[arg(long, default_value = "web")]
         group: String,
     },
+    /// A Heat template's autoscaling group, policies and alarms (OpenStack, FUJITSU K5).
+    Heat {
+        path: PathBuf,
+        /// The group's name.
+        #[arg(long, default_value = "web")]
+        group: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

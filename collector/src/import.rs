@@ -1,6 +1,7 @@
-//! `ebb-collector import idcfrc PATH`: an ssh_scale.py `.idcfrc` (seeds 000/001) turned into an ebb
-//! configuration for the same group, printed for the operator to review and save. What changes in meaning
-//! is said separately, for stderr.
+//! `ebb-collector import`: another tool's autoscaling set-up turned into an ebb configuration for the same
+//! group, printed for the operator to review and save; what changes in meaning, or could not be translated,
+//! is said separately, for stderr. [`idcfrc`]: an ssh_scale.py `.idcfrc` (seeds 000/001); [`heat`]: a Heat
+//! template (seeds 002/003).
 //!
 //! ssh_scale.py ran from cron each minute, logged in over SSH to one monitored VM, and added one VM from the
 //! template when that VM's load average was above `[scaling_policy_out] threshold`, or destroyed one when it
@@ -176,6 +177,265 @@ fn advertise_url(endpoint: &str) -> Option<String> {
     (!ip.is_unspecified()).then(|| format!("https://{ip}:7300"))
 }
 
+/// `ebb-collector import heat TEMPLATE.yaml`: a Heat template's autoscaling (seeds 002 and 003) as an ebb
+/// group. It reads an `OS::Heat::AutoScalingGroup` (or K5's `FCX::AutoScaling::AutoScalingGroup` with its
+/// launch configuration and load balancer), its `OS::Heat::ScalingPolicy` (`FCX::AutoScaling::ScalingPolicy`)
+/// resources and the `OS::Ceilometer::Alarm` / `OS::Aodh::Alarm` resources that fire them; parameters are
+/// resolved from their defaults. What has no ebb meaning is listed in the notes.
+pub fn heat(path: &Path, group: &str) -> Result<Imported, String> {
+    use serde_yaml::Value;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let template: Value = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let resources = template
+        .get("resources")
+        .and_then(Value::as_mapping)
+        .ok_or_else(|| format!("{} has no resources", path.display()))?;
+    let parameters = template.get("parameters").cloned().unwrap_or(Value::Null);
+    let mut notes = Vec::new();
+    // A property as text: literals as they are, `get_param` from the parameter's default.
+    let text_of = |value: Option<&Value>| -> Option<String> {
+        match value? {
+            Value::String(s) => Some(s.trim_end_matches('%').to_string()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Mapping(m) => {
+                let name = m.get("get_param")?.as_str()?;
+                let default = parameters.get(name)?.get("default")?;
+                match default {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    };
+    let number = |value: Option<&Value>| text_of(value).and_then(|t| t.parse::<f64>().ok());
+    let of_type = |types: &[&str]| -> Vec<(String, &Value)> {
+        resources
+            .iter()
+            .filter(|(_, r)| {
+                r.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| types.contains(&t))
+            })
+            .map(|(name, r)| {
+                (
+                    name.as_str().unwrap_or_default().to_string(),
+                    r.get("properties").unwrap_or(&Value::Null),
+                )
+            })
+            .collect()
+    };
+    let groups = of_type(&["OS::Heat::AutoScalingGroup", "FCX::AutoScaling::AutoScalingGroup"]);
+    let [(group_resource, properties)] = groups.as_slice() else {
+        return Err(format!(
+            "{} has {} autoscaling groups (OS::Heat::AutoScalingGroup or FCX::AutoScaling::AutoScalingGroup); import one at a time",
+            path.display(),
+            groups.len()
+        ));
+    };
+    let k5 = properties.get("MinSize").is_some();
+    let get = |heat: &str, k5_name: &str| properties.get(if k5 { k5_name } else { heat });
+    let min_size = number(get("min_size", "MinSize")).unwrap_or(1.0) as u32;
+    let max_size = number(get("max_size", "MaxSize")).unwrap_or(f64::from(min_size.max(1))) as u32;
+    let cooldown = number(get("cooldown", "Cooldown")).unwrap_or(60.0) as u32;
+    let desired = number(get("desired_capacity", "DesiredCapacity")).map(|d| d as u32);
+    let grace = number(get("", "HealthCheckGracePeriod")).map(|g| g as u32);
+
+    // What a server is made of: Heat's nested resource properties, or K5's launch configuration.
+    let server = if k5 {
+        let name = properties
+            .get("LaunchConfigurationName")
+            .and_then(|v| v.get("get_resource"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        resources
+            .get(name)
+            .and_then(|r| r.get("properties"))
+            .cloned()
+            .unwrap_or(Value::Null)
+    } else {
+        properties
+            .get("resource")
+            .and_then(|r| r.get("properties"))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let field = |heat: &str, k5_name: &str| text_of(server.get(if k5 { k5_name } else { heat }));
+    let mut placeholder = |what: &str, key: &str| {
+        notes.push(format!(
+            "{what} was not given as a literal or a parameter default: set provider.{key}."
+        ));
+        format!("CHANGE-ME-{key}")
+    };
+    let image = field("image", "ImageId").unwrap_or_else(|| placeholder("The image", "image"));
+    let flavor = field("flavor", "InstanceType").unwrap_or_else(|| placeholder("The flavor", "flavor"));
+    let network = field("network", "");
+    let key_name = field("key_name", "KeyName");
+
+    // K5's load balancer: the instance port and the health check.
+    let mut member_port = 80;
+    let mut health = Vec::new();
+    if k5 {
+        let lb = properties
+            .get("LoadBalancerNames")
+            .and_then(|v| v.get("get_resource"))
+            .and_then(Value::as_str)
+            .and_then(|name| resources.get(name))
+            .and_then(|r| r.get("properties"));
+        if let Some(lb) = lb {
+            if let Some(port) = lb
+                .get("Listeners")
+                .and_then(Value::as_sequence)
+                .and_then(|l| l.first())
+                .and_then(|l| number(l.get("InstancePort")))
+            {
+                member_port = port as u16;
+            }
+            if let Some(check) = lb.get("HealthCheck") {
+                if let Some(target) = text_of(check.get("Target")) {
+                    // "HTTP:81/index.html"
+                    if let Some((_, rest)) = target.split_once(':')
+                        && let Some((port, path)) = rest.split_once('/')
+                    {
+                        member_port = port.parse().unwrap_or(member_port);
+                        health.push(format!("path = \"/{path}\""));
+                    }
+                }
+                if let Some(timeout) = number(check.get("Timeout")) {
+                    health.push(format!("timeout_ms = {}", (timeout * 1000.0) as u32));
+                }
+                for (k5_key, key) in [
+                    ("HealthyThreshold", "healthy_threshold"),
+                    ("UnhealthyThreshold", "unhealthy_threshold"),
+                ] {
+                    if let Some(n) = number(check.get(k5_key)) {
+                        health.push(format!("{key} = {}", n as u32));
+                    }
+                }
+                if let Some(interval) = number(check.get("Interval")) {
+                    notes.push(format!(
+                        "The load balancer checked health every {interval} s; each ebb agent checks with every sample (each second), so the thresholds count seconds, not {interval}-second intervals."
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(grace) = grace {
+        health.push(format!("grace_period_secs = {grace}"));
+    }
+
+    // Policies: each alarm with the scaling policy its alarm_actions name.
+    let policies = of_type(&["OS::Heat::ScalingPolicy", "FCX::AutoScaling::ScalingPolicy"]);
+    let alarms = of_type(&["OS::Ceilometer::Alarm", "OS::Aodh::Alarm"]);
+    let mut blocks = Vec::new();
+    let mut recovery = false;
+    for (name, alarm) in &alarms {
+        let policy_name = alarm
+            .get("alarm_actions")
+            .and_then(Value::as_sequence)
+            .and_then(|a| a.first())
+            .and_then(|a| a.get("get_attr"))
+            .and_then(Value::as_sequence)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let Some((_, policy)) = policies.iter().find(|(p, _)| p == policy_name) else {
+            notes.push(format!(
+                "Alarm {name} triggers no scaling policy of the group; left out."
+            ));
+            continue;
+        };
+        let adjustment_type =
+            text_of(policy.get("adjustment_type").or(policy.get("AdjustmentType"))).unwrap_or_default();
+        let meter = text_of(alarm.get("meter_name").or(alarm.get("metric"))).unwrap_or_default();
+        if meter.contains("unhealthy") {
+            // K5's recovery: one more server whenever the load balancer finds one unhealthy.
+            recovery = true;
+            notes.push(format!(
+                "Alarm {name} → {policy_name} (recovery on `{meter}`) becomes health_check.replace_unhealthy = true: the unhealthy server is replaced, not added to."
+            ));
+            continue;
+        }
+        if !meter.ends_with("cpu_util") && meter != "cpu" {
+            notes.push(format!(
+                "Alarm {name} watches `{meter}`, which ebb's agents do not measure; left out."
+            ));
+            continue;
+        }
+        let adjustment =
+            number(policy.get("scaling_adjustment").or(policy.get("ScalingAdjustment"))).unwrap_or(1.0) as i32;
+        let kind = match adjustment_type.to_ascii_lowercase().replace('_', "").as_str() {
+            "exactcapacity" => "exact_capacity",
+            "percentchangeincapacity" => "percent_change_in_capacity",
+            _ => "change_in_capacity",
+        };
+        let statistic = match text_of(alarm.get("statistic")).unwrap_or_else(|| "avg".into()).as_str() {
+            "max" => "max",
+            "min" => "min",
+            "sum" => "sum",
+            _ => "avg",
+        };
+        let comparison = text_of(alarm.get("comparison_operator")).unwrap_or_else(|| "gt".into());
+        let threshold = number(alarm.get("threshold")).unwrap_or(50.0);
+        let period = number(alarm.get("period")).unwrap_or(60.0) as u32;
+        let evaluation_periods = number(alarm.get("evaluation_periods")).unwrap_or(1.0) as u32;
+        if alarm.get("matching_metadata").is_some() || alarm.get("query").is_some() {
+            notes.push(format!(
+                "Alarm {name}'s metadata match is not needed: ebb's policies see the group's own members."
+            ));
+        }
+        blocks.push(format!(
+            "# From {name} → {policy_name}.\n[[groups.policies]]\nname = \"{name}\"\nmetric = \"cpu\"\nstatistic = \"{statistic}\"\nperiod_secs = {period}\nevaluation_periods = {evaluation_periods}\ncomparison = \"{comparison}\"\nthreshold = {threshold:?}\nadjustment_type = \"{kind}\"\nadjustment = {adjustment}\n"
+        ));
+    }
+    if recovery {
+        health.push("replace_unhealthy = true".into());
+    }
+    for (name, _) in of_type(&[
+        "OS::Neutron::LBaaS::Pool",
+        "OS::Octavia::Pool",
+        "OS::Neutron::Pool",
+        "FCX::ExpandableLoadBalancer::LoadBalancer",
+    ]) {
+        notes.push(format!(
+            "The load balancer {name} stays as it is: set load_balancer.pool_id to its Octavia pool's id."
+        ));
+    }
+    notes.push(format!(
+        "Ceilometer/Aodh polled every {} and evaluated alarms from there; ebb's agents report every second, so the same alarms act within seconds of the period ending, with no telemetry stack.",
+        if k5 { "minute" } else { "10 minutes by default" }
+    ));
+
+    let mut config = format!(
+        "# Imported from {} by `ebb-collector import heat`: the template's autoscaling group ({group_resource}), run by ebb.\n# Review, save as /etc/ebb/collector.toml, check with `ebb-collector validate`.\n\n[server]\ngrpc_listen = \"0.0.0.0:7300\"\n# advertise_url = \"https://THIS-HOST:7300\"   # how the servers' agents reach this collector\nhttp_listen = \"127.0.0.1:7301\"\n\n[[groups]]\nname = \"{group}\"\nmin_size = {min_size}\nmax_size = {max_size}\n",
+        path.display()
+    );
+    if let Some(desired) = desired {
+        config.push_str(&format!("desired_capacity = {desired}\n"));
+    }
+    config.push_str(&format!("cooldown_secs = {cooldown}\nmember_port = {member_port}\n"));
+    if !health.is_empty() {
+        config.push_str(&format!("\n[groups.health_check]\n{}\n", health.join("\n")));
+    }
+    config.push_str(&format!(
+        "\n[groups.provider]\ntype = \"openstack\"   # credentials: clouds.yaml (OS_CLOUD) or the OS_* variables\nimage = \"{image}\"\nflavor = \"{flavor}\"\n"
+    ));
+    if let Some(network) = network {
+        config.push_str(&format!("networks = [\"{network}\"]\n"));
+    }
+    if let Some(key) = key_name {
+        config.push_str(&format!("key_name = \"{key}\"\n"));
+    }
+    config.push_str("\n[groups.load_balancer]\ntype = \"octavia\"\npool_id = \"CHANGE-ME-pool-id\"   # the Octavia pool the servers join\n");
+    for block in blocks {
+        config.push('\n');
+        config.push_str(&block);
+    }
+    Ok(Imported { config, notes })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +540,91 @@ threshold=1
         );
         std::fs::write(&path, SEED_000.replace("min_size=2", "min_size=two")).unwrap();
         assert!(idcfrc(&path, "web").err().unwrap().contains("min_size = `two`"));
+    }
+
+    fn heat_fixture(name: &str) -> Imported {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/heat")
+            .join(name);
+        heat(&path, "web").unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn valid(imported: &Imported) -> crate::config::CollectorConfig {
+        crate::config::parse(Path::new("imported.toml"), &imported.config)
+            .unwrap_or_else(|e| panic!("{e}\n{}", imported.config))
+    }
+
+    #[test]
+    fn the_red_hat_examples_import_to_valid_groups() {
+        let example = heat_fixture("rhosp-example.yaml");
+        let config = valid(&example);
+        let group = &config.groups[0];
+        assert_eq!((group.min_size, group.max_size), (1, 3));
+        let thresholds: Vec<_> = group
+            .policies
+            .iter()
+            .map(|p| (p.name.clone(), p.threshold, p.adjustment))
+            .collect();
+        assert_eq!(
+            thresholds,
+            [
+                ("cpu_alarm_high".to_string(), Some(50.0), Some(1)),
+                ("cpu_alarm_low".to_string(), Some(10.0), Some(-1))
+            ]
+        );
+        let notes = example.notes.join("\n");
+        assert!(
+            notes.contains("set provider.image"),
+            "a nested template's server is not in this file: {notes}"
+        );
+
+        let lb = heat_fixture("rhosp-lb-webserver.yaml");
+        let config = valid(&lb);
+        let group = &config.groups[0];
+        assert_eq!((group.min_size, group.max_size), (1, 3));
+        assert!(
+            lb.config.contains("image = \"RHEL 7\"") && lb.config.contains("flavor = \"m2.tiny\""),
+            "{}",
+            lb.config
+        );
+        assert!(lb.config.contains("networks = [\"private\"]"), "{}", lb.config);
+        assert_eq!(group.policies[0].threshold, Some(95.0));
+        assert_eq!(group.policies[1].threshold, Some(15.0));
+        let notes = lb.notes.join("\n");
+        assert!(
+            notes.contains("The load balancer pool stays") && notes.contains("metadata match is not needed"),
+            "{notes}"
+        );
+    }
+
+    #[test]
+    fn the_k5_template_imports_with_its_health_check_and_recovery() {
+        let k5 = heat_fixture("k5-web-server-group.yaml");
+        let config = valid(&k5);
+        let group = &config.groups[0];
+        assert_eq!((group.min_size, group.max_size), (2, 6));
+        assert_eq!(group.member_port, 81);
+        let health = &group.health_check;
+        assert_eq!(health.path, "/index.html");
+        assert_eq!((health.healthy_threshold, health.unhealthy_threshold), (3, 3));
+        assert_eq!((health.timeout_ms, health.grace_period_secs), (5000, 120));
+        assert!(health.replace_unhealthy, "the recovery policy");
+        assert_eq!(
+            group.policies.len(),
+            2,
+            "scale-out and scale-in; recovery is health replacement"
+        );
+        assert_eq!(group.policies[0].threshold, Some(50.0), "`50%` read as 50");
+        assert!(
+            k5.config.contains("flavor = \"S-1\"") && k5.config.contains("cooldown_secs = 750"),
+            "{}",
+            k5.config
+        );
+        let notes = k5.notes.join("\n");
+        assert!(
+            notes.contains("recovery on `fcx.loadbalancing.instance.unhealthy`"),
+            "{notes}"
+        );
+        assert!(notes.contains("every 10 s"), "{notes}");
     }
 }

@@ -44,10 +44,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             print!("{}", config::LOCAL_EXAMPLE);
             Ok(true)
         }
-        Command::Import {
-            from: ImportCommand::Idcfrc { path, group },
-        } => {
-            let imported = ebb_collector::import::idcfrc(&path, &group).map_err(anyhow::Error::msg)?;
+        Command::Import { from } => {
+            let imported = match from {
+                ImportCommand::Idcfrc { path, group } => ebb_collector::import::idcfrc(&path, &group),
+                ImportCommand::Heat { path, group } => ebb_collector::import::heat(&path, &group),
+            }
+            .map_err(anyhow::Error::msg)?;
             print!("{}", imported.config);
             for note in imported.notes {
                 eprintln!("note: {note}");
