@@ -199,3 +199,166 @@ async fn pool_members_wait_out_a_busy_load_balancer_and_pending_create() {
         .await
         .expect("deregistering what is gone succeeds");
 }
+
+/// Requests `/work` from every pool member until `done` or `limit` (bounded in time and count).
+fn load(services: &FakeServices, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < limit && sent < 200_000 {
+        if done() {
+            return true;
+        }
+        let threads: Vec<_> = services
+            .member_addresses()
+            .into_iter()
+            .map(|(address, port)| {
+                let ip: std::net::IpAddr = address.parse().unwrap();
+                assert!(ip.is_loopback());
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        let target = std::net::SocketAddr::new(ip, port);
+                        if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                            let _ = write!(stream, "GET /work HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                            let _ = stream.read_to_end(&mut Vec::new());
+                        }
+                    }
+                })
+            })
+            .collect();
+        sent += 20 * threads.len().max(1) as u64;
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+    done()
+}
+
+/// Issue 9's end-to-end test: the collector, with its credentials in a clouds.yaml entry, keeps seed 002's
+/// group (min 1, max 3, CPU > 50 → +1, < 10 → −1) on Nova behind Keystone, each server a local instance
+/// whose agent enrols from the user data; under load it scales out with the Octavia pool following, and back
+/// in after it.
+#[test]
+fn a_group_on_openstack_scales_out_and_in_with_the_pool_following() {
+    use ebb_tests::{Running, admin, agent_bin, collector_bin, free_port, serial, wait_for};
+    use std::process::Command;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let local = ebb_collector::providers::local::LocalProvider::new(
+        toml::from_str(&format!(
+            r#"
+            command = ["{}", "workload", "--listen", "{{address}}:{{port}}", "--member-id", "{{member_id}}"]
+            address_prefix = "127.0.14"
+            agent_path = "{}"
+            instance_cpus = 1.0
+            stop_grace_secs = 2
+            "#,
+            collector_bin().display(),
+            agent_bin().display()
+        ))
+        .unwrap(),
+        dir.path().join("servers"),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let os = runtime.block_on(openstack(Some(local)));
+    let clouds = dir.path().join("clouds.yaml");
+    std::fs::write(
+        &clouds,
+        format!(
+            "clouds:\n  overcloud:\n    auth:\n      auth_url: {}\n      username: admin\n      password: {ADMIN_PASSWORD}\n      project_name: admin\n      user_domain_name: Default\n      project_domain_name: Default\n    region_name: RegionOne\n",
+            os.keystone.url
+        ),
+    )
+    .unwrap();
+    let (admin_address, state) = (format!("127.0.0.1:{}", free_port()), dir.path().join("state"));
+    let config = format!(
+        r#"
+        [server]
+        grpc_listen = "127.0.0.1:{grpc}"
+        admin_listen = "{admin_address}"
+        http_listen = "127.0.0.1:{http}"
+        state_dir = "{state}"
+
+        [[groups]]
+        name = "web"
+        min_size = 1
+        max_size = 3
+        cooldown_secs = 3
+        warmup_secs = 3
+        drain_secs = 1
+        member_port = 8080
+        reconcile_interval_secs = 2
+
+        [groups.health_check]
+        path = "/health"
+
+        [groups.provider]
+        type = "openstack"
+        cloud = "overcloud"
+        image = "web-image"
+        flavor = "m1.small"
+        networks = ["private"]
+
+        [groups.load_balancer]
+        type = "octavia"
+        pool_id = "pool-1"
+
+        [[groups.policies]]
+        name = "cpu_alarm_high"
+        metric = "cpu"
+        statistic = "avg"
+        period_secs = 5
+        comparison = "gt"
+        threshold = 50.0
+        adjustment = 1
+
+        [[groups.policies]]
+        name = "cpu_alarm_low"
+        metric = "cpu"
+        statistic = "avg"
+        period_secs = 5
+        comparison = "lt"
+        threshold = 10.0
+        adjustment = -1
+        "#,
+        grpc = free_port(),
+        http = free_port(),
+        state = state.display(),
+    );
+    let config_path = dir.path().join("collector.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let _collector = Running::spawn(
+        Command::new(collector_bin())
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("EBB_LOG", "warn")
+            .env("OS_CLIENT_CONFIG_FILE", &clouds),
+    );
+    let in_service = || {
+        admin(&admin_address, &state, &["members", "web"])
+            .1
+            .lines()
+            .filter(|l| l.contains(" in_service "))
+            .count()
+    };
+    let pool = || os.services.members().len();
+    assert!(
+        wait_for(Duration::from_secs(60), || in_service() == 1 && pool() == 1),
+        "min 1 in service and in the pool: {}",
+        admin(&admin_address, &state, &["members", "web"]).1
+    );
+    assert!(
+        load(&os.services, Duration::from_secs(120), || in_service() >= 2
+            && pool() == in_service()),
+        "scaled out under load: {}",
+        admin(&admin_address, &state, &["activities", "web"]).1
+    );
+    assert!(
+        wait_for(Duration::from_secs(120), || in_service() == 1
+            && pool() == 1
+            && os.services.servers().len() == 1),
+        "back to 1 after the load: {:?}\n{}",
+        os.services.servers(),
+        admin(&admin_address, &state, &["activities", "web"]).1
+    );
+}
