@@ -501,7 +501,7 @@ fn every_example_is_valid() {
 /// `evaluate` runs the collector's engine on a snapshot: seed 003's two servers at 40% and 70%.
 #[test]
 fn evaluate_decides_offline_from_a_snapshot() {
-    let config = examples_dir().join("fujitsu-k5.toml");
+    let config = examples_dir().join("k5-recovery.toml");
     let snapshot = examples_dir().join("snapshots/k5-two-servers.json");
     let args = |json: bool| {
         let mut args = vec![
