@@ -16,7 +16,7 @@ use ebb_collector::providers::local::LocalProvider;
 use ebb_collector::providers::{LaunchSpec, Provider};
 use tokio::io::AsyncWriteExt;
 
-use crate::http::{form, read_request, relay};
+use crate::http::{Background, Handler, form, read_request, relay};
 use crate::{Running, free_port, test_tool};
 
 #[derive(Debug, Clone)]
@@ -43,8 +43,7 @@ pub struct Moto {
     pub endpoint: String,
     moto_address: SocketAddr,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: Background,
     _moto: Running,
 }
 
@@ -71,40 +70,16 @@ impl Moto {
             state: state.clone(),
             local: local.clone(),
         });
-        let (ready, address) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                ready.send(listener.local_addr().unwrap()).unwrap();
-                let serve = async {
-                    while let Ok((stream, _)) = listener.accept().await {
-                        let proxy = proxy.clone();
-                        tokio::spawn(async move { proxy.serve(stream).await });
-                    }
-                };
-                tokio::select! {
-                    () = serve => {}
-                    _ = stopped => {}
-                }
-                if let Some(local) = local {
-                    local.close().await;
-                }
-            });
-            runtime.shutdown_timeout(Duration::from_secs(2));
+        let handler: Handler = Arc::new(move |stream| {
+            let proxy = proxy.clone();
+            Box::pin(async move { proxy.serve(stream).await })
         });
-        let address: SocketAddr = address.recv().unwrap();
+        let server = Background::start(handler, local);
         Self {
-            endpoint: format!("http://{address}/"),
+            endpoint: format!("http://{}/", server.address),
             moto_address,
             state,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
             _moto: moto,
         }
     }
@@ -148,13 +123,8 @@ impl Moto {
 }
 
 impl Drop for Moto {
+    /// moto_server takes its time over SIGTERM.
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
         self._moto.terminate(Duration::from_millis(500));
     }
 }

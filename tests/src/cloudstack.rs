@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::http::{form, read_request, respond};
+use crate::http::{Background, Handler, form, read_request, respond};
 use base64::Engine as _;
 use ebb_collector::providers::local::LocalProvider;
 use ebb_collector::providers::{LaunchSpec, Provider};
@@ -66,9 +66,7 @@ pub struct FakeCloudStack {
     pub api_key: String,
     pub secret_key: String,
     state: Arc<Mutex<State>>,
-    /// Stops the server's thread, which then stops the local instances.
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: Background,
 }
 
 /// What the fake answers with, from libcloud's fixtures.
@@ -123,42 +121,17 @@ impl FakeCloudStack {
             secret_key: "fake secret/key+=".into(),
             local: local.clone(),
         });
-        // Its own thread and runtime, so that it serves tests that are async themselves and tests that are not.
-        let (ready, address) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                ready.send(listener.local_addr().unwrap()).unwrap();
-                let serve = async {
-                    while let Ok((stream, _)) = listener.accept().await {
-                        let server = server.clone();
-                        tokio::spawn(async move { server.serve(stream).await });
-                    }
-                };
-                tokio::select! {
-                    () = serve => {}
-                    _ = stopped => {}
-                }
-                if let Some(local) = local {
-                    local.close().await;
-                }
-            });
-            runtime.shutdown_timeout(Duration::from_secs(2));
+        let handler: Handler = Arc::new(move |stream| {
+            let server = server.clone();
+            Box::pin(async move { server.serve(stream).await })
         });
-        let address = address.recv().unwrap();
+        let server = Background::start(handler, local);
         Self {
-            endpoint: format!("http://{address}/client/api"),
+            endpoint: format!("http://{}/client/api", server.address),
             api_key: "fake-api-key".into(),
             secret_key: "fake secret/key+=".into(),
             state,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -253,17 +226,6 @@ impl FakeCloudStack {
             state.rules.entry(rule.into()).or_default().insert(id.clone());
         }
         id
-    }
-}
-
-impl Drop for FakeCloudStack {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

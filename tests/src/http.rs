@@ -112,3 +112,66 @@ fn url_decode(text: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Serves one connection.
+pub type Handler =
+    std::sync::Arc<dyn Fn(tokio::net::TcpStream) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A loopback server on its own thread and runtime, so it serves async tests and plain ones alike; stopped,
+/// with the local stand-ins it ran, when dropped.
+pub struct Background {
+    pub address: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    pub fn start(
+        handler: Handler,
+        local: Option<std::sync::Arc<ebb_collector::providers::local::LocalProvider>>,
+    ) -> Self {
+        use ebb_collector::providers::Provider;
+        let (ready, address) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                ready.send(listener.local_addr().unwrap()).unwrap();
+                let serve = async {
+                    while let Ok((stream, _)) = listener.accept().await {
+                        tokio::spawn(handler(stream));
+                    }
+                };
+                tokio::select! {
+                    () = serve => {}
+                    _ = stopped => {}
+                }
+                if let Some(local) = local {
+                    local.close().await;
+                }
+            });
+            runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+        });
+        Self {
+            address: address.recv().unwrap(),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -257,3 +257,52 @@ pub fn running_in(cloud: &Path) -> Vec<String> {
     running.sort();
     running
 }
+
+/// What stands in for a fake cloud's VMs: local instances running the built-in workload on
+/// `<prefix>.N:8080`, each with its own agent, kept in `dir`.
+pub fn stand_ins(prefix: &str, dir: &Path) -> ebb_collector::providers::local::LocalProvider {
+    let config = format!(
+        r#"
+        command = ["{}", "workload", "--listen", "{{address}}:{{port}}", "--member-id", "{{member_id}}"]
+        address_prefix = "{prefix}"
+        agent_path = "{}"
+        instance_cpus = 1.0
+        stop_grace_secs = 2
+        "#,
+        collector_bin().display(),
+        agent_bin().display()
+    );
+    ebb_collector::providers::local::LocalProvider::new(toml::from_str(&config).unwrap(), dir.to_path_buf()).unwrap()
+}
+
+/// Plays a load balancer under load: `GET /work` to each address `targets` gives (loopback only), 20 a
+/// round each, until `done` holds or `limit` passes, and never more than 200,000 requests; whether `done`
+/// held.
+pub fn load(targets: impl Fn() -> Vec<std::net::SocketAddr>, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < limit && sent < 200_000 {
+        if done() {
+            return true;
+        }
+        let threads: Vec<_> = targets()
+            .into_iter()
+            .map(|target| {
+                assert!(target.ip().is_loopback(), "load only ever goes to loopback: {target}");
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                            let _ = write!(stream, "GET /work HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                            let _ = stream.read_to_end(&mut Vec::new());
+                        }
+                    }
+                })
+            })
+            .collect();
+        sent += 20 * threads.len().max(1) as u64;
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    }
+    done()
+}

@@ -12,7 +12,7 @@ use ebb_collector::providers::local::LocalProvider;
 use ebb_collector::providers::{LaunchSpec, Provider};
 use serde_json::{Value, json};
 
-use crate::http::{read_request, respond};
+use crate::http::{Background, Handler, read_request, respond};
 use crate::{Running, free_port, test_tool};
 
 /// A Keystone of its own in `dir`, on a free loopback port.
@@ -196,8 +196,7 @@ pub struct FakeServices {
     /// `/network`.
     pub url: String,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: Background,
 }
 
 pub const IMAGE_ID: &str = "5a8c2d1e-0000-4000-8000-000000000001";
@@ -213,45 +212,22 @@ impl FakeServices {
         }));
         let shared = state.clone();
         let local = local.map(Arc::new);
-        let (ready, address) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                ready.send(listener.local_addr().unwrap()).unwrap();
-                let serve = async {
-                    while let Ok((mut stream, _)) = listener.accept().await {
-                        let (state, local) = (shared.clone(), local.clone());
-                        tokio::spawn(async move {
-                            let Some(request) = read_request(&mut stream).await else {
-                                return;
-                            };
-                            let (status, body) = answer(&state, local.as_deref(), &request).await;
-                            let _ = respond(&mut stream, status, &body.to_string()).await;
-                        });
-                    }
+        let stand_ins = local.clone();
+        let handler: Handler = Arc::new(move |mut stream| {
+            let (state, local) = (shared.clone(), stand_ins.clone());
+            Box::pin(async move {
+                let Some(request) = read_request(&mut stream).await else {
+                    return;
                 };
-                tokio::select! {
-                    () = serve => {}
-                    _ = stopped => {}
-                }
-                if let Some(local) = local {
-                    local.close().await;
-                }
-            });
-            runtime.shutdown_timeout(Duration::from_secs(2));
+                let (status, body) = answer(&state, local.as_deref(), &request).await;
+                let _ = respond(&mut stream, status, &body.to_string()).await;
+            })
         });
-        let address: std::net::SocketAddr = address.recv().unwrap();
+        let server = Background::start(handler, local);
         Self {
-            url: format!("http://{address}"),
+            url: format!("http://{}", server.address),
             state,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -310,17 +286,6 @@ impl FakeServices {
             .values()
             .map(|m| (m.address.clone(), m.port as u16))
             .collect()
-    }
-}
-
-impl Drop for FakeServices {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

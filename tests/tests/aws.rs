@@ -298,64 +298,17 @@ async fn the_target_group_registers_deregisters_and_reports_its_delay() {
     );
 }
 
-/// Requests `/work` from every stand-in until `done` or `limit` (bounded in time and count).
-fn load(moto: &Moto, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    use std::io::{Read, Write};
-    let started = std::time::Instant::now();
-    let mut sent = 0u64;
-    while started.elapsed() < limit && sent < 200_000 {
-        if done() {
-            return true;
-        }
-        let threads: Vec<_> = moto
-            .stand_ins()
-            .into_iter()
-            .map(|ip| {
-                assert!(ip.is_loopback());
-                std::thread::spawn(move || {
-                    for _ in 0..20 {
-                        let target = std::net::SocketAddr::new(ip, 8080);
-                        if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-                            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                            let _ = write!(stream, "GET /work HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                            let _ = stream.read_to_end(&mut Vec::new());
-                        }
-                    }
-                })
-            })
-            .collect();
-        sent += 20 * threads.len().max(1) as u64;
-        threads.into_iter().for_each(|t| t.join().unwrap());
-    }
-    done()
-}
-
 /// Issue 8's end-to-end test: the collector (credentials and region from the environment, as AWS's chain
 /// reads them) keeps a group of min 1, max 2 on moto with a target-tracking CPU policy, as seed 004; local
 /// instances stand in for moto's, their agents enrolling from the UserData. Under load it scales out to 2
 /// with both in the target group, and back to 1 after it.
 #[test]
 fn a_group_on_aws_scales_out_and_back_in_with_the_target_group_following() {
-    use ebb_tests::{Running, admin, agent_bin, collector_bin, free_port, serial, wait_for};
+    use ebb_tests::{Running, admin, collector_bin, free_port, load, serial, wait_for};
     use std::process::Command;
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let local = ebb_collector::providers::local::LocalProvider::new(
-        toml::from_str(&format!(
-            r#"
-            command = ["{}", "workload", "--listen", "{{address}}:{{port}}", "--member-id", "{{member_id}}"]
-            address_prefix = "127.0.13"
-            agent_path = "{}"
-            instance_cpus = 1.0
-            stop_grace_secs = 2
-            "#,
-            collector_bin().display(),
-            agent_bin().display()
-        ))
-        .unwrap(),
-        dir.path().join("instances"),
-    )
-    .unwrap();
+    let local = ebb_tests::stand_ins("127.0.13", &dir.path().join("instances"));
     let moto = Moto::start(Some(local));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let client = aws(&moto);
@@ -457,7 +410,15 @@ fn a_group_on_aws_scales_out_and_back_in_with_the_target_group_following() {
         "members are known at their stand-ins' loopback addresses only: {members}"
     );
     assert!(
-        load(&moto, Duration::from_secs(90), || in_service() == 2 && targets() == 2),
+        load(
+            || moto
+                .stand_ins()
+                .into_iter()
+                .map(|ip| std::net::SocketAddr::new(ip, 8080))
+                .collect(),
+            Duration::from_secs(90),
+            || in_service() == 2 && targets() == 2
+        ),
         "scaled out to 2 under load: {}",
         admin(&admin_address, &state, &["activities", "tastylog-dev"]).1
     );

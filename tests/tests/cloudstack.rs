@@ -220,67 +220,17 @@ fn idcfrc(fake: &FakeCloudStack, dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-/// Requests `/work` round robin over the rule's VMs (playing the virtual router) until `done` or `limit`.
-fn load(fake: &FakeCloudStack, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    use std::io::{Read, Write};
-    let start = std::time::Instant::now();
-    let mut sent = 0u64;
-    while start.elapsed() < limit && sent < 200_000 {
-        if done() {
-            return true;
-        }
-        let addresses = fake.rule_addresses("rule-1");
-        let threads: Vec<_> = addresses
-            .into_iter()
-            .map(|address| {
-                std::thread::spawn(move || {
-                    for _ in 0..20 {
-                        let Ok(ip) = address.parse::<std::net::IpAddr>() else {
-                            return;
-                        };
-                        assert!(ip.is_loopback(), "the fake's VMs are on loopback: {ip}");
-                        let target = std::net::SocketAddr::new(ip, 8080);
-                        if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-                            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                            let _ = write!(stream, "GET /work HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                            let _ = stream.read_to_end(&mut Vec::new());
-                        }
-                    }
-                })
-            })
-            .collect();
-        sent += 20 * threads.len().max(1) as u64;
-        threads.into_iter().for_each(|t| t.join().unwrap());
-    }
-    done()
-}
-
 /// Issue 7's end-to-end test: the collector, configured by `import idcfrc`, keeps min 2 VMs on the fake
 /// CloudStack (each VM a local instance whose agent enrols from its user data), scales to 4 under load and
 /// back to 2 after it with the load-balancer rule following, and a crash in the middle of a deploy leaves
 /// neither a duplicate nor an orphan once the collector is back.
 #[test]
 fn a_group_on_cloudstack_scales_out_and_in_and_survives_a_crash_mid_deploy() {
-    use ebb_tests::{Running, admin, agent_bin, collector_bin, free_port, serial, wait_for};
+    use ebb_tests::{Running, admin, collector_bin, free_port, load, serial, wait_for};
     use std::process::Command;
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let local = ebb_collector::providers::local::LocalProvider::new(
-        toml::from_str(&format!(
-            r#"
-            command = ["{}", "workload", "--listen", "{{address}}:{{port}}", "--member-id", "{{member_id}}"]
-            address_prefix = "127.0.11"
-            agent_path = "{}"
-            instance_cpus = 1.0
-            stop_grace_secs = 2
-            "#,
-            collector_bin().display(),
-            agent_bin().display()
-        ))
-        .unwrap(),
-        dir.path().join("vms"),
-    )
-    .unwrap();
+    let local = ebb_tests::stand_ins("127.0.11", &dir.path().join("vms"));
     let fake = FakeCloudStack::start(Some(local));
     fake.add_vm("scale01", Some("rule-1"));
 
@@ -373,8 +323,16 @@ adjustment = -1
     );
 
     assert!(
-        load(&fake, Duration::from_secs(120), || ours(&fake) == 4
-            && in_service() == 4),
+        load(
+            || {
+                fake.rule_addresses("rule-1")
+                    .iter()
+                    .filter_map(|a| Some(std::net::SocketAddr::new(a.parse().ok()?, 8080)))
+                    .collect()
+            },
+            Duration::from_secs(120),
+            || ours(&fake) == 4 && in_service() == 4
+        ),
         "scaled out to 4 under load: {}",
         admin(&admin_address, &state, &["activities", "web"]).1
     );

@@ -200,65 +200,17 @@ async fn pool_members_wait_out_a_busy_load_balancer_and_pending_create() {
         .expect("deregistering what is gone succeeds");
 }
 
-/// Requests `/work` from every pool member until `done` or `limit` (bounded in time and count).
-fn load(services: &FakeServices, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    use std::io::{Read, Write};
-    let started = std::time::Instant::now();
-    let mut sent = 0u64;
-    while started.elapsed() < limit && sent < 200_000 {
-        if done() {
-            return true;
-        }
-        let threads: Vec<_> = services
-            .member_addresses()
-            .into_iter()
-            .map(|(address, port)| {
-                let ip: std::net::IpAddr = address.parse().unwrap();
-                assert!(ip.is_loopback());
-                std::thread::spawn(move || {
-                    for _ in 0..20 {
-                        let target = std::net::SocketAddr::new(ip, port);
-                        if let Ok(mut stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-                            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                            let _ = write!(stream, "GET /work HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                            let _ = stream.read_to_end(&mut Vec::new());
-                        }
-                    }
-                })
-            })
-            .collect();
-        sent += 20 * threads.len().max(1) as u64;
-        threads.into_iter().for_each(|t| t.join().unwrap());
-    }
-    done()
-}
-
 /// Issue 9's end-to-end test: the collector, with its credentials in a clouds.yaml entry, keeps seed 002's
 /// group (min 1, max 3, CPU > 50 → +1, < 10 → −1) on Nova behind Keystone, each server a local instance
 /// whose agent enrols from the user data; under load it scales out with the Octavia pool following, and back
 /// in after it.
 #[test]
 fn a_group_on_openstack_scales_out_and_in_with_the_pool_following() {
-    use ebb_tests::{Running, admin, agent_bin, collector_bin, free_port, serial, wait_for};
+    use ebb_tests::{Running, admin, collector_bin, free_port, load, serial, wait_for};
     use std::process::Command;
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let local = ebb_collector::providers::local::LocalProvider::new(
-        toml::from_str(&format!(
-            r#"
-            command = ["{}", "workload", "--listen", "{{address}}:{{port}}", "--member-id", "{{member_id}}"]
-            address_prefix = "127.0.14"
-            agent_path = "{}"
-            instance_cpus = 1.0
-            stop_grace_secs = 2
-            "#,
-            collector_bin().display(),
-            agent_bin().display()
-        ))
-        .unwrap(),
-        dir.path().join("servers"),
-    )
-    .unwrap();
+    let local = ebb_tests::stand_ins("127.0.14", &dir.path().join("servers"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let os = runtime.block_on(openstack(Some(local)));
     let clouds = dir.path().join("clouds.yaml");
@@ -348,8 +300,17 @@ fn a_group_on_openstack_scales_out_and_in_with_the_pool_following() {
         admin(&admin_address, &state, &["members", "web"]).1
     );
     assert!(
-        load(&os.services, Duration::from_secs(120), || in_service() >= 2
-            && pool() == in_service()),
+        load(
+            || {
+                os.services
+                    .member_addresses()
+                    .into_iter()
+                    .filter_map(|(address, port)| Some(std::net::SocketAddr::new(address.parse().ok()?, port)))
+                    .collect()
+            },
+            Duration::from_secs(120),
+            || in_service() >= 2 && pool() == in_service()
+        ),
         "scaled out under load: {}",
         admin(&admin_address, &state, &["activities", "web"]).1
     );
