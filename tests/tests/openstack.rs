@@ -323,3 +323,59 @@ fn a_group_on_openstack_scales_out_and_in_with_the_pool_following() {
         admin(&admin_address, &state, &["activities", "web"]).1
     );
 }
+
+/// The other way openstack CLI users keep credentials: the `OS_*` variables (an openrc file), read by the
+/// collector when the provider names no cloud.
+#[test]
+fn the_collector_authenticates_from_os_variables() {
+    use ebb_tests::{Running, collector_bin, free_port, wait_for};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let os = runtime.block_on(openstack(None));
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+        [server]
+        grpc_listen = "127.0.0.1:{}"
+        http_listen = "127.0.0.1:{}"
+        state_dir = "{}"
+
+        [[groups]]
+        name = "web"
+        min_size = 1
+        max_size = 1
+
+        [groups.provider]
+        type = "openstack"
+        image = "web-image"
+        flavor = "m1.small"
+
+        [groups.load_balancer]
+        type = "octavia"
+        pool_id = "pool-1"
+        "#,
+        free_port(),
+        free_port(),
+        dir.path().join("state").display()
+    );
+    let path = dir.path().join("collector.toml");
+    std::fs::write(&path, config).unwrap();
+    let _collector = Running::spawn(
+        std::process::Command::new(collector_bin())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("EBB_LOG", "warn")
+            .env_remove("OS_CLOUD")
+            .env("OS_AUTH_URL", &os.keystone.url)
+            .env("OS_USERNAME", "admin")
+            .env("OS_PASSWORD", ADMIN_PASSWORD)
+            .env("OS_PROJECT_NAME", "admin")
+            .env("OS_USER_DOMAIN_NAME", "Default")
+            .env("OS_PROJECT_DOMAIN_NAME", "Default")
+            .env("OS_REGION_NAME", "RegionOne"),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || os.services.servers().len() == 1),
+        "a server launched with a token from the OS_* credentials: {:?}",
+        os.services.calls()
+    );
+}
