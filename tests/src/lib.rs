@@ -125,7 +125,7 @@ pub fn local_instances(dir: &Path) -> Vec<(i32, u64)> {
             panic!("an instance record without pid and start time: {record}");
         };
         let pid = pid as i32;
-        if start_time(pid) == Some(started) {
+        if ebb_collector::providers::local::start_time(pid) == Some(started) {
             found.push((pid, started));
         }
     }
@@ -136,16 +136,6 @@ fn kill_local_instances(dir: &Path) {
     for (pid, _) in local_instances(dir) {
         let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
-}
-
-/// When a running (not zombie) process started, in clock ticks since boot.
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
 }
 
 /// PIDs of processes whose command line contains `needle`.

@@ -72,7 +72,7 @@ impl Record {
 }
 
 /// When a running (not zombie) process started, in clock ticks since boot; `None` if it is gone.
-fn start_time(pid: i32) -> Option<u64> {
+pub fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name, in parentheses, may itself hold spaces and parentheses.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
