@@ -8,6 +8,8 @@
 //!   1,000 groups (`fleet.rs`).
 //! - `bench store`: activity and intent writes, and a restart with 1,000 members
 //!   (`collector/benches/store.rs`).
+//! - `package`: `ebb-collector` and `ebb-agent` as .deb and .rpm in `target/packages/`, with cargo-deb and
+//!   cargo-generate-rpm (installed into `target/package-tools/` on first use) from the crates' metadata.
 
 #![forbid(unsafe_code)]
 
@@ -33,8 +35,9 @@ fn main() -> anyhow::Result<()> {
         Some("bench") if args.get(1).map(String::as_str) == Some("ingest") => fleet::bench_ingest(&args[2..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("engine") => fleet::bench_engine(&args[2..]),
         Some("bench") if args.get(1).map(String::as_str) == Some("store") => cargo_bench("store"),
+        Some("package") => package(),
         _ => bail!(
-            "usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N] | bench enroll [--agents N] | bench ingest [--max N] [--secs N] | bench engine [--secs N] | bench store"
+            "usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N] | bench enroll [--agents N] | bench ingest [--max N] [--secs N] | bench engine [--secs N] | bench store | cargo xtask package"
         ),
     }
 }
@@ -50,6 +53,53 @@ fn build_release() -> anyhow::Result<PathBuf> {
         .status()?;
     ensure!(status.success(), "cargo build --release failed");
     Ok(root().join("target/release"))
+}
+
+/// Runs `cargo ARGS` in the workspace.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args(args)
+        .status()?;
+    ensure!(status.success(), "cargo {} failed", args.join(" "));
+    Ok(())
+}
+
+/// The packaging tools, pinned, installed into `target/package-tools/` if missing.
+const PACKAGE_TOOLS: [(&str, &str); 2] = [("cargo-deb", "3.8.0"), ("cargo-generate-rpm", "0.21.1")];
+
+/// `cargo xtask package`: the collector (release profile) and the agent (agent profile: small, static) as
+/// .deb and .rpm in `target/packages/`.
+fn package() -> anyhow::Result<()> {
+    let tools = root().join("target/package-tools");
+    for (tool, version) in PACKAGE_TOOLS {
+        if !tools.join("bin").join(tool).exists() {
+            let root = tools.to_str().context("a UTF-8 path")?;
+            cargo(&["install", "--locked", "--root", root, tool, "--version", version])?;
+        }
+    }
+    cargo(&["build", "--release", "-p", "ebb-collector"])?;
+    cargo(&["build", "--profile", "agent", "-p", "ebb-agent"])?;
+    let out = root().join("target/packages");
+    std::fs::create_dir_all(&out)?;
+    let out = out.to_str().context("a UTF-8 path")?;
+    let run = |tool: &str, args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new(tools.join("bin").join(tool))
+            .current_dir(root())
+            .args(args)
+            .status()
+            .with_context(|| format!("run {tool}"))?;
+        ensure!(status.success(), "{tool} {} failed", args.join(" "));
+        Ok(())
+    };
+    run("cargo-deb", &["--no-build", "-p", "ebb-collector", "--output", out])?;
+    run("cargo-deb", &["--no-build", "-p", "ebb-agent", "--profile", "agent", "--output", out])?;
+    run("cargo-generate-rpm", &["-p", "collector", "-o", out])?;
+    run("cargo-generate-rpm", &["-p", "agent", "--profile", "agent", "-o", out])?;
+    for entry in std::fs::read_dir(out)? {
+        println!("{}", entry?.path().display());
+    }
+    Ok(())
 }
 
 /// `cargo bench -p ebb-collector --bench NAME`.
