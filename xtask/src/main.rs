@@ -65,6 +65,9 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The agent's build target, named so that a static build's flags stay off build scripts.
+const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+
 /// The packaging tools, pinned, installed into `target/package-tools/` if missing.
 const PACKAGE_TOOLS: [(&str, &str); 2] = [("cargo-deb", "3.8.0"), ("cargo-generate-rpm", "0.21.1")];
 
@@ -79,7 +82,22 @@ fn package() -> anyhow::Result<()> {
         }
     }
     cargo(&["build", "--release", "-p", "ebb-collector"])?;
-    cargo(&["build", "--profile", "agent", "-p", "ebb-agent"])?;
+    // The agent runs on whatever Linux the fleet has: glibc linked in (static-pie), so it needs none on
+    // the VM. With --target, RUSTFLAGS reach only the agent's own code, not build scripts.
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "--profile",
+            "agent",
+            "-p",
+            "ebb-agent",
+            "--target",
+            AGENT_TARGET,
+        ])
+        .status()?;
+    ensure!(status.success(), "the static agent build failed");
     let out = root().join("target/packages");
     std::fs::create_dir_all(&out)?;
     let out = out.to_str().context("a UTF-8 path")?;
@@ -93,9 +111,16 @@ fn package() -> anyhow::Result<()> {
         Ok(())
     };
     run("cargo-deb", &["--no-build", "-p", "ebb-collector", "--output", out])?;
-    run("cargo-deb", &["--no-build", "-p", "ebb-agent", "--profile", "agent", "--output", out])?;
+    let agent = ["--profile", "agent", "--target", AGENT_TARGET];
+    run(
+        "cargo-deb",
+        &[&["--no-build", "-p", "ebb-agent", "--output", out][..], &agent].concat(),
+    )?;
     run("cargo-generate-rpm", &["-p", "collector", "-o", out])?;
-    run("cargo-generate-rpm", &["-p", "agent", "--profile", "agent", "-o", out])?;
+    run(
+        "cargo-generate-rpm",
+        &[&["-p", "agent", "-o", out][..], &agent].concat(),
+    )?;
     for entry in std::fs::read_dir(out)? {
         println!("{}", entry?.path().display());
     }
