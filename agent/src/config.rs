@@ -135,8 +135,9 @@ impl Default for ReconnectConfig {
 fn default_collector_url() -> String {
     "https://127.0.0.1:7300".into()
 }
+/// Its own, not the collector's `/var/lib/ebb`: both may run on one machine, and both keep a `ca.pem`.
 fn default_state_dir() -> PathBuf {
-    PathBuf::from("/var/lib/ebb")
+    PathBuf::from("/var/lib/ebb-agent")
 }
 fn default_pre_stop_timeout_secs() -> u32 {
     60
@@ -317,6 +318,28 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// The example the packages install as /etc/ebb/agent.toml.example.
+    #[test]
+    fn the_packaged_example_parses() {
+        let text = include_str!("../../packaging/agent.toml.example");
+        let config: AgentConfig = parse_toml(Path::new("agent.toml.example"), text).unwrap();
+        assert_eq!(config.group, "web");
+        assert!(config.enrollment.unwrap().token.is_some());
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|l| l.starts_with('[') || l.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .filter(|l| !l.starts_with("token") && !l.starts_with("ca_sha256"))
+            .collect();
+        let config: AgentConfig =
+            parse_toml(Path::new("agent.toml.example"), &uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert!(config.health_check.is_some() && config.custom_metrics.contains_key("queue_depth"));
     }
 
     #[test]
