@@ -98,6 +98,13 @@ fn package() -> anyhow::Result<()> {
         ])
         .status()?;
     ensure!(status.success(), "the static agent build failed");
+    // rustc leaves a static-pie's symbols in place whatever the profile says; both packages get it stripped.
+    let agent_binary = root().join("target").join(AGENT_TARGET).join("agent/ebb-agent");
+    let status = Command::new("strip")
+        .arg(&agent_binary)
+        .status()
+        .context("run strip (binutils)")?;
+    ensure!(status.success(), "strip {} failed", agent_binary.display());
     let out = root().join("target/packages");
     std::fs::create_dir_all(&out)?;
     let out = out.to_str().context("a UTF-8 path")?;
