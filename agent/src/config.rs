@@ -224,8 +224,10 @@ pub struct Cli {
     /// The configuration file. A missing default file is not an error.
     #[arg(long, env = "EBB_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The collector's enrolment and telemetry endpoint (instead of `collector_url`).
     #[arg(long, env = "EBB_COLLECTOR_URL")]
     pub collector_url: Option<String>,
+    /// Seconds between samples (instead of `interval_secs`); the collector may change it.
     #[arg(long, env = "EBB_INTERVAL_SECS")]
     pub interval_secs: Option<u32>,
     /// Where the key and certificate are kept.

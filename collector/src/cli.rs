@@ -44,6 +44,7 @@ pub struct AdminConnection {
     /// An admin certificate (`ebb-collector admin-cert`).
     #[arg(long, global = true, env = "EBB_CERT")]
     pub cert: Option<PathBuf>,
+    /// The admin certificate's private key.
     #[arg(long, global = true, env = "EBB_KEY")]
     pub key: Option<PathBuf>,
 }
