@@ -31,3 +31,22 @@ pub fn client(extra_ca: Option<&Path>) -> Result<reqwest::Client, String> {
         .build()
         .map_err(|e| format!("cannot set up the HTTP client: {e}"))
 }
+
+/// `value` percent-encoded for a query string or form: RFC 3986's unreserved characters stay, every other
+/// byte of the UTF-8 is `%XX`.
+pub fn encode(value: &str) -> String {
+    percent_encode(value, |b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+}
+
+/// `value` with every byte that `keep` refuses written `%XX` (upper-case hex).
+pub fn percent_encode(value: &str, keep: impl Fn(u8) -> bool) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if keep(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

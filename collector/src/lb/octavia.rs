@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::{Backend, LoadBalancer, Registration};
 use crate::providers::CloudError;
-use crate::providers::openstack::keystone::{Keystone, message};
+use crate::providers::openstack::keystone::{Keystone, refusal};
 
 /// Attempts in all while the load balancer answers 409 (immutable while PENDING_UPDATE).
 const BUSY_ATTEMPTS: u32 = 8;
@@ -68,7 +68,7 @@ impl OctaviaPool {
     async fn list(&self) -> Result<Vec<Value>, CloudError> {
         match self.call(Method::GET, &self.members_path(), None).await? {
             (200, body) => Ok(body["members"].as_array().cloned().unwrap_or_default()),
-            (status, body) => Err(refusal("list pool members", status, &body)),
+            (status, body) => Err(refusal("Octavia: list pool members", status, &body)),
         }
     }
 
@@ -86,7 +86,7 @@ impl OctaviaPool {
                     return Err(CloudError::Retryable(format!("pool member {member} went to ERROR")));
                 }
                 (200, _) => {}
-                (status, _) => return Err(refusal("read a pool member", status, &body)),
+                (status, _) => return Err(refusal("Octavia: read a pool member", status, &body)),
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(5));
@@ -94,15 +94,6 @@ impl OctaviaPool {
         Err(CloudError::Retryable(format!(
             "pool member {member} is still PENDING; ebb stopped waiting"
         )))
-    }
-}
-
-fn refusal(what: &str, status: u16, body: &Value) -> CloudError {
-    let text = format!("Octavia: {what} → {status}: {}", message(body));
-    if status >= 500 || status == 409 || status == 429 {
-        CloudError::Retryable(text)
-    } else {
-        CloudError::Permanent(text)
     }
 }
 
@@ -125,7 +116,7 @@ impl LoadBalancer for OctaviaPool {
         }
         match self.call(Method::POST, &self.members_path(), Some(&body)).await? {
             (201, answer) => self.settle(answer["member"]["id"].as_str().unwrap_or_default()).await,
-            (status, answer) => Err(refusal("add a pool member", status, &answer)),
+            (status, answer) => Err(refusal("Octavia: add a pool member", status, &answer)),
         }
     }
 
@@ -143,7 +134,7 @@ impl LoadBalancer for OctaviaPool {
             .await?
         {
             (204 | 404, _) => Ok(()),
-            (status, answer) => Err(refusal("remove a pool member", status, &answer)),
+            (status, answer) => Err(refusal("Octavia: remove a pool member", status, &answer)),
         }
     }
 

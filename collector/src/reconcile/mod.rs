@@ -844,18 +844,9 @@ impl GroupController {
                 continue;
             }
             if change.unhealthy {
-                let result = self
-                    .deps
-                    .load_balancer
-                    .deregister(&member.id, &member.instance_id)
+                let cause = format!("unhealthy: {}", change.why);
+                self.leave_load_balancer(&member, &cause, (self.desired, self.desired))
                     .await;
-                self.record(
-                    ActivityKind::Deregister,
-                    format!("unhealthy: {}", change.why),
-                    result.map(|()| String::new()),
-                    &member.id,
-                    (self.desired, self.desired),
-                );
             } else {
                 self.members[index].replacing = false;
                 if let Some(address) = member.address {
@@ -1016,18 +1007,8 @@ impl GroupController {
             };
             let member = self.members.remove(index);
             if member.state == MemberState::InService {
-                let result = self
-                    .deps
-                    .load_balancer
-                    .deregister(&member.id, &member.instance_id)
+                self.leave_load_balancer(&member, "its instance is gone", (self.desired, self.desired))
                     .await;
-                self.record(
-                    ActivityKind::Deregister,
-                    "its instance is gone".into(),
-                    result.map(|()| String::new()),
-                    &member.id,
-                    (self.desired, self.desired),
-                );
             }
             self.deps.ingest.unregister(&member.id).await;
             self.deps.authority.revoke_member(&member.id);

@@ -124,10 +124,6 @@ impl Query {
         })
     }
 
-    pub fn region(&self) -> &str {
-        &self.region
-    }
-
     /// For tests: throttled calls wait this long first.
     pub fn with_first_backoff(mut self, first_backoff: Duration) -> Self {
         self.first_backoff = first_backoff;
@@ -195,7 +191,7 @@ impl Query {
         form.extend(params.iter().cloned());
         let body = form
             .iter()
-            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .map(|(k, v)| format!("{}={}", crate::http::encode(k), crate::http::encode(v)))
             .collect::<Vec<_>>()
             .join("&");
         let credentials = self.credentials().await?;
@@ -290,27 +286,6 @@ fn error_in(xml: &str) -> Option<(String, String)> {
             .to_string()
     };
     Some((child("Code"), child("Message")))
-}
-
-/// RFC 3986 percent-encoding, as AWS's Query API expects in the form.
-fn encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// The text of every element named `name` under `node`, in document order.
-pub fn texts<'a>(node: roxmltree::Node<'a, 'a>, name: &str) -> Vec<&'a str> {
-    node.descendants()
-        .filter(|n| n.tag_name().name() == name)
-        .filter_map(|n| n.text())
-        .collect()
 }
 
 /// The text of the first child element named `name` of `node`.

@@ -260,7 +260,7 @@ impl Api {
         let signature = sign(&all, &self.credentials.secret_key);
         all.push(("signature".into(), signature));
         all.iter()
-            .map(|(k, v)| format!("{}={}", query_encode(k), query_encode(v)))
+            .map(|(k, v)| format!("{}={}", crate::http::encode(k), crate::http::encode(v)))
             .collect::<Vec<_>>()
             .join("&")
     }
@@ -316,24 +316,7 @@ pub fn sign(params: &[(String, String)], secret_key: &str) -> String {
 /// Java's `URLEncoder.encode(value, "UTF-8")` with its `+` for a space written `%20`: letters, digits and
 /// `.-*_` stay, every other byte of the UTF-8 is `%XX`.
 fn java_url_encode(value: &str) -> String {
-    percent_encode(value, |b| b.is_ascii_alphanumeric() || b".-*_".contains(&b))
-}
-
-/// For the query string sent: RFC 3986's unreserved characters stay; the server decodes it back.
-fn query_encode(value: &str) -> String {
-    percent_encode(value, |b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
-}
-
-fn percent_encode(value: &str, keep: impl Fn(u8) -> bool) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if keep(b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    crate::http::percent_encode(value, |b| b.is_ascii_alphanumeric() || b".-*_".contains(&b))
 }
 
 #[cfg(test)]
@@ -419,7 +402,7 @@ mod tests {
             "abracadabra",
         );
         assert!(
-            query.ends_with(&format!("signature={}", query_encode(&expected))),
+            query.ends_with(&format!("signature={}", crate::http::encode(&expected))),
             "{query}"
         );
     }

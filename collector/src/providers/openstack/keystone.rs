@@ -328,6 +328,16 @@ impl Keystone {
     }
 }
 
+/// A refusal from an OpenStack service, `what` naming the call: 5xx, 409 (busy) and 429 are temporary.
+pub fn refusal(what: &str, status: u16, body: &Value) -> CloudError {
+    let text = format!("{what} → {status}: {}", message(body));
+    if status >= 500 || status == 409 || status == 429 {
+        CloudError::Retryable(text)
+    } else {
+        CloudError::Permanent(text)
+    }
+}
+
 /// OpenStack's error text in an answer (`{"itemNotFound": {"message": …}}`, `{"faultstring": …}`, …).
 pub fn message(body: &Value) -> String {
     body.get("faultstring")

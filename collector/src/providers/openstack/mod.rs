@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-use self::keystone::{Cloud, Keystone, message};
+use self::keystone::{Cloud, Keystone, refusal};
 use super::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -138,7 +138,7 @@ impl OpenStackProvider {
     async fn get(&self, service: &str, path: &str) -> Result<Value, CloudError> {
         match self.keystone.call(service, Method::GET, path, None, &[]).await? {
             (200, body) => Ok(body),
-            (status, body) => Err(answer_error(&format!("{service} GET {path}"), status, &body)),
+            (status, body) => Err(refusal(&format!("{service} GET {path}"), status, &body)),
         }
     }
 
@@ -204,18 +204,8 @@ impl OpenStackProvider {
             .await?
         {
             (200..=299 | 404, _) => Ok(()),
-            (status, body) => Err(answer_error(&format!("delete server {id}"), status, &body)),
+            (status, body) => Err(refusal(&format!("delete server {id}"), status, &body)),
         }
-    }
-}
-
-/// A refusal from an OpenStack service: 5xx, 409 and 429 are temporary.
-fn answer_error(what: &str, status: u16, body: &Value) -> CloudError {
-    let text = format!("{what} → {status}: {}", message(body));
-    if status >= 500 || status == 409 || status == 429 {
-        CloudError::Retryable(text)
-    } else {
-        CloudError::Permanent(text)
     }
 }
 
@@ -276,7 +266,7 @@ impl Provider for OpenStackProvider {
             )
             .await?;
         if status != 202 {
-            return Err(answer_error("create server", status, &body));
+            return Err(refusal("create server", status, &body));
         }
         let id = body["server"]["id"].as_str().unwrap_or_default().to_string();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(self.config.build_timeout_secs.into());
