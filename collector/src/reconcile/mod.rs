@@ -27,7 +27,7 @@ use crate::ingest::{self, IngestHandle, LatestSample};
 use crate::lb::LoadBalancer;
 use crate::metrics::{GroupGauges, Metrics};
 use crate::pki::Authority;
-use crate::providers::{CloudError, InstanceState, LaunchSpec, Provider};
+use crate::providers::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
 use crate::store::{GroupRecord, Intent, IntentKind, Store};
 use crate::userdata::{self, UserDataFormat};
 
@@ -1148,18 +1148,18 @@ impl GroupController {
     /// serve; drained members are terminated.
     async fn reconcile(&mut self, now: Millis, cause: &str) {
         self.roll_refresh();
-        while self.live() < self.desired && now >= self.next_launch_at && !self.suspended.has(Process::Launch) {
+        if now >= self.next_launch_at && !self.suspended.has(Process::Launch) {
             let in_flight = self
                 .members
                 .iter()
                 .filter(|m| m.state == MemberState::Pending && !m.replacing)
                 .count() as u32;
-            if in_flight >= self.config.max_surge {
-                break;
-            }
-            if self.launch(now, cause).await.is_err() {
+            let wanted = self
+                .desired
+                .saturating_sub(self.live())
+                .min(self.config.max_surge.saturating_sub(in_flight));
+            if wanted > 0 && !self.launch(wanted, now, cause).await {
                 self.next_launch_at = now + LAUNCH_RETRY_MS;
-                break;
             }
         }
         let serving = self
@@ -1201,7 +1201,37 @@ impl GroupController {
         self.finish_drains(now).await;
     }
 
-    async fn launch(&mut self, now: Millis, cause: &str) -> Result<(), CloudError> {
+    /// Launches `count` members at once: each one's intent is on disk first, then every launch call is in
+    /// flight together (a scale-out of ten takes one call's time, not ten). False if any failed.
+    async fn launch(&mut self, count: u32, now: Millis, cause: &str) -> bool {
+        let mut calls = tokio::task::JoinSet::new();
+        let mut launches = Vec::new();
+        for _ in 0..count {
+            let Some((intent, spec)) = self.prepare_launch(now).await else {
+                break;
+            };
+            let provider = self.deps.provider.clone();
+            let index = launches.len();
+            calls.spawn(async move { (index, provider.launch(&spec).await) });
+            launches.push((intent, None));
+        }
+        let prepared = launches.len() as u32;
+        while let Some(call) = calls.join_next().await {
+            let (index, result) = call.expect("a launch call does not panic");
+            launches[index].1 = Some(result);
+        }
+        let mut all_launched = prepared == count;
+        for (intent, result) in launches {
+            let result = result.expect("every launch call was awaited");
+            all_launched &= result.is_ok();
+            self.finish_launch(&intent, result, now, cause).await;
+        }
+        all_launched
+    }
+
+    /// Takes the next member id and writes the launch's intent, registers the member with ingest and mints
+    /// its token; `None` if the store refuses writes (nothing is launched without its intent).
+    async fn prepare_launch(&mut self, now: Millis) -> Option<(Intent, LaunchSpec)> {
         self.launches += 1;
         let member_id = format!("{}-{}", self.config.name, self.launches);
         let launch_id = format!("{member_id}-{now}");
@@ -1216,9 +1246,8 @@ impl GroupController {
             created_at: now,
         };
         if !self.save() || !self.write_intent(&intent) {
-            return Err(CloudError::Retryable("the store refuses writes; not launching".into()));
+            return None;
         }
-        let size = self.members.len() as u32;
         // Allowed to report before the instance exists: its agent may be quicker than the launch call.
         let settings = self.agent_settings(&Member::pending(&member_id, "", None, now));
         self.deps.ingest.register(&member_id, settings).await;
@@ -1240,26 +1269,33 @@ impl GroupController {
         );
         let spec = LaunchSpec {
             group: self.config.name.clone(),
-            member_id: member_id.clone(),
+            member_id,
             cluster_id: self.deps.cluster_id.clone(),
             launch_id,
             service_port: self.config.member_port,
             user_data: userdata::render(UserDataFormat::CloudConfig, &agent_config),
             agent_config,
         };
-        let result = self.deps.provider.launch(&spec).await;
+        Some((intent, spec))
+    }
+
+    /// Takes in the launched member (or forgets it, if the call failed), records the activity, and marks the
+    /// intent done once the member is saved.
+    async fn finish_launch(&mut self, intent: &Intent, result: Result<Instance, CloudError>, now: Millis, cause: &str) {
+        let member_id = &intent.member_id;
+        let size = self.members.len() as u32;
         match &result {
             Ok(instance) => {
                 let address = instance.address.map(|ip| SocketAddr::new(ip, self.config.member_port));
                 let member = Member {
                     launch_spec: self.launch_spec.clone(),
-                    ..Member::pending(&member_id, &instance.id, address, now)
+                    ..Member::pending(member_id, &instance.id, address, now)
                 };
                 self.add_pending(member).await;
             }
             Err(_) => {
-                self.deps.ingest.unregister(&member_id).await;
-                self.deps.authority.revoke_member(&member_id);
+                self.deps.ingest.unregister(member_id).await;
+                self.deps.authority.revoke_member(member_id);
             }
         }
         let detail = result
@@ -1275,14 +1311,13 @@ impl GroupController {
             ActivityKind::Launch,
             cause.to_string(),
             detail,
-            &member_id,
+            member_id,
             (size, new_size),
         );
         // The member is saved before its intent is marked done.
         if self.save() {
             self.finish_intent(&intent.key, now, &outcome);
         }
-        result.map(|_| ())
     }
 
     /// Writes an intent; false (logged, counted, decisions paused) if the store refuses.

@@ -217,6 +217,66 @@ async fn a_failed_launch_is_recorded_and_retried_later_not_every_second() {
     assert_eq!(h.provider.running(), ["web-2"]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_scale_out_of_ten_sends_all_ten_launch_calls_at_once() {
+    let mut h = harness_with(|g| {
+        g.replace("min_size = 1", "min_size = 0")
+            .replace("max_size = 3", "max_size = 20")
+    })
+    .await;
+    h.controller.step(now_ms()).await;
+    assert!(h.provider.running().is_empty());
+    h.provider.set_latency(Duration::from_secs(2));
+    let started = tokio::time::Instant::now();
+    send(&mut h, |reply| Command::SetDesired { desired: 10, reply }).await;
+    assert_eq!(h.provider.running().len(), 10);
+    assert_eq!(
+        h.provider.most_launches_in_flight(),
+        10,
+        "every launch in flight together"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "one call's latency, not ten: {:?} of (paused) time",
+        started.elapsed()
+    );
+    let launched: Vec<_> = h
+        .activities
+        .since(0, "web")
+        .into_iter()
+        .filter(|a| a.kind == ActivityKind::Launch)
+        .collect();
+    assert_eq!(launched.len(), 10, "each launch has its own activity");
+    assert!(launched.iter().all(|a| a.outcome == "ok"), "{launched:?}");
+}
+
+#[tokio::test]
+async fn a_failed_launch_among_several_is_recorded_and_the_others_join() {
+    let mut h = harness_with(|g| g.replace("max_size = 3", "max_size = 20")).await;
+    h.controller.step(now_ms()).await;
+    h.provider
+        .fail_next_launch(CloudError::Permanent("quota exceeded: 3 instances".into()));
+    send(&mut h, |reply| Command::SetDesired { desired: 4, reply }).await;
+    assert_eq!(
+        h.provider.running().len(),
+        3,
+        "the first instance and two of the three launches"
+    );
+    let failed: Vec<_> = h
+        .activities
+        .since(0, "web")
+        .into_iter()
+        .filter(|a| a.outcome == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].detail.contains("quota exceeded"));
+    assert_eq!(
+        h.handle.status().members.len(),
+        3,
+        "the failed launch leaves no member behind"
+    );
+}
+
 #[tokio::test]
 async fn a_lost_instance_leaves_the_load_balancer_and_is_replaced() {
     let mut h = harness().await;

@@ -1,7 +1,7 @@
 //! A fake cloud kept in a directory (`type = "fake"`), for fault tests and benchmarks that kill the
 //! collector: its instances outlive the collector process, as a cloud's do. Each instance is a small file
 //! written atomically; a launch with a launch id it has seen returns the same instance (like EC2's
-//! ClientToken); every call waits `latency_ms`.
+//! ClientToken); every call waits `latency_ms`, a launch `launch_latency_ms` more.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -19,6 +19,9 @@ pub struct DirCloudConfig {
     pub dir: PathBuf,
     #[serde(default)]
     pub latency_ms: u32,
+    /// Launches wait this long more (a cloud's boot of an instance), for the fan-out benchmark.
+    #[serde(default)]
+    pub launch_latency_ms: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -90,6 +93,7 @@ impl DirCloud {
 impl Provider for DirCloud {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
         self.delay().await;
+        tokio::time::sleep(Duration::from_millis(self.config.launch_latency_ms.into())).await;
         if let Some(known) = self.records()?.into_iter().find(|r| r.launch_id == spec.launch_id) {
             return Ok(Self::instance(&known));
         }
@@ -162,6 +166,7 @@ mod tests {
         let config = DirCloudConfig {
             dir: dir.path().to_path_buf(),
             latency_ms: 0,
+            launch_latency_ms: 0,
         };
         let cloud = DirCloud::new(config.clone()).unwrap();
         let first = cloud.launch(&spec("web-1", "web-1-5")).await.unwrap();

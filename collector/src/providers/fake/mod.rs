@@ -21,6 +21,8 @@ struct State {
     terminate_failures: Vec<CloudError>,
     latency: Duration,
     calls: Vec<String>,
+    launches_in_flight: u32,
+    most_launches_in_flight: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -63,6 +65,11 @@ impl FakeProvider {
             .collect()
     }
 
+    /// The most launch calls that were in flight at once.
+    pub fn most_launches_in_flight(&self) -> u32 {
+        self.state.lock().unwrap().most_launches_in_flight
+    }
+
     /// `launch web-1`, `terminate fake-1`, ... in order.
     pub fn calls(&self) -> Vec<String> {
         self.state.lock().unwrap().calls.clone()
@@ -79,8 +86,14 @@ impl FakeProvider {
 #[async_trait]
 impl Provider for FakeProvider {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
+        {
+            let mut state = self.state.lock().unwrap();
+            state.launches_in_flight += 1;
+            state.most_launches_in_flight = state.most_launches_in_flight.max(state.launches_in_flight);
+        }
         self.delay().await;
         let mut state = self.state.lock().unwrap();
+        state.launches_in_flight -= 1;
         state.calls.push(format!("launch {}", spec.member_id));
         if !state.launch_failures.is_empty() {
             return Err(state.launch_failures.remove(0));
