@@ -1,44 +1,115 @@
 //! Project chores, run as `cargo xtask <task>`:
 //! - `demo [ARGS]`: build the release binaries and run `ebb-collector demo ARGS`.
-//! - `bench agent [--secs N]`: the agent's memory and CPU at a 1 s interval with one HTTP check and its
-//!   stream open, side by side with Debian's prometheus-node-exporter scraped once a second.
-//! - `bench enroll [--agents N]`, `bench ingest [--max N] [--secs N]`: many agents against one collector
-//!   (`fleet.rs`).
-//! - `bench engine [--secs N]`: the decision engine (`collector/benches/engine.rs`) and a collector with
-//!   1,000 groups (`fleet.rs`).
-//! - `bench store`: activity and intent writes, and a restart with 1,000 members
-//!   (`collector/benches/store.rs`).
+//! - `bench NAME [ARGS]`: one benchmark, its table printed and kept in `target/bench/NAME.json` with the
+//!   goal it is held to (`report.rs`); `bench all` runs them in turn, with a summary. Each names its
+//!   flags in `usage`.
+//!   - `agent` (`agent.rs`): the agent beside collectd and prometheus-node-exporter.
+//!   - `enroll`, `ingest`, `engine` (`fleet.rs`): many agents, or many groups, against one collector.
+//!   - `reaction`, `fanout` (`reaction.rs`): from load to the launch call; ten launch calls at once.
+//!   - `store`: activity and intent writes, and a restart with 1,000 members (`collector/benches/store.rs`).
 //! - `package`: `ebb-collector` and `ebb-agent` as .deb and .rpm in `target/packages/`, with cargo-deb and
 //!   cargo-generate-rpm (installed into `target/package-tools/` on first use) from the crates' metadata.
 
 #![forbid(unsafe_code)]
 
-use std::io::{Read, Write};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
+mod agent;
 mod fleet;
+mod reaction;
+mod report;
 
 /// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ, 100 on every supported Linux).
 const USER_HZ: f64 = 100.0;
-const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
+
+const USAGE: &str = "usage: cargo xtask demo [ARGS]
+       cargo xtask bench agent [--secs N]        ebb-agent beside collectd and node-exporter (60 s)
+       cargo xtask bench ingest [--max N] [--secs N]   simulated agents on mTLS, 1,000 up to 15,000
+       cargo xtask bench enroll [--agents N]     a boot storm of N enrolments (1,000)
+       cargo xtask bench engine [--secs N]       one evaluation; a collector with 1,000 groups
+       cargo xtask bench reaction [--trials N]   first over-threshold sample to the launch call (5 trials)
+       cargo xtask bench fanout                  +10 members in one decision, launches taking 2 s each
+       cargo xtask bench all                     all of the above in turn (under 15 minutes), with a summary
+       cargo xtask bench store                   store writes and a restart with 1,000 members
+       cargo xtask package";
+
+/// Each benchmark: its name and how to run it; true when it met its goals.
+type Bench = fn(&[String]) -> anyhow::Result<bool>;
+const BENCHES: [(&str, Bench); 6] = [
+    ("agent", agent::bench_agent),
+    ("ingest", fleet::bench_ingest),
+    ("enroll", fleet::bench_enroll),
+    ("engine", fleet::bench_engine),
+    ("reaction", reaction::bench_reaction),
+    ("fanout", reaction::bench_fanout),
+];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("demo") => demo(&args[1..]),
-        Some("bench") if args.get(1).map(String::as_str) == Some("agent") => bench_agent(&args[2..]),
-        Some("bench") if args.get(1).map(String::as_str) == Some("enroll") => fleet::bench_enroll(&args[2..]),
-        Some("bench") if args.get(1).map(String::as_str) == Some("ingest") => fleet::bench_ingest(&args[2..]),
-        Some("bench") if args.get(1).map(String::as_str) == Some("engine") => fleet::bench_engine(&args[2..]),
-        Some("bench") if args.get(1).map(String::as_str) == Some("store") => cargo_bench("store"),
-        Some("package") => package(),
-        _ => bail!(
-            "usage: cargo xtask demo [ARGS] | cargo xtask bench agent [--secs N] | bench enroll [--agents N] | bench ingest [--max N] [--secs N] | bench engine [--secs N] | bench store | cargo xtask package"
-        ),
+    let met = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["demo", ..] => return demo(&args[1..]),
+        ["package"] => return package(),
+        ["bench", "store"] => return cargo_bench("store").map(drop),
+        ["bench", "all"] => bench_all()?,
+        ["bench", name, ..] => {
+            let (_, bench) = BENCHES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .with_context(|| format!("no benchmark `{name}`\n{USAGE}"))?;
+            bench(&args[2..])?
+        }
+        _ => bail!("{USAGE}"),
+    };
+    if !met {
+        eprintln!("some goals were missed (MISSED above)");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Every benchmark in turn, each with its default size; a summary of their goals at the end.
+fn bench_all() -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let mut outcomes = Vec::new();
+    for (name, bench) in BENCHES {
+        println!("\n## bench {name}");
+        let outcome = bench(&[]);
+        if let Err(e) = &outcome {
+            eprintln!("bench {name} failed: {e:#}");
+        }
+        outcomes.push((name, outcome.ok()));
+    }
+    println!("\n## summary ({:.0} s, {} cores)", started.elapsed().as_secs_f64(), std::thread::available_parallelism().map(usize::from).unwrap_or(0));
+    for (name, outcome) in &outcomes {
+        let verdict = match outcome {
+            Some(true) => "every goal met",
+            Some(false) => "a goal MISSED",
+            None => "FAILED to run",
+        };
+        println!("- {name}: {verdict} (target/bench/{name}.json)");
+    }
+    Ok(outcomes.iter().all(|(_, o)| *o == Some(true)))
+}
+
+/// A temporary directory, removed when dropped.
+pub(crate) struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(prefix: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -46,7 +117,7 @@ pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-fn build_release() -> anyhow::Result<PathBuf> {
+pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root())
         .args(["build", "--release", "-p", "ebb-agent", "-p", "ebb-collector"])
@@ -82,29 +153,7 @@ fn package() -> anyhow::Result<()> {
         }
     }
     cargo(&["build", "--release", "-p", "ebb-collector"])?;
-    // The agent runs on whatever Linux the fleet has: glibc linked in (static-pie), so it needs none on
-    // the VM. With --target, RUSTFLAGS reach only the agent's own code, not build scripts.
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args([
-            "build",
-            "--profile",
-            "agent",
-            "-p",
-            "ebb-agent",
-            "--target",
-            AGENT_TARGET,
-        ])
-        .status()?;
-    ensure!(status.success(), "the static agent build failed");
-    // rustc leaves a static-pie's symbols in place whatever the profile says; both packages get it stripped.
-    let agent_binary = root().join("target").join(AGENT_TARGET).join("agent/ebb-agent");
-    let status = Command::new("strip")
-        .arg(&agent_binary)
-        .status()
-        .context("run strip (binutils)")?;
-    ensure!(status.success(), "strip {} failed", agent_binary.display());
+    build_shipped_agent()?;
     let out = root().join("target/packages");
     std::fs::create_dir_all(&out)?;
     let out = out.to_str().context("a UTF-8 path")?;
@@ -134,14 +183,52 @@ fn package() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo bench -p ebb-collector --bench NAME`.
-pub(crate) fn cargo_bench(name: &str) -> anyhow::Result<()> {
+/// Builds the agent as it ships and returns its path: the agent profile, static, stripped.
+pub(crate) fn build_shipped_agent() -> anyhow::Result<PathBuf> {
+    // The agent runs on whatever Linux the fleet has: glibc linked in (static-pie), so it needs none on
+    // the VM. With --target, RUSTFLAGS reach only the agent's own code, not build scripts.
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root())
-        .args(["bench", "-p", "ebb-collector", "--bench", name])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "--profile",
+            "agent",
+            "-p",
+            "ebb-agent",
+            "--target",
+            AGENT_TARGET,
+        ])
         .status()?;
-    ensure!(status.success(), "cargo bench --bench {name} failed");
-    Ok(())
+    ensure!(status.success(), "the static agent build failed");
+    // rustc leaves a static-pie's symbols in place whatever the profile says; both packages get it stripped.
+    let agent_binary = root().join("target").join(AGENT_TARGET).join("agent/ebb-agent");
+    let status = Command::new("strip")
+        .arg(&agent_binary)
+        .status()
+        .context("run strip (binutils)")?;
+    ensure!(status.success(), "strip {} failed", agent_binary.display());
+    Ok(agent_binary)
+}
+
+/// `cargo bench -p ebb-collector --bench NAME`, its output shown; the figures it prints as
+/// `figure NAME VALUE` lines.
+pub(crate) fn cargo_bench(name: &str) -> anyhow::Result<HashMap<String, f64>> {
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root())
+        .args(["bench", "-p", "ebb-collector", "--bench", name])
+        .stderr(Stdio::inherit())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    print!("{stdout}");
+    ensure!(output.status.success(), "cargo bench --bench {name} failed");
+    Ok(stdout
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.strip_prefix("figure ")?.split_whitespace();
+            Some((words.next()?.to_string(), words.next()?.parse().ok()?))
+        })
+        .collect())
 }
 
 fn demo(args: &[String]) -> anyhow::Result<()> {
@@ -154,7 +241,7 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// A child stopped when dropped.
-struct Guard(Child);
+pub(crate) struct Guard(pub Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -171,12 +258,12 @@ impl Drop for Guard {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// CPU seconds used so far by `pid`, and its resident memory in KiB.
-fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+pub(crate) fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
@@ -189,217 +276,3 @@ fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     Ok((ticks as f64 / USER_HZ, rss_kib))
 }
 
-fn find_process(needle: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        String::from_utf8_lossy(&cmdline)
-            .replace('\0', " ")
-            .contains(needle)
-            .then_some(pid)
-    })
-}
-
-fn scrape(address: &str) -> anyhow::Result<usize> {
-    let mut stream = std::net::TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = Vec::new();
-    stream.read_to_end(&mut body)?;
-    Ok(body.len())
-}
-
-struct Measured {
-    cpu_percent_of_one_core: f64,
-    rss_max_kib: u64,
-    rss_end_kib: u64,
-}
-
-/// Measures `pid` over `secs`, calling `each_second` once a second.
-fn measure(pid: u32, secs: u64, mut each_second: impl FnMut()) -> anyhow::Result<Measured> {
-    let (cpu_start, _) = usage(pid)?;
-    let started = Instant::now();
-    let mut rss_max = 0;
-    let mut rss_end = 0;
-    for second in 1..=secs {
-        each_second();
-        let next = started + Duration::from_secs(second);
-        std::thread::sleep(next.saturating_duration_since(Instant::now()));
-        let (_, rss) = usage(pid)?;
-        rss_max = rss_max.max(rss);
-        rss_end = rss;
-    }
-    let (cpu_end, _) = usage(pid)?;
-    Ok(Measured {
-        cpu_percent_of_one_core: 100.0 * (cpu_end - cpu_start) / started.elapsed().as_secs_f64(),
-        rss_max_kib: rss_max,
-        rss_end_kib: rss_end,
-    })
-}
-
-fn bench_agent(args: &[String]) -> anyhow::Result<()> {
-    let secs: u64 = match args {
-        [flag, n] if flag == "--secs" => n.parse()?,
-        [] => 120,
-        _ => bail!("usage: cargo xtask bench agent [--secs N]"),
-    };
-    if !Path::new(NODE_EXPORTER).exists() {
-        eprintln!("installing prometheus-node-exporter (Debian) for the comparison");
-        let status = Command::new("sh")
-            .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-node-exporter"])
-            .status()?;
-        ensure!(
-            status.success(),
-            "cannot install prometheus-node-exporter; install it and run again"
-        );
-    }
-    let bin = build_release()?;
-    // The agent as it ships: `--profile agent` (see Cargo.toml).
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
-        .args(["build", "--profile", "agent", "-p", "ebb-agent"])
-        .status()?;
-    ensure!(status.success(), "cargo build --profile agent failed");
-    let shipped_agent = root().join("target/agent/ebb-agent");
-    let dir = std::env::temp_dir().join(format!("ebb-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-
-    // A collector with one local member: its agent samples every second, checks /health over HTTP and
-    // keeps its stream open, exactly as on a VM.
-    let example = std::fs::read_to_string(root().join("examples/local.toml"))?;
-    let config = example
-        .replace("127.0.1", "127.0.9")
-        .replace("127.0.0.1:7300", &format!("127.0.0.1:{}", free_port()?))
-        .replace("127.0.0.1:7301", &format!("127.0.0.1:{}", free_port()?))
-        .replace("127.0.0.1:7302", &format!("127.0.0.1:{}", free_port()?))
-        .replace("127.0.0.1:8000", &format!("127.0.0.1:{}", free_port()?))
-        .replace(
-            "/var/lib/ebb",
-            dir.join("state").to_str().context("temporary directory")?,
-        );
-    let config_path = dir.join("collector.toml");
-    std::fs::write(&config_path, config)?;
-    let _collector = Guard(
-        Command::new(bin.join("ebb-collector"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("EBB_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let provider_agent = loop {
-        // The agent runs with `--config <state>/local/web-1/agent.toml` once the member has launched.
-        if let Some(pid) = find_process("/local/web-1/agent.toml") {
-            break pid;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the collector did not start an agent within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    // The local provider's agent measures its instance's process tree. Replace it with agents of our
-    // own for the same member, one per CPU source, so the default (host) is measured as on a VM.
-    let cmdline =
-        String::from_utf8_lossy(&std::fs::read(format!("/proc/{provider_agent}/cmdline"))?).replace('\0', " ");
-    let words: Vec<&str> = cmdline.split_whitespace().collect();
-    let after = |flag: &str| {
-        words
-            .iter()
-            .position(|w| *w == flag)
-            .and_then(|i| words.get(i + 1))
-            .map(|w| w.to_string())
-    };
-    let agent_config = after("--config").context("agent's --config")?;
-    let agent_state = after("--state-dir").context("agent's --state-dir")?;
-    // Enrolled: its identity is in the state directory and the token gone from its configuration.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !Path::new(&agent_state).join("identity.toml").exists() {
-        ensure!(Instant::now() < deadline, "the agent did not enrol within 30 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let workload_pid = after("--cpu-pid").context("agent's --cpu-pid")?;
-    let _ = Command::new("kill")
-        .args(["-KILL", &provider_agent.to_string()])
-        .status();
-
-    let exporter_address = format!("127.0.0.1:{}", free_port()?);
-    let exporter = Guard(
-        Command::new(NODE_EXPORTER)
-            .arg(format!("--web.listen-address={exporter_address}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let exporter_pid = exporter.0.id();
-    ensure!(scrape(&exporter_address)? > 0, "node exporter does not answer");
-
-    let variants: [(&str, Vec<String>); 2] = [
-        (
-            "ebb-agent, host CPU (default), 1 s interval, 1 HTTP check, stream open",
-            vec![],
-        ),
-        (
-            "ebb-agent, process-tree CPU (local provider), same otherwise",
-            vec!["--cpu-pid".into(), workload_pid, "--cpu-capacity".into(), "1".into()],
-        ),
-    ];
-    let mut rows = Vec::new();
-    let mut failures = 0;
-    for (name, extra) in variants {
-        let agent = Guard(
-            Command::new(&shipped_agent)
-                .args(["--config", &agent_config, "--state-dir", &agent_state])
-                .args(&extra)
-                .env("EBB_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()?,
-        );
-        // Let it connect, get its settings (the health check) and settle.
-        std::thread::sleep(Duration::from_secs(5));
-        eprintln!("measuring `{name}` and node-exporter side by side for {secs} s...");
-        let address = exporter_address.clone();
-        let exporter_thread = std::thread::spawn(move || {
-            let mut failed = 0;
-            measure(exporter_pid, secs, || {
-                if scrape(&address).is_err() {
-                    failed += 1;
-                }
-            })
-            .map(|m| (m, failed))
-        });
-        let measured = measure(agent.0.id(), secs, || {})?;
-        let (exporter_measured, failed) = exporter_thread.join().expect("exporter thread")?;
-        failures += failed;
-        rows.push((name, measured, exporter_measured));
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-
-    println!("| process (each pair measured over the same {secs} s) | CPU, % of one core | RSS max | RSS at end |");
-    println!("|---|---|---|---|");
-    for (name, ebb, exporter) in &rows {
-        for (name, m) in [(*name, ebb), ("prometheus-node-exporter, scraped every 1 s", exporter)] {
-            println!(
-                "| {name} | {:.3}% | {:.2} MiB | {:.2} MiB |",
-                m.cpu_percent_of_one_core,
-                m.rss_max_kib as f64 / 1024.0,
-                m.rss_end_kib as f64 / 1024.0
-            );
-        }
-        println!(
-            "| ratio ebb-agent / node-exporter | {:.2} | {:.2} | {:.2} |",
-            ebb.cpu_percent_of_one_core / exporter.cpu_percent_of_one_core.max(1e-9),
-            ebb.rss_max_kib as f64 / exporter.rss_max_kib as f64,
-            ebb.rss_end_kib as f64 / exporter.rss_end_kib as f64
-        );
-    }
-    println!(
-        "\ntargets: ebb-agent <= 5 MB (4.77 MiB) RSS, <= 0.1% of one core; failed node-exporter scrapes: {failures}"
-    );
-    Ok(())
-}

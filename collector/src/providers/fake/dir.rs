@@ -31,6 +31,9 @@ struct Record {
     member_id: String,
     launch_id: String,
     running: bool,
+    /// When the launch call began (ms since the epoch): benchmarks see which calls overlapped.
+    #[serde(default)]
+    called_at_ms: i64,
 }
 
 pub struct DirCloud {
@@ -92,6 +95,7 @@ impl DirCloud {
 #[async_trait]
 impl Provider for DirCloud {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
+        let called_at_ms = crate::reconcile::now_ms();
         self.delay().await;
         tokio::time::sleep(Duration::from_millis(self.config.launch_latency_ms.into())).await;
         if let Some(known) = self.records()?.into_iter().find(|r| r.launch_id == spec.launch_id) {
@@ -103,6 +107,7 @@ impl Provider for DirCloud {
             member_id: spec.member_id.clone(),
             launch_id: spec.launch_id.clone(),
             running: true,
+            called_at_ms,
         };
         self.write(&record)?;
         Ok(Self::instance(&record))

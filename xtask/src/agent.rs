@@ -1,0 +1,395 @@
+//! `bench agent [--secs N]`: ebb-agent as it ships (1 s interval, one HTTP health check, its mTLS stream
+//! open) measured over the same window as its peers on the same machine: Debian's
+//! prometheus-node-exporter scraped once a second, and Debian's collectd at a 1 s interval with its load,
+//! cpu, memory and curl plugins (sending to a loopback port with its network plugin, as ebb sends to its
+//! collector).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+use crate::report::{Report, figure, text};
+use crate::{Guard, build_release, build_shipped_agent, free_port, root, usage};
+
+const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
+const COLLECTD: &str = "/usr/sbin/collectd";
+const COLLECTD_PLUGINS: [&str; 6] = ["logfile", "load", "cpu", "memory", "curl", "network"];
+
+/// Installs the Debian packages that are missing (the peers), with apt-get.
+pub fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f", "${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {} (Debian) for the comparison", missing.join(" "));
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {}",
+                missing.join(" ")
+            ),
+        ])
+        .status()?;
+    ensure!(
+        status.success(),
+        "cannot install {}; install them (as root) and run again",
+        missing.join(" ")
+    );
+    Ok(())
+}
+
+fn find_process(needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .contains(needle)
+            .then_some(pid)
+    })
+}
+
+fn scrape(address: &str) -> anyhow::Result<usize> {
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body)?;
+    Ok(body.len())
+}
+
+/// One process over the window.
+struct Measured {
+    cpu_seconds: f64,
+    wall_seconds: f64,
+    rss_kib: Vec<u64>,
+}
+
+impl Measured {
+    fn cpu_percent_of_one_core(&self) -> f64 {
+        100.0 * self.cpu_seconds / self.wall_seconds
+    }
+
+    fn cpu_seconds_per_hour(&self) -> f64 {
+        3600.0 * self.cpu_seconds / self.wall_seconds
+    }
+
+    fn rss_peak_mib(&self) -> f64 {
+        self.rss_kib.iter().copied().max().unwrap_or(0) as f64 / 1024.0
+    }
+
+    /// The median of the second half of the window, once start-up is over.
+    fn rss_steady_mib(&self) -> f64 {
+        let mut late = self.rss_kib[self.rss_kib.len() / 2..].to_vec();
+        late.sort_unstable();
+        late.get(late.len() / 2).copied().unwrap_or(0) as f64 / 1024.0
+    }
+}
+
+/// Measures `pid` over `secs`, calling `each_second` once a second: its memory every second, and its CPU
+/// time over the window, all threads, to the microsecond (`perf stat -e task-clock`).
+fn measure(pid: u32, secs: u64, mut each_second: impl FnMut()) -> anyhow::Result<Measured> {
+    let perf_output = std::env::temp_dir().join(format!("ebb-bench-perf-{pid}.csv"));
+    // Not a Guard: it ends by itself with the window, and is waited for.
+    let mut perf = Command::new("perf")
+        .args(["stat", "-x", ",", "-e", "task-clock", "-p", &pid.to_string(), "-o"])
+        .arg(&perf_output)
+        .args(["--", "sleep", &secs.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("run perf (Debian: linux-perf)")?;
+    let started = Instant::now();
+    let mut rss_kib = Vec::new();
+    for second in 1..=secs {
+        each_second();
+        let next = started + Duration::from_secs(second);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        rss_kib.push(usage(pid)?.1);
+    }
+    ensure!(perf.wait()?.success(), "perf stat failed");
+    let wall_seconds = started.elapsed().as_secs_f64();
+    let csv = std::fs::read_to_string(&perf_output)?;
+    let _ = std::fs::remove_file(&perf_output);
+    // "12.34,msec,task-clock,..."
+    let task_clock_ms: f64 = csv
+        .lines()
+        .find(|l| l.contains("task-clock"))
+        .and_then(|l| l.split(',').next()?.parse().ok())
+        .with_context(|| format!("task-clock in perf's output: {csv}"))?;
+    Ok(Measured {
+        cpu_seconds: task_clock_ms / 1000.0,
+        wall_seconds,
+        rss_kib,
+    })
+}
+
+/// A loopback HTTP endpoint answering every request with 200, for collectd's curl plugin to check.
+fn health_endpoint() -> anyhow::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    Ok(address)
+}
+
+fn file_size(path: &Path) -> anyhow::Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("size of {}", path.display()))?
+        .len())
+}
+
+pub fn bench_agent(args: &[String]) -> anyhow::Result<bool> {
+    let secs: u64 = match args {
+        [flag, n] if flag == "--secs" => n.parse()?,
+        [] => 60,
+        _ => bail!("usage: cargo xtask bench agent [--secs N]"),
+    };
+    ensure_debian_packages(&["prometheus-node-exporter", "collectd-core", "libcurl3-gnutls", "linux-perf"])?;
+    let bin = build_release()?;
+    let shipped_agent = build_shipped_agent()?;
+    let dir = crate::TempDir::new("ebb-bench-agent")?;
+
+    // A collector with one local member: its agent samples every second, checks /health over HTTP and
+    // keeps its stream open, exactly as on a VM.
+    let example = std::fs::read_to_string(root().join("examples/local.toml"))?;
+    let config = example
+        .replace("127.0.1", "127.0.9")
+        .replace("127.0.0.1:7300", &format!("127.0.0.1:{}", free_port()?))
+        .replace("127.0.0.1:7301", &format!("127.0.0.1:{}", free_port()?))
+        .replace("127.0.0.1:7302", &format!("127.0.0.1:{}", free_port()?))
+        .replace("127.0.0.1:8000", &format!("127.0.0.1:{}", free_port()?))
+        .replace(
+            "/var/lib/ebb",
+            dir.0.join("state").to_str().context("temporary directory")?,
+        );
+    let config_path = dir.0.join("collector.toml");
+    std::fs::write(&config_path, config)?;
+    let _collector = Guard(
+        Command::new(bin.join("ebb-collector"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("EBB_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let provider_agent = loop {
+        // The agent runs with `--config <state>/local/web-1/agent.toml` once the member has launched.
+        if let Some(pid) = find_process("/local/web-1/agent.toml") {
+            break pid;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the collector did not start an agent within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The local provider's agent measures its instance's process tree; replace it with the shipped agent
+    // for the same member and its default CPU source (the host's), as on a VM.
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{provider_agent}/cmdline"))?).replace('\0', " ");
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    let after = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1))
+            .map(|w| w.to_string())
+    };
+    let agent_config = after("--config").context("agent's --config")?;
+    let agent_state = after("--state-dir").context("agent's --state-dir")?;
+    // Enrolled: its identity is in the state directory and the token gone from its configuration.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !Path::new(&agent_state).join("identity.toml").exists() {
+        ensure!(Instant::now() < deadline, "the agent did not enrol within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = Command::new("kill")
+        .args(["-KILL", &provider_agent.to_string()])
+        .status();
+    let agent = Guard(
+        Command::new(&shipped_agent)
+            .args(["--config", &agent_config, "--state-dir", &agent_state])
+            .env("EBB_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()?,
+    );
+
+    let exporter_address = format!("127.0.0.1:{}", free_port()?);
+    let exporter = Guard(
+        Command::new(NODE_EXPORTER)
+            .arg(format!("--web.listen-address={exporter_address}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+
+    // collectd sends its values to a loopback port nobody reads, as ebb-agent sends to its collector.
+    let sink = UdpSocket::bind("127.0.0.1:0")?;
+    let collectd_config = dir.0.join("collectd.conf");
+    std::fs::write(
+        &collectd_config,
+        format!(
+            r#"Interval 1
+FQDNLookup false
+Hostname "bench"
+BaseDir "{dir}"
+PIDFile "{dir}/collectd.pid"
+TypesDB "/usr/share/collectd/types.db"
+{plugins}
+<Plugin logfile>
+  LogLevel warning
+  File STDERR
+</Plugin>
+<Plugin curl>
+  <Page "health">
+    URL "http://{health}/health"
+    MeasureResponseTime true
+    MeasureResponseCode true
+  </Page>
+</Plugin>
+<Plugin network>
+  Server "127.0.0.1" "{sink}"
+</Plugin>
+"#,
+            dir = dir.0.display(),
+            plugins = COLLECTD_PLUGINS.map(|p| format!("LoadPlugin {p}")).join("\n"),
+            health = health_endpoint()?,
+            sink = sink.local_addr()?.port(),
+        ),
+    )?;
+    let collectd = Guard(
+        Command::new(COLLECTD)
+            .args(["-f", "-C"])
+            .arg(&collectd_config)
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+
+    // Let each connect, enrol or load its plugins, and settle.
+    std::thread::sleep(Duration::from_secs(5));
+    ensure!(scrape(&exporter_address)? > 0, "node exporter does not answer");
+    for (name, guard) in [("ebb-agent", &agent), ("collectd", &collectd)] {
+        ensure!(
+            Path::new(&format!("/proc/{}", guard.0.id())).exists(),
+            "{name} stopped during start-up"
+        );
+    }
+    eprintln!("measuring ebb-agent, collectd and node-exporter side by side for {secs} s...");
+    let (exporter_pid, collectd_pid) = (exporter.0.id(), collectd.0.id());
+    let scrapes = std::thread::spawn(move || {
+        let mut failed = 0;
+        measure(exporter_pid, secs, || {
+            if scrape(&exporter_address).is_err() {
+                failed += 1;
+            }
+        })
+        .map(|m| (m, failed))
+    });
+    let collectd_thread = std::thread::spawn(move || measure(collectd_pid, secs, || {}));
+    let ebb = measure(agent.0.id(), secs, || {})?;
+    let (exporter_measured, failed_scrapes) = scrapes.join().expect("exporter thread")?;
+    let collectd_measured = collectd_thread.join().expect("collectd thread")?;
+    ensure!(failed_scrapes == 0, "{failed_scrapes} node-exporter scrapes failed");
+
+    let collectd_size = file_size(Path::new(COLLECTD))?
+        + COLLECTD_PLUGINS
+            .iter()
+            .map(|p| file_size(&Path::new("/usr/lib/collectd").join(format!("{p}.so"))))
+            .sum::<anyhow::Result<u64>>()?;
+    let rows = [
+        (
+            "ebb-agent (shipped build; host CPU, 1 s, 1 HTTP check, mTLS stream)",
+            &ebb,
+            file_size(&shipped_agent)?,
+        ),
+        (
+            "collectd 1 s: load, cpu, memory, curl (+ network, logfile)",
+            &collectd_measured,
+            collectd_size,
+        ),
+        (
+            "prometheus-node-exporter, scraped every 1 s",
+            &exporter_measured,
+            file_size(Path::new(NODE_EXPORTER))?,
+        ),
+    ];
+    let mut report = Report::new(
+        "agent",
+        args,
+        &[
+            ("process, all measured over the same window", ""),
+            ("RSS peak", "MiB"),
+            ("RSS steady", "MiB"),
+            ("CPU", "% of one core"),
+            ("CPU", "s per hour"),
+            ("binary", "MB"),
+        ],
+    );
+    for (name, m, size) in &rows {
+        report.row(vec![
+            text(*name),
+            figure(m.rss_peak_mib(), 2),
+            figure(m.rss_steady_mib(), 2),
+            figure(m.cpu_percent_of_one_core(), 3),
+            figure(m.cpu_seconds_per_hour(), 1),
+            figure(*size as f64 / 1e6, 2),
+        ]);
+    }
+    for (peer, m) in [("collectd", &collectd_measured), ("node-exporter", &exporter_measured)] {
+        report.row(vec![
+            text(format!("ratio ebb-agent / {peer}")),
+            figure(ebb.rss_peak_mib() / m.rss_peak_mib(), 2),
+            figure(ebb.rss_steady_mib() / m.rss_steady_mib(), 2),
+            figure(ebb.cpu_seconds / m.cpu_seconds, 2),
+            figure(ebb.cpu_seconds / m.cpu_seconds, 2),
+            figure(rows[0].2 as f64 / if peer == "collectd" { rows[1].2 } else { rows[2].2 } as f64, 2),
+        ]);
+    }
+    report.at_most("ebb-agent RSS peak", ebb.rss_peak_mib() * 1.048_576, 5.0, "MB");
+    report.at_most("ebb-agent CPU", ebb.cpu_percent_of_one_core(), 0.1, "% of one core");
+    report.at_most(
+        "ebb-agent RSS / collectd RSS",
+        ebb.rss_peak_mib() / collectd_measured.rss_peak_mib(),
+        0.5,
+        "",
+    );
+    report.at_most(
+        "ebb-agent RSS / node-exporter RSS",
+        ebb.rss_peak_mib() / exporter_measured.rss_peak_mib(),
+        0.25,
+        "",
+    );
+    report.at_most(
+        "ebb-agent CPU / collectd CPU",
+        ebb.cpu_seconds / collectd_measured.cpu_seconds,
+        0.5,
+        "",
+    );
+    report.note(format!(
+        "CPU is each process's task-clock (all threads) from perf stat over the same {secs} s; RSS is VmRSS every second"
+    ));
+    report.finish()
+}
