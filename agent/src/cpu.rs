@@ -12,6 +12,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::procfs::{self, ParseError};
+use crate::reread::Reread;
 
 /// Clock ticks per second in `/proc/<pid>/stat`. `USER_HZ` is 100 on every Linux architecture that ebb
 /// supports (x86_64, aarch64); the kernel converts to it whatever its internal `HZ`.
@@ -88,7 +89,7 @@ impl CpuMeter {
 }
 
 /// Reads counters for one [`CpuSource`]. Paths are configurable so tests run on fixture trees.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CpuReader {
     pub source: CpuSource,
     /// Normally `/proc`.
@@ -97,6 +98,8 @@ pub struct CpuReader {
     pub cgroup_root: PathBuf,
     /// CPUs the percentage is relative to, for the cgroup and process sources.
     pub online_cpus: u32,
+    /// `/proc/stat` for the host source, kept open.
+    stat: Reread,
 }
 
 impl CpuReader {
@@ -106,15 +109,21 @@ impl CpuReader {
             proc_root: PathBuf::from("/proc"),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             online_cpus,
+            stat: Reread::default(),
         }
     }
 
     /// Reads the counters now. `monotonic_secs` is the time on a monotonic clock, which the cgroup and
     /// process sources need to know how much CPU time there was.
-    pub fn read(&self, monotonic_secs: f64) -> Result<CpuReading, CpuError> {
+    pub fn read(&mut self, monotonic_secs: f64) -> Result<CpuReading, CpuError> {
         match &self.source {
             CpuSource::Host => {
-                let times = procfs::parse_proc_stat(&read(self.proc_root.join("stat"))?)?;
+                let path = self.proc_root.join("stat");
+                let text = self
+                    .stat
+                    .read(&path)
+                    .map_err(|source| CpuError::Read { path, source })?;
+                let times = procfs::parse_proc_stat(text)?;
                 Ok(CpuReading {
                     busy: times.busy() as f64,
                     steal: times.steal as f64,

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod metadata;
 pub mod outbox;
 pub mod procfs;
+pub mod reread;
 pub mod sampler;
 pub mod stream;
 

@@ -14,6 +14,7 @@ use crate::config::AgentConfig;
 use crate::cpu::{CpuMeter, CpuReader};
 use crate::outbox::Outbox;
 use crate::procfs;
+use crate::reread::Reread;
 
 pub struct Sampler {
     proc_root: PathBuf,
@@ -23,6 +24,8 @@ pub struct Sampler {
     started: Instant,
     custom_metrics: Vec<(String, PathBuf)>,
     drained: Arc<std::sync::atomic::AtomicBool>,
+    loadavg: Reread,
+    meminfo: Reread,
 }
 
 impl Sampler {
@@ -37,6 +40,8 @@ impl Sampler {
             started: Instant::now(),
             custom_metrics: config.custom_metrics.clone().into_iter().collect(),
             drained: Arc::default(),
+            loadavg: Reread::default(),
+            meminfo: Reread::default(),
         })
     }
 
@@ -106,9 +111,8 @@ impl Sampler {
     }
 
     fn sample(&mut self, seq: u64, health: HealthCheck) -> anyhow::Result<Sample> {
-        let load = procfs::parse_loadavg(&std::fs::read_to_string(self.proc_root.join("loadavg"))?)?;
-        let mem_used_percent =
-            procfs::parse_meminfo_used_percent(&std::fs::read_to_string(self.proc_root.join("meminfo"))?)?;
+        let load = procfs::parse_loadavg(self.loadavg.read(&self.proc_root.join("loadavg"))?)?;
+        let mem_used_percent = procfs::parse_meminfo_used_percent(self.meminfo.read(&self.proc_root.join("meminfo"))?)?;
         let cpu = self.read_cpu();
         let cpus = f64::from(self.online_cpus);
         Ok(Sample {

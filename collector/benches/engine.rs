@@ -116,8 +116,14 @@ fn main() {
     );
 
     // For `cargo xtask bench engine`, which keeps them in target/bench/engine.json.
-    println!("figure evaluation_median_ms {}", percentile(&times, 0.5).as_secs_f64() * 1e3);
-    println!("figure evaluation_p99_ms {}", percentile(&times, 0.99).as_secs_f64() * 1e3);
+    println!(
+        "figure evaluation_median_ms {}",
+        percentile(&times, 0.5).as_secs_f64() * 1e3
+    );
+    println!(
+        "figure evaluation_p99_ms {}",
+        percentile(&times, 0.99).as_secs_f64() * 1e3
+    );
 
     let groups: Vec<GroupInput> = (0..1000).map(|_| group(10)).collect();
     let rounds = if quick { 1 } else { 20 };
@@ -138,5 +144,8 @@ fn main() {
         percentile(&round_times, 0.99).as_secs_f64() * 1e3
     );
     println!("figure round_median_ms {}", median.as_secs_f64() * 1e3);
-    println!("figure round_p99_ms {}", percentile(&round_times, 0.99).as_secs_f64() * 1e3);
+    println!(
+        "figure round_p99_ms {}",
+        percentile(&round_times, 0.99).as_secs_f64() * 1e3
+    );
 }

@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -161,14 +161,30 @@ fn file_size(path: &Path) -> anyhow::Result<u64> {
 }
 
 pub fn bench_agent(args: &[String]) -> anyhow::Result<bool> {
-    let secs: u64 = match args {
-        [flag, n] if flag == "--secs" => n.parse()?,
-        [] => 60,
-        _ => bail!("usage: cargo xtask bench agent [--secs N]"),
-    };
-    ensure_debian_packages(&["prometheus-node-exporter", "collectd-core", "libcurl3-gnutls", "linux-perf"])?;
+    let secs = u64::from(crate::fleet::flag(args, "--secs", 60)?);
+    // Another build of the agent, to compare or profile (the shipped one is stripped).
+    let other_agent = args
+        .iter()
+        .position(|a| a == "--agent")
+        .map(|i| args.get(i + 1).map(PathBuf::from));
+    if args
+        .iter()
+        .any(|a| a.starts_with("--") && a != "--secs" && a != "--agent")
+        || other_agent == Some(None)
+    {
+        bail!("usage: cargo xtask bench agent [--secs N] [--agent PATH]");
+    }
+    ensure_debian_packages(&[
+        "prometheus-node-exporter",
+        "collectd-core",
+        "libcurl3-gnutls",
+        "linux-perf",
+    ])?;
     let bin = build_release()?;
-    let shipped_agent = build_shipped_agent()?;
+    let shipped_agent = match other_agent.flatten() {
+        Some(path) => path,
+        None => build_shipped_agent()?,
+    };
     let dir = crate::TempDir::new("ebb-bench-agent")?;
 
     // A collector with one local member: its agent samples every second, checks /health over HTTP and
@@ -365,7 +381,10 @@ TypesDB "/usr/share/collectd/types.db"
             figure(ebb.rss_steady_mib() / m.rss_steady_mib(), 2),
             figure(ebb.cpu_seconds / m.cpu_seconds, 2),
             figure(ebb.cpu_seconds / m.cpu_seconds, 2),
-            figure(rows[0].2 as f64 / if peer == "collectd" { rows[1].2 } else { rows[2].2 } as f64, 2),
+            figure(
+                rows[0].2 as f64 / if peer == "collectd" { rows[1].2 } else { rows[2].2 } as f64,
+                2,
+            ),
         ]);
     }
     report.at_most("ebb-agent RSS peak", ebb.rss_peak_mib() * 1.048_576, 5.0, "MB");

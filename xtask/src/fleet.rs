@@ -162,6 +162,9 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// Each sample a simulated agent sent: its timestamp (ms) and CPU (%).
+pub type SentSamples = Arc<Mutex<Vec<(i64, f64)>>>;
+
 /// Where simulated agent `n` connects from: its own loopback address (127.77.x.y), as each VM has its own.
 fn loopback_address(n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 77, (n / 250 + 1) as u8, (n % 250 + 1) as u8))
@@ -176,7 +179,7 @@ pub struct SimulatedAgent {
     pub from: Option<IpAddr>,
     pub start_after: Duration,
     pub cpu: Arc<dyn Fn() -> f64 + Send + Sync>,
-    pub sent: Option<Arc<Mutex<Vec<(i64, f64)>>>>,
+    pub sent: Option<SentSamples>,
     pub latencies: Arc<Mutex<Vec<u32>>>,
 }
 
@@ -441,7 +444,12 @@ pub fn bench_engine(args: &[String]) -> anyhow::Result<bool> {
     std::thread::sleep(Duration::from_secs(secs));
     let (cpu_after, rss) = usage(fleet.pid)?;
     let collector_cpu = 100.0 * (cpu_after - cpu_before) / started.elapsed().as_secs_f64();
-    let figure_of = |name: &str| figures.get(name).copied().with_context(|| format!("`{name}` from the engine bench"));
+    let figure_of = |name: &str| {
+        figures
+            .get(name)
+            .copied()
+            .with_context(|| format!("`{name}` from the engine bench"))
+    };
     let mut report = Report::new(
         "engine",
         args,

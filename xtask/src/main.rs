@@ -28,7 +28,7 @@ mod report;
 const USER_HZ: f64 = 100.0;
 
 const USAGE: &str = "usage: cargo xtask demo [ARGS]
-       cargo xtask bench agent [--secs N]        ebb-agent beside collectd and node-exporter (60 s)
+       cargo xtask bench agent [--secs N] [--agent PATH]   ebb-agent beside collectd and node-exporter (60 s)
        cargo xtask bench ingest [--max N] [--secs N]   simulated agents on mTLS, 1,000 up to 15,000
        cargo xtask bench enroll [--agents N]     a boot storm of N enrolments (1,000)
        cargo xtask bench engine [--secs N]       one evaluation; a collector with 1,000 groups
@@ -84,7 +84,11 @@ fn bench_all() -> anyhow::Result<bool> {
         }
         outcomes.push((name, outcome.ok()));
     }
-    println!("\n## summary ({:.0} s, {} cores)", started.elapsed().as_secs_f64(), std::thread::available_parallelism().map(usize::from).unwrap_or(0));
+    println!(
+        "\n## summary ({:.0} s, {} cores)",
+        started.elapsed().as_secs_f64(),
+        std::thread::available_parallelism().map(usize::from).unwrap_or(0)
+    );
     for (name, outcome) in &outcomes {
         let verdict = match outcome {
             Some(true) => "every goal met",
@@ -275,4 +279,3 @@ pub(crate) fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
         .context("VmRSS")?;
     Ok((ticks as f64 / USER_HZ, rss_kib))
 }
-

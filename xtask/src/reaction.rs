@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, ensure};
 
-use crate::fleet::{Fleet, SimulatedAgent, enroll_many, flag, runtime, start_collector};
+use crate::fleet::{Fleet, SentSamples, SimulatedAgent, enroll_many, flag, runtime, start_collector};
 use crate::report::{Report, figure, text};
 use crate::{TempDir, build_release};
 
@@ -100,7 +100,7 @@ fn wait_for_launches(cloud: &Path, n: usize, limit: Duration) -> anyhow::Result<
 fn one_agent(
     fleet: &Fleet,
     cpu: Arc<dyn Fn() -> f64 + Send + Sync>,
-) -> anyhow::Result<(tokio::runtime::Runtime, Arc<Mutex<Vec<(i64, f64)>>>)> {
+) -> anyhow::Result<(tokio::runtime::Runtime, SentSamples)> {
     let runtime = runtime()?;
     let (mut identities, _) = runtime.block_on(enroll_many(fleet, 1))?;
     let sent = Arc::new(Mutex::new(Vec::new()));
@@ -148,7 +148,10 @@ fn trial(bin: &Path) -> anyhow::Result<Trial> {
     let high = Arc::new(AtomicBool::new(false));
     let load = high.clone();
     // 0 % and then 65 %: the 10 s average passes 60 % only once all ten samples in the window are high.
-    let (_runtime, sent) = one_agent(&fleet, Arc::new(move || if load.load(Ordering::SeqCst) { 65.0 } else { 0.0 }))?;
+    let (_runtime, sent) = one_agent(
+        &fleet,
+        Arc::new(move || if load.load(Ordering::SeqCst) { 65.0 } else { 0.0 }),
+    )?;
     // A full window of low samples first, and the member in service.
     std::thread::sleep(Duration::from_secs(12));
     ensure!(launches(&cloud.0)?.is_empty(), "a launch before any load");
@@ -204,7 +207,9 @@ pub fn bench_reaction(args: &[String]) -> anyhow::Result<bool> {
         ],
     );
     report.row(vec![
-        text(format!("ebb, avg CPU > 60 % over 10 s, 1 s samples ({trials} trials, median)")),
+        text(format!(
+            "ebb, avg CPU > 60 % over 10 s, 1 s samples ({trials} trials, median)"
+        )),
         figure(reaction_s, 2),
         figure(median(|t| t.window_ms) / 1000.0, 2),
         figure(median(|t| t.overhead_ms), 0),
@@ -286,6 +291,11 @@ pub fn bench_fanout(args: &[String]) -> anyhow::Result<bool> {
         figure(wall_s / one_call_s, 2),
     ]);
     report.at_least("launch calls in flight at once", most_in_flight as f64, 10.0, "calls");
-    report.at_most("wall time of the ten launches / one call's", wall_s / one_call_s, 1.5, "");
+    report.at_most(
+        "wall time of the ten launches / one call's",
+        wall_s / one_call_s,
+        1.5,
+        "",
+    );
     report.finish()
 }

@@ -47,7 +47,9 @@ pub struct Report {
 impl Report {
     /// A report for `cargo xtask bench <name> <args>` whose table has these (column, unit) headings.
     pub fn new(name: &'static str, args: &[String], columns: &[(&'static str, &'static str)]) -> Self {
-        let command = format!("cargo xtask bench {name} {}", args.join(" ")).trim().to_string();
+        let command = format!("cargo xtask bench {name} {}", args.join(" "))
+            .trim()
+            .to_string();
         Self {
             name,
             command,
@@ -97,7 +99,10 @@ impl Report {
             }
         };
         println!("\n`{}`\n", self.command);
-        println!("| {} |", self.columns.iter().map(heading).collect::<Vec<_>>().join(" | "));
+        println!(
+            "| {} |",
+            self.columns.iter().map(heading).collect::<Vec<_>>().join(" | ")
+        );
         println!("|{}", "---|".repeat(self.columns.len()));
         for row in &self.rows {
             let cells: Vec<String> = row
