@@ -246,44 +246,33 @@ impl Store {
     pub fn save_group(&self, name: &str, group: &GroupRecord, members: &[Member]) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute(
-                "INSERT OR REPLACE INTO groups (name, min_size, max_size, desired, suspended, last_scale_out, last_scale_in, launches)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    name,
-                    group.min_size,
-                    group.max_size,
-                    group.desired,
-                    group.suspended,
-                    group.last_scale_out,
-                    group.last_scale_in,
-                    group.launches as i64
-                ],
-            )?;
+            save_group_row(&tx, name, group)?;
             tx.execute("DELETE FROM members WHERE grp = ?1", [name])?;
-            for m in members {
-                tx.execute(
-                    "INSERT INTO members (id, grp, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until, launch_spec, hook_transition, hook_position, hook_deadline)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-                    params![
-                        m.id,
-                        name,
-                        m.instance_id,
-                        m.address.map(|a| a.to_string()),
-                        m.state.as_str(),
-                        m.launched_at,
-                        m.in_service_since,
-                        m.protected,
-                        m.external,
-                        m.unhealthy,
-                        m.replacing,
-                        m.drain_until,
-                        m.launch_spec,
-                        m.hook.map(|h| h.transition.name()),
-                        m.hook.map(|h| h.position),
-                        m.hook.map(|h| h.deadline)
-                    ],
-                )?;
+            for member in members {
+                save_member(&tx, name, member)?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// Saves a group's state and the members that changed or left since the last save, in one transaction:
+    /// a large group pays for what changed, not for its size.
+    pub fn save_group_changes(
+        &self,
+        name: &str,
+        group: &GroupRecord,
+        changed: &[&Member],
+        removed: &[&str],
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            save_group_row(&tx, name, group)?;
+            for member in changed {
+                save_member(&tx, name, member)?;
+            }
+            for id in removed {
+                tx.prepare_cached("DELETE FROM members WHERE id = ?1 AND grp = ?2")?
+                    .execute([id, &name])?;
             }
             tx.commit()
         })
@@ -667,6 +656,48 @@ impl Store {
     }
 }
 
+fn save_group_row(tx: &rusqlite::Transaction, name: &str, group: &GroupRecord) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO groups (name, min_size, max_size, desired, suspended, last_scale_out, last_scale_in, launches)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        name,
+        group.min_size,
+        group.max_size,
+        group.desired,
+        group.suspended,
+        group.last_scale_out,
+        group.last_scale_in,
+        group.launches as i64
+    ])
+}
+
+fn save_member(tx: &rusqlite::Transaction, group: &str, m: &Member) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO members (id, grp, instance_id, address, state, launched_at, in_service_since, protected, external, unhealthy, replacing, drain_until, launch_spec, hook_transition, hook_position, hook_deadline)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+    )?
+    .execute(params![
+        m.id,
+        group,
+        m.instance_id,
+        m.address.map(|a| a.to_string()),
+        m.state.as_str(),
+        m.launched_at,
+        m.in_service_since,
+        m.protected,
+        m.external,
+        m.unhealthy,
+        m.replacing,
+        m.drain_until,
+        m.launch_spec,
+        m.hook.map(|h| h.transition.name()),
+        m.hook.map(|h| h.position),
+        m.hook.map(|h| h.deadline)
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,6 +737,43 @@ mod tests {
             to_capacity: 2,
             member_id: "web-1".into(),
         }
+    }
+
+    #[test]
+    fn saving_changes_touches_only_the_members_that_changed_or_left() {
+        let store = Store::in_memory();
+        let record = GroupRecord {
+            desired: 3,
+            ..GroupRecord::default()
+        };
+        store
+            .save_group(
+                "web",
+                &record,
+                &[member("web-1", false), member("web-2", false), member("web-3", false)],
+            )
+            .unwrap();
+        store.save_group("api", &record, &[member("api-1", false)]).unwrap();
+        let protected = member("web-2", true);
+        let new = member("web-4", false);
+        let record = GroupRecord { desired: 2, ..record };
+        store
+            .save_group_changes("web", &record, &[&protected, &new], &["web-1"])
+            .unwrap();
+        let (loaded, members) = store.load_group("web").unwrap().unwrap();
+        assert_eq!(loaded, record);
+        let mut found: Vec<(String, bool)> = members.iter().map(|m| (m.id.clone(), m.protected)).collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [("web-2".into(), true), ("web-3".into(), false), ("web-4".into(), false)],
+            "web-1 gone, web-2 changed, web-3 untouched, web-4 added"
+        );
+        assert_eq!(
+            store.load_group("api").unwrap().unwrap().1.len(),
+            1,
+            "other groups untouched"
+        );
     }
 
     #[test]

@@ -301,6 +301,7 @@ TypesDB "/usr/share/collectd/types.db"
             .args(["-f", "-C"])
             .arg(&collectd_config)
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()?,
     );
 

@@ -372,6 +372,10 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
             figure(connected_rss.saturating_sub(enrolled_rss) as f64 / new_agents as f64, 1),
             figure(100.0 * (own_after - own_before) / wall, 0),
         ]);
+        eprintln!(
+            "{agents} agents: p99 {p99:.1} ms, collector CPU {cpu:.0}% of one core, RSS {} MiB",
+            rss / 1024
+        );
         if p99 <= 50.0 && cpu <= 100.0 {
             held = agents;
             per_agent_at_held = per_agent;

@@ -6,6 +6,7 @@
 //! on the same group at once. Operators' commands arrive on a channel; the latest state is published on a
 //! watch channel for the Admin API and the demo.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -344,6 +345,13 @@ pub struct Dependencies {
     pub collector_url: String,
 }
 
+/// What the store holds of a group, as of the last successful save.
+#[derive(Debug)]
+struct Saved {
+    record: GroupRecord,
+    members: HashMap<String, Member>,
+}
+
 pub struct GroupController {
     config: GroupConfig,
     engine: Engine,
@@ -371,7 +379,7 @@ pub struct GroupController {
     latest: Vec<Option<LatestSample>>,
     health: Vec<HealthRun>,
     /// What the store last accepted.
-    saved: Option<(GroupRecord, Vec<Member>)>,
+    saved: Option<Saved>,
     /// The last write failed: decisions pause until one succeeds.
     store_failing: bool,
     /// The provider's instances have been compared with the store since start.
@@ -462,8 +470,8 @@ impl GroupController {
     }
 
     /// What the store keeps of this group.
-    fn record_to_save(&self) -> (GroupRecord, Vec<Member>) {
-        let record = GroupRecord {
+    fn group_record(&self) -> GroupRecord {
+        GroupRecord {
             min_size: self.min_size,
             max_size: self.max_size,
             desired: self.desired,
@@ -471,23 +479,46 @@ impl GroupController {
             last_scale_out: self.last_scale_out,
             last_scale_in: self.last_scale_in,
             launches: self.launches,
-        };
-        (record, self.members.clone())
+        }
     }
 
-    /// Writes the group's state to the store if it changed; false if the store refused (disk full,
-    /// unwritable), which is logged and counted, and pauses decisions until a write succeeds.
+    /// Writes the group's state to the store if it changed (the first time all of it, then the members
+    /// that changed or left); false if the store refused (disk full, unwritable), which is logged and
+    /// counted, and pauses decisions until a write succeeds.
     fn save(&mut self) -> bool {
-        let current = self.record_to_save();
-        if self.saved.as_ref() == Some(&current) {
-            return true;
-        }
-        match self.deps.store.save_group(&self.config.name, &current.0, &current.1) {
+        let record = self.group_record();
+        let result = match &self.saved {
+            None => self.deps.store.save_group(&self.config.name, &record, &self.members),
+            Some(saved) => {
+                let changed: Vec<&Member> = self
+                    .members
+                    .iter()
+                    .filter(|m| saved.members.get(&m.id) != Some(m))
+                    .collect();
+                let current: HashSet<&str> = self.members.iter().map(|m| m.id.as_str()).collect();
+                let removed: Vec<&str> = saved
+                    .members
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|id| !current.contains(id))
+                    .collect();
+                if saved.record == record && changed.is_empty() && removed.is_empty() {
+                    return true;
+                }
+                self.deps
+                    .store
+                    .save_group_changes(&self.config.name, &record, &changed, &removed)
+            }
+        };
+        match result {
             Ok(()) => {
                 if self.store_failing {
                     tracing::info!(group = %self.config.name, "The store accepts writes again; decisions resume.");
                 }
-                self.saved = Some(current);
+                self.saved = Some(Saved {
+                    record,
+                    members: self.members.iter().map(|m| (m.id.clone(), m.clone())).collect(),
+                });
                 self.store_failing = false;
                 true
             }
@@ -1394,6 +1425,7 @@ impl GroupController {
     }
 
     fn publish(&self, connections: Vec<(String, u64)>) {
+        let connections: HashMap<String, u64> = connections.into_iter().collect();
         let members = self
             .members
             .iter()
@@ -1401,7 +1433,7 @@ impl GroupController {
             .map(|(i, m)| MemberStatus {
                 member: m.clone(),
                 latest: self.latest.get(i).cloned().flatten(),
-                lb_connections: connections.iter().find(|(id, _)| id == &m.id).map_or(0, |(_, c)| *c),
+                lb_connections: connections.get(&m.id).copied().unwrap_or(0),
             })
             .collect();
         let status = GroupStatus {
