@@ -287,7 +287,7 @@ pub fn bench_enroll(args: &[String]) -> anyhow::Result<bool> {
 
 pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
     let max = flag(args, "--max", 15_000)?;
-    let secs = u64::from(flag(args, "--secs", 20)?);
+    let secs = u64::from(flag(args, "--secs", 15)?);
     let steps: Vec<u32> = [1000, 2500, 5000, 7500, 10_000, 15_000]
         .into_iter()
         .filter(|s| *s <= max)
@@ -342,7 +342,7 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
             agents += 1;
         }
         // Let every agent connect and settle, then measure.
-        std::thread::sleep(Duration::from_secs(10));
+        std::thread::sleep(Duration::from_secs(5));
         let (_, connected_rss) = usage(fleet.pid)?;
         latencies.lock().unwrap().clear();
         let (cpu_before, _) = usage(fleet.pid)?;

@@ -38,6 +38,11 @@ pub const TICK: Duration = Duration::from_secs(1);
 const STATUS_WINDOW_MS: Millis = 10_000;
 /// After a failed launch, the next attempt waits this long.
 const LAUNCH_RETRY_MS: Millis = 10_000;
+/// How often the cloud is asked about the group's instances between inventories, to notice one that died.
+/// Not every tick: clouds rate-limit these calls per account (EC2's describe actions, CloudStack's
+/// management server, Nova), and a member whose instance died also stops reporting, which the health
+/// judgement sees first.
+const DESCRIBE_INTERVAL_MS: Millis = 10_000;
 
 /// What an operator can suspend in a group, each on its own (EC2's scaling processes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,6 +398,8 @@ pub struct GroupController {
     refresh: Option<u32>,
     /// When the provider's instances were last listed.
     last_inventory: Millis,
+    /// When the cloud was last asked about the group's instances (see [`DESCRIBE_INTERVAL_MS`]).
+    last_describe: Millis,
     /// Instances tagged for this group that no member owns: instance id → (member id, first seen).
     orphans: std::collections::HashMap<String, (String, Millis)>,
     status: watch::Sender<GroupStatus>,
@@ -453,6 +460,7 @@ impl GroupController {
             launch_spec: spec,
             refresh: None,
             last_inventory: 0,
+            last_describe: 0,
             orphans: Default::default(),
             status,
         };
@@ -779,7 +787,10 @@ impl GroupController {
             self.last_inventory = now;
         }
         self.run_schedules(now);
-        self.forget_lost_instances().await;
+        if now - self.last_describe >= DESCRIBE_INTERVAL_MS {
+            self.forget_lost_instances().await;
+            self.last_describe = now;
+        }
         let means = self.observe(now).await;
         self.admit_healthy_members(now).await;
         let input = GroupInput {

@@ -278,6 +278,19 @@ async fn a_failed_launch_among_several_is_recorded_and_the_others_join() {
 }
 
 #[tokio::test]
+async fn the_cloud_is_asked_about_the_instances_every_ten_seconds_not_every_tick() {
+    let mut h = harness().await;
+    let now = now_ms();
+    for second in 0..60 {
+        let at = now + second * 1000;
+        h.controller.step(at).await;
+        h.report("web-1", at + 100, 50.0, true).await;
+    }
+    // The first tick has no member to ask about yet; then 10, 20, 30, 40 and 50 s.
+    assert_eq!(h.provider.describes(), 5, "one call per 10 s, not one per second");
+}
+
+#[tokio::test]
 async fn a_lost_instance_leaves_the_load_balancer_and_is_replaced() {
     let mut h = harness().await;
     let now = now_ms();
@@ -286,6 +299,11 @@ async fn a_lost_instance_leaves_the_load_balancer_and_is_replaced() {
     h.controller.step(now + 200).await;
     h.provider.kill("web-1", "the hypervisor failed");
     h.controller.step(now + 1200).await;
+    assert!(
+        !h.kinds().contains(&"instance_lost web-1".to_string()),
+        "the cloud is not asked every second"
+    );
+    h.controller.step(now + 10_200).await;
     assert_eq!(
         h.kinds(),
         [

@@ -23,6 +23,7 @@ struct State {
     calls: Vec<String>,
     launches_in_flight: u32,
     most_launches_in_flight: u32,
+    describes: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -63,6 +64,11 @@ impl FakeProvider {
             .filter(|i| i.state == InstanceState::Running)
             .map(|i| i.member_id.clone())
             .collect()
+    }
+
+    /// How many times the instances were described.
+    pub fn describes(&self) -> u32 {
+        self.state.lock().unwrap().describes
     }
 
     /// The most launch calls that were in flight at once.
@@ -111,7 +117,8 @@ impl Provider for FakeProvider {
 
     async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceState>, CloudError> {
         self.delay().await;
-        let state = self.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
+        state.describes += 1;
         Ok(ids
             .iter()
             .map(|id| {
