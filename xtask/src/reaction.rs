@@ -184,7 +184,7 @@ pub fn bench_reaction(args: &[String]) -> anyhow::Result<bool> {
     let bin = build_release()?;
     let mut results = Vec::new();
     for n in 1..=trials {
-        let result = trial(&bin, Duration::from_millis(u64::from(n) * 1000 / u64::from(trials + 1)))?;
+        let result = trial(&bin, Duration::from_millis(u64::from(n - 1) * 1000 / u64::from(trials)))?;
         eprintln!(
             "trial {n}: launch call {} ms after the first over-threshold sample, {} ms after the policy was satisfied",
             result.reaction_ms, result.overhead_ms
