@@ -287,7 +287,7 @@ pub fn bench_enroll(args: &[String]) -> anyhow::Result<bool> {
 
 pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
     let max = flag(args, "--max", 15_000)?;
-    let secs = u64::from(flag(args, "--secs", 15)?);
+    let secs = u64::from(flag(args, "--secs", 20)?);
     let steps: Vec<u32> = [1000, 2500, 5000, 7500, 10_000, 15_000]
         .into_iter()
         .filter(|s| *s <= max)
@@ -341,7 +341,17 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
             });
             agents += 1;
         }
-        // Let every agent connect and settle, then measure.
+        // Let every agent connect (thousands of handshakes) and settle: wait until the acks of about two
+        // seconds of every agent have come back, then 5 s more, and measure.
+        latencies.lock().unwrap().clear();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while latencies.lock().unwrap().len() < 2 * agents as usize {
+            ensure!(
+                Instant::now() < deadline,
+                "the {agents} agents did not all report within 90 s"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
         std::thread::sleep(Duration::from_secs(5));
         let (_, connected_rss) = usage(fleet.pid)?;
         latencies.lock().unwrap().clear();
