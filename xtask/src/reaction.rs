@@ -303,3 +303,18 @@ pub fn bench_fanout(args: &[String]) -> anyhow::Result<bool> {
     );
     report.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_is_satisfied_once_the_ten_seconds_before_average_over_sixty() {
+        // 0 % every second from 0 to 10 s, then 65 % from 11 s on.
+        let sent: Vec<(i64, f64)> = (0..30).map(|s| (s * 1000, if s <= 10 { 0.0 } else { 65.0 })).collect();
+        // At 20.001 s the window [10.001 s, 20.001 s) holds the ten samples of 11..=20 s, all 65 %.
+        assert_eq!(policy_satisfied_at(&sent), Some(20_001));
+        let low: Vec<(i64, f64)> = (0..30).map(|s| (s * 1000, 60.0)).collect();
+        assert_eq!(policy_satisfied_at(&low), None, "60 % is not over 60 %");
+    }
+}

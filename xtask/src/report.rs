@@ -189,3 +189,37 @@ impl Report {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goals_are_met_or_missed_by_their_direction() {
+        let mut report = Report::new("t", &[], &[("what", ""), ("time", "s")]);
+        report.at_most("fast enough", 9.0, 10.0, "s");
+        report.at_least("enough agents", 10_000.0, 10_000.0, "agents");
+        assert!(report.goals.iter().all(Goal::met));
+        report.at_most("small enough", 33.0, 32.0, "KB");
+        assert!(!report.goals[2].met());
+    }
+
+    #[test]
+    fn the_json_keeps_each_figure_with_its_unit_and_each_goal() {
+        let mut report = Report::new("t", &["--secs".into(), "5".into()], &[("what", ""), ("time", "s")]);
+        report.row(vec![text("ebb"), figure(1.5, 1)]);
+        report.row(vec![text("peer"), figure(f64::NAN, 1)]);
+        report.at_most("fast enough", 1.5, 10.0, "s");
+        let json = report.to_json();
+        assert_eq!(json["command"], "cargo xtask bench t --secs 5");
+        assert_eq!(json["rows"][0]["what"], "ebb");
+        assert_eq!(json["rows"][0]["time"], json!({"value": 1.5, "unit": "s"}));
+        assert_eq!(
+            json["rows"][1]["time"]["value"],
+            Value::Null,
+            "a figure not measured is null"
+        );
+        assert_eq!(json["goals"][0]["met"], true);
+        assert!(json["cores"].as_u64().unwrap() >= 1);
+    }
+}
