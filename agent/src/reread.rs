@@ -1,15 +1,20 @@
 //! A kernel text file (`/proc/stat`, `/proc/loadavg`, ...) kept open and read again from its start at every
-//! sample: the kernel regenerates it on each read from offset 0, and the agent saves the path lookup, the
-//! open, the size probe and the close, and reuses one buffer, every second of the VM's life.
+//! sample: the kernel regenerates it on each read from offset 0. One `pread` per sample replaces the path
+//! lookup, the open, the size probe, the seeks, the read to the end and the close, every second of the VM's
+//! life.
 
 use std::fs::File;
-use std::io::{self, Read, Seek};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+/// Room for `/proc/stat` of a VM with a few dozen CPUs; grows when a file needs more.
+const INITIAL_CAPACITY: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct Reread {
     open: Option<(PathBuf, File)>,
-    text: String,
+    bytes: Vec<u8>,
 }
 
 impl Reread {
@@ -19,14 +24,32 @@ impl Reread {
         if self.open.as_ref().is_none_or(|(open, _)| open != path) {
             self.open = Some((path.to_path_buf(), File::open(path)?));
         }
-        let (_, file) = self.open.as_mut().expect("opened above");
-        self.text.clear();
-        let result = file.rewind().and_then(|()| file.read_to_string(&mut self.text));
+        let (_, file) = self.open.as_ref().expect("opened above");
+        let result = read_whole(file, &mut self.bytes);
         if let Err(e) = result {
             self.open = None;
             return Err(e);
         }
-        Ok(&self.text)
+        std::str::from_utf8(&self.bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// Reads `file` from offset 0 into `bytes`. A read that leaves room in the buffer has reached the end (the
+/// kernel fills the whole buffer while it has text), so a file that fits takes one system call.
+fn read_whole(file: &File, bytes: &mut Vec<u8>) -> io::Result<()> {
+    if bytes.capacity() == 0 {
+        bytes.reserve(INITIAL_CAPACITY);
+    }
+    bytes.resize(bytes.capacity(), 0);
+    let mut len = 0;
+    loop {
+        let read = file.read_at(&mut bytes[len..], len as u64)?;
+        len += read;
+        if read == 0 || len < bytes.len() {
+            bytes.truncate(len);
+            return Ok(());
+        }
+        bytes.resize(bytes.len() * 2, 0);
     }
 }
 
@@ -55,6 +78,21 @@ mod tests {
         let first = stat.read(Path::new("/proc/stat")).unwrap().to_string();
         let second = stat.read(Path::new("/proc/stat")).unwrap();
         assert!(first.starts_with("cpu ") && second.starts_with("cpu "), "{second}");
+    }
+
+    #[test]
+    fn a_file_larger_than_the_buffer_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stat");
+        let long: String = (0..1000)
+            .map(|cpu| format!("cpu{cpu} 1 2 3 4 5 6 7 8 9 10\n"))
+            .collect();
+        assert!(long.len() > 4 * INITIAL_CAPACITY);
+        std::fs::write(&path, &long).unwrap();
+        let mut file = Reread::default();
+        assert_eq!(file.read(&path).unwrap(), long);
+        std::fs::write(&path, "cpu 1\n").unwrap();
+        assert_eq!(file.read(&path).unwrap(), "cpu 1\n");
     }
 
     #[test]
