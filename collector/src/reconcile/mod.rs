@@ -1019,7 +1019,9 @@ impl GroupController {
         }
     }
 
-    /// Members whose instance died on its own leave the group; the reconciler replaces them.
+    /// Members whose instance died or stopped on its own leave the group, and the reconciler replaces them.
+    /// The instance is terminated on the way out: a stopped or failed VM still holds its disk and quota, and
+    /// could be started again outside the group (terminating one that is already gone changes nothing).
     async fn forget_lost_instances(&mut self) {
         if self.members.is_empty() {
             return;
@@ -1047,21 +1049,16 @@ impl GroupController {
             let Some(index) = self.members.iter().position(|m| &m.instance_id == id && !m.external) else {
                 continue;
             };
-            let member = self.members.remove(index);
-            if member.state == MemberState::InService {
-                self.leave_load_balancer(&member, "its instance is gone", (self.desired, self.desired))
-                    .await;
-            }
-            self.deps.ingest.unregister(&member.id).await;
-            self.deps.authority.revoke_member(&member.id);
             let size = self.members.len() as u32;
+            let member_id = self.members[index].id.clone();
             self.record(
                 ActivityKind::InstanceLost,
                 reason,
                 Ok(format!("instance {id}")),
-                &member.id,
-                (size + 1, size),
+                &member_id,
+                (size, size - 1),
             );
+            self.remove(index, "its instance is lost").await;
         }
     }
 

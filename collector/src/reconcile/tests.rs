@@ -309,10 +309,16 @@ async fn a_lost_instance_leaves_the_load_balancer_and_is_replaced() {
         [
             "launch web-1",
             "register web-1",
-            "deregister web-1",
             "instance_lost web-1",
+            "deregister web-1",
+            "terminate web-1",
             "launch web-2"
         ]
+    );
+    assert_eq!(
+        h.provider.calls(),
+        ["launch web-1", "terminate fake-1", "launch web-2"],
+        "whatever is left of the instance is terminated"
     );
     let lost = h
         .activities
@@ -321,6 +327,33 @@ async fn a_lost_instance_leaves_the_load_balancer_and_is_replaced() {
         .find(|a| a.kind == ActivityKind::InstanceLost)
         .unwrap();
     assert_eq!(lost.cause, "the hypervisor failed");
+    assert!(h.lb.registered().is_empty());
+}
+
+#[tokio::test]
+async fn a_stopped_instance_that_cannot_be_terminated_yet_stays_until_it_is_and_is_replaced_once() {
+    let mut h = harness().await;
+    let now = now_ms();
+    h.controller.step(now).await;
+    h.report("web-1", now + 100, 50.0, true).await;
+    h.controller.step(now + 200).await;
+    h.provider.kill("web-1", "the VM is Stopped");
+    h.provider
+        .fail_next_terminate(CloudError::Retryable("the cloud is busy".into()));
+    h.controller.step(now + 10_200).await;
+    assert_eq!(
+        h.provider.calls(),
+        ["launch web-1", "terminate fake-1"],
+        "no replacement while the stopped VM may still come back"
+    );
+    assert_eq!(h.controller.members.len(), 1);
+    h.controller.step(now + 20_200).await;
+    assert_eq!(
+        h.provider.calls(),
+        ["launch web-1", "terminate fake-1", "terminate fake-1", "launch web-2"]
+    );
+    h.controller.step(now + 30_200).await;
+    assert_eq!(h.provider.calls().len(), 4, "replaced once");
     assert!(h.lb.registered().is_empty());
 }
 
