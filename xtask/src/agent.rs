@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::report::{Report, figure, text};
+use crate::report::{Report, figure, ratio, text};
 use crate::{Guard, build_release, build_shipped_agent, free_port, root, usage};
 
 const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
@@ -361,7 +361,7 @@ TypesDB "/usr/share/collectd/types.db"
             ("RSS peak", "MiB"),
             ("RSS steady", "MiB"),
             ("CPU", "% of one core"),
-            ("CPU", "s per hour"),
+            ("CPU time", "s per hour"),
             ("binary", "MB"),
         ],
     );
@@ -378,11 +378,11 @@ TypesDB "/usr/share/collectd/types.db"
     for (peer, m) in [("collectd", &collectd_measured), ("node-exporter", &exporter_measured)] {
         report.row(vec![
             text(format!("ratio ebb-agent / {peer}")),
-            figure(ebb.rss_peak_mib() / m.rss_peak_mib(), 2),
-            figure(ebb.rss_steady_mib() / m.rss_steady_mib(), 2),
-            figure(ebb.cpu_seconds / m.cpu_seconds, 2),
-            figure(ebb.cpu_seconds / m.cpu_seconds, 2),
-            figure(
+            ratio(ebb.rss_peak_mib() / m.rss_peak_mib(), 2),
+            ratio(ebb.rss_steady_mib() / m.rss_steady_mib(), 2),
+            ratio(ebb.cpu_seconds / m.cpu_seconds, 2),
+            ratio(ebb.cpu_seconds / m.cpu_seconds, 2),
+            ratio(
                 rows[0].2 as f64 / if peer == "collectd" { rows[1].2 } else { rows[2].2 } as f64,
                 2,
             ),

@@ -3,10 +3,12 @@
 
 use serde_json::{Value, json};
 
-/// One cell of a table: a label, or a figure shown with `decimals` digits (kept exact in the JSON).
+/// One cell of a table: a label, or a figure shown with `decimals` digits (kept exact in the JSON) in its
+/// column's unit, or a ratio of two such figures (no unit, whatever the column's).
 pub enum Cell {
     Text(String),
     Figure { value: f64, decimals: usize },
+    Ratio { value: f64, decimals: usize },
 }
 
 pub fn text(text: impl Into<String>) -> Cell {
@@ -15,6 +17,10 @@ pub fn text(text: impl Into<String>) -> Cell {
 
 pub fn figure(value: f64, decimals: usize) -> Cell {
     Cell::Figure { value, decimals }
+}
+
+pub fn ratio(value: f64, decimals: usize) -> Cell {
+    Cell::Ratio { value, decimals }
 }
 
 struct Goal {
@@ -45,8 +51,15 @@ pub struct Report {
 }
 
 impl Report {
-    /// A report for `cargo xtask bench <name> <args>` whose table has these (column, unit) headings.
+    /// A report for `cargo xtask bench <name> <args>` whose table has these (column, unit) headings; the
+    /// names are the JSON's keys, so no two may be the same.
     pub fn new(name: &'static str, args: &[String], columns: &[(&'static str, &'static str)]) -> Self {
+        for (i, (column, _)) in columns.iter().enumerate() {
+            assert!(
+                !columns[..i].iter().any(|(other, _)| other == column),
+                "bench {name}: two columns named {column}"
+            );
+        }
         let command = format!("cargo xtask bench {name} {}", args.join(" "))
             .trim()
             .to_string();
@@ -109,8 +122,10 @@ impl Report {
                 .iter()
                 .map(|cell| match cell {
                     Cell::Text(text) => text.clone(),
-                    Cell::Figure { value, decimals } if value.is_finite() => format!("{value:.decimals$}"),
-                    Cell::Figure { .. } => "—".to_string(),
+                    Cell::Figure { value, decimals } | Cell::Ratio { value, decimals } if value.is_finite() => {
+                        format!("{value:.decimals$}")
+                    }
+                    Cell::Figure { .. } | Cell::Ratio { .. } => "—".to_string(),
                 })
                 .collect();
             println!("| {} |", cells.join(" | "));
@@ -152,8 +167,8 @@ impl Report {
                     .map(|((name, unit), cell)| {
                         let value = match cell {
                             Cell::Text(text) => json!(text),
-                            Cell::Figure { value, .. } if value.is_finite() => json!({"value": value, "unit": unit}),
-                            Cell::Figure { .. } => json!({"value": null, "unit": unit}),
+                            Cell::Figure { value, .. } => json!({"value": finite(*value), "unit": unit}),
+                            Cell::Ratio { value, .. } => json!({"value": finite(*value), "unit": "ratio"}),
                         };
                         (name.to_string(), value)
                     })
@@ -190,9 +205,20 @@ impl Report {
     }
 }
 
+/// JSON has no NaN or infinity: a figure that could not be measured is null.
+fn finite(value: f64) -> Option<f64> {
+    value.is_finite().then_some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[should_panic(expected = "two columns named CPU")]
+    fn two_columns_cannot_share_a_name_as_the_json_keys_them_by_name() {
+        Report::new("t", &[], &[("CPU", "%"), ("CPU", "s per hour")]);
+    }
 
     #[test]
     fn goals_are_met_or_missed_by_their_direction() {
@@ -209,6 +235,7 @@ mod tests {
         let mut report = Report::new("t", &["--secs".into(), "5".into()], &[("what", ""), ("time", "s")]);
         report.row(vec![text("ebb"), figure(1.5, 1)]);
         report.row(vec![text("peer"), figure(f64::NAN, 1)]);
+        report.row(vec![text("ebb / peer"), ratio(0.5, 2)]);
         report.at_most("fast enough", 1.5, 10.0, "s");
         let json = report.to_json();
         assert_eq!(json["command"], "cargo xtask bench t --secs 5");
@@ -218,6 +245,11 @@ mod tests {
             json["rows"][1]["time"]["value"],
             Value::Null,
             "a figure not measured is null"
+        );
+        assert_eq!(
+            json["rows"][2]["time"],
+            json!({"value": 0.5, "unit": "ratio"}),
+            "a ratio has no unit of its column"
         );
         assert_eq!(json["goals"][0]["met"], true);
         assert!(json["cores"].as_u64().unwrap() >= 1);
