@@ -71,31 +71,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let health = sampler::spawn_health_checker(settings_rx.clone());
     let drained = drain::spawn(&config, settings_rx.clone());
     let sampler = sampler::Sampler::new(&config)?.reporting_drained(drained);
-    let sampling = tokio::spawn(sampler.run(settings_rx, health, outbox.clone(), latest_tx));
-    let connection = stream::Connection::new(&config, identity, outbox, settings_tx);
+    let connection = stream::Connection::new(&config, identity, outbox.clone(), settings_tx);
     // Both run as tasks, not inside the caller's future: the sampler then wakes the stream without a
     // system call each sample (a wake-up of `block_on`'s own future signals the event loop's eventfd).
-    let streaming = AbortOnDrop(tokio::spawn(connection.run(latest_rx)));
-    let sampling = AbortOnDrop(sampling);
-    tokio::select! {
-        result = sampling.wait() => result?,
-        result = streaming.wait() => Ok(result?),
-    }
-}
-
-/// A task that stops when the future awaiting it is dropped (the agent stopping on a signal).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> AbortOnDrop<T> {
-    async fn wait(mut self) -> Result<T, tokio::task::JoinError> {
-        (&mut self.0).await
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    // Dropping the set (the agent stopping on a signal) aborts both.
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(sampler.run(settings_rx, health, outbox, latest_tx));
+    tasks.spawn(async move {
+        connection.run(latest_rx).await;
+        Ok(())
+    });
+    tasks.join_next().await.expect("two tasks were spawned")?
 }
 
 pub fn now_ms() -> i64 {

@@ -261,8 +261,8 @@ impl Store {
         &self,
         name: &str,
         group: &GroupRecord,
-        changed: &[&Member],
-        removed: &[&str],
+        changed: &[Member],
+        removed: &[String],
     ) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -272,7 +272,7 @@ impl Store {
             }
             for id in removed {
                 tx.prepare_cached("DELETE FROM members WHERE id = ?1 AND grp = ?2")?
-                    .execute([id, &name])?;
+                    .execute([id.as_str(), name])?;
             }
             tx.commit()
         })
@@ -758,7 +758,7 @@ mod tests {
         let new = member("web-4", false);
         let record = GroupRecord { desired: 2, ..record };
         store
-            .save_group_changes("web", &record, &[&protected, &new], &["web-1"])
+            .save_group_changes("web", &record, &[protected, new], &["web-1".to_string()])
             .unwrap();
         let (loaded, members) = store.load_group("web").unwrap().unwrap();
         assert_eq!(loaded, record);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use anyhow::{Context, ensure};
 
 use crate::fleet::{Fleet, SentSamples, SimulatedAgent, enroll_many, flag, runtime, start_collector};
-use crate::report::{Report, figure, text};
+use crate::report::{Report, figure, ratio, text};
 use crate::{TempDir, build_release};
 
 const WINDOW_MS: i64 = 10_000;
@@ -218,7 +218,7 @@ pub fn bench_reaction(args: &[String]) -> anyhow::Result<bool> {
         figure(median(|t| t.window_ms) / 1000.0, 2),
         figure(median(|t| t.overhead_ms), 0),
         figure(worst_overhead, 0),
-        figure(1.0, 1),
+        ratio(1.0, 1),
     ]);
     for (anchor, floor_s) in [
         ("ssh_scale.py: cron every minute (documented floor, not measured)", 60.0),
@@ -231,7 +231,7 @@ pub fn bench_reaction(args: &[String]) -> anyhow::Result<bool> {
             figure(f64::NAN, 0),
             figure(f64::NAN, 0),
             figure(f64::NAN, 0),
-            figure(floor_s / reaction_s, 0),
+            ratio(floor_s / reaction_s, 0),
         ]);
     }
     report.at_most(

@@ -351,7 +351,7 @@ pub struct Dependencies {
 }
 
 /// What the store holds of a group, as of the last successful save.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Saved {
     record: GroupRecord,
     members: HashMap<String, Member>,
@@ -495,27 +495,34 @@ impl GroupController {
     /// counted, and pauses decisions until a write succeeds.
     fn save(&mut self) -> bool {
         let record = self.group_record();
-        let result = match &self.saved {
-            None => self.deps.store.save_group(&self.config.name, &record, &self.members),
+        let (result, changed, removed) = match &self.saved {
+            None => (
+                self.deps.store.save_group(&self.config.name, &record, &self.members),
+                self.members.clone(),
+                Vec::new(),
+            ),
             Some(saved) => {
-                let changed: Vec<&Member> = self
+                let changed: Vec<Member> = self
                     .members
                     .iter()
                     .filter(|m| saved.members.get(&m.id) != Some(m))
+                    .cloned()
                     .collect();
                 let current: HashSet<&str> = self.members.iter().map(|m| m.id.as_str()).collect();
-                let removed: Vec<&str> = saved
+                let removed: Vec<String> = saved
                     .members
                     .keys()
-                    .map(String::as_str)
-                    .filter(|id| !current.contains(id))
+                    .filter(|id| !current.contains(id.as_str()))
+                    .cloned()
                     .collect();
                 if saved.record == record && changed.is_empty() && removed.is_empty() {
                     return true;
                 }
-                self.deps
+                let result = self
+                    .deps
                     .store
-                    .save_group_changes(&self.config.name, &record, &changed, &removed)
+                    .save_group_changes(&self.config.name, &record, &changed, &removed);
+                (result, changed, removed)
             }
         };
         match result {
@@ -523,10 +530,13 @@ impl GroupController {
                 if self.store_failing {
                     tracing::info!(group = %self.config.name, "The store accepts writes again; decisions resume.");
                 }
-                self.saved = Some(Saved {
-                    record,
-                    members: self.members.iter().map(|m| (m.id.clone(), m.clone())).collect(),
-                });
+                // What the store now holds: only what changed is copied, as only that was written.
+                let saved = self.saved.get_or_insert_with(Saved::default);
+                saved.record = record;
+                for id in &removed {
+                    saved.members.remove(id);
+                }
+                saved.members.extend(changed.into_iter().map(|m| (m.id.clone(), m)));
                 self.store_failing = false;
                 true
             }
