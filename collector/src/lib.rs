@@ -14,6 +14,7 @@ pub mod engine;
 pub mod explain;
 pub mod hooks;
 pub mod http;
+pub mod http2;
 pub mod import;
 pub mod ingest;
 pub mod lb;
@@ -238,12 +239,17 @@ impl Collector {
             groups.insert(name, handle);
         }
 
-        let telemetry = TelemetryServer::new(server::TelemetryService {
+        let telemetry_service = Arc::new(server::TelemetryService {
             ingest: ingest.clone(),
             metrics: metrics.clone(),
             authority: authority.clone(),
-        })
-        .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
+            stopping: stop_rx.clone(),
+        });
+        let telemetry =
+            TelemetryServer::from_arc(telemetry_service.clone()).max_decoding_message_size(server::MAX_MESSAGE_BYTES);
+        // Agents' Report connections are served by `http2`, the rest by tonic.
+        let divert_reports: tls::Divert<tokio::net::TcpStream> =
+            Arc::new(move |connection| server::divert_reports(telemetry_service.clone(), connection));
         let enrollment = EnrollmentServer::new(server::EnrollmentService {
             authority: authority.clone(),
             metrics: metrics.clone(),
@@ -292,7 +298,10 @@ impl Collector {
                 .add_service(health_service.clone())
                 .add_service(reflection_v1.clone())
                 .add_service(reflection_v1alpha.clone())
-                .serve_with_incoming_shutdown(tls::incoming(grpc, tls.clone()), stopped(stop_rx.clone())),
+                .serve_with_incoming_shutdown(
+                    tls::incoming(grpc, tls.clone(), Some(divert_reports)),
+                    stopped(stop_rx.clone()),
+                ),
         );
         let admin_router = || {
             tonic::transport::Server::builder()
@@ -301,14 +310,15 @@ impl Collector {
                 .add_service(reflection_v1.clone())
                 .add_service(reflection_v1alpha.clone())
         };
-        let mut admin_servers = vec![tokio::spawn(
-            admin_router()
-                .serve_with_incoming_shutdown(tls::incoming(admin_unix, tls.clone()), stopped(stop_rx.clone())),
-        )];
+        let mut admin_servers = vec![tokio::spawn(admin_router().serve_with_incoming_shutdown(
+            tls::incoming(admin_unix, tls.clone(), None),
+            stopped(stop_rx.clone()),
+        ))];
         if let Some(listener) = admin_tcp {
-            admin_servers.push(tokio::spawn(
-                admin_router().serve_with_incoming_shutdown(tls::incoming(listener, tls), stopped(stop_rx.clone())),
-            ));
+            admin_servers.push(tokio::spawn(admin_router().serve_with_incoming_shutdown(
+                tls::incoming(listener, tls, None),
+                stopped(stop_rx.clone()),
+            )));
         }
         let metrics_server = tokio::spawn(metrics::serve(http, metrics.clone()));
         tracing::info!(grpc = %grpc_address, admin = %admin_socket.display(), admin_tcp = ?admin_address, http = %http_address, groups = groups.len(), ca_sha256 = %authority.pki.fingerprint(), "Collector started.");

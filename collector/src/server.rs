@@ -3,32 +3,38 @@
 //! here, with a message an operator can act on.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ebb_proto::v1::admin_server::Admin;
 use ebb_proto::v1::enrollment_server::Enrollment;
 use ebb_proto::v1::telemetry_server::Telemetry;
 use ebb_proto::v1::{
-    Ack, CreateTokenRequest, CreateTokenResponse, EnrollRequest, EnrollResponse, ExplainRequest, ExplainResponse,
-    Explanation, JoinToken, ListActivitiesRequest, ListActivitiesResponse, ListGroupsRequest, ListGroupsResponse,
-    ListMembersRequest, ListMembersResponse, ListTokensRequest, ListTokensResponse, RefreshRequest, RefreshResponse,
-    ReloadRequest, ReloadResponse, RenewRequest, RenewResponse, ReportRequest, ReportResponse, RevokeMemberRequest,
-    RevokeMemberResponse, RevokeTokenRequest, RevokeTokenResponse, SetDesiredCapacityRequest,
+    Ack, AgentSettings, CreateTokenRequest, CreateTokenResponse, EnrollRequest, EnrollResponse, ExplainRequest,
+    ExplainResponse, Explanation, JoinToken, ListActivitiesRequest, ListActivitiesResponse, ListGroupsRequest,
+    ListGroupsResponse, ListMembersRequest, ListMembersResponse, ListTokensRequest, ListTokensResponse, RefreshRequest,
+    RefreshResponse, ReloadRequest, ReloadResponse, RenewRequest, RenewResponse, ReportRequest, ReportResponse,
+    RevokeMemberRequest, RevokeMemberResponse, RevokeTokenRequest, RevokeTokenResponse, SetDesiredCapacityRequest,
     SetDesiredCapacityResponse, SetProtectedRequest, SetProtectedResponse, SetSuspendedRequest, SetSuspendedResponse,
     report_request, report_response,
 };
-use tokio::sync::mpsc;
+use prost::Message;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::{Activity, ActivityLog};
+use crate::http2;
 use crate::ingest::{IngestError, IngestHandle};
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectedAgent, Metrics};
 use crate::pki::{Authority, CertRejection, ClientIdentity};
 use crate::reconcile::{GroupHandle, GroupStatus, Process, Suspended, now_ms};
-use crate::tls::PeerInfo;
+use crate::tls::{PeerInfo, TlsConnection};
 
 /// Largest message accepted from anyone; a batch of 100 samples is about 10 KB.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -45,11 +51,21 @@ fn identify<T>(
         .get::<PeerInfo>()
         .map(|p| p.certs.clone())
         .unwrap_or_default();
+    identify_chain(&certs, authority, metrics, service)
+}
+
+/// The verified identity behind a certificate chain (leaf first), or the refusal.
+fn identify_chain(
+    certs: &[CertificateDer<'static>],
+    authority: &Authority,
+    metrics: &Metrics,
+    service: &'static str,
+) -> Result<ClientIdentity, Status> {
     let refuse = |rejection: CertRejection| {
         metrics.refused(service, rejection.reason);
         Status::unauthenticated(rejection.message)
     };
-    let identity = authority.pki.verify_client(&certs, now_ms()).map_err(refuse)?;
+    let identity = authority.pki.verify_client(certs, now_ms()).map_err(refuse)?;
     if let ClientIdentity::Member { member_id, serial, .. } = &identity
         && !authority.is_current(member_id, serial)
     {
@@ -89,42 +105,58 @@ pub struct TelemetryService {
     pub ingest: IngestHandle,
     pub metrics: Arc<Metrics>,
     pub authority: Arc<Authority>,
+    /// Becomes true when the collector stops: the connections [`serve_report_connection`] holds close then.
+    pub stopping: watch::Receiver<bool>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ReportResponse, Status>> + Send>>;
 
-fn ack(highest_seq: u64, rejected: Vec<ebb_proto::v1::Rejection>) -> Result<ReportResponse, Status> {
-    Ok(ReportResponse {
+fn ack(highest_seq: u64, rejected: Vec<ebb_proto::v1::Rejection>) -> ReportResponse {
+    ReportResponse {
         message: Some(report_response::Message::Ack(Ack { highest_seq, rejected })),
-    })
+    }
 }
 
-#[tonic::async_trait]
-impl Telemetry for TelemetryService {
-    type ReportStream = ResponseStream;
+/// One agent's Report stream once its certificate and Hello are accepted, whichever HTTP/2 server carries
+/// it ([`http2`](crate::http2) for agents, tonic for anything else): samples go to the ingest task, acks
+/// and settings come back.
+pub struct ReportSession {
+    member: String,
+    run_id: u64,
+    settings: AgentSettings,
+    closed: watch::Receiver<bool>,
+    ingest: IngestHandle,
+    _connected: ConnectedAgent,
+}
 
-    async fn report(&self, request: Request<Streaming<ReportRequest>>) -> Result<Response<Self::ReportStream>, Status> {
-        let ClientIdentity::Member {
-            member_id: certified, ..
-        } = identify(&request, &self.authority, &self.metrics, "report")?
-        else {
-            return Err(refuse(
+impl TelemetryService {
+    /// The member a certificate chain may report as, or the refusal.
+    pub fn authorize(&self, certs: &[CertificateDer<'static>]) -> Result<String, Status> {
+        match identify_chain(certs, &self.authority, &self.metrics, "report")? {
+            ClientIdentity::Member { member_id, .. } => Ok(member_id),
+            ClientIdentity::Admin { .. } => Err(refuse(
                 &self.metrics,
                 "report",
                 "not_a_member",
                 Status::permission_denied("an admin certificate cannot report samples"),
+            )),
+        }
+    }
+
+    /// Opens the stream of `certified` with its first message, which must be its Hello; returns the session
+    /// and the first responses (the agent's settings, then the highest sequence already stored).
+    pub async fn open(
+        &self,
+        certified: String,
+        first: Option<ReportRequest>,
+    ) -> Result<(ReportSession, [ReportResponse; 2]), Status> {
+        let Some(ReportRequest {
+            message: Some(report_request::Message::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message of a Report stream must be a Hello",
             ));
-        };
-        let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
-            Some(ReportRequest {
-                message: Some(report_request::Message::Hello(hello)),
-            }) => hello,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of a Report stream must be a Hello",
-                ));
-            }
         };
         if hello.member_id != certified {
             return Err(refuse(
@@ -137,7 +169,6 @@ impl Telemetry for TelemetryService {
                 )),
             ));
         }
-        let member = hello.member_id.clone();
         let run_id = hello.run_id;
         let accepted = self.ingest.hello(hello).await.map_err(|e| match e {
             IngestError::UnknownMember(_) => refuse(
@@ -148,22 +179,93 @@ impl Telemetry for TelemetryService {
             ),
             IngestError::Closed => Status::unavailable(e.to_string()),
         })?;
-        let (highest_seq, settings, mut closed) = (accepted.highest_seq, accepted.settings, accepted.closed);
-        tracing::debug!(member = %member, "Agent connected.");
+        tracing::debug!(member = %certified, "Agent connected.");
+        let first = [
+            ReportResponse {
+                message: Some(report_response::Message::Settings(accepted.settings.clone())),
+            },
+            ack(accepted.highest_seq, Vec::new()),
+        ];
+        let session = ReportSession {
+            member: certified,
+            run_id,
+            settings: accepted.settings,
+            closed: accepted.closed,
+            ingest: self.ingest.clone(),
+            _connected: self.metrics.agent_connected(),
+        };
+        Ok((session, first))
+    }
 
+    /// Counts and describes a message over [`MAX_MESSAGE_BYTES`].
+    fn oversized(&self, length: usize) -> Status {
+        self.metrics.refused("report", "oversized_message");
+        Status::out_of_range(format!(
+            "message length too large: found {length} bytes, the limit is {MAX_MESSAGE_BYTES} bytes"
+        ))
+    }
+}
+
+impl ReportSession {
+    /// Takes one message after the Hello; the responses to it, or the status that ends the stream.
+    pub async fn receive(&mut self, message: ReportRequest) -> Result<Vec<ReportResponse>, Status> {
+        let Some(report_request::Message::Batch(batch)) = message.message else {
+            return Err(Status::invalid_argument(
+                "only one Hello per stream; then sample batches",
+            ));
+        };
+        let outcome = self
+            .ingest
+            .batch(&self.member, self.run_id, batch.samples, now_ms())
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut responses = vec![ack(outcome.highest_seq, outcome.rejected)];
+        // Settings may change after launch (the health-check URL is known once the instance has an
+        // address); an agent connected earlier hears about it here.
+        if let Some(current) = outcome.settings
+            && current != self.settings
+        {
+            self.settings = current.clone();
+            responses.push(ReportResponse {
+                message: Some(report_response::Message::Settings(current)),
+            });
+        }
+        Ok(responses)
+    }
+
+    /// Resolves when the member's certificate is revoked or the member removed: the status to end with.
+    pub async fn revoked(&mut self) -> Status {
+        let _ = self.closed.wait_for(|closed| *closed).await;
+        Status::permission_denied("this member's certificate was revoked or the member was removed")
+    }
+}
+
+impl Drop for ReportSession {
+    fn drop(&mut self) {
+        tracing::debug!(member = %self.member, "Agent disconnected.");
+    }
+}
+
+#[tonic::async_trait]
+impl Telemetry for TelemetryService {
+    type ReportStream = ResponseStream;
+
+    async fn report(&self, request: Request<Streaming<ReportRequest>>) -> Result<Response<Self::ReportStream>, Status> {
+        let certs = request
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.certs.clone())
+            .unwrap_or_default();
+        let certified = self.authorize(&certs)?;
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?;
+        let (mut session, first) = self.open(certified, first).await?;
         let (responses, outgoing) = mpsc::channel(16);
-        let _ = responses
-            .send(Ok(ReportResponse {
-                message: Some(report_response::Message::Settings(settings.clone())),
-            }))
-            .await;
-        let _ = responses.send(ack(highest_seq, Vec::new())).await;
-        let ingest = self.ingest.clone();
-        let connected = self.metrics.agent_connected();
+        for response in first {
+            let _ = responses.send(Ok(response)).await;
+        }
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let _connected = connected;
-            let mut settings = settings;
             loop {
                 let message = tokio::select! {
                     message = inbound.message() => match message {
@@ -176,52 +278,190 @@ impl Telemetry for TelemetryService {
                             break;
                         }
                     },
-                    () = async { let _ = closed.wait_for(|closed| *closed).await; } => {
-                        let status = Status::permission_denied("this member's certificate was revoked or the member was removed");
+                    status = session.revoked() => {
                         let _ = responses.send(Err(status)).await;
                         break;
                     }
                 };
-                let Some(report_request::Message::Batch(batch)) = message.message else {
-                    let _ = responses
-                        .send(Err(Status::invalid_argument(
-                            "only one Hello per stream; then sample batches",
-                        )))
-                        .await;
-                    break;
-                };
-                let outcome = match ingest.batch(&member, run_id, batch.samples, now_ms()).await {
-                    Ok(outcome) => outcome,
-                    Err(e) => {
-                        let _ = responses.send(Err(Status::unavailable(e.to_string()))).await;
-                        break;
+                match session.receive(message).await {
+                    Ok(answers) => {
+                        for answer in answers {
+                            if responses.send(Ok(answer)).await.is_err() {
+                                return;
+                            }
+                        }
                     }
-                };
-                if responses
-                    .send(ack(outcome.highest_seq, outcome.rejected))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                // Settings may change after launch (the health-check URL is known once the instance has an
-                // address); an agent connected earlier hears about it here.
-                if let Some(current) = outcome.settings
-                    && current != settings
-                {
-                    settings = current.clone();
-                    let update = ReportResponse {
-                        message: Some(report_response::Message::Settings(current)),
-                    };
-                    if responses.send(Ok(update)).await.is_err() {
+                    Err(status) => {
+                        let _ = responses.send(Err(status)).await;
                         break;
                     }
                 }
             }
-            tracing::debug!(member = %member, "Agent disconnected.");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(outgoing))))
     }
+}
+
+/// The path of `Telemetry.Report`, the only one [`serve_report_connection`] serves.
+pub const REPORT_PATH: &str = "/ebb.v1.Telemetry/Report";
+
+/// How long a member's new connection may take to send its first request before tonic gets it anyway
+/// (a client that waits for the server's SETTINGS first, such as grpc-go's, never sends one before).
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
+/// Keeps a member's connection whose first request is Report, to serve it with [`http2`](crate::http2) for
+/// as long as the agent stays; gives any other connection back for tonic, with what was read of it.
+///
+/// Not an `async fn`: the future lives as long as the agent's connection, so it captures the connection
+/// once (an `async fn` would keep its argument and the [`http2::Connection`] made of it side by side) and
+/// lends it to [`serve_report_connection`].
+pub fn divert_reports<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    telemetry: Arc<TelemetryService>,
+    connection: TlsConnection<Io>,
+) -> Pin<Box<dyn Future<Output = Option<TlsConnection<Io>>> + Send>> {
+    let certs = connection.info.certs.clone();
+    if !matches!(
+        telemetry.authority.pki.verify_client(&certs, now_ms()),
+        Ok(ClientIdentity::Member { .. })
+    ) {
+        return Box::pin(std::future::ready(Some(connection)));
+    }
+    let mut connection = http2::Connection::new(connection, MAX_MESSAGE_BYTES);
+    Box::pin(async move {
+        match connection.read_first_request(FIRST_REQUEST_WAIT).await {
+            http2::FirstRequest::Path(path) if path == REPORT_PATH => {
+                serve_report_connection(&telemetry, &certs, &mut connection).await;
+                None
+            }
+            _ => {
+                let (mut connection, read) = connection.into_parts();
+                connection.replay = read;
+                Some(connection)
+            }
+        }
+    })
+}
+
+/// Where a stream on a [`serve_report_connection`] stands.
+enum ReportStream {
+    /// No stream is open.
+    Idle,
+    /// The certificate was accepted; the Hello is next.
+    Authorized(String),
+    Open(ReportSession),
+}
+
+/// What woke a [`serve_report_connection`].
+enum Wake {
+    Event(Result<Option<http2::Event>, http2::Error>),
+    Revoked(Status),
+    Stopping,
+}
+
+/// Resolves when the open stream's member is revoked; never without an open stream.
+async fn revoked(stream: &mut ReportStream) -> Status {
+    match stream {
+        ReportStream::Open(session) => session.revoked().await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Serves Report streams on one agent's connection until it closes or the collector stops.
+pub async fn serve_report_connection<Io: AsyncRead + AsyncWrite + Unpin>(
+    telemetry: &TelemetryService,
+    certs: &[CertificateDer<'static>],
+    connection: &mut http2::Connection<Io>,
+) {
+    let mut stopping = telemetry.stopping.clone();
+    let mut stream = ReportStream::Idle;
+    loop {
+        let wake = tokio::select! {
+            event = connection.next() => Wake::Event(event),
+            status = revoked(&mut stream) => Wake::Revoked(status),
+            _ = stopping.wait_for(|stopping| *stopping) => Wake::Stopping,
+        };
+        let event = match wake {
+            Wake::Event(Ok(Some(event))) => event,
+            Wake::Event(Ok(None)) => break,
+            Wake::Event(Err(e)) => {
+                tracing::debug!(error = %e, "Closed an agent's connection.");
+                return;
+            }
+            Wake::Revoked(status) => {
+                stream = ReportStream::Idle;
+                connection.finish(status.code() as i32, status.message());
+                if connection.flush().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Wake::Stopping => {
+                connection.finish(tonic::Code::Unavailable as i32, "the collector is stopping");
+                break;
+            }
+        };
+        let outcome =
+            match (event, std::mem::replace(&mut stream, ReportStream::Idle)) {
+                (http2::Event::Request { path }, _) if path != REPORT_PATH => Err(Status::unimplemented(format!(
+                    "{path} is not served on an agent's Report connection"
+                ))),
+                (http2::Event::Request { .. }, _) => telemetry.authorize(certs).map(|member| {
+                    stream = ReportStream::Authorized(member);
+                }),
+                (http2::Event::Message(bytes), previous) => match ReportRequest::decode(bytes.as_slice()) {
+                    Err(e) => Err(Status::invalid_argument(format!("cannot decode a ReportRequest: {e}"))),
+                    Ok(message) => match previous {
+                        // Boxed, as is `receive`: the future of a connection that waits for its next sample
+                        // then holds only a pointer to them.
+                        ReportStream::Authorized(member) => Box::pin(telemetry.open(member, Some(message)))
+                            .await
+                            .and_then(|(session, first)| {
+                                stream = ReportStream::Open(session);
+                                first.iter().try_for_each(|response| send(connection, response))
+                            }),
+                        ReportStream::Open(mut session) => match Box::pin(session.receive(message)).await {
+                            Ok(responses) => {
+                                stream = ReportStream::Open(session);
+                                responses.iter().try_for_each(|response| send(connection, response))
+                            }
+                            Err(status) => Err(status),
+                        },
+                        ReportStream::Idle => Ok(()),
+                    },
+                },
+                (http2::Event::TooLarge { length }, _) => Err(telemetry.oversized(length)),
+                (http2::Event::Compressed, _) => Err(Status::unimplemented(
+                    "compressed messages are not accepted; send them uncompressed",
+                )),
+                (http2::Event::Finished, ReportStream::Authorized(_)) => Err(Status::invalid_argument(
+                    "the first message of a Report stream must be a Hello",
+                )),
+                (http2::Event::Finished | http2::Event::Reset, _) => Ok(()),
+            };
+        match outcome {
+            Err(status) => {
+                stream = ReportStream::Idle;
+                connection.finish(status.code() as i32, status.message());
+            }
+            // The client finished (or reset) its side: so do we.
+            Ok(()) if matches!(stream, ReportStream::Idle) => connection.finish(0, ""),
+            Ok(()) => {}
+        }
+        if connection.flush().await.is_err() {
+            return;
+        }
+    }
+    connection.close().await;
+}
+
+/// Queues one response; a client that stopped reading its responses ends the stream.
+fn send<Io: AsyncRead + AsyncWrite + Unpin>(
+    connection: &mut http2::Connection<Io>,
+    response: &ReportResponse,
+) -> Result<(), Status> {
+    connection
+        .send(&response.encode_to_vec())
+        .map_err(|e| Status::resource_exhausted(e.to_string()))
 }
 
 pub struct EnrollmentService {

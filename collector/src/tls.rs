@@ -3,6 +3,7 @@
 //! handlers against the CA ([`crate::pki::Pki::verify_client`]), so that each refusal is a clear gRPC status
 //! that is counted, not an opaque handshake failure.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::server::Connected;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,8 +37,10 @@ pub struct PeerInfo {
 
 /// One accepted TLS connection.
 pub struct TlsConnection<Io> {
-    stream: TlsStream<Io>,
-    info: PeerInfo,
+    pub(crate) stream: TlsStream<Io>,
+    pub(crate) info: PeerInfo,
+    /// Bytes already read from `stream` by whoever looked at the connection first, to be read again.
+    pub(crate) replay: Vec<u8>,
 }
 
 impl<Io> Connected for TlsConnection<Io> {
@@ -50,6 +53,15 @@ impl<Io> Connected for TlsConnection<Io> {
 
 impl<Io: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConnection<Io> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay[..n]);
+            self.replay.drain(..n);
+            if self.replay.is_empty() {
+                self.replay = Vec::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -157,13 +169,20 @@ impl Accept for UnixListener {
     }
 }
 
+/// Takes some connections before tonic sees them and serves them itself, in a task of their own; gives back
+/// the others.
+pub type Divert<Io> =
+    Arc<dyn Fn(TlsConnection<Io>) -> Pin<Box<dyn Future<Output = Option<TlsConnection<Io>>> + Send>> + Send + Sync>;
+
 /// Accepts connections on `listener` and completes their TLS handshakes concurrently (each under a
-/// timeout); yields the connections ready for gRPC.
+/// timeout); yields the connections ready for gRPC, except those `divert` keeps.
 pub fn incoming<L: Accept>(
     listener: L,
     config: Arc<rustls::ServerConfig>,
-) -> ReceiverStream<io::Result<TlsConnection<L::Io>>> {
-    let (ready, stream) = mpsc::channel(256);
+    divert: Option<Divert<L::Io>>,
+) -> UnboundedReceiverStream<io::Result<TlsConnection<L::Io>>> {
+    // Unbounded: each connection waiting here has already cost its handshake; tonic takes them at once.
+    let (ready, stream) = mpsc::unbounded_channel();
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
@@ -178,7 +197,7 @@ pub fn incoming<L: Accept>(
             if ready.is_closed() {
                 return;
             }
-            let (acceptor, ready) = (acceptor.clone(), ready.clone());
+            let (acceptor, ready, divert) = (acceptor.clone(), ready.clone(), divert.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                     Ok(Ok(stream)) => {
@@ -192,7 +211,25 @@ pub fn incoming<L: Accept>(
                             remote,
                             certs: Arc::new(certs.into_iter().map(|c| c.into_owned()).collect()),
                         };
-                        let _ = ready.send(Ok(TlsConnection { stream, info })).await;
+                        let connection = TlsConnection {
+                            stream,
+                            info,
+                            replay: Vec::new(),
+                        };
+                        match divert {
+                            // A task of its own, so that this one's handshake state is freed now.
+                            Some(divert) => {
+                                let diverting = divert(connection);
+                                tokio::spawn(async move {
+                                    if let Some(undiverted) = diverting.await {
+                                        let _ = ready.send(Ok(undiverted));
+                                    }
+                                });
+                            }
+                            None => {
+                                let _ = ready.send(Ok(connection));
+                            }
+                        }
                     }
                     Ok(Err(e)) => tracing::debug!(?remote, error = %e, "TLS handshake failed."),
                     Err(_) => tracing::debug!(?remote, "TLS handshake timed out."),
@@ -200,5 +237,5 @@ pub fn incoming<L: Accept>(
             });
         }
     });
-    ReceiverStream::new(stream)
+    UnboundedReceiverStream::new(stream)
 }

@@ -6,7 +6,11 @@ use common::{Harness, report};
 use ebb_agent::identity::{self, IdentityError};
 use ebb_proto::v1::admin_client::AdminClient;
 use ebb_proto::v1::enrollment_client::EnrollmentClient;
-use ebb_proto::v1::{EnrollRequest, ListGroupsRequest, RevokeMemberRequest, report_response};
+use ebb_proto::v1::{
+    EnrollRequest, ListGroupsRequest, ReportRequest, ReportResponse, RevokeMemberRequest, report_response,
+};
+use std::sync::Arc;
+
 use tonic::Code;
 
 fn csr() -> Vec<u8> {
@@ -199,15 +203,44 @@ async fn reports_need_a_current_certificate_from_this_ca_for_the_member_itself()
     h.collector.shutdown().await;
 }
 
-#[tokio::test]
-async fn revoking_a_member_closes_its_stream_and_denies_its_certificate() {
-    let h = Harness::start("").await;
+/// A newly enrolled member's Report stream, past its first response; its channel; what ends the stream.
+async fn open_stream(
+    h: &Harness,
+) -> (
+    identity::Identity,
+    tonic::transport::Channel,
+    tonic::Streaming<ReportResponse>,
+    tokio::sync::mpsc::Sender<ReportRequest>,
+) {
     let member = h.enroll().await;
     let channel = h
         .channel(h.collector.grpc_address, Some((&member.cert_pem, &member.key_pem)))
         .await;
-    let (mut responses, _requests) = report(channel.clone(), &member.member_id).await.unwrap();
+    let (mut responses, requests) = report(channel.clone(), &member.member_id).await.unwrap();
     responses.message().await.unwrap().expect("settings");
+    (member, channel, responses, requests)
+}
+
+/// The status a stream ends with, within 10 s.
+async fn end_of(responses: &mut tonic::Streaming<ReportResponse>) -> tonic::Status {
+    let ended = async {
+        loop {
+            match responses.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("ended without a status"),
+                Err(status) => break status,
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), ended)
+        .await
+        .expect("the stream ends within 10 s")
+}
+
+#[tokio::test]
+async fn revoking_a_member_closes_its_stream_and_denies_its_certificate() {
+    let h = Harness::start("").await;
+    let (member, channel, mut responses, _requests) = open_stream(&h).await;
 
     let (admin_cert, admin_key) = h.admin_identity();
     let admin = h
@@ -219,13 +252,7 @@ async fn revoking_a_member_closes_its_stream_and_denies_its_certificate() {
         })
         .await
         .unwrap();
-    let closed = loop {
-        match responses.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("closed without a status"),
-            Err(status) => break status,
-        }
-    };
+    let closed = end_of(&mut responses).await;
     assert_eq!(closed.code(), Code::PermissionDenied);
     assert!(closed.message().contains("revoked"), "{}", closed.message());
     let status = report(channel, &member.member_id).await.unwrap_err();
@@ -389,4 +416,91 @@ async fn an_agent_enrols_from_user_data_in_the_metadata_service_and_never_writes
     let again = ebb_agent::obtain_identity(&config).await.unwrap();
     assert_eq!(again.member_id, identity.member_id);
     h.collector.shutdown().await;
+}
+
+/// A raw HTTP/2 client connection to `address` over TLS, with `client`'s certificate if given.
+async fn http2_connection(
+    h: &Harness,
+    client: Option<(&str, &str)>,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, bytes::Bytes>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(h.collector.authority.pki.ca_pem().as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let address = h.collector.grpc_address;
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::from(address.ip()), tcp)
+        .await
+        .unwrap();
+    h2::client::handshake(tls).await.unwrap()
+}
+
+/// Agents' Report connections are served by the collector's small HTTP/2 server (`http2.rs`), which allows
+/// one stream per connection; every other connection by tonic's, which allows many.
+#[tokio::test]
+async fn a_members_report_connection_is_served_by_the_small_http2_server() {
+    let h = Harness::start("").await;
+    let member = h.enroll().await;
+    let (admin_cert, admin_key) = h.admin_identity();
+    let report = ebb_collector::server::REPORT_PATH;
+    let health = "/grpc.health.v1.Health/Check";
+    for (client, path, small) in [
+        (Some((member.cert_pem.as_str(), member.key_pem.as_str())), report, true),
+        (Some((member.cert_pem.as_str(), member.key_pem.as_str())), health, false),
+        (Some((admin_cert.as_str(), admin_key.as_str())), report, false),
+        (None, report, false),
+    ] {
+        let (mut requests, mut connection) = http2_connection(&h, client).await;
+        let request = http::Request::post(format!("https://collector{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut body) = requests.send_request(request, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        let response = tokio::select! {
+            response = response => response.unwrap(),
+            _ = &mut connection => panic!("the connection ended first"),
+        };
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            connection.max_concurrent_send_streams() == 1,
+            small,
+            "{path} with {}",
+            if client.is_some() { "a certificate" } else { "none" }
+        );
+    }
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agents_stream_ends_unavailable_when_the_collector_stops() {
+    let h = Harness::start("").await;
+    let (_member, _channel, mut responses, _requests) = open_stream(&h).await;
+    h.collector.shutdown().await;
+    let ended = end_of(&mut responses).await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
 }
