@@ -2,8 +2,8 @@
 //! collector over one long-lived gRPC stream. Samples wait in a bounded [`outbox::Outbox`] until the
 //! collector acknowledges them, so a lost connection loses nothing that fits in the buffer.
 //!
-//! Tasks: the health checker (its own pace, so a slow check never delays sampling), the sampler, and the
-//! connection loop (connect, replay, stream, back off on failure).
+//! Tasks: the sampler, the health checker (started by the sampler after each sample, in its own task so a
+//! slow check never delays sampling), and the connection loop (connect, replay, stream, back off on failure).
 
 #![forbid(unsafe_code)]
 
@@ -68,20 +68,26 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (settings_tx, settings_rx) = watch::channel(settings);
     let outbox = Arc::new(Mutex::new(Outbox::new(config.buffer_samples())));
     let (latest_tx, latest_rx) = watch::channel(0u64);
-    let health = sampler::spawn_health_checker(settings_rx.clone());
+    let (health_tx, health_rx) = watch::channel(health::not_configured());
+    let health_due = Arc::new(tokio::sync::Notify::new());
     let drained = drain::spawn(&config, settings_rx.clone());
     let sampler = sampler::Sampler::new(&config)?.reporting_drained(drained);
     let connection = stream::Connection::new(&config, identity, outbox.clone(), settings_tx);
-    // Both run as tasks, not inside the caller's future: the sampler then wakes the stream without a
+    // All run as tasks, not inside the caller's future: the sampler then wakes the others without a
     // system call each sample (a wake-up of `block_on`'s own future signals the event loop's eventfd).
-    // Dropping the set (the agent stopping on a signal) aborts both.
+    // Dropping the set (the agent stopping on a signal) aborts them all.
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(sampler.run(settings_rx, health, outbox, latest_tx));
+    tasks.spawn(sampler::check_health(
+        settings_rx.clone(),
+        health_due.clone(),
+        health_tx,
+    ));
+    tasks.spawn(sampler.run(settings_rx, health_rx, health_due, outbox, latest_tx));
     tasks.spawn(async move {
         connection.run(latest_rx).await;
         Ok(())
     });
-    tasks.join_next().await.expect("two tasks were spawned")?
+    tasks.join_next().await.expect("three tasks were spawned")?
 }
 
 pub fn now_ms() -> i64 {

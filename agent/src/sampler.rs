@@ -1,12 +1,12 @@
-//! Takes one sample per interval and puts it in the outbox. The HTTP health check runs in its own task at
-//! the same interval; the sampler reports its latest result, so a check that takes its whole timeout never
-//! delays the other measurements.
+//! Takes one sample per interval and puts it in the outbox. The HTTP health check runs in its own task, started
+//! by the sampler right after each sample (one timer for both: one wake-up a second); each sample reports the
+//! latest result, so a check that takes its whole timeout never delays the other measurements.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ebb_proto::v1::{HealthCheck, Sample};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::Settings;
@@ -55,6 +55,7 @@ impl Sampler {
         mut self,
         mut settings: watch::Receiver<Settings>,
         health: watch::Receiver<HealthCheck>,
+        health_due: Arc<Notify>,
         outbox: Arc<Mutex<Outbox>>,
         latest_seq: watch::Sender<u64>,
     ) -> anyhow::Result<()> {
@@ -75,7 +76,9 @@ impl Sampler {
                         break;
                     }
                 }
-                let sample = match self.sample(seq + 1, health.borrow().clone()) {
+                let sample = self.sample(seq + 1, health.borrow().clone());
+                health_due.notify_one();
+                let sample = match sample {
                     Ok(sample) => sample,
                     Err(e) => {
                         tracing::warn!(error = %e, "Cannot take a sample; skipping this interval.");
@@ -158,40 +161,97 @@ fn read_number(path: &std::path::Path) -> anyhow::Result<f64> {
     Ok(value)
 }
 
-/// Runs the configured HTTP check once per interval; publishes the latest result.
-pub fn spawn_health_checker(mut settings: watch::Receiver<Settings>) -> watch::Receiver<HealthCheck> {
-    let (result_tx, result_rx) = watch::channel(crate::health::not_configured());
-    tokio::spawn(async move {
-        loop {
-            let current = settings.borrow_and_update().clone();
-            let mut ticker = tokio::time::interval(current.interval);
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    changed = settings.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        break;
-                    }
+/// Runs the configured HTTP check now, then each time `due` is notified (by the sampler, once per sample) and
+/// whenever the settings change; publishes each result. Ends when either channel closes.
+pub async fn check_health(
+    mut settings: watch::Receiver<Settings>,
+    due: Arc<Notify>,
+    results: watch::Sender<HealthCheck>,
+) -> anyhow::Result<()> {
+    let mut target = settings.borrow_and_update().health.clone();
+    loop {
+        let result = match &target {
+            Some(target) => target.check().await,
+            None => crate::health::not_configured(),
+        };
+        if results.send(result).is_err() {
+            return Ok(());
+        }
+        tokio::select! {
+            () = due.notified() => {}
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    return Ok(());
                 }
-                let result = match &current.health {
-                    Some(target) => target.check().await,
-                    None => crate::health::not_configured(),
-                };
-                if result_tx.send(result).is_err() {
-                    return;
-                }
+                target = settings.borrow_and_update().health.clone();
             }
         }
-    });
-    result_rx
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A web server on loopback answering 200 to every request; counts them.
+    async fn counting_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/health", listener.local_addr().unwrap());
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        (url, hits)
+    }
+
+    #[tokio::test]
+    async fn the_health_check_runs_at_start_when_the_sampler_asks_and_when_the_settings_change() {
+        use ebb_proto::v1::health_check::Status;
+        let (url, hits) = counting_server().await;
+        let settings = Settings {
+            interval: std::time::Duration::from_secs(3600),
+            health: None,
+            drain: false,
+        };
+        let (settings_tx, settings_rx) = watch::channel(settings.clone());
+        let (results_tx, mut results) = watch::channel(HealthCheck::default());
+        let due = Arc::new(Notify::new());
+        let checker = tokio::spawn(check_health(settings_rx, due.clone(), results_tx));
+        let mut next = async || {
+            tokio::time::timeout(std::time::Duration::from_secs(10), results.changed())
+                .await
+                .expect("a result within 10 s")
+                .unwrap();
+            results.borrow_and_update().status
+        };
+        assert_eq!(next().await, Status::NotConfigured as i32, "at start");
+
+        let target = crate::health::HealthTarget::parse(&url, std::time::Duration::from_secs(5), (200, 399)).unwrap();
+        settings_tx.send_replace(Settings {
+            health: Some(target),
+            ..settings
+        });
+        assert_eq!(
+            next().await,
+            Status::Healthy as i32,
+            "on the new settings, without waiting"
+        );
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        due.notify_one();
+        assert_eq!(next().await, Status::Healthy as i32, "when the sampler asks");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        drop(settings_tx);
+        checker.await.unwrap().unwrap();
+    }
 
     #[test]
     fn custom_metrics_are_read_each_sample_and_bad_ones_left_out() {
