@@ -504,3 +504,48 @@ async fn an_agents_stream_ends_unavailable_when_the_collector_stops() {
     let ended = end_of(&mut responses).await;
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
 }
+
+#[tokio::test]
+async fn an_oversized_report_message_ends_the_stream_and_is_counted() {
+    let h = Harness::start("").await;
+    let (_member, _channel, mut responses, requests) = open_stream(&h).await;
+    let ingested_before = h.metric("ebb_samples_ingested_total ");
+    // About 330 KB: more than the 256 KiB a message may carry.
+    let samples = (2..3000)
+        .map(|seq| ebb_proto::v1::Sample {
+            seq,
+            timestamp_ms: ebb_agent::now_ms(),
+            custom: [("padding".to_string(), 1.0)].into(),
+            health: Some(ebb_proto::v1::HealthCheck {
+                reason: "x".repeat(80),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    requests
+        .send(ReportRequest {
+            message: Some(ebb_proto::v1::report_request::Message::Batch(
+                ebb_proto::v1::SampleBatch { samples },
+            )),
+        })
+        .await
+        .unwrap();
+    let ended = end_of(&mut responses).await;
+    assert_eq!(ended.code(), Code::OutOfRange, "{ended:?}");
+    assert!(
+        ended.message().contains("message length too large"),
+        "{}",
+        ended.message()
+    );
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"report\",reason=\"oversized_message\"}"),
+        1
+    );
+    assert_eq!(
+        h.metric("ebb_samples_ingested_total "),
+        ingested_before,
+        "nothing stored"
+    );
+    h.collector.shutdown().await;
+}
