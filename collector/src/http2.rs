@@ -33,7 +33,7 @@ const INITIAL_WINDOW: i64 = 65_535;
 const WINDOW_UPDATE_AT: u32 = 32_768;
 /// Bytes asked of the connection per read.
 const READ_CHUNK: usize = 4096;
-/// Responses held back by a client that stopped reading them, before the connection is closed.
+/// Responses held back by a client that stopped reading them, before its stream is ended.
 const MAX_HELD_OUTPUT: usize = 256 * 1024;
 
 const DATA: u8 = 0x0;
@@ -152,62 +152,15 @@ fn decode_path(decoder: &mut Decoder<'static>, block: &[u8]) -> Result<String, E
     Ok(path)
 }
 
-/// What a connection's first bytes say about it.
+/// What a connection's first bytes say about it ([`Connection::read_first_request`]).
 #[derive(Debug, PartialEq)]
 pub enum FirstRequest {
-    /// Not enough bytes yet.
+    /// No request within the wait.
     Undecided,
     /// Its first stream asks for this path.
     Path(String),
-    /// Not HTTP/2 this server can read.
+    /// Not HTTP/2 this server can read, or the client left.
     Unreadable,
-}
-
-/// The path of the first request in `input`, the first bytes a client sent: the preface, then frames up to
-/// and including the first complete header block. Reads without side effects.
-pub fn first_request(input: &[u8]) -> FirstRequest {
-    if input.len() < PREFACE.len() {
-        return if PREFACE.starts_with(input) {
-            FirstRequest::Undecided
-        } else {
-            FirstRequest::Unreadable
-        };
-    }
-    if !input.starts_with(PREFACE) {
-        return FirstRequest::Unreadable;
-    }
-    let mut at = PREFACE.len();
-    let mut block = Vec::new();
-    let mut in_block = false;
-    loop {
-        let Some(head) = frame_head(&input[at..]) else {
-            return FirstRequest::Undecided;
-        };
-        if head.length > MAX_FRAME || block.len() > MAX_HEADER_BLOCK {
-            return FirstRequest::Unreadable;
-        }
-        let Some(payload) = input.get(at + FRAME_HEAD..at + FRAME_HEAD + head.length) else {
-            return FirstRequest::Undecided;
-        };
-        at += FRAME_HEAD + head.length;
-        let fragment = match (head.kind, in_block) {
-            (HEADERS, false) => match header_fragment(head.flags, payload) {
-                Ok(fragment) => fragment,
-                Err(_) => return FirstRequest::Unreadable,
-            },
-            (CONTINUATION, true) => payload,
-            (_, true) => return FirstRequest::Unreadable,
-            (_, false) => continue,
-        };
-        block.extend_from_slice(fragment);
-        in_block = head.flags & END_HEADERS == 0;
-        if !in_block {
-            return match decode_path(&mut Decoder::new(), &block) {
-                Ok(path) => FirstRequest::Path(path),
-                Err(_) => FirstRequest::Unreadable,
-            };
-        }
-    }
 }
 
 /// Reads what `io` has into `input`, through a buffer on the stack: a connection waiting for its next
@@ -274,6 +227,10 @@ pub struct Connection<Io> {
     unreturned: u32,
     /// The largest gRPC message accepted.
     max_message: usize,
+    /// Every byte read before the first [`Connection::next`], to hand back if the connection is not ours.
+    recording: Option<Vec<u8>>,
+    /// The first request, parsed while deciding, for [`Connection::next`] to give.
+    pending: Option<Event>,
     /// The client said GOAWAY: no new streams will come.
     client_leaving: bool,
 }
@@ -296,6 +253,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
             send_window: INITIAL_WINDOW,
             unreturned: 0,
             max_message,
+            recording: None,
+            pending: None,
             client_leaving: false,
         };
         let mut settings = Vec::with_capacity(6);
@@ -305,16 +264,22 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
         connection
     }
 
-    /// Reads until [`first_request`] can tell what the client's first request is, for at most `wait` (a
-    /// client that waits for the server to speak first stays undecided). What is read stays to be parsed.
+    /// Parses what the client sends until its first request, for at most `wait` (a client that waits for the
+    /// server to speak first stays undecided). Nothing is written meanwhile: if the connection is not for
+    /// this server, [`Connection::into_parts`] gives back everything read.
     pub async fn read_first_request(&mut self, wait: Duration) -> FirstRequest {
+        self.recording = Some(self.input.clone());
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match first_request(&self.input) {
-                FirstRequest::Undecided => {}
-                decided => return decided,
+            match self.parse() {
+                Ok(Some(Event::Request { path })) => {
+                    self.pending = Some(Event::Request { path: path.clone() });
+                    return FirstRequest::Path(path);
+                }
+                Ok(None) => {}
+                Ok(Some(_)) | Err(_) => return FirstRequest::Unreadable,
             }
-            match tokio::time::timeout_at(deadline, read_into(&mut self.io, &mut self.input)).await {
+            match tokio::time::timeout_at(deadline, self.read()).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return FirstRequest::Unreadable,
                 Err(_) => return FirstRequest::Undecided,
@@ -325,12 +290,27 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
     /// The connection and every byte read from it, for another server to take over; only before
     /// [`Connection::next`].
     pub fn into_parts(self) -> (Io, Vec<u8>) {
-        (self.io, self.input)
+        (self.io, self.recording.unwrap_or_default())
+    }
+
+    /// Reads what the client sent (and records it while deciding); `Ok(0)` at the end of the stream.
+    async fn read(&mut self) -> io::Result<usize> {
+        let before = self.input.len();
+        let n = read_into(&mut self.io, &mut self.input).await?;
+        if let Some(recording) = &mut self.recording {
+            recording.extend_from_slice(&self.input[before..]);
+        }
+        Ok(n)
     }
 
     /// The next event; `Ok(None)` once the client has closed the connection or said GOAWAY and has no
     /// stream left. Cancel-safe: nothing read or written is lost if the future is dropped.
     pub async fn next(&mut self) -> Result<Option<Event>, Error> {
+        // The connection is this server's now: nothing will be handed back.
+        self.recording = None;
+        if let Some(event) = self.pending.take() {
+            return Ok(Some(event));
+        }
         loop {
             match self.parse() {
                 Ok(Some(event)) => return Ok(Some(event)),
@@ -347,7 +327,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
             if self.client_leaving && self.stream.is_none() {
                 return Ok(None);
             }
-            if read_into(&mut self.io, &mut self.input).await? == 0 {
+            if self.read().await? == 0 {
                 return Ok(None);
             }
         }
@@ -425,11 +405,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
                 return Ok(Some(event));
             }
             if !self.preface_read {
+                if !PREFACE.starts_with(&self.input[..self.input.len().min(PREFACE.len())]) {
+                    return Err(protocol(PROTOCOL_ERROR, "not an HTTP/2 client preface"));
+                }
                 if self.input.len() < PREFACE.len() {
                     return Ok(None);
-                }
-                if !self.input.starts_with(PREFACE) {
-                    return Err(protocol(PROTOCOL_ERROR, "not an HTTP/2 client preface"));
                 }
                 self.input.drain(..PREFACE.len());
                 self.preface_read = true;
@@ -688,26 +668,20 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
         let Some(stream) = self.stream.as_mut() else {
             return;
         };
-        let mut frames = Vec::new();
-        while !stream.outgoing.is_empty() && self.send_window > 0 && stream.send_window > 0 {
-            let n = stream
-                .outgoing
-                .len()
-                .min(self.peer_max_frame)
-                .min(self.send_window as usize)
-                .min(stream.send_window as usize);
-            frames.push(stream.outgoing.drain(..n).collect::<Vec<u8>>());
-            self.send_window -= n as i64;
-            stream.send_window -= n as i64;
-        }
-        if stream.outgoing.is_empty() {
-            stream.outgoing = Vec::new();
-        }
-        let id = stream.id;
-        let trailers = stream.outgoing.is_empty().then(|| stream.trailers.take()).flatten();
-        let received_all = stream.received_all;
-        for frame in frames {
-            self.queue_frame(DATA, 0, id, &frame);
+        let (id, received_all) = (stream.id, stream.received_all);
+        let outgoing = std::mem::take(&mut stream.outgoing);
+        let window = self.send_window.min(stream.send_window).max(0) as usize;
+        let sendable = outgoing.len().min(window);
+        self.send_window -= sendable as i64;
+        stream.send_window -= sendable as i64;
+        let trailers = if sendable == outgoing.len() {
+            stream.trailers.take()
+        } else {
+            stream.outgoing = outgoing[sendable..].to_vec();
+            None
+        };
+        for frame in outgoing[..sendable].chunks(self.peer_max_frame) {
+            self.queue_frame(DATA, 0, id, frame);
         }
         if let Some(trailers) = trailers {
             self.queue_frame(HEADERS, END_HEADERS | END_STREAM, id, &trailers);
@@ -1048,19 +1022,58 @@ mod tests {
         assert_eq!(received[settings_length + 3], GOAWAY);
     }
 
-    #[test]
-    fn the_first_request_is_told_from_its_first_bytes_or_not_at_all() {
+    /// What [`Connection::read_first_request`] makes of `bytes`, and what it would hand back.
+    async fn first_request(bytes: &[u8]) -> (FirstRequest, Vec<u8>) {
+        let (mut client_io, server_io) = tokio::io::duplex(64 * 1024);
+        client_io.write_all(bytes).await.unwrap();
+        let mut connection = Connection::new(server_io, 1024);
+        let decided = connection.read_first_request(Duration::from_millis(50)).await;
+        (decided, connection.into_parts().1)
+    }
+
+    #[tokio::test]
+    async fn the_first_request_is_told_from_its_first_bytes_or_not_at_all() {
         let mut bytes = PREFACE.to_vec();
-        assert_eq!(first_request(&bytes[..10]), FirstRequest::Undecided);
-        assert_eq!(first_request(b"GET / HTTP/1.1\r\n\r\n"), FirstRequest::Unreadable);
+        assert_eq!(first_request(&bytes[..10]).await.0, FirstRequest::Undecided);
+        assert_eq!(
+            first_request(b"GET / HTTP/1.1\r\n\r\n").await.0,
+            FirstRequest::Unreadable
+        );
         bytes.extend_from_slice(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]);
-        assert_eq!(first_request(&bytes), FirstRequest::Undecided);
+        assert_eq!(first_request(&bytes).await, (FirstRequest::Undecided, bytes.clone()));
         let block = request_block();
         bytes.extend_from_slice(&(block.len() as u32).to_be_bytes()[1..]);
         bytes.extend_from_slice(&[HEADERS, END_HEADERS, 0, 0, 0, 1]);
-        assert_eq!(first_request(&bytes), FirstRequest::Undecided, "block not yet here");
+        assert_eq!(
+            first_request(&bytes).await,
+            (FirstRequest::Undecided, bytes.clone()),
+            "block not yet here; every byte read is handed back"
+        );
         bytes.extend_from_slice(&block);
-        assert_eq!(first_request(&bytes), FirstRequest::Path(PATH.into()));
+        assert_eq!(
+            first_request(&bytes).await,
+            (FirstRequest::Path(PATH.into()), bytes.clone()),
+            "a request another server may take: all of it is handed back"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_first_request_found_while_deciding_is_the_first_event() {
+        let (mut client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let mut bytes = PREFACE.to_vec();
+        let block = request_block();
+        bytes.extend_from_slice(&(block.len() as u32).to_be_bytes()[1..]);
+        bytes.extend_from_slice(&[HEADERS, END_HEADERS | END_STREAM, 0, 0, 0, 1]);
+        bytes.extend_from_slice(&block);
+        client_io.write_all(&bytes).await.unwrap();
+        let mut connection = Connection::new(server_io, 1024);
+        let decided = connection.read_first_request(Duration::from_secs(10)).await;
+        assert_eq!(decided, FirstRequest::Path(PATH.into()));
+        assert_eq!(
+            connection.next().await.unwrap(),
+            Some(Event::Request { path: PATH.into() })
+        );
+        assert_eq!(connection.next().await.unwrap(), Some(Event::Finished));
     }
 
     #[test]

@@ -46,12 +46,16 @@ fn identify<T>(
     metrics: &Metrics,
     service: &'static str,
 ) -> Result<ClientIdentity, Status> {
-    let certs = request
+    identify_chain(&peer_certs(request), authority, metrics, service)
+}
+
+/// The client's certificate chain as the TLS layer saw it (leaf first; empty without one), not yet verified.
+fn peer_certs<T>(request: &Request<T>) -> Arc<Vec<CertificateDer<'static>>> {
+    request
         .extensions()
         .get::<PeerInfo>()
         .map(|p| p.certs.clone())
-        .unwrap_or_default();
-    identify_chain(&certs, authority, metrics, service)
+        .unwrap_or_default()
 }
 
 /// The verified identity behind a certificate chain (leaf first), or the refusal.
@@ -251,12 +255,7 @@ impl Telemetry for TelemetryService {
     type ReportStream = ResponseStream;
 
     async fn report(&self, request: Request<Streaming<ReportRequest>>) -> Result<Response<Self::ReportStream>, Status> {
-        let certs = request
-            .extensions()
-            .get::<PeerInfo>()
-            .map(|p| p.certs.clone())
-            .unwrap_or_default();
-        let certified = self.authorize(&certs)?;
+        let certified = self.authorize(&peer_certs(&request))?;
         let mut inbound = request.into_inner();
         let first = inbound.message().await?;
         let (mut session, first) = self.open(certified, first).await?;
@@ -381,20 +380,13 @@ pub async fn serve_report_connection<Io: AsyncRead + AsyncWrite + Unpin>(
             _ = stopping.wait_for(|stopping| *stopping) => Wake::Stopping,
         };
         let event = match wake {
-            Wake::Event(Ok(Some(event))) => event,
+            Wake::Event(Ok(Some(event))) => Ok(event),
             Wake::Event(Ok(None)) => break,
             Wake::Event(Err(e)) => {
                 tracing::debug!(error = %e, "Closed an agent's connection.");
                 return;
             }
-            Wake::Revoked(status) => {
-                stream = ReportStream::Idle;
-                connection.finish(status.code() as i32, status.message());
-                if connection.flush().await.is_err() {
-                    return;
-                }
-                continue;
-            }
+            Wake::Revoked(status) => Err(status),
             Wake::Stopping => {
                 connection.finish(tonic::Code::Unavailable as i32, "the collector is stopping");
                 break;
@@ -402,13 +394,13 @@ pub async fn serve_report_connection<Io: AsyncRead + AsyncWrite + Unpin>(
         };
         let outcome =
             match (event, std::mem::replace(&mut stream, ReportStream::Idle)) {
-                (http2::Event::Request { path }, _) if path != REPORT_PATH => Err(Status::unimplemented(format!(
+                (Ok(http2::Event::Request { path }), _) if path != REPORT_PATH => Err(Status::unimplemented(format!(
                     "{path} is not served on an agent's Report connection"
                 ))),
-                (http2::Event::Request { .. }, _) => telemetry.authorize(certs).map(|member| {
+                (Ok(http2::Event::Request { .. }), _) => telemetry.authorize(certs).map(|member| {
                     stream = ReportStream::Authorized(member);
                 }),
-                (http2::Event::Message(bytes), previous) => match ReportRequest::decode(bytes.as_slice()) {
+                (Ok(http2::Event::Message(bytes)), previous) => match ReportRequest::decode(bytes.as_slice()) {
                     Err(e) => Err(Status::invalid_argument(format!("cannot decode a ReportRequest: {e}"))),
                     Ok(message) => match previous {
                         // Boxed, as is `receive`: the future of a connection that waits for its next sample
@@ -429,14 +421,16 @@ pub async fn serve_report_connection<Io: AsyncRead + AsyncWrite + Unpin>(
                         ReportStream::Idle => Ok(()),
                     },
                 },
-                (http2::Event::TooLarge { length }, _) => Err(telemetry.oversized(length)),
-                (http2::Event::Compressed, _) => Err(Status::unimplemented(
+                (Ok(http2::Event::TooLarge { length }), _) => Err(telemetry.oversized(length)),
+                (Ok(http2::Event::Compressed), _) => Err(Status::unimplemented(
                     "compressed messages are not accepted; send them uncompressed",
                 )),
-                (http2::Event::Finished, ReportStream::Authorized(_)) => Err(Status::invalid_argument(
+                (Ok(http2::Event::Finished), ReportStream::Authorized(_)) => Err(Status::invalid_argument(
                     "the first message of a Report stream must be a Hello",
                 )),
-                (http2::Event::Finished | http2::Event::Reset, _) => Ok(()),
+                (Ok(http2::Event::Finished | http2::Event::Reset), _) => Ok(()),
+                // Revoked (or removed) while its stream was open.
+                (Err(status), _) => Err(status),
             };
         match outcome {
             Err(status) => {
