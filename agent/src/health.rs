@@ -7,7 +7,7 @@ use std::time::Duration;
 use ebb_proto::v1::HealthCheck;
 use ebb_proto::v1::health_check::Status;
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A health-check URL that cannot be used.
@@ -23,9 +23,9 @@ pub struct UrlError {
 pub struct HealthTarget {
     /// `host:port` to connect to.
     pub authority: String,
-    /// Host header value.
-    pub host: String,
     pub path: String,
+    /// The request, built once: it is the same every check.
+    request: String,
     pub timeout: Duration,
     /// Inclusive range of healthy status codes.
     pub healthy_statuses: (u16, u16),
@@ -58,8 +58,10 @@ impl HealthTarget {
             } else {
                 format!("{authority}:80")
             },
-            host: authority.to_string(),
             path: path.to_string(),
+            request: format!(
+                "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: ebb-agent\r\nConnection: close\r\n\r\n"
+            ),
             timeout,
             healthy_statuses,
         })
@@ -98,20 +100,21 @@ impl HealthTarget {
         let mut stream = TcpStream::connect(&self.authority)
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", self.authority))?;
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ebb-agent\r\nConnection: close\r\n\r\n",
-            self.path, self.host
-        );
         stream
-            .write_all(request.as_bytes())
+            .write_all(self.request.as_bytes())
             .await
             .map_err(|e| format!("cannot send the request: {e}"))?;
-        let mut status_line = String::new();
-        BufReader::new(stream)
-            .take(1024)
-            .read_line(&mut status_line)
-            .await
-            .map_err(|e| format!("cannot read the response: {e}"))?;
+        // The status line, from the first 1 KiB of the response.
+        let mut head = [0u8; 1024];
+        let mut len = 0;
+        while len < head.len() && !head[..len].contains(&b'\n') {
+            match stream.read(&mut head[len..]).await {
+                Ok(0) => break,
+                Ok(read) => len += read,
+                Err(e) => return Err(format!("cannot read the response: {e}")),
+            }
+        }
+        let status_line = String::from_utf8_lossy(head[..len].split(|b| *b == b'\n').next().unwrap_or_default());
         parse_status_line(&status_line).ok_or_else(|| {
             format!(
                 "not an HTTP response: `{}`",
@@ -152,6 +155,10 @@ mod tests {
         assert_eq!(target.path, "/health");
         let target = HealthTarget::parse("http://web", Duration::from_secs(1), HEALTHY).unwrap();
         assert_eq!((target.authority.as_str(), target.path.as_str()), ("web:80", "/"));
+        assert_eq!(
+            target.request,
+            "GET / HTTP/1.1\r\nHost: web\r\nUser-Agent: ebb-agent\r\nConnection: close\r\n\r\n"
+        );
         assert!(HealthTarget::parse("https://web/", Duration::from_secs(1), HEALTHY).is_err());
         assert!(HealthTarget::parse("http:///x", Duration::from_secs(1), HEALTHY).is_err());
     }
@@ -190,6 +197,27 @@ mod tests {
             .check()
             .await;
         assert!(result.reason.starts_with("not an HTTP response"), "{}", result.reason);
+    }
+
+    #[tokio::test]
+    async fn a_status_line_split_over_several_packets_is_read_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/health", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            for part in ["HTTP/1.1 2", "04 No Content", "\r\n\r\n"] {
+                socket.write_all(part.as_bytes()).await.unwrap();
+                socket.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let result = HealthTarget::parse(&url, Duration::from_secs(5), HEALTHY)
+            .unwrap()
+            .check()
+            .await;
+        assert_eq!(result.status, Status::Healthy as i32, "{}", result.reason);
     }
 
     #[tokio::test]

@@ -14,7 +14,9 @@ const INITIAL_CAPACITY: usize = 4096;
 #[derive(Debug, Default)]
 pub struct Reread {
     open: Option<(PathBuf, File)>,
+    /// Zeroed once, then reused: only the first `len` bytes are the file's text.
     bytes: Vec<u8>,
+    len: usize,
 }
 
 impl Reread {
@@ -25,29 +27,30 @@ impl Reread {
             self.open = Some((path.to_path_buf(), File::open(path)?));
         }
         let (_, file) = self.open.as_ref().expect("opened above");
-        let result = read_whole(file, &mut self.bytes);
-        if let Err(e) = result {
-            self.open = None;
-            return Err(e);
+        match read_whole(file, &mut self.bytes) {
+            Ok(len) => self.len = len,
+            Err(e) => {
+                self.open = None;
+                return Err(e);
+            }
         }
-        std::str::from_utf8(&self.bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        std::str::from_utf8(&self.bytes[..self.len]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 }
 
-/// Reads `file` from offset 0 into `bytes`. A read that leaves room in the buffer has reached the end (the
-/// kernel fills the whole buffer while it has text), so a file that fits takes one system call.
-fn read_whole(file: &File, bytes: &mut Vec<u8>) -> io::Result<()> {
-    if bytes.capacity() == 0 {
-        bytes.reserve(INITIAL_CAPACITY);
+/// Reads `file` from offset 0 into `bytes`, growing it as needed, and returns the length read. A read that
+/// leaves room in the buffer has reached the end (the kernel fills the whole buffer while it has text), so
+/// a file that fits takes one system call.
+fn read_whole(file: &File, bytes: &mut Vec<u8>) -> io::Result<usize> {
+    if bytes.is_empty() {
+        bytes.resize(INITIAL_CAPACITY, 0);
     }
-    bytes.resize(bytes.capacity(), 0);
     let mut len = 0;
     loop {
         let read = file.read_at(&mut bytes[len..], len as u64)?;
         len += read;
         if read == 0 || len < bytes.len() {
-            bytes.truncate(len);
-            return Ok(());
+            return Ok(len);
         }
         bytes.resize(bytes.len() * 2, 0);
     }

@@ -2,7 +2,7 @@
 //! by the sampler right after each sample (one timer for both: one wake-up a second); each sample reports the
 //! latest result, so a check that takes its whole timeout never delays the other measurements.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ebb_proto::v1::{HealthCheck, Sample};
@@ -17,7 +17,6 @@ use crate::procfs;
 use crate::reread::Reread;
 
 pub struct Sampler {
-    proc_root: PathBuf,
     online_cpus: u32,
     cpu: CpuReader,
     meter: CpuMeter,
@@ -33,7 +32,6 @@ impl Sampler {
         let online = std::fs::read_to_string("/sys/devices/system/cpu/online")?;
         let online_cpus = procfs::parse_online_cpus(&online)?;
         Ok(Self {
-            proc_root: PathBuf::from("/proc"),
             online_cpus,
             cpu: CpuReader::new(config.cpu.clone(), online_cpus),
             meter: CpuMeter::default(),
@@ -114,8 +112,8 @@ impl Sampler {
     }
 
     fn sample(&mut self, seq: u64, health: HealthCheck) -> anyhow::Result<Sample> {
-        let load = procfs::parse_loadavg(self.loadavg.read(&self.proc_root.join("loadavg"))?)?;
-        let mem_used_percent = procfs::parse_meminfo_used_percent(self.meminfo.read(&self.proc_root.join("meminfo"))?)?;
+        let load = procfs::parse_loadavg(self.loadavg.read(Path::new("/proc/loadavg"))?)?;
+        let mem_used_percent = procfs::parse_meminfo_used_percent(self.meminfo.read(Path::new("/proc/meminfo"))?)?;
         let cpu = self.read_cpu();
         let cpus = f64::from(self.online_cpus);
         Ok(Sample {

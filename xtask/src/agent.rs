@@ -75,9 +75,14 @@ fn scrape(address: &str) -> anyhow::Result<usize> {
     Ok(body.len())
 }
 
+/// CPU is also reported in windows this long, to show which process varies within a run.
+const WINDOW_SECS: u64 = 10;
+
 /// One process over the window.
 struct Measured {
     cpu_seconds: f64,
+    /// CPU seconds in each whole window of [`WINDOW_SECS`], in order.
+    window_cpu_seconds: Vec<f64>,
     wall_seconds: f64,
     rss_kib: Vec<u64>,
 }
@@ -104,12 +109,14 @@ impl Measured {
 }
 
 /// Measures `pid` over `secs`, calling `each_second` once a second: its memory every second, and its CPU
-/// time over the window, all threads, to the microsecond (`perf stat -e task-clock`).
+/// time, all threads, to the microsecond (`perf stat -e task-clock`), in windows of [`WINDOW_SECS`].
 fn measure(pid: u32, secs: u64, mut each_second: impl FnMut()) -> anyhow::Result<Measured> {
     let perf_output = std::env::temp_dir().join(format!("ebb-bench-perf-{pid}.csv"));
     // Not a Guard: it ends by itself with the window, and is waited for.
     let mut perf = Command::new("perf")
-        .args(["stat", "-x", ",", "-e", "task-clock", "-p", &pid.to_string(), "-o"])
+        .args(["stat", "-x", ",", "-e", "task-clock", "-I"])
+        .arg((WINDOW_SECS * 1000).to_string())
+        .args(["-p", &pid.to_string(), "-o"])
         .arg(&perf_output)
         .args(["--", "sleep", &secs.to_string()])
         .stdout(Stdio::null())
@@ -127,17 +134,44 @@ fn measure(pid: u32, secs: u64, mut each_second: impl FnMut()) -> anyhow::Result
     let wall_seconds = started.elapsed().as_secs_f64();
     let csv = std::fs::read_to_string(&perf_output)?;
     let _ = std::fs::remove_file(&perf_output);
-    // "12.34,msec,task-clock,..."
-    let task_clock_ms: f64 = csv
-        .lines()
-        .find(|l| l.contains("task-clock"))
-        .and_then(|l| l.split(',').next()?.parse().ok())
-        .with_context(|| format!("task-clock in perf's output: {csv}"))?;
+    let windows = parse_perf_intervals(&csv).with_context(|| format!("task-clock in perf's output: {csv}"))?;
     Ok(Measured {
-        cpu_seconds: task_clock_ms / 1000.0,
+        cpu_seconds: windows.iter().map(|(_, cpu)| cpu).sum(),
+        window_cpu_seconds: whole_windows(&windows),
         wall_seconds,
         rss_kib,
     })
+}
+
+/// `perf stat -I`'s lines, "10.000123456,12.34,msec,task-clock,...", as (seconds since start, CPU seconds
+/// in the interval that ends then); the last interval is the part left when the command ended.
+fn parse_perf_intervals(csv: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+    let intervals = csv
+        .lines()
+        .filter(|line| line.contains("task-clock"))
+        .map(|line| {
+            let mut fields = line.split(',');
+            let at: f64 = fields.next()?.trim().parse().ok()?;
+            let msec: f64 = fields.next()?.trim().parse().ok()?;
+            Some((at, msec / 1000.0))
+        })
+        .collect::<Option<Vec<_>>>()
+        .context("a line perf wrote cannot be read")?;
+    ensure!(!intervals.is_empty(), "perf wrote no interval");
+    Ok(intervals)
+}
+
+/// The CPU seconds of the intervals that cover a whole window (not the short one at the end).
+fn whole_windows(intervals: &[(f64, f64)]) -> Vec<f64> {
+    let mut previous_end = 0.0;
+    let mut whole = Vec::new();
+    for &(end, cpu) in intervals {
+        if end - previous_end >= 0.9 * WINDOW_SECS as f64 {
+            whole.push(cpu);
+        }
+        previous_end = end;
+    }
+    whole
 }
 
 /// A loopback HTTP endpoint answering every request with 200, for collectd's curl plugin to check.
@@ -411,5 +445,35 @@ TypesDB "/usr/share/collectd/types.db"
     report.note(format!(
         "CPU is each process's task-clock (all threads) from perf stat over the same {secs} s; RSS is VmRSS every second"
     ));
+    for (name, m) in [("ebb-agent", &ebb), ("collectd", &collectd_measured)] {
+        report.note(format!(
+            "{name} CPU in each {WINDOW_SECS} s window (ms): {}",
+            m.window_cpu_seconds
+                .iter()
+                .map(|cpu| format!("{:.1}", cpu * 1000.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     report.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_windows_come_from_perf_intervals_without_the_short_last_one() {
+        let csv = "# started on Wed Dec  2 02:34:58 2026\n\n\
+             10.000416152,6.42,msec,task-clock,6420487,100.00,0.001,CPUs utilized\n\
+             20.002749444,5.22,msec,task-clock,5222837,100.00,0.001,CPUs utilized\n\
+             20.011836354,0.07,msec,task-clock,70000,100.00,0.001,CPUs utilized\n";
+        let intervals = parse_perf_intervals(csv).unwrap();
+        assert_eq!(intervals.len(), 3);
+        let total: f64 = intervals.iter().map(|(_, cpu)| cpu).sum();
+        assert!((total - 0.01171).abs() < 1e-9, "{total}");
+        assert_eq!(whole_windows(&intervals), vec![0.00642, 0.00522]);
+        assert!(parse_perf_intervals("# started on ...\n").is_err());
+        assert!(parse_perf_intervals("10.0,<not counted>,msec,task-clock\n").is_err());
+    }
 }
