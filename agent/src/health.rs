@@ -1,6 +1,7 @@
 //! The HTTP health check: `GET` a URL; a status in the expected range within the timeout is healthy,
 //! anything else is unhealthy with the reason. The whole exchange (resolve, connect, request, response
-//! head) runs under one timeout, so a server that never answers costs one timeout and never a hang.
+//! head) runs under one timeout, so a server that never answers costs one timeout and never a hang. Each
+//! check connects afresh (a server that stops accepting connections fails it) and closes with a reset.
 
 use std::time::Duration;
 
@@ -114,6 +115,11 @@ impl HealthTarget {
                 Err(e) => return Err(format!("cannot read the response: {e}")),
             }
         }
+        // Done with the connection: close it with a reset, as load balancers close their checks. The web
+        // server then keeps no TIME_WAIT socket per check (one a second at the default interval), and
+        // neither kernel runs the closing handshake.
+        let _ = stream.set_zero_linger();
+        drop(stream);
         let status_line = String::from_utf8_lossy(head[..len].split(|b| *b == b'\n').next().unwrap_or_default());
         parse_status_line(&status_line).ok_or_else(|| {
             format!(
@@ -218,6 +224,33 @@ mod tests {
             .check()
             .await;
         assert_eq!(result.status, Status::Healthy as i32, "{}", result.reason);
+    }
+
+    #[tokio::test]
+    async fn the_check_closes_its_connection_with_a_reset() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/health", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            // What the server sees after its answer: a reset, not an orderly end of stream.
+            socket.read(&mut request).await.map_err(|e| e.kind())
+        });
+        let result = HealthTarget::parse(&url, Duration::from_secs(5), HEALTHY)
+            .unwrap()
+            .check()
+            .await;
+        assert_eq!(result.status, Status::Healthy as i32, "{}", result.reason);
+        let after_answer = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after_answer, Err(std::io::ErrorKind::ConnectionReset));
     }
 
     #[tokio::test]
