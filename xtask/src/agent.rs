@@ -2,7 +2,7 @@
 //! open) measured over the same window as its peers on the same machine: Debian's
 //! prometheus-node-exporter scraped once a second, and Debian's collectd at a 1 s interval with its load,
 //! cpu, memory and curl plugins (sending to a loopback port with its network plugin, as ebb sends to its
-//! collector).
+//! collector). `--compare PATH` runs a second build beside it as a second member, over the same window.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
@@ -194,19 +194,77 @@ fn file_size(path: &Path) -> anyhow::Result<u64> {
         .len())
 }
 
+/// The path after `name` in `args`, if the flag is there.
+fn path_flag(args: &[String], name: &str) -> anyhow::Result<Option<PathBuf>> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(Some(PathBuf::from(
+            args.get(i + 1).with_context(|| format!("a path after {name}"))?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Replaces the local provider's agent of `member` (it measures its instance's process tree) with `binary`,
+/// for the same member and with the default CPU source (the host's), as on a VM. Waits for the member's
+/// agent to have enrolled first.
+fn replace_member_agent(member: &str, binary: &Path) -> anyhow::Result<Guard> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let provider_agent = loop {
+        // The agent runs with `--config <state>/local/<member>/agent.toml` once the member has launched.
+        if let Some(pid) = find_process(&format!("/local/{member}/agent.toml")) {
+            break pid;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the collector did not start an agent for {member} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{provider_agent}/cmdline"))?).replace('\0', " ");
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    let after = |flag: &str| {
+        words
+            .iter()
+            .position(|w| *w == flag)
+            .and_then(|i| words.get(i + 1))
+            .map(|w| w.to_string())
+    };
+    let agent_config = after("--config").context("agent's --config")?;
+    let agent_state = after("--state-dir").context("agent's --state-dir")?;
+    // Enrolled: its identity is in the state directory and the token gone from its configuration.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !Path::new(&agent_state).join("identity.toml").exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "the agent of {member} did not enrol within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = Command::new("kill")
+        .args(["-KILL", &provider_agent.to_string()])
+        .status();
+    Ok(Guard(
+        Command::new(binary)
+            .args(["--config", &agent_config, "--state-dir", &agent_state])
+            .env("EBB_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()?,
+    ))
+}
+
 pub fn bench_agent(args: &[String]) -> anyhow::Result<bool> {
     let secs = u64::from(crate::fleet::flag(args, "--secs", 60)?);
-    // Another build of the agent, to compare or profile (the shipped one is stripped).
-    let other_agent = args
-        .iter()
-        .position(|a| a == "--agent")
-        .map(|i| args.get(i + 1).map(PathBuf::from));
+    // Another build of the agent, to profile (the shipped one is stripped): measured instead of the shipped one.
+    let other_agent = path_flag(args, "--agent")?;
+    // A second build measured beside the first, as a second member, over the same window: a comparison the
+    // machine's noise moves alike for both.
+    let compared_agent = path_flag(args, "--compare")?;
     if args
         .iter()
-        .any(|a| a.starts_with("--") && a != "--secs" && a != "--agent")
-        || other_agent == Some(None)
+        .any(|a| a.starts_with("--") && !["--secs", "--agent", "--compare"].contains(&a.as_str()))
     {
-        bail!("usage: cargo xtask bench agent [--secs N] [--agent PATH]");
+        bail!("usage: cargo xtask bench agent [--secs N] [--agent PATH] [--compare PATH]");
     }
     ensure_debian_packages(&[
         "prometheus-node-exporter",
@@ -215,17 +273,19 @@ pub fn bench_agent(args: &[String]) -> anyhow::Result<bool> {
         "linux-perf",
     ])?;
     let bin = build_release()?;
-    let shipped_agent = match other_agent.flatten() {
+    let shipped_agent = match other_agent {
         Some(path) => path,
         None => build_shipped_agent()?,
     };
     let dir = crate::TempDir::new("ebb-bench-agent")?;
 
-    // A collector with one local member: its agent samples every second, checks /health over HTTP and
-    // keeps its stream open, exactly as on a VM.
+    // A collector with one local member (two with --compare): its agent samples every second, checks /health
+    // over HTTP and keeps its stream open, exactly as on a VM.
     let example = std::fs::read_to_string(root().join("examples/local.toml"))?;
+    let members = if compared_agent.is_some() { 2 } else { 1 };
     let config = example
         .replace("127.0.1", "127.0.9")
+        .replace("min_size = 1", &format!("min_size = {members}"))
         .replace("127.0.0.1:7300", &format!("127.0.0.1:{}", free_port()?))
         .replace("127.0.0.1:7301", &format!("127.0.0.1:{}", free_port()?))
         .replace("127.0.0.1:7302", &format!("127.0.0.1:{}", free_port()?))
@@ -244,48 +304,11 @@ pub fn bench_agent(args: &[String]) -> anyhow::Result<bool> {
             .stdin(Stdio::null())
             .spawn()?,
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let provider_agent = loop {
-        // The agent runs with `--config <state>/local/web-1/agent.toml` once the member has launched.
-        if let Some(pid) = find_process("/local/web-1/agent.toml") {
-            break pid;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the collector did not start an agent within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    let agent = replace_member_agent("web-1", &shipped_agent)?;
+    let compared = match &compared_agent {
+        Some(path) => Some(replace_member_agent("web-2", path)?),
+        None => None,
     };
-    // The local provider's agent measures its instance's process tree; replace it with the shipped agent
-    // for the same member and its default CPU source (the host's), as on a VM.
-    let cmdline =
-        String::from_utf8_lossy(&std::fs::read(format!("/proc/{provider_agent}/cmdline"))?).replace('\0', " ");
-    let words: Vec<&str> = cmdline.split_whitespace().collect();
-    let after = |flag: &str| {
-        words
-            .iter()
-            .position(|w| *w == flag)
-            .and_then(|i| words.get(i + 1))
-            .map(|w| w.to_string())
-    };
-    let agent_config = after("--config").context("agent's --config")?;
-    let agent_state = after("--state-dir").context("agent's --state-dir")?;
-    // Enrolled: its identity is in the state directory and the token gone from its configuration.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !Path::new(&agent_state).join("identity.toml").exists() {
-        ensure!(Instant::now() < deadline, "the agent did not enrol within 30 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let _ = Command::new("kill")
-        .args(["-KILL", &provider_agent.to_string()])
-        .status();
-    let agent = Guard(
-        Command::new(&shipped_agent)
-            .args(["--config", &agent_config, "--state-dir", &agent_state])
-            .env("EBB_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()?,
-    );
 
     let exporter_address = format!("127.0.0.1:{}", free_port()?);
     let exporter = Guard(
@@ -342,11 +365,17 @@ TypesDB "/usr/share/collectd/types.db"
     // Let each connect, enrol or load its plugins, and settle.
     std::thread::sleep(Duration::from_secs(5));
     ensure!(scrape(&exporter_address)? > 0, "node exporter does not answer");
-    for (name, guard) in [("ebb-agent", &agent), ("collectd", &collectd)] {
-        ensure!(
-            Path::new(&format!("/proc/{}", guard.0.id())).exists(),
-            "{name} stopped during start-up"
-        );
+    for (name, guard) in [
+        ("ebb-agent", Some(&agent)),
+        ("collectd", Some(&collectd)),
+        ("the compared agent", compared.as_ref()),
+    ] {
+        if let Some(guard) = guard {
+            ensure!(
+                Path::new(&format!("/proc/{}", guard.0.id())).exists(),
+                "{name} stopped during start-up"
+            );
+        }
     }
     eprintln!("measuring ebb-agent, collectd and node-exporter side by side for {secs} s...");
     let (exporter_pid, collectd_pid) = (exporter.0.id(), collectd.0.id());
@@ -360,9 +389,17 @@ TypesDB "/usr/share/collectd/types.db"
         .map(|m| (m, failed))
     });
     let collectd_thread = std::thread::spawn(move || measure(collectd_pid, secs, || {}));
+    let compared_thread = compared
+        .as_ref()
+        .map(|guard| guard.0.id())
+        .map(|pid| std::thread::spawn(move || measure(pid, secs, || {})));
     let ebb = measure(agent.0.id(), secs, || {})?;
     let (exporter_measured, failed_scrapes) = scrapes.join().expect("exporter thread")?;
     let collectd_measured = collectd_thread.join().expect("collectd thread")?;
+    let compared_measured = match compared_thread {
+        Some(thread) => Some(thread.join().expect("compared agent thread")?),
+        None => None,
+    };
     ensure!(failed_scrapes == 0, "{failed_scrapes} node-exporter scrapes failed");
 
     let collectd_size = file_size(Path::new(COLLECTD))?
@@ -422,6 +459,24 @@ TypesDB "/usr/share/collectd/types.db"
             ),
         ]);
     }
+    if let (Some(m), Some(path)) = (&compared_measured, &compared_agent) {
+        report.row(vec![
+            text(format!("the compared build, {}", path.display())),
+            figure(m.rss_peak_mib(), 2),
+            figure(m.rss_steady_mib(), 2),
+            figure(m.cpu_percent_of_one_core(), 3),
+            figure(m.cpu_seconds_per_hour(), 1),
+            figure(file_size(path)? as f64 / 1e6, 2),
+        ]);
+        report.row(vec![
+            text("ratio the compared build / ebb-agent"),
+            ratio(m.rss_peak_mib() / ebb.rss_peak_mib(), 2),
+            ratio(m.rss_steady_mib() / ebb.rss_steady_mib(), 2),
+            ratio(m.cpu_seconds / ebb.cpu_seconds, 2),
+            ratio(m.cpu_seconds / ebb.cpu_seconds, 2),
+            ratio(file_size(path)? as f64 / rows[0].2 as f64, 2),
+        ]);
+    }
     report.at_most("ebb-agent RSS peak", ebb.rss_peak_mib() * 1.048_576, 5.0, "MB");
     report.at_most("ebb-agent CPU", ebb.cpu_percent_of_one_core(), 0.1, "% of one core");
     report.at_most(
@@ -445,7 +500,12 @@ TypesDB "/usr/share/collectd/types.db"
     report.note(format!(
         "CPU is each process's task-clock (all threads) from perf stat over the same {secs} s; RSS is VmRSS every second"
     ));
-    for (name, m) in [("ebb-agent", &ebb), ("collectd", &collectd_measured)] {
+    let windows = [
+        ("ebb-agent", Some(&ebb)),
+        ("collectd", Some(&collectd_measured)),
+        ("the compared build", compared_measured.as_ref()),
+    ];
+    for (name, m) in windows.into_iter().filter_map(|(name, m)| Some((name, m?))) {
         report.note(format!(
             "{name} CPU in each {WINDOW_SECS} s window (ms): {}",
             m.window_cpu_seconds
