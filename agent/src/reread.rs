@@ -14,9 +14,8 @@ const INITIAL_CAPACITY: usize = 4096;
 #[derive(Debug, Default)]
 pub struct Reread {
     open: Option<(PathBuf, File)>,
-    /// Zeroed once, then reused: only the first `len` bytes are the file's text.
+    /// Zeroed once, then reused: each read says how much of it is the file's text.
     bytes: Vec<u8>,
-    len: usize,
 }
 
 impl Reread {
@@ -27,14 +26,14 @@ impl Reread {
             self.open = Some((path.to_path_buf(), File::open(path)?));
         }
         let (_, file) = self.open.as_ref().expect("opened above");
-        match read_whole(file, &mut self.bytes) {
-            Ok(len) => self.len = len,
+        let len = match read_whole(file, &mut self.bytes) {
+            Ok(len) => len,
             Err(e) => {
                 self.open = None;
                 return Err(e);
             }
-        }
-        std::str::from_utf8(&self.bytes[..self.len]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        };
+        std::str::from_utf8(&self.bytes[..len]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 }
 

@@ -305,8 +305,8 @@ pub fn bench_agent(args: &[String]) -> anyhow::Result<bool> {
             .spawn()?,
     );
     let agent = replace_member_agent("web-1", &shipped_agent)?;
-    let compared = match &compared_agent {
-        Some(path) => Some(replace_member_agent("web-2", path)?),
+    let compared = match compared_agent {
+        Some(path) => Some((replace_member_agent("web-2", &path)?, path)),
         None => None,
     };
 
@@ -365,17 +365,13 @@ TypesDB "/usr/share/collectd/types.db"
     // Let each connect, enrol or load its plugins, and settle.
     std::thread::sleep(Duration::from_secs(5));
     ensure!(scrape(&exporter_address)? > 0, "node exporter does not answer");
-    for (name, guard) in [
-        ("ebb-agent", Some(&agent)),
-        ("collectd", Some(&collectd)),
-        ("the compared agent", compared.as_ref()),
-    ] {
-        if let Some(guard) = guard {
-            ensure!(
-                Path::new(&format!("/proc/{}", guard.0.id())).exists(),
-                "{name} stopped during start-up"
-            );
-        }
+    let mut started = vec![("ebb-agent", &agent), ("collectd", &collectd)];
+    started.extend(compared.as_ref().map(|(guard, _)| ("the compared build", guard)));
+    for (name, guard) in started {
+        ensure!(
+            Path::new(&format!("/proc/{}", guard.0.id())).exists(),
+            "{name} stopped during start-up"
+        );
     }
     eprintln!("measuring ebb-agent, collectd and node-exporter side by side for {secs} s...");
     let (exporter_pid, collectd_pid) = (exporter.0.id(), collectd.0.id());
@@ -389,10 +385,10 @@ TypesDB "/usr/share/collectd/types.db"
         .map(|m| (m, failed))
     });
     let collectd_thread = std::thread::spawn(move || measure(collectd_pid, secs, || {}));
-    let compared_thread = compared
-        .as_ref()
-        .map(|guard| guard.0.id())
-        .map(|pid| std::thread::spawn(move || measure(pid, secs, || {})));
+    let compared_thread = compared.as_ref().map(|(guard, _)| {
+        let pid = guard.0.id();
+        std::thread::spawn(move || measure(pid, secs, || {}))
+    });
     let ebb = measure(agent.0.id(), secs, || {})?;
     let (exporter_measured, failed_scrapes) = scrapes.join().expect("exporter thread")?;
     let collectd_measured = collectd_thread.join().expect("collectd thread")?;
@@ -459,14 +455,15 @@ TypesDB "/usr/share/collectd/types.db"
             ),
         ]);
     }
-    if let (Some(m), Some(path)) = (&compared_measured, &compared_agent) {
+    if let (Some(m), Some((_, path))) = (&compared_measured, &compared) {
+        let size = file_size(path)?;
         report.row(vec![
             text(format!("the compared build, {}", path.display())),
             figure(m.rss_peak_mib(), 2),
             figure(m.rss_steady_mib(), 2),
             figure(m.cpu_percent_of_one_core(), 3),
             figure(m.cpu_seconds_per_hour(), 1),
-            figure(file_size(path)? as f64 / 1e6, 2),
+            figure(size as f64 / 1e6, 2),
         ]);
         report.row(vec![
             text("ratio the compared build / ebb-agent"),
@@ -474,7 +471,7 @@ TypesDB "/usr/share/collectd/types.db"
             ratio(m.rss_steady_mib() / ebb.rss_steady_mib(), 2),
             ratio(m.cpu_seconds / ebb.cpu_seconds, 2),
             ratio(m.cpu_seconds / ebb.cpu_seconds, 2),
-            ratio(file_size(path)? as f64 / rows[0].2 as f64, 2),
+            ratio(size as f64 / rows[0].2 as f64, 2),
         ]);
     }
     report.at_most("ebb-agent RSS peak", ebb.rss_peak_mib() * 1.048_576, 5.0, "MB");
@@ -500,12 +497,9 @@ TypesDB "/usr/share/collectd/types.db"
     report.note(format!(
         "CPU is each process's task-clock (all threads) from perf stat over the same {secs} s; RSS is VmRSS every second"
     ));
-    let windows = [
-        ("ebb-agent", Some(&ebb)),
-        ("collectd", Some(&collectd_measured)),
-        ("the compared build", compared_measured.as_ref()),
-    ];
-    for (name, m) in windows.into_iter().filter_map(|(name, m)| Some((name, m?))) {
+    let mut measured = vec![("ebb-agent", &ebb), ("collectd", &collectd_measured)];
+    measured.extend(compared_measured.as_ref().map(|m| ("the compared build", m)));
+    for (name, m) in measured {
         report.note(format!(
             "{name} CPU in each {WINDOW_SECS} s window (ms): {}",
             m.window_cpu_seconds
