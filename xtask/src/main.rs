@@ -28,8 +28,8 @@ mod report;
 const USER_HZ: f64 = 100.0;
 
 const USAGE: &str = "usage: cargo xtask demo [ARGS]
-       cargo xtask bench agent [--secs N] [--agent PATH] [--compare PATH]
-                                                 ebb-agent beside collectd and node-exporter (60 s)
+       cargo xtask bench agent [--secs N] [--runs N] [--agent PATH] [--compare PATH]
+                                                 ebb-agent beside collectd and node-exporter (3 runs of 60 s)
        cargo xtask bench ingest [--max N] [--secs N]   simulated agents on mTLS, 1,000 up to 15,000
        cargo xtask bench enroll [--agents N]     a boot storm of N enrolments (1,000)
        cargo xtask bench engine [--secs N]       one evaluation; a collector with 1,000 groups
