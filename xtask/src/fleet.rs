@@ -310,6 +310,7 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
             ("per agent", "KiB"),
             ("per connection", "KiB"),
             ("generator CPU", "% of one core"),
+            ("samples acknowledged", "%"),
         ],
     );
     let mut held = 0;
@@ -364,11 +365,9 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
         let (own_after, _) = usage(std::process::id())?;
         let mut sorted = std::mem::take(&mut *latencies.lock().unwrap());
         sorted.sort_unstable();
-        ensure!(
-            sorted.len() as f64 >= 0.95 * f64::from(agents) * wall,
-            "only {} acks in {wall:.0} s from {agents} agents: some agents are not reporting",
-            sorted.len()
-        );
+        // Every agent sends one sample a second; a step where acks fall short is one the machine no longer holds
+        // (the collector, or the generator beside it on the same cores, falls behind): the ramp ends there.
+        let acked = sorted.len() as f64 / (f64::from(agents) * wall);
         let p99 = percentile(&sorted, 0.99);
         let cpu = 100.0 * (cpu_after - cpu_before) / wall;
         let per_agent = rss.saturating_sub(baseline_rss) as f64 / f64::from(agents);
@@ -381,11 +380,20 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
             figure(per_agent, 1),
             figure(connected_rss.saturating_sub(enrolled_rss) as f64 / new_agents as f64, 1),
             figure(100.0 * (own_after - own_before) / wall, 0),
+            figure(100.0 * acked, 1),
         ]);
         eprintln!(
-            "{agents} agents: p99 {p99:.1} ms, collector CPU {cpu:.0}% of one core, RSS {} MiB",
-            rss / 1024
+            "{agents} agents: p99 {p99:.1} ms, collector CPU {cpu:.0}% of one core, RSS {} MiB, {:.1}% of the samples acknowledged",
+            rss / 1024,
+            100.0 * acked
         );
+        if acked < MIN_ACKED {
+            report.note(format!(
+                "at {agents} agents only {:.1}% of the samples sent were acknowledged within the window: the ramp ended there",
+                100.0 * acked
+            ));
+            break;
+        }
         if p99 <= 50.0 && cpu <= 100.0 {
             held = agents;
             per_agent_at_held = per_agent;
@@ -410,6 +418,9 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
     report.note("each member keeps its samples for the retention window (2 min at least), filled by the later steps");
     report.finish()
 }
+
+/// The share of the samples sent in a step's window whose acks must come back for the step to count as held.
+const MIN_ACKED: f64 = 0.95;
 
 /// `bench engine`: the engine's own cost (`cargo bench -p ebb-collector --bench engine`), then a real
 /// collector with 1,000 groups, each evaluated every second: its CPU over `--secs` (default 20).
