@@ -267,7 +267,7 @@ pub fn incoming<L: Accept>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_stream::StreamExt;
 
     /// A listener on loopback with a self-signed certificate; its address and a client config trusting it.
@@ -326,9 +326,11 @@ mod tests {
                 .unwrap();
             let mut tcp = TcpStream::connect(address).await.unwrap();
             tcp.write_all(&hello).await.unwrap();
+            // The server answers a ClientHello only once the handshake has its turn.
+            let mut answer = [0u8; 1];
+            tcp.read_exact(&mut answer).await.unwrap();
             stalled.push(tcp);
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             !handshake_completes(address, &client, Duration::from_secs(1)).await,
             "every turn is taken"

@@ -280,7 +280,13 @@ impl Run {
 /// One run: a collector with the agent as its member (and the compared build as a second one), collectd and
 /// node-exporter, all started afresh (so each run draws new phases of their 1 s ticks against each other),
 /// measured side by side for `secs`, and stopped.
-fn run_side_by_side(bin: &Path, secs: u64, shipped_agent: &Path, compared_agent: Option<&Path>) -> anyhow::Result<Run> {
+fn run_side_by_side(
+    bin: &Path,
+    secs: u64,
+    shipped_agent: &Path,
+    compared_agent: Option<&Path>,
+    collectd_health: &str,
+) -> anyhow::Result<Run> {
     let dir = crate::TempDir::new("ebb-bench-agent")?;
 
     // A collector with one local member (two with --compare): its agent samples every second, checks /health
@@ -353,7 +359,7 @@ TypesDB "/usr/share/collectd/types.db"
 "#,
             dir = dir.0.display(),
             plugins = COLLECTD_PLUGINS.map(|p| format!("LoadPlugin {p}")).join("\n"),
-            health = health_endpoint()?,
+            health = collectd_health,
             sink = sink.local_addr()?.port(),
         ),
     )?;
@@ -437,19 +443,26 @@ pub fn bench_agent(args: &[String]) -> anyhow::Result<bool> {
         Some(path) => path,
         None => build_shipped_agent()?,
     };
+    // One endpoint for every run's collectd: it answers until xtask exits.
+    let collectd_health = health_endpoint()?;
     let mut all = Vec::new();
     for run in 1..=runs {
         eprintln!("run {run} of {runs}:");
-        all.push(run_side_by_side(&bin, secs, &shipped_agent, compared_agent.as_deref())?);
+        all.push(run_side_by_side(
+            &bin,
+            secs,
+            &shipped_agent,
+            compared_agent.as_deref(),
+            &collectd_health,
+        )?);
     }
     // The table shows the median run by the agent's CPU against collectd's; the CPU goals are judged on the
     // medians of all runs, the memory goals (which the phase does not move) on the worst run.
     all.sort_by(|a, b| a.cpu_ratio_to_collectd().total_cmp(&b.cpu_ratio_to_collectd()));
-    let median_of = |value: fn(&Run) -> f64| median(all.iter().map(value).collect());
     let worst_of = |value: fn(&Run) -> f64| all.iter().map(value).fold(0.0, f64::max);
-    let median = &all[all.len() / 2];
-    let (ebb, collectd_measured, exporter_measured) = (&median.agent, &median.collectd, &median.exporter);
-    let compared_measured = &median.compared;
+    let median_run = &all[all.len() / 2];
+    let (ebb, collectd_measured, exporter_measured) = (&median_run.agent, &median_run.collectd, &median_run.exporter);
+    let compared_measured = &median_run.compared;
 
     let collectd_size = file_size(Path::new(COLLECTD))?
         + COLLECTD_PLUGINS
@@ -535,7 +548,7 @@ pub fn bench_agent(args: &[String]) -> anyhow::Result<bool> {
     );
     report.at_most(
         "ebb-agent CPU, median run",
-        median_of(|run| run.agent.cpu_percent_of_one_core()),
+        median(all.iter().map(|run| run.agent.cpu_percent_of_one_core()).collect()),
         0.1,
         "% of one core",
     );
@@ -553,7 +566,7 @@ pub fn bench_agent(args: &[String]) -> anyhow::Result<bool> {
     );
     report.at_most(
         "ebb-agent CPU / collectd CPU, median run",
-        median_of(Run::cpu_ratio_to_collectd),
+        median_run.cpu_ratio_to_collectd(),
         0.5,
         "",
     );

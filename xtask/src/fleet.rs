@@ -285,6 +285,9 @@ pub fn bench_enroll(args: &[String]) -> anyhow::Result<bool> {
     report.finish()
 }
 
+/// The share of the samples sent in a step's window whose acks must come back for the step to count as held.
+const MIN_ACKED: f64 = 0.95;
+
 pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
     let max = flag(args, "--max", 15_000)?;
     let secs = u64::from(flag(args, "--secs", 20)?);
@@ -418,9 +421,6 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
     report.note("each member keeps its samples for the retention window (2 min at least), filled by the later steps");
     report.finish()
 }
-
-/// The share of the samples sent in a step's window whose acks must come back for the step to count as held.
-const MIN_ACKED: f64 = 0.95;
 
 /// `bench engine`: the engine's own cost (`cargo bench -p ebb-collector --bench engine`), then a real
 /// collector with 1,000 groups, each evaluated every second: its CPU over `--secs` (default 20).
