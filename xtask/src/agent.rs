@@ -160,13 +160,20 @@ fn parse_perf_intervals(csv: &str) -> anyhow::Result<Vec<(f64, f64)>> {
         .map(|line| {
             let mut fields = line.split(',');
             let at: f64 = fields.next()?.trim().parse().ok()?;
-            let msec: f64 = fields.next()?.trim().parse().ok()?;
-            Some((at, msec / 1000.0))
+            // An interval in which the process never ran (the short last one, often) is "<not counted>".
+            let msec: Option<f64> = match fields.next()?.trim() {
+                "<not counted>" => None,
+                counted => Some(counted.parse().ok()?),
+            };
+            Some((at, msec))
         })
         .collect::<Option<Vec<_>>>()
         .context("a line perf wrote cannot be read")?;
-    ensure!(!intervals.is_empty(), "perf wrote no interval");
-    Ok(intervals)
+    ensure!(intervals.iter().any(|(_, msec)| msec.is_some()), "perf counted nothing");
+    Ok(intervals
+        .into_iter()
+        .map(|(at, msec)| (at, msec.unwrap_or(0.0) / 1000.0))
+        .collect())
 }
 
 /// The CPU seconds of the intervals that cover a whole window (not the short one at the end).
@@ -612,6 +619,14 @@ mod tests {
         assert_eq!(whole_windows(&intervals), vec![0.00642, 0.00522]);
         assert!(parse_perf_intervals("# started on ...\n").is_err());
         assert!(parse_perf_intervals("10.0,<not counted>,msec,task-clock\n").is_err());
+        assert!(parse_perf_intervals("10.0,garbage,msec,task-clock\n").is_err());
+        // The process did not run in the short last interval: no CPU there, not an unreadable run.
+        let idle_end = "10.002236076,7.79,msec,task-clock,7789214,100.00,0.001,CPUs utilized\n\
+                        10.005210971,<not counted>,msec,task-clock,0,100.00,,\n";
+        assert_eq!(
+            parse_perf_intervals(idle_end).unwrap(),
+            vec![(10.002236076, 0.00779), (10.005210971, 0.0)]
+        );
     }
 
     #[test]
