@@ -11,14 +11,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ebb_proto::v1::enrollment_client::EnrollmentClient;
-use ebb_proto::v1::{EnrollRequest, InstanceFacts, RenewRequest};
+use ebb_proto::v1::{EnrollRequest, EnrollResponse, InstanceFacts, RenewRequest, RenewResponse};
+use prost::Message;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
+
+use crate::grpc::{self, ConnectError, authority_of};
+
+/// The longest an enrolment call may take once connected.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum IdentityError {
@@ -34,7 +39,7 @@ pub enum IdentityError {
     NotEnrolled,
     /// The collector refused; the message says why.
     #[error("the collector refused: {0}")]
-    Refused(tonic::Status),
+    Refused(grpc::Status),
     /// The network or TLS failed.
     #[error("cannot reach the collector at {url}: {reason}")]
     Unreachable { url: String, reason: String },
@@ -55,8 +60,8 @@ impl IdentityError {
         match self {
             IdentityError::Unreachable { .. } => true,
             IdentityError::Refused(status) => matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::ResourceExhausted | tonic::Code::DeadlineExceeded
+                status.code,
+                grpc::code::UNAVAILABLE | grpc::code::RESOURCE_EXHAUSTED | grpc::code::DEADLINE_EXCEEDED
             ),
             _ => false,
         }
@@ -154,10 +159,15 @@ impl Identity {
     }
 
     /// TLS for talking to the collector as this member.
-    pub fn client_tls(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .identity(TlsIdentity::from_pem(&self.cert_pem, &self.key_pem))
+    pub fn client_tls(&self) -> Result<rustls::ClientConfig, IdentityError> {
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| IdentityError::Invalid(format!("cert.pem: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| IdentityError::Invalid(format!("key.pem: {e}")))?;
+        trusting(&self.ca_pem)?
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| IdentityError::Invalid(format!("cert.pem and key.pem: {e}")))
     }
 
     /// When to renew: about two thirds into the certificate's life.
@@ -219,28 +229,61 @@ impl ServerCertVerifier for LearnChain {
     }
 }
 
-/// `host:port` and host of an `https://` URL.
-fn authority_of(url: &str) -> Result<(String, String), IdentityError> {
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| IdentityError::Invalid(format!("collector_url `{url}` must start with https://")))?;
-    let authority = rest.split('/').next().unwrap_or_default().to_string();
-    let host = match authority.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => {
-            host.trim_start_matches('[').trim_end_matches(']').to_string()
-        }
-        _ => {
-            return Err(IdentityError::Invalid(format!(
-                "collector_url `{url}` must name a port"
-            )));
-        }
+/// A TLS client that trusts only the CA `ca_pem`, ready for a client certificate or none.
+fn trusting(
+    ca_pem: &str,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, IdentityError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| IdentityError::Invalid(format!("ca.pem: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| IdentityError::Invalid(format!("ca.pem: {e}")))?;
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?
+            .with_root_certificates(roots),
+    )
+}
+
+fn connect_error(url: &str) -> impl Fn(ConnectError) -> IdentityError + '_ {
+    move |e| match e {
+        ConnectError::Invalid(reason) => IdentityError::Invalid(reason),
+        ConnectError::Unreachable(reason) => IdentityError::Unreachable {
+            url: url.to_string(),
+            reason,
+        },
+    }
+}
+
+/// One unary call to the collector at `url`: `request` to `path`, its answer decoded.
+async fn call<Answer: Message + Default>(
+    url: &str,
+    tls: rustls::ClientConfig,
+    path: &str,
+    request: impl Message,
+) -> Result<Answer, IdentityError> {
+    let unreachable = |reason: String| IdentityError::Unreachable {
+        url: url.to_string(),
+        reason,
     };
-    Ok((authority, host))
+    let mut client = grpc::connect(url, tls).await.map_err(connect_error(url))?;
+    let answered = tokio::time::timeout(CALL_TIMEOUT, client.call(path, &request.encode_to_vec())).await;
+    client.close().await;
+    match answered {
+        Err(_) => Err(unreachable(format!("no answer within {} s", CALL_TIMEOUT.as_secs()))),
+        Ok(Err(grpc::Error::Status(status))) => Err(IdentityError::Refused(status)),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Ok(Ok(answer)) => Answer::decode(answer.as_slice())
+            .map_err(|e| IdentityError::Invalid(format!("the collector's answer to {path}: {e}"))),
+    }
 }
 
 /// The PEM of the certificate in the collector's chain whose SHA-256 is `expected_sha256`.
 pub async fn pin_ca(url: &str, expected_sha256: &str) -> Result<String, IdentityError> {
-    let (authority, host) = authority_of(url)?;
+    let (authority, host) = authority_of(url).map_err(connect_error(url))?;
     let unreachable = |reason: String| IdentityError::Unreachable {
         url: url.to_string(),
         reason,
@@ -292,26 +335,6 @@ fn key_and_csr() -> Result<(KeyPair, Vec<u8>), IdentityError> {
     Ok((key, csr.der().to_vec()))
 }
 
-async fn channel(url: &str, tls: ClientTlsConfig) -> Result<tonic::transport::Channel, IdentityError> {
-    let unreachable = |reason: String| IdentityError::Unreachable {
-        url: url.to_string(),
-        reason,
-    };
-    Endpoint::from_shared(url.to_string())
-        .map_err(|e| IdentityError::Invalid(e.to_string()))?
-        .tls_config(tls)
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| {
-            unreachable(format!(
-                "{e}: {}",
-                std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
-            ))
-        })
-}
-
 /// Enrols with `token`, trusting only the CA pinned by `ca_sha256`.
 pub async fn enroll(
     url: &str,
@@ -334,24 +357,17 @@ pub async fn enroll_as(
 ) -> Result<Identity, IdentityError> {
     let ca_pem = pin_ca(url, ca_sha256).await?;
     let (key, csr_der) = key_and_csr()?;
-    let channel = channel(
-        url,
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem)),
-    )
-    .await?;
-    let response = EnrollmentClient::new(channel)
-        .enroll(EnrollRequest {
-            token: token.to_string(),
-            csr_der,
-            facts: Some(InstanceFacts {
-                instance_id: instance_id.to_string(),
-                ..instance_facts(url)
-            }),
-            group: group.to_string(),
-        })
-        .await
-        .map_err(IdentityError::Refused)?
-        .into_inner();
+    let request = EnrollRequest {
+        token: token.to_string(),
+        csr_der,
+        facts: Some(InstanceFacts {
+            instance_id: instance_id.to_string(),
+            ..instance_facts(url)
+        }),
+        group: group.to_string(),
+    };
+    let tls = trusting(&ca_pem)?.with_no_client_auth();
+    let response: EnrollResponse = call(url, tls, grpc::path::ENROLL, request).await?;
     Ok(Identity {
         collector_url: url.to_string(),
         member_id: response.member_id,
@@ -367,12 +383,13 @@ pub async fn enroll_as(
 /// A new certificate for a new key, from the collector it enrolled with, over mTLS with the current one.
 pub async fn renew(current: &Identity, now_ms: i64) -> Result<Identity, IdentityError> {
     let (key, csr_der) = key_and_csr()?;
-    let channel = channel(&current.collector_url, current.client_tls()).await?;
-    let response = EnrollmentClient::new(channel)
-        .renew(RenewRequest { csr_der })
-        .await
-        .map_err(IdentityError::Refused)?
-        .into_inner();
+    let response: RenewResponse = call(
+        &current.collector_url,
+        current.client_tls()?,
+        grpc::path::RENEW,
+        RenewRequest { csr_der },
+    )
+    .await?;
     Ok(Identity {
         cert_pem: response.certificate_pem,
         key_pem: key.serialize_pem(),
@@ -523,15 +540,5 @@ mod tests {
             std::fs::read_to_string(&path).unwrap(),
             "collector_url = \"https://c:7300\"\n[enrollment]\nca_sha256 = \"ab\"\n"
         );
-    }
-
-    #[test]
-    fn urls_need_https_and_a_port() {
-        assert_eq!(
-            authority_of("https://10.0.0.5:7300").unwrap(),
-            ("10.0.0.5:7300".into(), "10.0.0.5".into())
-        );
-        assert!(authority_of("http://10.0.0.5:7300").is_err());
-        assert!(authority_of("https://collector").is_err());
     }
 }

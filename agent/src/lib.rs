@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod config;
 pub mod cpu;
 pub mod drain;
+pub mod grpc;
 pub mod health;
 pub mod identity;
 pub mod metadata;

@@ -5,15 +5,14 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ebb_proto::v1::telemetry_client::TelemetryClient;
 use ebb_proto::v1::{Hello, ReportRequest, ReportResponse, SampleBatch, report_request, report_response};
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use prost::Message;
+use tokio::sync::watch;
 
 use crate::Settings;
 use crate::backoff::{Backoff, Random};
 use crate::config::AgentConfig;
+use crate::grpc;
 use crate::health::HealthTarget;
 use crate::identity::Identity;
 use crate::outbox::Outbox;
@@ -83,57 +82,41 @@ impl Connection {
     }
 
     async fn stream_once(&mut self, latest_seq: &mut watch::Receiver<u64>) -> anyhow::Result<()> {
-        let tls = self.identity.read().expect("identity lock").client_tls();
-        let channel = Endpoint::from_shared(self.url.clone())?
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_keepalive(Some(Duration::from_secs(30)))
-            .connect()
-            .await?;
-        let (requests, outgoing) = mpsc::channel::<ReportRequest>(8);
-        requests
-            .send(ReportRequest {
-                message: Some(report_request::Message::Hello(self.hello.clone())),
-            })
-            .await?;
-        let mut responses = TelemetryClient::new(channel)
-            .report(ReceiverStream::new(outgoing))
-            .await?
-            .into_inner();
-        self.backoff.reset();
-        tracing::info!(collector = %self.url, member = %self.hello.member_id, "Connected to the collector.");
+        let tls = self.identity.read().expect("identity lock").client_tls()?;
+        let mut client = grpc::connect(&self.url, tls).await?;
+        client.start(grpc::path::REPORT);
+        client.send(&request(report_request::Message::Hello(self.hello.clone())));
+        let mut connected = false;
 
-        // Everything in the outbox is unacknowledged: replay it all, then follow new samples.
+        // Everything in the outbox is unacknowledged: replay it all, then follow new samples. A batch is
+        // taken from the outbox only once the collector's windows have taken the one before.
         let mut sent_upto = 0u64;
         loop {
-            loop {
-                // Take a slot first (cancel-safe), then the batch: an ack arriving meanwhile must never
-                // cancel a batch already counted as sent.
-                tokio::select! {
-                    permit = requests.reserve() => {
-                        let batch = self.outbox.lock().expect("outbox lock").after(sent_upto, BATCH_LIMIT);
-                        let Some(last) = batch.last() else { break };
-                        sent_upto = last.seq;
-                        permit?.send(ReportRequest {
-                            message: Some(report_request::Message::Batch(SampleBatch { samples: batch })),
-                        });
-                    }
-                    response = responses.message() => self.handle(response?)?,
-                }
+            while client.unsent() == 0 {
+                let batch = self.outbox.lock().expect("outbox lock").after(sent_upto, BATCH_LIMIT);
+                let Some(last) = batch.last() else { break };
+                sent_upto = last.seq;
+                client.send(&request(report_request::Message::Batch(SampleBatch { samples: batch })));
             }
+            client.flush().await?;
             tokio::select! {
                 changed = latest_seq.changed() => changed?,
-                response = responses.message() => self.handle(response?)?,
+                message = client.next() => {
+                    let message = message?.ok_or_else(|| anyhow::anyhow!("stream ended by the collector"))?;
+                    if !connected {
+                        connected = true;
+                        self.backoff.reset();
+                        tracing::info!(collector = %self.url, member = %self.hello.member_id, "Connected to the collector.");
+                    }
+                    self.handle(ReportResponse::decode(message.as_slice())?);
+                }
             }
         }
     }
 
-    /// Applies one message from the collector; `None` means it ended the stream.
-    fn handle(&self, response: Option<ReportResponse>) -> anyhow::Result<()> {
-        let message = response
-            .ok_or_else(|| anyhow::anyhow!("stream ended by the collector"))?
-            .message;
-        match message {
+    /// Applies one message from the collector.
+    fn handle(&self, response: ReportResponse) {
+        match response.message {
             Some(report_response::Message::Ack(ack)) => {
                 for rejection in &ack.rejected {
                     tracing::warn!(seq = rejection.seq, code = rejection.code, reason = %rejection.message, "The collector rejected a sample.");
@@ -143,7 +126,6 @@ impl Connection {
             Some(report_response::Message::Settings(wanted)) => self.apply_settings(wanted),
             None => {}
         }
-        Ok(())
     }
 
     fn apply_settings(&self, wanted: ebb_proto::v1::AgentSettings) {
@@ -171,4 +153,8 @@ impl Connection {
             self.settings.send_replace(next);
         }
     }
+}
+
+fn request(message: report_request::Message) -> Vec<u8> {
+    ReportRequest { message: Some(message) }.encode_to_vec()
 }

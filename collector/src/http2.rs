@@ -14,55 +14,14 @@
 
 use std::borrow::Cow;
 use std::io;
-use std::pin::Pin;
-use std::task::{Poll, ready};
 use std::time::Duration;
 
+use ebb_http2::*;
 use loona_hpack::Decoder;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEAD: usize = 9;
-/// The largest frame payload accepted: the protocol's default, which this server never raises.
-const MAX_FRAME: usize = 16_384;
-/// The largest header block accepted (a Report request's is about 200 bytes).
-const MAX_HEADER_BLOCK: usize = 16_384;
-/// Every window starts at this size (RFC 9113 §6.9.2).
-const INITIAL_WINDOW: i64 = 65_535;
-/// Consumed bytes are given back to the client's windows once this many have gathered.
-const WINDOW_UPDATE_AT: u32 = 32_768;
-/// Bytes asked of the connection per read.
-const READ_CHUNK: usize = 4096;
 /// Responses held back by a client that stopped reading them, before its stream is ended.
 const MAX_HELD_OUTPUT: usize = 256 * 1024;
-
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PUSH_PROMISE: u8 = 0x5;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-const CONTINUATION: u8 = 0x9;
-
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
-
-const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
-const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
-const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
-
-const NO_ERROR: u32 = 0x0;
-const PROTOCOL_ERROR: u32 = 0x1;
-const FLOW_CONTROL_ERROR: u32 = 0x3;
-const FRAME_SIZE_ERROR: u32 = 0x6;
-const REFUSED_STREAM: u32 = 0x7;
-const COMPRESSION_ERROR: u32 = 0x9;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -80,6 +39,12 @@ fn protocol(code: u32, message: &'static str) -> Error {
     Error::Protocol { code, message }
 }
 
+impl From<Violation> for Error {
+    fn from(violation: Violation) -> Self {
+        protocol(violation.code, violation.message)
+    }
+}
+
 /// What happened on the connection, for the caller to act on.
 #[derive(Debug, PartialEq)]
 pub enum Event {
@@ -95,48 +60,6 @@ pub enum Event {
     Finished,
     /// The client reset the open stream; it is gone.
     Reset,
-}
-
-struct FrameHead {
-    length: usize,
-    kind: u8,
-    flags: u8,
-    stream: u32,
-}
-
-fn frame_head(bytes: &[u8]) -> Option<FrameHead> {
-    let head = bytes.get(..FRAME_HEAD)?;
-    Some(FrameHead {
-        length: usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]),
-        kind: head[3],
-        flags: head[4],
-        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
-    })
-}
-
-/// The header block fragment of a HEADERS frame's payload, without padding and priority.
-fn header_fragment(flags: u8, payload: &[u8]) -> Result<&[u8], Error> {
-    let fragment = without_padding(flags, payload)?;
-    if flags & PRIORITY == 0 {
-        return Ok(fragment);
-    }
-    fragment
-        .get(5..)
-        .ok_or(protocol(FRAME_SIZE_ERROR, "HEADERS too short for its priority"))
-}
-
-/// A frame's payload without its padding (RFC 9113 §6.1), if it is padded.
-fn without_padding(flags: u8, payload: &[u8]) -> Result<&[u8], Error> {
-    if flags & PADDED == 0 {
-        return Ok(payload);
-    }
-    let (&padding, rest) = payload
-        .split_first()
-        .ok_or(protocol(FRAME_SIZE_ERROR, "a padded frame without its pad length"))?;
-    rest.len()
-        .checked_sub(usize::from(padding))
-        .map(|length| &rest[..length])
-        .ok_or(protocol(PROTOCOL_ERROR, "padding longer than the frame"))
 }
 
 /// The `:path` of a header block, decoded with `decoder`.
@@ -163,19 +86,6 @@ pub enum FirstRequest {
     Unreadable,
 }
 
-/// Reads what `io` has into `input`, through a buffer on the stack: a connection waiting for its next
-/// frame holds no buffer. `Ok(0)` at the end of the stream.
-async fn read_into<Io: AsyncRead + Unpin>(io: &mut Io, input: &mut Vec<u8>) -> io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        let mut chunk = [0u8; READ_CHUNK];
-        let mut buf = ReadBuf::new(&mut chunk);
-        ready!(Pin::new(&mut *io).poll_read(cx, &mut buf))?;
-        input.extend_from_slice(buf.filled());
-        Poll::Ready(Ok(buf.filled().len()))
-    })
-    .await
-}
-
 /// The one open stream.
 struct Stream {
     id: u32,
@@ -198,30 +108,19 @@ struct Stream {
     trailers: Option<Vec<u8>>,
 }
 
-/// A header block arriving in more than one frame.
-struct PartialBlock {
-    stream: u32,
-    end_stream: bool,
-    fragment: Vec<u8>,
-}
-
 /// One client's HTTP/2 connection.
 pub struct Connection<Io> {
     io: Io,
     /// Bytes read and not yet parsed (released when empty).
     input: Vec<u8>,
-    /// Frames to write, and how much of them is written (released when all are).
-    output: Vec<u8>,
-    written: usize,
+    output: Output,
     decoder: Decoder<'static>,
     preface_read: bool,
-    partial_block: Option<PartialBlock>,
+    header_blocks: HeaderBlocks,
     /// The highest stream the client has opened.
     last_stream: u32,
     stream: Option<Stream>,
-    /// The client's `SETTINGS_INITIAL_WINDOW_SIZE` and `SETTINGS_MAX_FRAME_SIZE`.
-    peer_initial_window: i64,
-    peer_max_frame: usize,
+    peer: PeerSettings,
     /// The connection's send window, and received bytes not yet given back.
     send_window: i64,
     unreturned: u32,
@@ -241,15 +140,13 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
         let mut connection = Self {
             io,
             input: Vec::new(),
-            output: Vec::new(),
-            written: 0,
+            output: Output::default(),
             decoder: Decoder::new(),
             preface_read: false,
-            partial_block: None,
+            header_blocks: HeaderBlocks::default(),
             last_stream: 0,
             stream: None,
-            peer_initial_window: INITIAL_WINDOW,
-            peer_max_frame: MAX_FRAME,
+            peer: PeerSettings::default(),
             send_window: INITIAL_WINDOW,
             unreturned: 0,
             max_message,
@@ -257,9 +154,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
             pending: None,
             client_leaving: false,
         };
-        let mut settings = Vec::with_capacity(6);
-        settings.extend_from_slice(&SETTINGS_MAX_CONCURRENT_STREAMS.to_be_bytes());
-        settings.extend_from_slice(&1u32.to_be_bytes());
+        let settings = settings_payload(&[(SETTINGS_MAX_CONCURRENT_STREAMS, 1)]);
         connection.queue_frame(SETTINGS, 0, 0, &settings);
         connection
     }
@@ -347,9 +242,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
         if stream.outgoing.len() + message.len() > MAX_HELD_OUTPUT {
             return Err(Error::Stalled(stream.outgoing.len()));
         }
-        stream.outgoing.push(0);
-        stream.outgoing.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        stream.outgoing.extend_from_slice(message);
+        grpc_frame(&mut stream.outgoing, message);
         Ok(())
     }
 
@@ -375,20 +268,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
     /// Writes everything queued that the windows allow, and flushes.
     pub async fn flush(&mut self) -> io::Result<()> {
         self.queue_stream_output();
-        if self.output.is_empty() {
-            return Ok(());
-        }
-        while self.written < self.output.len() {
-            let n = self.io.write(&self.output[self.written..]).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.written += n;
-        }
-        self.io.flush().await?;
-        self.output = Vec::new();
-        self.written = 0;
-        Ok(())
+        self.output.write_to(&mut self.io).await
     }
 
     /// Tells the client the connection is closing, flushes and shuts it down.
@@ -477,38 +357,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
     }
 
     fn frame(&mut self, head: &FrameHead, payload: &[u8]) -> Result<Option<Event>, Error> {
-        if let Some(partial) = &mut self.partial_block {
-            if head.kind != CONTINUATION || head.stream != partial.stream {
-                return Err(protocol(PROTOCOL_ERROR, "a header block interrupted"));
-            }
-            if partial.fragment.len() + payload.len() > MAX_HEADER_BLOCK {
-                return Err(protocol(ENHANCE_YOUR_CALM, "a header block too large"));
-            }
-            partial.fragment.extend_from_slice(payload);
-            if head.flags & END_HEADERS == 0 {
-                return Ok(None);
-            }
-            let partial = self.partial_block.take().expect("checked above");
-            return self.header_block(partial.stream, partial.end_stream, &partial.fragment);
+        if self.header_blocks.takes(head) {
+            return match self.header_blocks.feed(head, payload)? {
+                Some(whole) => self.header_block(whole.stream, whole.end_stream, &whole.block),
+                None => Ok(None),
+            };
         }
         match head.kind {
             DATA => self.data(head, payload),
-            HEADERS => {
-                if head.stream == 0 {
-                    return Err(protocol(PROTOCOL_ERROR, "HEADERS on stream 0"));
-                }
-                let fragment = header_fragment(head.flags, payload)?;
-                let end_stream = head.flags & END_STREAM != 0;
-                if head.flags & END_HEADERS == 0 {
-                    self.partial_block = Some(PartialBlock {
-                        stream: head.stream,
-                        end_stream,
-                        fragment: fragment.to_vec(),
-                    });
-                    return Ok(None);
-                }
-                self.header_block(head.stream, end_stream, fragment)
-            }
             RST_STREAM => {
                 if self.stream.as_ref().is_some_and(|s| s.id == head.stream) {
                     self.stream = None;
@@ -531,10 +387,6 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
                 Ok(None)
             }
             WINDOW_UPDATE => {
-                let bytes: [u8; 4] = payload
-                    .try_into()
-                    .map_err(|_| protocol(FRAME_SIZE_ERROR, "a malformed WINDOW_UPDATE"))?;
-                let increment = i64::from(u32::from_be_bytes(bytes) & 0x7fff_ffff);
                 let window = if head.stream == 0 {
                     Some(&mut self.send_window)
                 } else {
@@ -544,15 +396,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
                         .map(|s| &mut s.send_window)
                 };
                 if let Some(window) = window {
-                    *window += increment;
-                    if *window > i64::from(i32::MAX) {
-                        return Err(protocol(FLOW_CONTROL_ERROR, "a window beyond 2^31-1"));
-                    }
+                    widen(window, payload)?;
                 }
                 Ok(None)
             }
             PUSH_PROMISE => Err(protocol(PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
-            CONTINUATION => Err(protocol(PROTOCOL_ERROR, "CONTINUATION without HEADERS")),
             _ => Ok(None),
         }
     }
@@ -610,7 +458,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
         }
         self.stream = Some(Stream {
             id,
-            send_window: self.peer_initial_window,
+            send_window: self.peer.initial_window,
             unreturned: 0,
             message: Vec::new(),
             discarding: 0,
@@ -624,42 +472,13 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
     }
 
     fn settings(&mut self, head: &FrameHead, payload: &[u8]) -> Result<Option<Event>, Error> {
-        if head.stream != 0 {
-            return Err(protocol(PROTOCOL_ERROR, "SETTINGS on a stream"));
-        }
-        if head.flags & ACK != 0 {
-            return Ok(None);
-        }
-        if !payload.len().is_multiple_of(6) {
-            return Err(protocol(FRAME_SIZE_ERROR, "a malformed SETTINGS"));
-        }
-        for setting in payload.chunks_exact(6) {
-            let id = u16::from_be_bytes([setting[0], setting[1]]);
-            let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
-            match id {
-                SETTINGS_INITIAL_WINDOW_SIZE => {
-                    if value > i32::MAX as u32 {
-                        return Err(protocol(
-                            FLOW_CONTROL_ERROR,
-                            "SETTINGS_INITIAL_WINDOW_SIZE beyond 2^31-1",
-                        ));
-                    }
-                    let change = i64::from(value) - self.peer_initial_window;
-                    self.peer_initial_window = i64::from(value);
-                    if let Some(stream) = &mut self.stream {
-                        stream.send_window += change;
-                    }
-                }
-                SETTINGS_MAX_FRAME_SIZE => {
-                    if !(16_384..=16_777_215).contains(&value) {
-                        return Err(protocol(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range"));
-                    }
-                    self.peer_max_frame = value as usize;
-                }
-                _ => {}
+        if head.flags & ACK == 0 {
+            let change = self.peer.apply(head, payload)?;
+            if let Some(stream) = &mut self.stream {
+                stream.send_window += change;
             }
+            self.queue_frame(SETTINGS, ACK, 0, &[]);
         }
-        self.queue_frame(SETTINGS, ACK, 0, &[]);
         Ok(None)
     }
 
@@ -680,7 +499,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
             stream.outgoing = outgoing[sendable..].to_vec();
             None
         };
-        for frame in outgoing[..sendable].chunks(self.peer_max_frame) {
+        for frame in outgoing[..sendable].chunks(self.peer.max_frame) {
             self.queue_frame(DATA, 0, id, frame);
         }
         if let Some(trailers) = trailers {
@@ -702,12 +521,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Connection<Io> {
     }
 
     fn queue_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        let length = (payload.len() as u32).to_be_bytes();
-        self.output.extend_from_slice(&length[1..]);
-        self.output.push(kind);
-        self.output.push(flags);
-        self.output.extend_from_slice(&stream.to_be_bytes());
-        self.output.extend_from_slice(payload);
+        self.output.frame(kind, flags, stream, payload);
     }
 }
 
@@ -717,44 +531,6 @@ fn response_headers() -> Vec<u8> {
     let mut block = vec![0x88];
     hpack_literal(&mut block, b"content-type", b"application/grpc");
     block
-}
-
-/// A header as an HPACK literal with a new name, never indexed (RFC 7541 §6.2.2), without Huffman coding.
-fn hpack_literal(block: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    block.push(0x10);
-    for string in [name, value] {
-        hpack_integer(block, string.len(), 7);
-        block.extend_from_slice(string);
-    }
-}
-
-/// An HPACK integer with a `prefix_bits` prefix in a new byte (RFC 7541 §5.1).
-fn hpack_integer(block: &mut Vec<u8>, value: usize, prefix_bits: u32) {
-    let limit = (1usize << prefix_bits) - 1;
-    if value < limit {
-        block.push(value as u8);
-        return;
-    }
-    block.push(limit as u8);
-    let mut rest = value - limit;
-    while rest >= 128 {
-        block.push((rest % 128) as u8 | 0x80);
-        rest /= 128;
-    }
-    block.push(rest as u8);
-}
-
-/// `grpc-message` is percent-encoded: every byte outside printable ASCII, and `%` itself.
-fn percent_encode(message: &str) -> String {
-    let mut encoded = String::with_capacity(message.len());
-    for byte in message.bytes() {
-        if (0x20..0x7f).contains(&byte) && byte != b'%' {
-            encoded.push(char::from(byte));
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
 }
 
 #[cfg(test)]

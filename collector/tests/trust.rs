@@ -68,19 +68,19 @@ async fn tokens_are_single_use_unexpired_and_for_their_group() {
         other => panic!("{other}"),
     };
     let twice = refused(identity::enroll(&url, &pin, &token, "web", now).await.unwrap_err());
-    assert_eq!(twice.code(), Code::PermissionDenied);
-    assert!(twice.message().contains("already been used"), "{}", twice.message());
+    assert_eq!(twice.code, Code::PermissionDenied as i32);
+    assert!(twice.message.contains("already been used"), "{}", twice.message);
 
     let expired = h.token("web", 0, 1);
     let status = refused(identity::enroll(&url, &pin, &expired, "web", now).await.unwrap_err());
-    assert!(status.message().contains("expired"), "{}", status.message());
+    assert!(status.message.contains("expired"), "{}", status.message);
 
     let for_db = h.token("db", 600, 1);
     let status = refused(identity::enroll(&url, &pin, &for_db, "web", now).await.unwrap_err());
     assert!(
-        status.message().contains("for group `db`, not `web`"),
+        status.message.contains("for group `db`, not `web`"),
         "{}",
-        status.message()
+        status.message
     );
 
     assert_eq!(

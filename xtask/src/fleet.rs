@@ -16,14 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use ebb_agent::grpc;
 use ebb_agent::identity::{self, Identity};
-use ebb_proto::v1::telemetry_client::TelemetryClient;
 use ebb_proto::v1::{
-    HealthCheck, Hello, ReportRequest, Sample, SampleBatch, health_check, report_request, report_response,
+    HealthCheck, Hello, ReportRequest, ReportResponse, Sample, SampleBatch, health_check, report_request,
+    report_response,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use prost::Message;
 
 use crate::report::{Report, figure};
 use crate::{Guard, TempDir, build_release, free_port, usage};
@@ -186,31 +185,21 @@ pub struct SimulatedAgent {
 impl SimulatedAgent {
     pub async fn run(self) -> anyhow::Result<()> {
         tokio::time::sleep(self.start_after).await;
-        let channel = Endpoint::from_shared(self.url)?
-            .local_address(self.from)
-            .tls_config(self.identity.client_tls())?
-            .connect()
-            .await?;
-        let (requests, outgoing) = mpsc::channel(4);
+        let mut client = grpc::connect_from(&self.url, self.identity.client_tls()?, self.from).await?;
         let hello = Hello {
             member_id: self.identity.member_id.clone(),
             agent_version: "bench".into(),
             boot_id: String::new(),
             run_id: 1,
         };
-        requests
-            .send(ReportRequest {
-                message: Some(report_request::Message::Hello(hello)),
-            })
-            .await?;
-        let mut responses = TelemetryClient::new(channel)
-            .report(ReceiverStream::new(outgoing))
-            .await?
-            .into_inner();
+        let request = |message| ReportRequest { message: Some(message) }.encode_to_vec();
+        client.start(grpc::path::REPORT);
+        client.send(&request(report_request::Message::Hello(hello)));
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         let mut waiting: Option<(u64, Instant)> = None;
         let mut seq = 0u64;
         loop {
+            client.flush().await?;
             tokio::select! {
                 _ = ticker.tick() => {
                     seq += 1;
@@ -221,10 +210,11 @@ impl SimulatedAgent {
                         sent.lock().unwrap().push((timestamp_ms, cpu));
                     }
                     waiting = Some((seq, Instant::now()));
-                    requests.send(ReportRequest { message: Some(report_request::Message::Batch(SampleBatch { samples: vec![sample] })) }).await?;
+                    client.send(&request(report_request::Message::Batch(SampleBatch { samples: vec![sample] })));
                 }
-                message = responses.message() => {
+                message = client.next() => {
                     let Some(message) = message? else { return Ok(()) };
+                    let message = ReportResponse::decode(message.as_slice())?;
                     if let (Some(report_response::Message::Ack(ack)), Some((seq, at))) = (message.message, waiting)
                         && ack.highest_seq >= seq
                     {
