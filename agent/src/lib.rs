@@ -20,6 +20,7 @@ pub mod procfs;
 pub mod reread;
 pub mod sampler;
 pub mod stream;
+pub mod ticker;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use ebb_proto::v1::{HealthCheck, Sample};
 use tokio::sync::{Notify, watch};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use crate::Settings;
 use crate::config::AgentConfig;
@@ -15,6 +15,7 @@ use crate::cpu::{CpuMeter, CpuReader};
 use crate::outbox::Outbox;
 use crate::procfs;
 use crate::reread::Reread;
+use crate::ticker::Ticker;
 
 pub struct Sampler {
     online_cpus: u32,
@@ -61,12 +62,10 @@ impl Sampler {
         // A reading now sets the CPU baseline; the first sample reports usage since this moment.
         self.read_cpu();
         loop {
-            let mut ticker = tokio::time::interval(settings.borrow_and_update().interval);
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            ticker.tick().await;
+            let mut ticker = Ticker::new(settings.borrow_and_update().interval)?;
             loop {
                 tokio::select! {
-                    _ = ticker.tick() => {}
+                    ticked = ticker.tick() => ticked?,
                     changed = settings.changed() => {
                         if changed.is_err() {
                             return Ok(());
