@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use ebb_http2::*;
 use loona_hpack::Decoder;
+use prost::Message;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -105,6 +106,8 @@ pub enum Error {
     GoAway { code: u32, debug: String },
     #[error("the collector closed the connection")]
     Closed,
+    #[error("the collector sent a message that does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
 }
 
 /// Connects to the collector at `url` (`https://host:port`) with `tls`, and starts HTTP/2 on the connection.
@@ -118,11 +121,22 @@ pub async fn connect_from(
     tls: rustls::ClientConfig,
     from: Option<IpAddr>,
 ) -> Result<Client<TlsStream<TcpStream>>, ConnectError> {
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let (stream, authority) = tls_connect(url, tls, from).await?;
+    Ok(Client::new(stream, &authority))
+}
+
+/// A TLS connection to the collector at `url` with `tls`, from `from` if given, within the connect timeout;
+/// and the `host:port` it reached.
+pub async fn tls_connect(
+    url: &str,
+    tls: rustls::ClientConfig,
+    from: Option<IpAddr>,
+) -> Result<(TlsStream<TcpStream>, String), ConnectError> {
     let (authority, host) = authority_of(url)?;
     let name = ServerName::try_from(host)
         .map_err(|e| ConnectError::Invalid(format!("collector_url `{url}`: the host is not a name: {e}")))?;
-    let mut tls = tls;
-    tls.alpn_protocols = vec![b"h2".to_vec()];
     let connecting = async {
         let tcp = tcp_connect(&authority, from).await?;
         tcp.set_nodelay(true)?;
@@ -133,9 +147,9 @@ pub async fn connect_from(
     };
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|_| ConnectError::Unreachable(format!("no connection within {} s", CONNECT_TIMEOUT.as_secs())))?
+        .map_err(|_| ConnectError::Unreachable(format!("no TLS connection within {} s", CONNECT_TIMEOUT.as_secs())))?
         .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
-    Ok(Client::new(stream, &authority))
+    Ok((stream, authority))
 }
 
 /// A TCP connection to the first of `authority`'s addresses that answers.
@@ -270,10 +284,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Client<Io> {
         });
     }
 
-    /// Queues one message of the call; [`Client::flush`] sends it.
-    pub fn send(&mut self, message: &[u8]) {
+    /// Queues one message of the call, encoded straight into the outgoing bytes; [`Client::flush`] sends it.
+    pub fn send(&mut self, message: &impl Message) {
         if let Some(call) = self.call.as_mut().filter(|c| !c.ending) {
-            grpc_frame(&mut call.outgoing, message);
+            // gRPC's prefix: uncompressed, then the length.
+            call.outgoing.push(0);
+            call.outgoing
+                .extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
+            message.encode(&mut call.outgoing).expect("a Vec grows as needed");
         }
         self.queue_call_output();
     }
@@ -298,7 +316,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Client<Io> {
 
     /// The call's next message from the collector; `Ok(None)` once it ended the call with OK. Sends what is
     /// queued meanwhile. Cancel-safe: nothing read or written is lost if the future is dropped.
-    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, Error> {
+    pub async fn next<M: Message + Default>(&mut self) -> Result<Option<M>, Error> {
         loop {
             if let Err(violation) = self.parse() {
                 self.output.frame(GOAWAY, 0, 0, &go_away_payload(violation.code));
@@ -319,7 +337,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Client<Io> {
     }
 
     /// One unary call: `request` to `path`, the one answer back.
-    pub async fn call(&mut self, path: &str, request: &[u8]) -> Result<Vec<u8>, Error> {
+    pub async fn call<Answer: Message + Default>(
+        &mut self,
+        path: &str,
+        request: &impl Message,
+    ) -> Result<Answer, Error> {
         self.start(path);
         self.send(request);
         self.end_sending();
@@ -327,7 +349,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Client<Io> {
             .next()
             .await?
             .ok_or(Error::Protocol("a unary call answered with no message"))?;
-        while self.next().await?.is_some() {}
+        while self.next::<Answer>().await?.is_some() {}
         Ok(answer)
     }
 
@@ -339,7 +361,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Client<Io> {
     }
 
     /// What the call has for the caller: a whole message, its end, or nothing yet.
-    fn call_outcome(&mut self) -> Result<Option<Option<Vec<u8>>>, Error> {
+    fn call_outcome<M: Message + Default>(&mut self) -> Result<Option<Option<M>>, Error> {
         let Some(call) = &mut self.call else {
             return Err(Error::Protocol("no call in progress"));
         };
@@ -353,9 +375,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Client<Io> {
                 return Err(Error::Protocol("a message larger than 4 MiB"));
             }
             if call.message.len() >= 5 + length {
-                let rest = call.message.split_off(5 + length);
-                let mut message = std::mem::replace(&mut call.message, rest);
-                message.drain(..5);
+                let message = M::decode(&call.message[5..5 + length])?;
+                call.message.drain(..5 + length);
                 return Ok(Some(Some(message)));
             }
         }
@@ -648,17 +669,17 @@ mod tests {
         let server = tokio::spawn(echo_server(server_io, 1000));
         let mut client = client(client_io);
         client.start(PATH);
-        client.send(b"hello");
-        assert_eq!(within(client.next()).await.unwrap().unwrap(), b"hello");
+        client.send(&"hello".to_string());
+        assert_eq!(within(client.next::<String>()).await.unwrap().unwrap(), "hello");
         // The server's SETTINGS have arrived: the windows are 1000 bytes now.
         let large: Vec<u8> = (0..50_000u32).map(|i| i as u8).collect();
         client.send(&large);
         assert!(client.unsent() > 40_000, "held back: {}", client.unsent());
-        client.send(b"after");
+        client.send(&"after".to_string());
         client.end_sending();
-        assert_eq!(within(client.next()).await.unwrap().unwrap(), large);
-        assert_eq!(within(client.next()).await.unwrap().unwrap(), b"after");
-        assert_eq!(within(client.next()).await.unwrap(), None);
+        assert_eq!(within(client.next::<Vec<u8>>()).await.unwrap().unwrap(), large);
+        assert_eq!(within(client.next::<String>()).await.unwrap().unwrap(), "after");
+        assert_eq!(within(client.next::<String>()).await.unwrap(), None);
         assert_eq!(client.unsent(), 0);
         server.abort();
     }
@@ -681,7 +702,7 @@ mod tests {
             respond.send_response(response, true).unwrap();
             while connection.accept().await.is_some() {}
         });
-        let refused = within(client(client_io).call(path::ENROLL, b"request")).await;
+        let refused = within(client(client_io).call::<String>(path::ENROLL, &"request".to_string())).await;
         match refused {
             Err(Error::Status(status)) => {
                 assert_eq!(status.code, code::PERMISSION_DENIED);
@@ -726,7 +747,7 @@ mod tests {
         server_io.shutdown().await.unwrap();
         let mut client = client(client_io);
         client.start(PATH);
-        let outcome = within(client.next()).await;
+        let outcome = within(client.next::<Vec<u8>>()).await;
         // What the client queued meanwhile (acknowledgements) goes out with its next write.
         let _ = client.flush().await;
         drop(client);
@@ -793,7 +814,7 @@ mod tests {
         hpack_literal(&mut headers, b"content-type", b"application/grpc");
         let (first, rest) = headers.split_at(5);
         let mut message = Vec::new();
-        grpc_frame(&mut message, b"ack");
+        grpc_frame(&mut message, &"ack".to_string().encode_to_vec());
         let mut padded = vec![3];
         padded.extend_from_slice(&message[..4]);
         padded.extend_from_slice(&[0, 0, 0]);
@@ -814,8 +835,8 @@ mod tests {
         server_io.write_all(&bytes).await.unwrap();
         let mut client = client(client_io);
         client.start(PATH);
-        assert_eq!(within(client.next()).await.unwrap().unwrap(), b"ack");
-        assert_eq!(within(client.next()).await.unwrap(), None);
+        assert_eq!(within(client.next::<String>()).await.unwrap().unwrap(), "ack");
+        assert_eq!(within(client.next::<String>()).await.unwrap(), None);
     }
 
     #[test]

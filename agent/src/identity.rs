@@ -270,24 +270,21 @@ async fn call<Answer: Message + Default>(
         reason,
     };
     let mut client = grpc::connect(url, tls).await.map_err(connect_error(url))?;
-    let answered = tokio::time::timeout(CALL_TIMEOUT, client.call(path, &request.encode_to_vec())).await;
+    let answered = tokio::time::timeout(CALL_TIMEOUT, client.call(path, &request)).await;
     client.close().await;
     match answered {
         Err(_) => Err(unreachable(format!("no answer within {} s", CALL_TIMEOUT.as_secs()))),
         Ok(Err(grpc::Error::Status(status))) => Err(IdentityError::Refused(status)),
+        Ok(Err(grpc::Error::Decode(e))) => {
+            Err(IdentityError::Invalid(format!("the collector's answer to {path}: {e}")))
+        }
         Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Ok(Ok(answer)) => Answer::decode(answer.as_slice())
-            .map_err(|e| IdentityError::Invalid(format!("the collector's answer to {path}: {e}"))),
+        Ok(Ok(answer)) => Ok(answer),
     }
 }
 
 /// The PEM of the certificate in the collector's chain whose SHA-256 is `expected_sha256`.
 pub async fn pin_ca(url: &str, expected_sha256: &str) -> Result<String, IdentityError> {
-    let (authority, host) = authority_of(url).map_err(connect_error(url))?;
-    let unreachable = |reason: String| IdentityError::Unreachable {
-        url: url.to_string(),
-        reason,
-    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -295,26 +292,8 @@ pub async fn pin_ca(url: &str, expected_sha256: &str) -> Result<String, Identity
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(LearnChain(provider.signature_verification_algorithms)))
         .with_no_client_auth();
-    let name = ServerName::try_from(host).map_err(|e| IdentityError::Invalid(format!("collector host: {e}")))?;
-    let handshake = async {
-        let tcp = tokio::net::TcpStream::connect(&authority)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| unreachable(format!("TLS: {e}")))?;
-        Ok::<_, IdentityError>(
-            tls.get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.to_vec())
-                .unwrap_or_default(),
-        )
-    };
-    let chain = tokio::time::timeout(Duration::from_secs(10), handshake)
-        .await
-        .map_err(|_| unreachable("no TLS handshake within 10 s".into()))??;
+    let (tls, _) = grpc::tls_connect(url, config, None).await.map_err(connect_error(url))?;
+    let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
     let expected = expected_sha256.to_ascii_lowercase().replace(':', "");
     chain
         .iter()

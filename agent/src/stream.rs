@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ebb_proto::v1::{Hello, ReportRequest, ReportResponse, SampleBatch, report_request, report_response};
-use prost::Message;
 use tokio::sync::watch;
 
 use crate::Settings;
@@ -85,7 +84,9 @@ impl Connection {
         let tls = self.identity.read().expect("identity lock").client_tls()?;
         let mut client = grpc::connect(&self.url, tls).await?;
         client.start(grpc::path::REPORT);
-        client.send(&request(report_request::Message::Hello(self.hello.clone())));
+        client.send(&ReportRequest {
+            message: Some(report_request::Message::Hello(self.hello.clone())),
+        });
         let mut connected = false;
 
         // Everything in the outbox is unacknowledged: replay it all, then follow new samples. A batch is
@@ -96,19 +97,21 @@ impl Connection {
                 let batch = self.outbox.lock().expect("outbox lock").after(sent_upto, BATCH_LIMIT);
                 let Some(last) = batch.last() else { break };
                 sent_upto = last.seq;
-                client.send(&request(report_request::Message::Batch(SampleBatch { samples: batch })));
+                client.send(&ReportRequest {
+                    message: Some(report_request::Message::Batch(SampleBatch { samples: batch })),
+                });
             }
             client.flush().await?;
             tokio::select! {
                 changed = latest_seq.changed() => changed?,
-                message = client.next() => {
+                message = client.next::<ReportResponse>() => {
                     let message = message?.ok_or_else(|| anyhow::anyhow!("stream ended by the collector"))?;
                     if !connected {
                         connected = true;
                         self.backoff.reset();
                         tracing::info!(collector = %self.url, member = %self.hello.member_id, "Connected to the collector.");
                     }
-                    self.handle(ReportResponse::decode(message.as_slice())?);
+                    self.handle(message);
                 }
             }
         }
@@ -153,8 +156,4 @@ impl Connection {
             self.settings.send_replace(next);
         }
     }
-}
-
-fn request(message: report_request::Message) -> Vec<u8> {
-    ReportRequest { message: Some(message) }.encode_to_vec()
 }

@@ -22,7 +22,6 @@ use ebb_proto::v1::{
     HealthCheck, Hello, ReportRequest, ReportResponse, Sample, SampleBatch, health_check, report_request,
     report_response,
 };
-use prost::Message;
 
 use crate::report::{Report, figure};
 use crate::{Guard, TempDir, build_release, free_port, usage};
@@ -192,9 +191,10 @@ impl SimulatedAgent {
             boot_id: String::new(),
             run_id: 1,
         };
-        let request = |message| ReportRequest { message: Some(message) }.encode_to_vec();
         client.start(grpc::path::REPORT);
-        client.send(&request(report_request::Message::Hello(hello)));
+        client.send(&ReportRequest {
+            message: Some(report_request::Message::Hello(hello)),
+        });
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         let mut waiting: Option<(u64, Instant)> = None;
         let mut seq = 0u64;
@@ -210,11 +210,10 @@ impl SimulatedAgent {
                         sent.lock().unwrap().push((timestamp_ms, cpu));
                     }
                     waiting = Some((seq, Instant::now()));
-                    client.send(&request(report_request::Message::Batch(SampleBatch { samples: vec![sample] })));
+                    client.send(&ReportRequest { message: Some(report_request::Message::Batch(SampleBatch { samples: vec![sample] })) });
                 }
-                message = client.next() => {
+                message = client.next::<ReportResponse>() => {
                     let Some(message) = message? else { return Ok(()) };
-                    let message = ReportResponse::decode(message.as_slice())?;
                     if let (Some(report_response::Message::Ack(ack)), Some((seq, at))) = (message.message, waiting)
                         && ack.highest_seq >= seq
                     {
