@@ -323,9 +323,92 @@ impl IngestHandle {
     }
 }
 
+/// Members one observation step reads before the ingest task turns back to its queue: observing a group of
+/// 10,000 members then delays a sample by a fraction of a millisecond, not by the whole observation.
+const OBSERVE_CHUNK: usize = 250;
+
+/// An observation under way: the members still to read, and what was read so far.
+struct Observing {
+    wanted: std::vec::IntoIter<String>,
+    windows: Vec<(Metric, Vec<Window>)>,
+    observations: Vec<Observation>,
+    reply: oneshot::Sender<Vec<Observation>>,
+}
+
+impl Observing {
+    /// Reads up to `count` more members; true when all are read.
+    fn advance(&mut self, members: &HashMap<String, MemberRecord>, count: usize) -> bool {
+        for id in self.wanted.by_ref().take(count) {
+            let observation = match members.get(&id) {
+                None => Observation {
+                    means: self.windows.iter().map(|(_, w)| vec![None; w.len()]).collect(),
+                    latest: None,
+                    health: HealthRun::default(),
+                },
+                Some(record) => Observation {
+                    means: self
+                        .windows
+                        .iter()
+                        .map(|(metric, ws)| ws.iter().map(|w| record.mean(*metric, *w)).collect())
+                        .collect(),
+                    latest: record.latest.clone(),
+                    health: record.health,
+                },
+            };
+            self.observations.push(observation);
+        }
+        self.wanted.len() == 0
+    }
+}
+
+/// The ingest task's state: every registered member's record.
+struct Ingest {
+    members: HashMap<String, MemberRecord>,
+    metrics: Arc<Metrics>,
+    retention_ms: Millis,
+    custom: Vec<Metric>,
+}
+
+/// Handles commands in arrival order. An observation (a group controller's read of all its members) goes in
+/// chunks, with the commands that queued meanwhile handled between them, so that a large group's read
+/// does not hold up its members' samples.
 async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, retention_ms: Millis, custom: Vec<Metric>) {
-    let mut members: HashMap<String, MemberRecord> = HashMap::new();
-    while let Some(command) = commands.recv().await {
+    let mut ingest = Ingest {
+        members: HashMap::new(),
+        metrics,
+        retention_ms,
+        custom,
+    };
+    let mut observing: VecDeque<Observing> = VecDeque::new();
+    loop {
+        if observing.is_empty() {
+            let Some(command) = commands.recv().await else { return };
+            ingest.handle(command, &mut observing);
+            continue;
+        }
+        for _ in 0..commands.len() {
+            let Ok(command) = commands.try_recv() else { break };
+            ingest.handle(command, &mut observing);
+        }
+        if let Some(observation) = observing.front_mut()
+            && observation.advance(&ingest.members, OBSERVE_CHUNK)
+            && let Some(done) = observing.pop_front()
+        {
+            let _ = done.reply.send(done.observations);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+impl Ingest {
+    /// Carries out one command; an observation joins `observing`, to be read in chunks.
+    fn handle(&mut self, command: Command, observing: &mut VecDeque<Observing>) {
+        let Self {
+            members,
+            metrics,
+            retention_ms,
+            custom,
+        } = self;
         match command {
             Command::Register { member, settings } => {
                 members
@@ -393,7 +476,7 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                             }
                             match validate_sample(sample, now) {
                                 Ok(()) => {
-                                    record.store(sample, &custom);
+                                    record.store(sample, custom);
                                     metrics.sample_ingested();
                                 }
                                 Err(rejection) => {
@@ -408,7 +491,7 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                             }
                             record.highest_seq = record.highest_seq.max(sample.seq);
                         }
-                        let horizon = now - retention_ms;
+                        let horizon = now - *retention_ms;
                         while record.window.front().is_some_and(|s| s.at < horizon) {
                             record.window.pop_front();
                         }
@@ -422,27 +505,12 @@ async fn run(mut commands: mpsc::Receiver<Command>, metrics: Arc<Metrics>, reten
                 members: wanted,
                 windows,
                 reply,
-            } => {
-                let observations = wanted
-                    .iter()
-                    .map(|id| match members.get(id) {
-                        None => Observation {
-                            means: windows.iter().map(|(_, w)| vec![None; w.len()]).collect(),
-                            latest: None,
-                            health: HealthRun::default(),
-                        },
-                        Some(record) => Observation {
-                            means: windows
-                                .iter()
-                                .map(|(metric, ws)| ws.iter().map(|w| record.mean(*metric, *w)).collect())
-                                .collect(),
-                            latest: record.latest.clone(),
-                            health: record.health,
-                        },
-                    })
-                    .collect();
-                let _ = reply.send(observations);
-            }
+            } => observing.push_back(Observing {
+                observations: Vec::with_capacity(wanted.len()),
+                wanted: wanted.into_iter(),
+                windows,
+                reply,
+            }),
         }
     }
 }
@@ -627,6 +695,31 @@ mod tests {
             )
             .await;
         assert_eq!(observed[0].means[0][0], Some(20.0));
+    }
+
+    #[tokio::test]
+    async fn samples_queued_behind_a_large_groups_observation_are_not_held_up_by_it() {
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000, Vec::new());
+        let ids: Vec<String> = (0..4 * OBSERVE_CHUNK).map(|i| format!("web-{i}")).collect();
+        for id in &ids {
+            ingest.register(id, AgentSettings::default()).await;
+        }
+        let last = ids.last().unwrap().clone();
+        ingest.hello(hello(&last, 1)).await.unwrap();
+        let window = Window {
+            start: NOW - 10_000,
+            end: NOW,
+        };
+        // The observation is queued first; the sample is stored before it is done, so its member, read
+        // last, is observed with it.
+        let (observed, outcome) = tokio::join!(
+            ingest.observe(ids.clone(), vec![(Metric::Cpu, vec![window])]),
+            ingest.batch(&last, 1, vec![sample(1, NOW - 1000, 70.0)], NOW),
+        );
+        assert_eq!(outcome.unwrap().highest_seq, 1);
+        assert_eq!(observed.len(), ids.len());
+        assert_eq!(observed[ids.len() - 1].means[0][0], Some(70.0));
+        assert_eq!(observed[0].means[0][0], None);
     }
 
     #[tokio::test]

@@ -779,6 +779,10 @@ impl GroupController {
     }
 
     /// One evaluation: schedules, lost instances, health, decision, reconciliation, status.
+    ///
+    /// The phases that walk every member yield to the runtime between them: in a group of thousands each
+    /// takes milliseconds, and the Report streams sharing this worker thread should wait for one phase,
+    /// not for the whole step.
     pub async fn step(&mut self, now: Millis) {
         if self.store_failing && !self.save() {
             self.last_evaluation = "paused: the store refuses writes (disk full or unwritable); see the log".into();
@@ -803,6 +807,7 @@ impl GroupController {
         }
         let means = self.observe(now).await;
         self.admit_healthy_members(now).await;
+        tokio::task::yield_now().await;
         let input = GroupInput {
             now,
             min_size: self.min_size,
@@ -824,7 +829,9 @@ impl GroupController {
         if !self.config.dry_run {
             self.reconcile(now, &cause).await;
         }
+        tokio::task::yield_now().await;
         self.save();
+        tokio::task::yield_now().await;
         self.refresh_status().await;
     }
 
@@ -1115,14 +1122,16 @@ impl GroupController {
         let mut abandoned = Vec::new();
         for index in 0..self.members.len() {
             let member = &self.members[index];
-            let healthy = self
+            // Checked before the latest sample is copied: in a large group almost every member is in service.
+            let (MemberState::Pending, Some(address), false) = (member.state, member.address, member.unhealthy) else {
+                continue;
+            };
+            let Some(latest) = self
                 .latest
                 .get(index)
                 .cloned()
                 .flatten()
-                .filter(|latest| latest.at >= member.launched_at && ingest::is_healthy(latest));
-            let (Some(latest), MemberState::Pending, Some(address), false) =
-                (healthy, member.state, member.address, member.unhealthy)
+                .filter(|latest| latest.at >= member.launched_at && ingest::is_healthy(latest))
             else {
                 continue;
             };
