@@ -2,6 +2,7 @@
 //! the next registered member (trying the following ones if a member refuses); a deregistered member gets
 //! no new connections while its open ones finish.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -24,14 +25,22 @@ struct Target {
 
 #[derive(Default)]
 struct Pool {
-    targets: RwLock<Vec<Target>>,
+    targets: RwLock<Targets>,
     next: AtomicUsize,
+}
+
+/// The registered members in turn order, and their ids to find one without walking the list (a group of
+/// thousands joins in one go).
+#[derive(Default)]
+struct Targets {
+    list: Vec<Target>,
+    ids: HashSet<String>,
 }
 
 impl Pool {
     /// The members to try for one connection, starting with the next in turn.
     fn candidates(&self) -> Vec<(SocketAddr, Arc<AtomicU64>)> {
-        let targets = self.targets.read().unwrap();
+        let targets = &self.targets.read().unwrap().list;
         if targets.is_empty() {
             return Vec::new();
         }
@@ -105,8 +114,8 @@ async fn accept(listener: TcpListener, pool: Arc<Pool>) {
 impl LoadBalancer for BuiltinLoadBalancer {
     async fn register(&self, member: &Registration<'_>) -> Result<(), CloudError> {
         let mut targets = self.pool.targets.write().unwrap();
-        if !targets.iter().any(|t| t.member_id == member.member_id) {
-            targets.push(Target {
+        if targets.ids.insert(member.member_id.to_string()) {
+            targets.list.push(Target {
                 member_id: member.member_id.to_string(),
                 address: member.address,
                 connections: Arc::default(),
@@ -116,7 +125,10 @@ impl LoadBalancer for BuiltinLoadBalancer {
     }
 
     async fn deregister(&self, member_id: &str, _instance_id: &str) -> Result<(), CloudError> {
-        self.pool.targets.write().unwrap().retain(|t| t.member_id != member_id);
+        let mut targets = self.pool.targets.write().unwrap();
+        if targets.ids.remove(member_id) {
+            targets.list.retain(|t| t.member_id != member_id);
+        }
         Ok(())
     }
 
@@ -125,6 +137,7 @@ impl LoadBalancer for BuiltinLoadBalancer {
             .targets
             .read()
             .unwrap()
+            .list
             .iter()
             .map(|t| (t.member_id.clone(), t.connections.load(Ordering::Relaxed)))
             .collect()
@@ -136,6 +149,7 @@ impl LoadBalancer for BuiltinLoadBalancer {
             .targets
             .read()
             .unwrap()
+            .list
             .iter()
             .map(|t| Backend {
                 member_id: t.member_id.clone(),
@@ -176,8 +190,15 @@ mod tests {
         let lb = BuiltinLoadBalancer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         assert_eq!(fetch(lb.front()).await, "", "no members: the connection is closed");
 
-        lb.register(&at("a", backend("a").await)).await.unwrap();
+        let a = backend("a").await;
+        lb.register(&at("a", a)).await.unwrap();
         lb.register(&at("b", backend("b").await)).await.unwrap();
+        lb.register(&at("a", a)).await.unwrap();
+        assert_eq!(
+            lb.members().await.unwrap().len(),
+            2,
+            "registering twice adds a member once"
+        );
         let mut answers = Vec::new();
         for _ in 0..4 {
             answers.push(fetch(lb.front()).await);
@@ -191,6 +212,12 @@ mod tests {
         assert_eq!(members.len(), 1);
         assert_eq!(members[0].connections, 3);
         assert_eq!(lb.connections(), [("b".to_string(), 3)]);
+        lb.register(&at("a", a)).await.unwrap();
+        assert_eq!(
+            lb.members().await.unwrap().len(),
+            2,
+            "a deregistered member can come back"
+        );
     }
 
     fn at(member_id: &str, address: SocketAddr) -> Registration<'_> {
