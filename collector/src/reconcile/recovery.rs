@@ -3,6 +3,7 @@
 //! happen, an interrupted termination is finished), orphans are reported and terminated after their grace,
 //! and load-balancer memberships removed by hand are restored.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 
 use super::{GroupController, Member, MemberState};
@@ -116,20 +117,23 @@ impl GroupController {
         let Ok(backends) = self.deps.load_balancer.members().await else {
             return;
         };
-        let serving: Vec<(Member, SocketAddr)> = self
+        // Looked up, not searched: a group of thousands would otherwise compare every member with every
+        // backend, and hold its worker thread for a quarter of a second.
+        let registered: HashSet<&str> = backends.iter().map(|b| b.member_id.as_str()).collect();
+        let registered_instances: HashSet<&str> = backends
+            .iter()
+            .map(|b| b.instance_id.as_str())
+            .filter(|id| !id.is_empty())
+            .collect();
+        let missing: Vec<(Member, SocketAddr)> = self
             .members
             .iter()
             .filter(|m| m.state == MemberState::InService && !m.unhealthy && !m.replacing)
+            .filter(|m| !registered.contains(m.id.as_str()) && !registered_instances.contains(m.instance_id.as_str()))
             .filter_map(|m| Some((m.clone(), m.address?)))
             .collect();
-        for (member, address) in serving {
+        for (member, address) in missing {
             let id = member.id.clone();
-            if backends
-                .iter()
-                .any(|b| b.member_id == id || (!b.instance_id.is_empty() && b.instance_id == member.instance_id))
-            {
-                continue;
-            }
             let result = self.deps.load_balancer.register(&member.registration(address)).await;
             self.record(
                 ActivityKind::Register,
@@ -144,10 +148,11 @@ impl GroupController {
     /// Instances tagged for this group that no member owns are reported once, and terminated after
     /// `orphan_grace_secs` unless `terminate_orphans = false`.
     async fn check_orphans(&mut self, instances: &[Instance], now: Millis) {
+        let owned: HashSet<&str> = self.members.iter().map(|m| m.instance_id.as_str()).collect();
         let running: Vec<&Instance> = instances
             .iter()
             .filter(|i| !matches!(i.state, InstanceState::Terminated { .. }))
-            .filter(|i| !self.members.iter().any(|m| m.instance_id == i.id))
+            .filter(|i| !owned.contains(i.id.as_str()))
             .collect();
         self.orphans.retain(|id, _| running.iter().any(|i| &i.id == id));
         let grace_ms = Millis::from(self.config.orphan_grace_secs) * 1000;
