@@ -935,6 +935,15 @@ async fn a_load_balancer_membership_removed_by_hand_is_restored() {
         "{}",
         restored.cause
     );
+    // The next inventory finds it registered and leaves it alone.
+    h.controller.step(now + 22_000).await;
+    let restorations = h
+        .activities
+        .newest("web", 100)
+        .iter()
+        .filter(|a| a.cause.contains("restored"))
+        .count();
+    assert_eq!(restorations, 1);
 }
 
 /// Two members in service, then an operator scales to one: web-2 starts leaving.
