@@ -35,7 +35,9 @@ pub struct Fleet {
     _dir: TempDir,
 }
 
-/// A group that launches nothing itself and admits `capacity` hand-made members.
+/// A group that launches nothing itself and admits `capacity` hand-made members. Its inventory (load
+/// balancer and provider compared with the members) runs every 10 s, not the default 60 s, so that every
+/// measuring window holds at least one.
 fn web_group(capacity: u32) -> String {
     format!(
         r#"
@@ -43,6 +45,7 @@ fn web_group(capacity: u32) -> String {
         name = "web"
         min_size = 0
         max_size = {capacity}
+        reconcile_interval_secs = 10
         [groups.provider]
         type = "local"
         [groups.load_balancer]

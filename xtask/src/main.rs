@@ -122,9 +122,33 @@ pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// A `cargo` run in the workspace, with the environment a shell's `cargo` would have. `cargo xtask` sets
+/// the xtask crate's own variables (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...) for us; build scripts that
+/// watch one (ring's does) would then rebuild the whole release tree every time a build alternates
+/// between the shell and xtask, five minutes each time.
+fn cargo_command() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(root());
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let set_by_cargo_run = [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix));
+        if set_by_cargo_run {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command
+}
+
 pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
+    let status = cargo_command()
         .args(["build", "--release", "-p", "ebb-agent", "-p", "ebb-collector"])
         .status()?;
     ensure!(status.success(), "cargo build --release failed");
@@ -133,10 +157,7 @@ pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
 
 /// Runs `cargo ARGS` in the workspace.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
-        .args(args)
-        .status()?;
+    let status = cargo_command().args(args).status()?;
     ensure!(status.success(), "cargo {} failed", args.join(" "));
     Ok(())
 }
@@ -192,8 +213,7 @@ fn package() -> anyhow::Result<()> {
 pub(crate) fn build_shipped_agent() -> anyhow::Result<PathBuf> {
     // The agent runs on whatever Linux the fleet has: glibc linked in (static-pie), so it needs none on
     // the VM. With --target, RUSTFLAGS reach only the agent's own code, not build scripts.
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
+    let status = cargo_command()
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .args([
             "build",
@@ -219,8 +239,7 @@ pub(crate) fn build_shipped_agent() -> anyhow::Result<PathBuf> {
 /// `cargo bench -p ebb-collector --bench NAME`, its output shown; the figures it prints as
 /// `figure NAME VALUE` lines.
 pub(crate) fn cargo_bench(name: &str) -> anyhow::Result<HashMap<String, f64>> {
-    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root())
+    let output = cargo_command()
         .args(["bench", "-p", "ebb-collector", "--bench", name])
         .stderr(Stdio::inherit())
         .output()?;
@@ -279,4 +298,25 @@ pub(crate) fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("VmRSS")?;
     Ok((ticks as f64 / USER_HZ, rss_kib))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_runs_without_the_variables_cargo_sets_for_xtask_itself() {
+        // `cargo test` sets them for this test as `cargo xtask` does for xtask.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let command = cargo_command();
+        let removed: Vec<_> = command
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .map(|(name, _)| name.to_string_lossy().into_owned())
+            .collect();
+        assert!(removed.contains(&"CARGO_MANIFEST_DIR".to_string()), "{removed:?}");
+        assert!(removed.contains(&"CARGO_PKG_NAME".to_string()), "{removed:?}");
+        assert!(removed.iter().all(|name| !name.starts_with("CARGO_PROFILE_") && name != "CARGO_HOME"));
+        assert_eq!(command.get_current_dir(), Some(root().as_path()));
+    }
 }
