@@ -312,11 +312,13 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
     let mut per_agent_at_held = f64::NAN;
     for step in steps {
         // A fleet comes up over time: enrol in batches of 100 (a boot storm is `bench enroll`).
+        let step_started = Instant::now();
         let mut identities = Vec::new();
         while identities.len() < (step - agents) as usize {
             let batch = (step - agents - identities.len() as u32).min(100);
             identities.extend(runtime.block_on(enroll_many(&fleet, batch))?.0);
         }
+        let enrolling = step_started.elapsed();
         let (_, enrolled_rss) = usage(fleet.pid)?;
         let new_agents = identities.len();
         for identity in identities {
@@ -348,6 +350,7 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
             );
             std::thread::sleep(Duration::from_millis(500));
         }
+        let settling = step_started.elapsed() - enrolling;
         std::thread::sleep(Duration::from_secs(5));
         let (_, connected_rss) = usage(fleet.pid)?;
         latencies.lock().unwrap().clear();
@@ -378,9 +381,12 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
             figure(100.0 * acked, 1),
         ]);
         eprintln!(
-            "{agents} agents: p99 {p99:.1} ms, collector CPU {cpu:.0}% of one core, RSS {} MiB, {:.1}% of the samples acknowledged",
+            "{agents} agents: p99 {p99:.1} ms, collector CPU {cpu:.0}% of one core, RSS {} MiB, {:.1}% of the samples acknowledged \
+             (enrolling the new agents {:.0} s, until all reported {:.0} s)",
             rss / 1024,
-            100.0 * acked
+            100.0 * acked,
+            enrolling.as_secs_f64(),
+            settling.as_secs_f64()
         );
         if acked < MIN_ACKED {
             report.note(format!(

@@ -213,6 +213,16 @@ impl GroupStatus {
     }
 }
 
+/// At most this many queued joins are answered together, so the first waits for a bounded batch.
+const JOINS_AT_ONCE: usize = 100;
+
+/// A VM's join as the controller carries it out: its facts, whether it is protected, where the answer goes.
+type Join = (
+    ebb_proto::v1::InstanceFacts,
+    bool,
+    oneshot::Sender<Result<String, String>>,
+);
+
 /// What operators and enrolling VMs ask of a group's controller.
 pub enum Command {
     SetDesired {
@@ -558,11 +568,55 @@ impl GroupController {
         loop {
             tokio::select! {
                 _ = ticker.tick() => self.step(now_ms()).await,
-                Some(command) = commands.recv() => self.handle(command, now_ms()).await,
+                Some(command) = commands.recv() => self.handle_queued(command, &mut commands).await,
                 _ = stop.changed() => break,
             }
         }
         self.deps.provider.close().await;
+    }
+
+    /// Handles `first`; if it is an enrolling VM's join, the joins queued behind it as well, together. Each
+    /// answer waits for the group's status to be published, a copy of every member: one copy per join made
+    /// a boot storm into a group of thousands cost thousands times thousands.
+    async fn handle_queued(&mut self, first: Command, commands: &mut mpsc::Receiver<Command>) {
+        let Command::JoinExternal {
+            facts,
+            protected,
+            reply,
+        } = first
+        else {
+            return self.handle(first, now_ms()).await;
+        };
+        let mut joins = vec![(facts, protected, reply)];
+        let mut next = None;
+        while next.is_none() && joins.len() < JOINS_AT_ONCE {
+            match commands.try_recv() {
+                Ok(Command::JoinExternal {
+                    facts,
+                    protected,
+                    reply,
+                }) => joins.push((facts, protected, reply)),
+                Ok(other) => next = Some(other),
+                Err(_) => break,
+            }
+        }
+        self.join_all(joins, now_ms()).await;
+        self.save();
+        if let Some(command) = next {
+            self.handle(command, now_ms()).await;
+        }
+    }
+
+    /// Joins each VM, then publishes the new state once and answers them all.
+    async fn join_all(&mut self, joins: Vec<Join>, now: Millis) {
+        let mut answers = Vec::with_capacity(joins.len());
+        for (facts, protected, reply) in joins {
+            answers.push((self.join_external(facts, protected, now).await, reply));
+        }
+        self.refresh_status().await;
+        for (result, reply) in answers {
+            let _ = reply.send(result);
+        }
     }
 
     /// Carries out an operator's or an enrolling VM's request, then publishes the new state before answering.
@@ -582,11 +636,7 @@ impl GroupController {
                 facts,
                 protected,
                 reply,
-            } => {
-                let result = self.join_external(facts, protected, now).await;
-                self.refresh_status().await;
-                let _ = reply.send(result);
-            }
+            } => self.join_all(vec![(facts, protected, reply)], now).await,
             Command::SetProtected {
                 member_id,
                 protected,

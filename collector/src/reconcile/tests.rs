@@ -387,6 +387,53 @@ async fn join(h: &mut Harness, protected: bool) -> String {
 }
 
 #[tokio::test]
+async fn joins_queued_together_are_answered_together_and_the_command_behind_them_is_carried_out() {
+    let mut h = harness().await;
+    h.controller.step(now_ms()).await;
+    let (queue, mut commands) = mpsc::channel(8);
+    let mut joined = Vec::new();
+    for n in 0..3 {
+        let (reply, answer) = oneshot::channel();
+        let facts = ebb_proto::v1::InstanceFacts {
+            hostname: format!("hand-made-{n}"),
+            addresses: vec![format!("10.1.1.{n}")],
+            instance_id: format!("i-hand-made-{n}"),
+        };
+        queue
+            .try_send(Command::JoinExternal {
+                facts,
+                protected: false,
+                reply,
+            })
+            .unwrap();
+        joined.push(answer);
+    }
+    let (reply, protected) = oneshot::channel();
+    queue
+        .try_send(Command::SetProtected {
+            member_id: "web-1".into(),
+            protected: true,
+            reply,
+        })
+        .unwrap();
+    let first = commands.try_recv().unwrap();
+    h.controller.handle_queued(first, &mut commands).await;
+
+    let mut answers = Vec::new();
+    for answer in joined {
+        answers.push(answer.await.unwrap());
+    }
+    let status = h.handle.status();
+    let ids: Vec<&str> = status.members.iter().map(|m| m.member.id.as_str()).collect();
+    assert_eq!(ids, ["web-1", "web-2", "web-3"], "published before the answers");
+    assert_eq!(answers[0], Ok("web-2".to_string()));
+    assert_eq!(answers[1], Ok("web-3".to_string()));
+    assert!(answers[2].as_ref().unwrap_err().contains("max_size 3"), "{answers:?}");
+    assert_eq!(protected.await.unwrap(), Ok(()), "the command queued behind the joins");
+    assert!(h.handle.status().members[0].member.protected);
+}
+
+#[tokio::test]
 async fn protected_members_are_never_scaled_in_and_hand_made_ones_are_never_terminated() {
     let mut h = harness().await;
     h.controller.step(now_ms()).await;
