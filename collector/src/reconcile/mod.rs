@@ -579,29 +579,25 @@ impl GroupController {
     /// answer waits for the group's status to be published, a copy of every member: one copy per join made
     /// a boot storm into a group of thousands cost thousands times thousands.
     async fn handle_queued(&mut self, first: Command, commands: &mut mpsc::Receiver<Command>) {
-        let Command::JoinExternal {
+        let mut joins = Vec::new();
+        let mut next = Some(first);
+        while let Some(Command::JoinExternal {
             facts,
             protected,
             reply,
-        } = first
-        else {
-            return self.handle(first, now_ms()).await;
-        };
-        let mut joins = vec![(facts, protected, reply)];
-        let mut next = None;
-        while next.is_none() && joins.len() < JOINS_AT_ONCE {
-            match commands.try_recv() {
-                Ok(Command::JoinExternal {
-                    facts,
-                    protected,
-                    reply,
-                }) => joins.push((facts, protected, reply)),
-                Ok(other) => next = Some(other),
-                Err(_) => break,
-            }
+        }) = next
+        {
+            joins.push((facts, protected, reply));
+            next = if joins.len() < JOINS_AT_ONCE {
+                commands.try_recv().ok()
+            } else {
+                None
+            };
         }
-        self.join_all(joins, now_ms()).await;
-        self.save();
+        if !joins.is_empty() {
+            self.join_all(joins, now_ms()).await;
+            self.save();
+        }
         if let Some(command) = next {
             self.handle(command, now_ms()).await;
         }
