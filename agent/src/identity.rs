@@ -5,14 +5,15 @@
 //! it sends its token it fetches the collector's certificate chain, finds the CA with that fingerprint (or
 //! refuses), and from then on verifies the collector against that CA like any TLS client.
 
+use std::future::Future;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ebb_proto::v1::{EnrollRequest, EnrollResponse, InstanceFacts, RenewRequest, RenewResponse};
-use prost::Message;
+use ebb_proto::v1::enrollment_client::EnrollmentClient;
+use ebb_proto::v1::{EnrollRequest, InstanceFacts, RenewRequest};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -20,7 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::grpc::{self, ConnectError, authority_of};
+use crate::transport::{self, ConnectError, authority_of};
 
 /// The longest an enrolment call may take once connected.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,8 +39,8 @@ pub enum IdentityError {
     )]
     NotEnrolled,
     /// The collector refused; the message says why.
-    #[error("the collector refused: {0}")]
-    Refused(grpc::Status),
+    #[error("the collector refused ({:?}): {}", .0.code(), .0.message())]
+    Refused(tonic::Status),
     /// The network or TLS failed.
     #[error("cannot reach the collector at {url}: {reason}")]
     Unreachable { url: String, reason: String },
@@ -59,10 +60,7 @@ impl IdentityError {
     pub fn is_retryable(&self) -> bool {
         match self {
             IdentityError::Unreachable { .. } => true,
-            IdentityError::Refused(status) => matches!(
-                status.code,
-                grpc::code::UNAVAILABLE | grpc::code::RESOURCE_EXHAUSTED | grpc::code::DEADLINE_EXCEEDED
-            ),
+            IdentityError::Refused(status) => transport::is_retryable(status),
             _ => false,
         }
     }
@@ -258,28 +256,30 @@ fn connect_error(url: &str) -> impl Fn(ConnectError) -> IdentityError + '_ {
     }
 }
 
-/// One unary call to the collector at `url`: `request` to `path`, its answer decoded.
-async fn call<Answer: Message + Default>(
+/// An Enrollment client on a new connection to the collector at `url`.
+async fn enrollment(
     url: &str,
     tls: rustls::ClientConfig,
-    path: &str,
-    request: impl Message,
-) -> Result<Answer, IdentityError> {
+) -> Result<EnrollmentClient<transport::Channel>, IdentityError> {
+    let channel = transport::connect(url, tls).await.map_err(connect_error(url))?;
+    let origin = channel.origin();
+    Ok(EnrollmentClient::with_origin(channel, origin).max_decoding_message_size(transport::limits::MAX_MESSAGE_BYTES))
+}
+
+/// The answer to one unary call, within [`CALL_TIMEOUT`].
+async fn answer<T>(
+    url: &str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, IdentityError> {
     let unreachable = |reason: String| IdentityError::Unreachable {
         url: url.to_string(),
         reason,
     };
-    let mut client = grpc::connect(url, tls).await.map_err(connect_error(url))?;
-    let answered = tokio::time::timeout(CALL_TIMEOUT, client.call(path, &request)).await;
-    client.close().await;
-    match answered {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Err(_) => Err(unreachable(format!("no answer within {} s", CALL_TIMEOUT.as_secs()))),
-        Ok(Err(grpc::Error::Status(status))) => Err(IdentityError::Refused(status)),
-        Ok(Err(grpc::Error::Decode(e))) => {
-            Err(IdentityError::Invalid(format!("the collector's answer to {path}: {e}")))
-        }
-        Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(status)) if transport::is_transport_failure(&status) => Err(unreachable(status.message().to_string())),
+        Ok(Err(status)) => Err(IdentityError::Refused(status)),
+        Ok(Ok(response)) => Ok(response.into_inner()),
     }
 }
 
@@ -292,7 +292,9 @@ pub async fn pin_ca(url: &str, expected_sha256: &str) -> Result<String, Identity
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(LearnChain(provider.signature_verification_algorithms)))
         .with_no_client_auth();
-    let (tls, _) = grpc::tls_connect(url, config, None).await.map_err(connect_error(url))?;
+    let tls = transport::tls_connect(url, config, None)
+        .await
+        .map_err(connect_error(url))?;
     let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
     let expected = expected_sha256.to_ascii_lowercase().replace(':', "");
     chain
@@ -345,8 +347,8 @@ pub async fn enroll_as(
         }),
         group: group.to_string(),
     };
-    let tls = trusting(&ca_pem)?.with_no_client_auth();
-    let response: EnrollResponse = call(url, tls, grpc::path::ENROLL, request).await?;
+    let mut client = enrollment(url, trusting(&ca_pem)?.with_no_client_auth()).await?;
+    let response = answer(url, client.enroll(request)).await?;
     Ok(Identity {
         collector_url: url.to_string(),
         member_id: response.member_id,
@@ -362,13 +364,9 @@ pub async fn enroll_as(
 /// A new certificate for a new key, from the collector it enrolled with, over mTLS with the current one.
 pub async fn renew(current: &Identity, now_ms: i64) -> Result<Identity, IdentityError> {
     let (key, csr_der) = key_and_csr()?;
-    let response: RenewResponse = call(
-        &current.collector_url,
-        current.client_tls()?,
-        grpc::path::RENEW,
-        RenewRequest { csr_der },
-    )
-    .await?;
+    let url = &current.collector_url;
+    let mut client = enrollment(url, current.client_tls()?).await?;
+    let response = answer(url, client.renew(RenewRequest { csr_der })).await?;
     Ok(Identity {
         cert_pem: response.certificate_pem,
         key_pem: key.serialize_pem(),

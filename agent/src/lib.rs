@@ -11,7 +11,6 @@ pub mod backoff;
 pub mod config;
 pub mod cpu;
 pub mod drain;
-pub mod grpc;
 pub mod health;
 pub mod identity;
 pub mod metadata;
@@ -21,6 +20,7 @@ pub mod reread;
 pub mod sampler;
 pub mod stream;
 pub mod ticker;
+pub mod transport;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;

@@ -5,16 +5,18 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use ebb_proto::v1::telemetry_client::TelemetryClient;
 use ebb_proto::v1::{Hello, ReportRequest, ReportResponse, SampleBatch, report_request, report_response};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Settings;
 use crate::backoff::{Backoff, Random};
 use crate::config::AgentConfig;
-use crate::grpc;
 use crate::health::HealthTarget;
 use crate::identity::Identity;
 use crate::outbox::Outbox;
+use crate::transport;
 
 /// Samples per message; a long replay goes out in several.
 const BATCH_LIMIT: usize = 100;
@@ -82,38 +84,53 @@ impl Connection {
 
     async fn stream_once(&mut self, latest_seq: &mut watch::Receiver<u64>) -> anyhow::Result<()> {
         let tls = self.identity.read().expect("identity lock").client_tls()?;
-        let mut client = grpc::connect(&self.url, tls).await?;
-        client.start(grpc::path::REPORT);
-        client.send(&ReportRequest {
-            message: Some(report_request::Message::Hello(self.hello.clone())),
-        });
+        let channel = transport::connect(&self.url, tls).await?;
+        let origin = channel.origin();
+        let mut client = TelemetryClient::with_origin(channel, origin)
+            .max_decoding_message_size(transport::limits::MAX_MESSAGE_BYTES);
+        // Two messages in flight at most: the stream holds little, and a batch is taken from the outbox only
+        // when it can be sent.
+        let (requests, outgoing) = mpsc::channel::<ReportRequest>(2);
+        requests
+            .send(ReportRequest {
+                message: Some(report_request::Message::Hello(self.hello.clone())),
+            })
+            .await?;
+        let mut responses = client.report(ReceiverStream::new(outgoing)).await?.into_inner();
         let mut connected = false;
 
-        // Everything in the outbox is unacknowledged: replay it all, then follow new samples. A batch is
-        // taken from the outbox only once the collector's windows have taken the one before.
+        // Everything in the outbox is unacknowledged: replay it all, then follow new samples.
         let mut sent_upto = 0u64;
         loop {
-            while client.unsent() == 0 {
-                let batch = self.outbox.lock().expect("outbox lock").after(sent_upto, BATCH_LIMIT);
-                let Some(last) = batch.last() else { break };
-                sent_upto = last.seq;
-                client.send(&ReportRequest {
-                    message: Some(report_request::Message::Batch(SampleBatch { samples: batch })),
-                });
-            }
-            client.flush().await?;
-            tokio::select! {
-                changed = latest_seq.changed() => changed?,
-                message = client.next::<ReportResponse>() => {
-                    let message = message?.ok_or_else(|| anyhow::anyhow!("stream ended by the collector"))?;
-                    if !connected {
-                        connected = true;
-                        self.backoff.reset();
-                        tracing::info!(collector = %self.url, member = %self.hello.member_id, "Connected to the collector.");
+            let response = loop {
+                // Take a slot first (cancel-safe), then the batch: an answer arriving meanwhile must never
+                // cancel a batch already counted as sent.
+                tokio::select! {
+                    permit = requests.reserve() => {
+                        let batch = self.outbox.lock().expect("outbox lock").after(sent_upto, BATCH_LIMIT);
+                        let Some(last) = batch.last() else { break None };
+                        sent_upto = last.seq;
+                        permit?.send(ReportRequest {
+                            message: Some(report_request::Message::Batch(SampleBatch { samples: batch })),
+                        });
                     }
-                    self.handle(message);
+                    response = responses.message() => break Some(response),
                 }
+            };
+            let response = match response {
+                Some(response) => response,
+                None => tokio::select! {
+                    changed = latest_seq.changed() => { changed?; continue; }
+                    response = responses.message() => response,
+                },
+            };
+            let message = response?.ok_or_else(|| anyhow::anyhow!("stream ended by the collector"))?;
+            if !connected {
+                connected = true;
+                self.backoff.reset();
+                tracing::info!(collector = %self.url, member = %self.hello.member_id, "Connected to the collector.");
             }
+            self.handle(message);
         }
     }
 

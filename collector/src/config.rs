@@ -78,6 +78,11 @@ pub struct ServerConfig {
     /// How long the join token minted for each launch is good for.
     #[serde(default = "default_launch_token_ttl_secs")]
     pub launch_token_ttl_secs: u32,
+    /// Connections open at once on the agents' port (gRPC), at most: one per agent, plus enrolments. Past it,
+    /// new connections are refused and counted (`ebb_requests_refused_total{reason="connection_limit"}`).
+    /// `serve` raises its open-file limit to fit, and warns when the system's hard limit is too low.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
     /// Enrolment attempts allowed per remote address per minute.
     #[serde(default = "default_enrollments_per_minute")]
     pub enrollments_per_minute: u32,
@@ -551,6 +556,9 @@ fn default_member_cert_lifetime_secs() -> u32 {
 fn default_launch_token_ttl_secs() -> u32 {
     30 * 60
 }
+fn default_max_connections() -> u32 {
+    20_000
+}
 fn default_enrollments_per_minute() -> u32 {
     600
 }
@@ -722,6 +730,12 @@ impl CollectorConfig {
             problems.push(format!(
                 "server.advertise_url: must start with http:// or https://, not `{url}`"
             ));
+        }
+        if self.server.max_connections == 0 {
+            problems.push(
+                "server.max_connections: must be at least 1 (the default, 20000, fits a fleet of that many agents)"
+                    .to_string(),
+            );
         }
         let mut names = std::collections::HashSet::new();
         for (i, group) in self.groups.iter().enumerate() {

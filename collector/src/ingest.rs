@@ -28,7 +28,23 @@ pub enum IngestError {
     /// The collector is shutting down.
     #[error("the collector is shutting down")]
     Closed,
+    /// Another run of the member's agent said Hello since this stream's: its samples would number from 1
+    /// again, so this stream's are not stored (nor acknowledged).
+    #[error("member `{member}`: another agent run (run id {current}) took over its stream; reconnect to report")]
+    Superseded { member: String, current: u64 },
 }
+
+/// Why the collector closes a member's open stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CloseReason {
+    /// The certificate was revoked or the member removed (terminated, or its stream closed by an operator).
+    Revoked,
+    /// Another run of the member's agent took the member over (a restarted agent, or a copy of its identity).
+    Superseded { current_run: u64 },
+}
+
+/// The most samples one batch may hold; the agent sends at most 100.
+pub const MAX_SAMPLES_PER_BATCH: usize = 500;
 
 /// Why one sample was refused; it is counted and never stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,8 +138,8 @@ pub struct LatestSample {
 
 struct MemberRecord {
     settings: AgentSettings,
-    /// Set to true to close the member's open stream (revoked, terminated).
-    closed: watch::Sender<bool>,
+    /// Set to close the member's open stream, and why.
+    closed: watch::Sender<Option<CloseReason>>,
     run_id: Option<u64>,
     highest_seq: u64,
     /// Ordered by timestamp.
@@ -208,7 +224,7 @@ enum Command {
         run_id: u64,
         samples: Vec<Sample>,
         now: Millis,
-        reply: oneshot::Sender<BatchOutcome>,
+        reply: oneshot::Sender<Result<BatchOutcome, IngestError>>,
     },
     Observe {
         members: Vec<String>,
@@ -223,8 +239,8 @@ pub struct Accepted {
     /// The highest sequence already stored for this agent run.
     pub highest_seq: u64,
     pub settings: AgentSettings,
-    /// Becomes true when the stream must close (the member was revoked or removed).
-    pub closed: watch::Receiver<bool>,
+    /// Set when the stream must close (the member was revoked or removed, or another run took over).
+    pub closed: watch::Receiver<Option<CloseReason>>,
 }
 
 /// Cheap to clone; every clone talks to the one ingest task.
@@ -301,7 +317,7 @@ impl IngestHandle {
             })
             .await
             .map_err(|_| IngestError::Closed)?;
-        answer.await.map_err(|_| IngestError::Closed)
+        answer.await.map_err(|_| IngestError::Closed)?
     }
 
     /// For each member, the mean of each metric over each of its windows, and its latest sample.
@@ -416,7 +432,7 @@ impl Ingest {
                     .and_modify(|record| record.settings = settings.clone())
                     .or_insert_with(|| MemberRecord {
                         settings,
-                        closed: watch::channel(false).0,
+                        closed: watch::channel(None).0,
                         run_id: None,
                         highest_seq: 0,
                         window: VecDeque::new(),
@@ -426,14 +442,14 @@ impl Ingest {
             }
             Command::Unregister { member } => {
                 if let Some(record) = members.remove(&member) {
-                    record.closed.send_replace(true);
+                    record.closed.send_replace(Some(CloseReason::Revoked));
                 }
             }
             Command::Disconnect { member } => {
                 if let Some(record) = members.get_mut(&member) {
-                    record.closed.send_replace(true);
+                    record.closed.send_replace(Some(CloseReason::Revoked));
                     // A fresh flag for the next stream, should the member come back.
-                    record.closed = watch::channel(false).0;
+                    record.closed = watch::channel(None).0;
                 }
             }
             Command::Hello { hello, reply } => {
@@ -441,7 +457,13 @@ impl Ingest {
                     None => Err(IngestError::UnknownMember(hello.member_id)),
                     Some(record) => {
                         if record.run_id != Some(hello.run_id) {
-                            // A new agent process numbers its samples from 1 again.
+                            // A new agent process numbers its samples from 1 again. The stream of the run
+                            // before, if still open, is told so and closed: its samples can no longer be
+                            // stored, and acknowledging them unstored would lose them.
+                            record.closed.send_replace(Some(CloseReason::Superseded {
+                                current_run: hello.run_id,
+                            }));
+                            record.closed = watch::channel(None).0;
                             record.run_id = Some(hello.run_id);
                             record.highest_seq = 0;
                         }
@@ -463,10 +485,15 @@ impl Ingest {
             } => {
                 let mut outcome = BatchOutcome::default();
                 match members.get_mut(&member) {
-                    // Unregistered since its hello (terminated): nothing to store, nothing to resend.
-                    None => outcome.highest_seq = samples.iter().map(|s| s.seq).max().unwrap_or(0),
+                    // Unregistered since its hello (terminated): its stream closes.
+                    None => {
+                        let _ = reply.send(Err(IngestError::UnknownMember(member)));
+                        return;
+                    }
                     Some(record) if record.run_id != Some(run_id) => {
-                        outcome.highest_seq = samples.iter().map(|s| s.seq).max().unwrap_or(0);
+                        let current = record.run_id.unwrap_or_default();
+                        let _ = reply.send(Err(IngestError::Superseded { member, current }));
+                        return;
                     }
                     Some(record) => {
                         for sample in &samples {
@@ -499,7 +526,7 @@ impl Ingest {
                         outcome.settings = Some(record.settings.clone());
                     }
                 }
-                let _ = reply.send(outcome);
+                let _ = reply.send(Ok(outcome));
             }
             Command::Observe {
                 members: wanted,

@@ -14,7 +14,6 @@ pub mod engine;
 pub mod explain;
 pub mod hooks;
 pub mod http;
-pub mod http2;
 pub mod import;
 pub mod ingest;
 pub mod lb;
@@ -26,6 +25,7 @@ pub mod reload;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod transport;
 pub mod userdata;
 pub mod workload;
 
@@ -84,8 +84,8 @@ pub struct Collector {
     pub ingest: IngestHandle,
     stop: watch::Sender<bool>,
     controllers: Vec<JoinHandle<()>>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
-    admin_servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    server: JoinHandle<()>,
+    admin_servers: Vec<JoinHandle<()>>,
     metrics_server: JoinHandle<()>,
 }
 
@@ -246,10 +246,7 @@ impl Collector {
             stopping: stop_rx.clone(),
         });
         let telemetry =
-            TelemetryServer::from_arc(telemetry_service.clone()).max_decoding_message_size(server::MAX_MESSAGE_BYTES);
-        // Agents' Report connections are served by `http2`, the rest by tonic.
-        let divert_reports: tls::Divert<tokio::net::TcpStream> =
-            Arc::new(move |connection| server::divert_reports(telemetry_service.clone(), connection));
+            TelemetryServer::from_arc(telemetry_service).max_decoding_message_size(server::MAX_MESSAGE_BYTES);
         let enrollment = EnrollmentServer::new(server::EnrollmentService {
             authority: authority.clone(),
             metrics: metrics.clone(),
@@ -257,18 +254,15 @@ impl Collector {
         })
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
         let reloader = Arc::new(Reloader::new(running, groups.clone()));
-        let admin_service = tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(server::AdminService {
-                groups: groups.clone(),
-                activities: activities.clone(),
-                explanations: explanations.clone(),
-                authority: authority.clone(),
-                ingest: ingest.clone(),
-                reloader: reloader.clone(),
-            })
-            .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
-            server::require_admin(authority.clone(), metrics.clone()),
-        );
+        let admin_service = AdminServer::new(server::AdminService {
+            groups: groups.clone(),
+            activities: activities.clone(),
+            explanations: explanations.clone(),
+            authority: authority.clone(),
+            ingest: ingest.clone(),
+            reloader: reloader.clone(),
+        })
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<TelemetryServer<server::TelemetryService>>().await;
         health
@@ -285,39 +279,48 @@ impl Collector {
         };
         let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
 
-        let stopped = |mut stop: watch::Receiver<bool>| async move {
-            let _ = stop.changed().await;
+        let agents_routes = tonic::service::Routes::new(telemetry)
+            .add_service(enrollment)
+            .add_service(health_service.clone())
+            .add_service(reflection_v1.clone())
+            .add_service(reflection_v1alpha.clone());
+        let agents = transport::Listener {
+            name: "grpc",
+            max_connections: config.server.max_connections as usize,
+            gate: server::agents_gate(admin_socket.clone(), admin_address),
+            metrics: metrics.clone(),
         };
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .layer(tower::util::MapResponseLayer::new(server::count_oversized(
-                    metrics.clone(),
-                )))
-                .add_service(telemetry)
-                .add_service(enrollment)
-                .add_service(health_service.clone())
-                .add_service(reflection_v1.clone())
-                .add_service(reflection_v1alpha.clone())
-                .serve_with_incoming_shutdown(
-                    tls::incoming(grpc, tls.clone(), Some(divert_reports)),
-                    stopped(stop_rx.clone()),
-                ),
-        );
-        let admin_router = || {
-            tonic::transport::Server::builder()
-                .add_service(admin_service.clone())
-                .add_service(health_service.clone())
-                .add_service(reflection_v1.clone())
-                .add_service(reflection_v1alpha.clone())
+        let server = tokio::spawn(transport::serve(
+            grpc,
+            tls.clone(),
+            agents_routes,
+            agents,
+            stop_rx.clone(),
+        ));
+        let admin_routes = tonic::service::Routes::new(admin_service)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let admin = transport::Listener {
+            name: "admin",
+            max_connections: transport::limits::ADMIN_CONNECTIONS,
+            gate: server::admin_gate(authority.clone(), metrics.clone()),
+            metrics: metrics.clone(),
         };
-        let mut admin_servers = vec![tokio::spawn(admin_router().serve_with_incoming_shutdown(
-            tls::incoming(admin_unix, tls.clone(), None),
-            stopped(stop_rx.clone()),
+        let mut admin_servers = vec![tokio::spawn(transport::serve(
+            admin_unix,
+            tls.clone(),
+            admin_routes.clone(),
+            admin.clone(),
+            stop_rx.clone(),
         ))];
         if let Some(listener) = admin_tcp {
-            admin_servers.push(tokio::spawn(admin_router().serve_with_incoming_shutdown(
-                tls::incoming(listener, tls, None),
-                stopped(stop_rx.clone()),
+            admin_servers.push(tokio::spawn(transport::serve(
+                listener,
+                tls,
+                admin_routes,
+                admin,
+                stop_rx.clone(),
             )));
         }
         let metrics_server = tokio::spawn(metrics::serve(http, metrics.clone()));
@@ -351,10 +354,10 @@ impl Collector {
             let _ = controller.await;
         }
         self.metrics_server.abort();
-        // Agents' streams keep the gRPC server's graceful shutdown waiting; they are gone or going now.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.server).await;
+        // Each listener gives its connections a grace period to finish, then ends.
+        let _ = self.server.await;
         for admin in self.admin_servers {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), admin).await;
+            let _ = admin.await;
         }
         let _ = std::fs::remove_file(&self.admin_socket);
         tracing::info!("Collector stopped.");

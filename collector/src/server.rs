@@ -3,7 +3,6 @@
 //! here, with a message an operator can act on.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,22 +21,19 @@ use ebb_proto::v1::{
 };
 use prost::Message;
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::{Activity, ActivityLog};
-use crate::http2;
-use crate::ingest::{IngestError, IngestHandle};
+use crate::ingest::{CloseReason, IngestError, IngestHandle, MAX_SAMPLES_PER_BATCH};
 use crate::metrics::{ConnectedAgent, Metrics};
 use crate::pki::{Authority, CertRejection, ClientIdentity};
 use crate::reconcile::{GroupHandle, GroupStatus, Process, Suspended, now_ms};
-use crate::tls::{PeerInfo, TlsConnection};
+use crate::tls::PeerInfo;
 
-/// Largest message accepted from anyone; a batch of 100 samples is about 10 KB.
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+pub use crate::transport::limits::MAX_MESSAGE_BYTES;
 
 /// The verified identity behind a request, or the refusal as a gRPC status (counted under `service`).
 fn identify<T>(
@@ -82,21 +78,16 @@ fn identify_chain(
 }
 
 /// tonic's refusal of a message over [`MAX_MESSAGE_BYTES`].
-fn is_oversized(status: &Status) -> bool {
+pub fn is_oversized(status: &Status) -> bool {
     status.code() == tonic::Code::OutOfRange && status.message().contains("message length too large")
 }
 
-/// Counts unary requests that tonic refused for their size before any handler ran (it answers with
-/// `grpc-status` 11 in the response headers).
-pub fn count_oversized(
-    metrics: Arc<Metrics>,
-) -> impl Fn(tonic::codegen::http::Response<tonic::body::Body>) -> tonic::codegen::http::Response<tonic::body::Body> + Clone
-{
-    move |response| {
-        if Status::from_header_map(response.headers()).is_some_and(|status| is_oversized(&status)) {
-            metrics.refused("grpc", "oversized_message");
-        }
-        response
+/// How the ingest task's refusal reaches the agent.
+fn ingest_status(e: &IngestError) -> Status {
+    match e {
+        IngestError::UnknownMember(_) => Status::permission_denied(e.to_string()),
+        IngestError::Superseded { .. } => Status::aborted(e.to_string()),
+        IngestError::Closed => Status::unavailable(e.to_string()),
     }
 }
 
@@ -115,20 +106,45 @@ pub struct TelemetryService {
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ReportResponse, Status>> + Send>>;
 
+/// Answers queued on one Report stream for the agent to read.
+const ANSWERS_QUEUED: usize = 8;
+
 fn ack(highest_seq: u64, rejected: Vec<ebb_proto::v1::Rejection>) -> ReportResponse {
     ReportResponse {
         message: Some(report_response::Message::Ack(Ack { highest_seq, rejected })),
     }
 }
 
-/// One agent's Report stream once its certificate and Hello are accepted, whichever HTTP/2 server carries
-/// it ([`http2`](crate::http2) for agents, tonic for anything else): samples go to the ingest task, acks
-/// and settings come back.
+/// An ack no larger than the request it answers (`request_bytes`, a few bytes of framing aside): the
+/// rejections that fit are listed, the rest are counted in the metrics only. A batch of many bad samples
+/// cannot make the collector send more than it received.
+fn bounded_ack(highest_seq: u64, rejected: Vec<ebb_proto::v1::Rejection>, request_bytes: usize) -> ReportResponse {
+    // The wrapper's length prefixes may grow by a few bytes as rejections are added.
+    let mut bytes = ack(highest_seq, Vec::new()).encoded_len() + 4;
+    let listed = rejected
+        .into_iter()
+        .take_while(|rejection| {
+            let length = rejection.encoded_len();
+            bytes += 1 + prost::length_delimiter_len(length) + length;
+            bytes <= request_bytes
+        })
+        .collect();
+    ack(highest_seq, listed)
+}
+
+/// A Report stream's next message within this many of the agent's sampling intervals, and at least
+/// [`REPORT_MESSAGE_DEADLINE`]: a live agent sends a batch every interval, so a stream that sends nothing
+/// (or trickles a message in) for longer holds a connection for nothing.
+const REPORT_MESSAGE_INTERVALS: u32 = 5;
+pub const REPORT_MESSAGE_DEADLINE: Duration = Duration::from_secs(15);
+
+/// One agent's Report stream once its certificate and Hello are accepted: samples go to the ingest task,
+/// acks and settings come back.
 pub struct ReportSession {
     member: String,
     run_id: u64,
     settings: AgentSettings,
-    closed: watch::Receiver<bool>,
+    closed: watch::Receiver<Option<CloseReason>>,
     ingest: IngestHandle,
     _connected: ConnectedAgent,
 }
@@ -174,14 +190,11 @@ impl TelemetryService {
             ));
         }
         let run_id = hello.run_id;
-        let accepted = self.ingest.hello(hello).await.map_err(|e| match e {
-            IngestError::UnknownMember(_) => refuse(
-                &self.metrics,
-                "report",
-                "unknown_member",
-                Status::permission_denied(e.to_string()),
-            ),
-            IngestError::Closed => Status::unavailable(e.to_string()),
+        let accepted = self.ingest.hello(hello).await.map_err(|e| {
+            if matches!(e, IngestError::UnknownMember(_)) {
+                self.metrics.refused("report", "unknown_member");
+            }
+            ingest_status(&e)
         })?;
         tracing::debug!(member = %certified, "Agent connected.");
         let first = [
@@ -200,30 +213,29 @@ impl TelemetryService {
         };
         Ok((session, first))
     }
-
-    /// Counts and describes a message over [`MAX_MESSAGE_BYTES`].
-    fn oversized(&self, length: usize) -> Status {
-        self.metrics.refused("report", "oversized_message");
-        Status::out_of_range(format!(
-            "message length too large: found {length} bytes, the limit is {MAX_MESSAGE_BYTES} bytes"
-        ))
-    }
 }
 
 impl ReportSession {
     /// Takes one message after the Hello; the responses to it, or the status that ends the stream.
     pub async fn receive(&mut self, message: ReportRequest) -> Result<Vec<ReportResponse>, Status> {
+        let request_bytes = message.encoded_len();
         let Some(report_request::Message::Batch(batch)) = message.message else {
             return Err(Status::invalid_argument(
                 "only one Hello per stream; then sample batches",
             ));
         };
+        if batch.samples.len() > MAX_SAMPLES_PER_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds at most {MAX_SAMPLES_PER_BATCH} samples; this one held {}",
+                batch.samples.len()
+            )));
+        }
         let outcome = self
             .ingest
             .batch(&self.member, self.run_id, batch.samples, now_ms())
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let mut responses = vec![ack(outcome.highest_seq, outcome.rejected)];
+            .map_err(|e| ingest_status(&e))?;
+        let mut responses = vec![bounded_ack(outcome.highest_seq, outcome.rejected, request_bytes)];
         // Settings may change after launch (the health-check URL is known once the instance has an
         // address); an agent connected earlier hears about it here.
         if let Some(current) = outcome.settings
@@ -237,10 +249,27 @@ impl ReportSession {
         Ok(responses)
     }
 
-    /// Resolves when the member's certificate is revoked or the member removed: the status to end with.
-    pub async fn revoked(&mut self) -> Status {
-        let _ = self.closed.wait_for(|closed| *closed).await;
-        Status::permission_denied("this member's certificate was revoked or the member was removed")
+    /// Resolves when the stream must close (the member's certificate revoked, the member removed, another
+    /// run of its agent took over): the status to end with.
+    pub async fn closed(&mut self) -> Status {
+        let reason = match self.closed.wait_for(Option::is_some).await {
+            Ok(reason) => *reason,
+            // The member's record is gone with the sender.
+            Err(_) => Some(CloseReason::Revoked),
+        };
+        match reason {
+            Some(CloseReason::Superseded { current_run }) => Status::aborted(format!(
+                "member {}: another agent run (run id {current_run}) took over this stream; reconnect to report",
+                self.member
+            )),
+            _ => Status::permission_denied("this member's certificate was revoked or the member was removed"),
+        }
+    }
+
+    /// How long the stream may wait for the agent's next message.
+    fn message_deadline(&self) -> Duration {
+        (Duration::from_secs(self.settings.interval_secs.into()) * REPORT_MESSAGE_INTERVALS)
+            .max(REPORT_MESSAGE_DEADLINE)
     }
 }
 
@@ -259,203 +288,55 @@ impl Telemetry for TelemetryService {
         let mut inbound = request.into_inner();
         let first = inbound.message().await?;
         let (mut session, first) = self.open(certified, first).await?;
-        let (responses, outgoing) = mpsc::channel(16);
+        let (responses, outgoing) = mpsc::channel(ANSWERS_QUEUED);
         for response in first {
-            let _ = responses.send(Ok(response)).await;
+            let _ = responses.try_send(Ok(response));
         }
         let metrics = self.metrics.clone();
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
-            loop {
+            let ended = loop {
                 let message = tokio::select! {
-                    message = inbound.message() => match message {
-                        Ok(Some(message)) => message,
-                        Ok(None) => break,
-                        Err(status) => {
+                    message = tokio::time::timeout(session.message_deadline(), inbound.message()) => match message {
+                        Ok(Ok(Some(message))) => message,
+                        Ok(Ok(None)) => return,
+                        Ok(Err(status)) => {
                             if is_oversized(&status) {
                                 metrics.refused("report", "oversized_message");
                             }
-                            break;
+                            break status;
+                        }
+                        Err(_) => {
+                            metrics.refused("report", "message_deadline");
+                            break Status::deadline_exceeded(format!(
+                                "no complete message within {} s; an agent sends one every sampling interval",
+                                session.message_deadline().as_secs()
+                            ));
                         }
                     },
-                    status = session.revoked() => {
-                        let _ = responses.send(Err(status)).await;
-                        break;
-                    }
+                    status = session.closed() => break status,
+                    _ = stopping.wait_for(|stopping| *stopping) => break Status::unavailable("the collector is stopping"),
                 };
-                match session.receive(message).await {
-                    Ok(answers) => {
-                        for answer in answers {
-                            if responses.send(Ok(answer)).await.is_err() {
-                                return;
-                            }
+                let answers = match session.receive(message).await {
+                    Ok(answers) => answers,
+                    Err(status) => break status,
+                };
+                for answer in answers {
+                    // An agent that does not read its acks holds the stream for nothing.
+                    match tokio::time::timeout(REPORT_MESSAGE_DEADLINE, responses.send(Ok(answer))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            metrics.refused("report", "unread_answers");
+                            return;
                         }
                     }
-                    Err(status) => {
-                        let _ = responses.send(Err(status)).await;
-                        break;
-                    }
                 }
-            }
+            };
+            let _ = responses.try_send(Err(ended));
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(outgoing))))
     }
-}
-
-/// The path of `Telemetry.Report`, the only one [`serve_report_connection`] serves.
-pub const REPORT_PATH: &str = "/ebb.v1.Telemetry/Report";
-
-/// How long a member's new connection may take to send its first request before tonic gets it anyway
-/// (a client that waits for the server's SETTINGS first, such as grpc-go's, never sends one before).
-const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
-
-/// Keeps a member's connection whose first request is Report, to serve it with [`http2`](crate::http2) for
-/// as long as the agent stays; gives any other connection back for tonic, with what was read of it.
-///
-/// Not an `async fn`: the future lives as long as the agent's connection, so it captures the connection
-/// once (an `async fn` would keep its argument and the [`http2::Connection`] made of it side by side) and
-/// lends it to [`serve_report_connection`].
-pub fn divert_reports<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    telemetry: Arc<TelemetryService>,
-    connection: TlsConnection<Io>,
-) -> Pin<Box<dyn Future<Output = Option<TlsConnection<Io>>> + Send>> {
-    let certs = connection.info.certs.clone();
-    if !matches!(
-        telemetry.authority.pki.verify_client(&certs, now_ms()),
-        Ok(ClientIdentity::Member { .. })
-    ) {
-        return Box::pin(std::future::ready(Some(connection)));
-    }
-    let mut connection = http2::Connection::new(connection, MAX_MESSAGE_BYTES);
-    Box::pin(async move {
-        match connection.read_first_request(FIRST_REQUEST_WAIT).await {
-            http2::FirstRequest::Path(path) if path == REPORT_PATH => {
-                serve_report_connection(&telemetry, &certs, &mut connection).await;
-                None
-            }
-            _ => {
-                let (mut connection, read) = connection.into_parts();
-                connection.replay = read;
-                Some(connection)
-            }
-        }
-    })
-}
-
-/// Where a stream on a [`serve_report_connection`] stands.
-enum ReportStream {
-    /// No stream is open.
-    Idle,
-    /// The certificate was accepted; the Hello is next.
-    Authorized(String),
-    Open(ReportSession),
-}
-
-/// What woke a [`serve_report_connection`].
-enum Wake {
-    Event(Result<Option<http2::Event>, http2::Error>),
-    Revoked(Status),
-    Stopping,
-}
-
-/// Resolves when the open stream's member is revoked; never without an open stream.
-async fn revoked(stream: &mut ReportStream) -> Status {
-    match stream {
-        ReportStream::Open(session) => session.revoked().await,
-        _ => std::future::pending().await,
-    }
-}
-
-/// Serves Report streams on one agent's connection until it closes or the collector stops.
-pub async fn serve_report_connection<Io: AsyncRead + AsyncWrite + Unpin>(
-    telemetry: &TelemetryService,
-    certs: &[CertificateDer<'static>],
-    connection: &mut http2::Connection<Io>,
-) {
-    let mut stopping = telemetry.stopping.clone();
-    let mut stream = ReportStream::Idle;
-    loop {
-        let wake = tokio::select! {
-            event = connection.next() => Wake::Event(event),
-            status = revoked(&mut stream) => Wake::Revoked(status),
-            _ = stopping.wait_for(|stopping| *stopping) => Wake::Stopping,
-        };
-        let event = match wake {
-            Wake::Event(Ok(Some(event))) => Ok(event),
-            Wake::Event(Ok(None)) => break,
-            Wake::Event(Err(e)) => {
-                tracing::debug!(error = %e, "Closed an agent's connection.");
-                return;
-            }
-            Wake::Revoked(status) => Err(status),
-            Wake::Stopping => {
-                connection.finish(tonic::Code::Unavailable as i32, "the collector is stopping");
-                break;
-            }
-        };
-        let outcome =
-            match (event, std::mem::replace(&mut stream, ReportStream::Idle)) {
-                (Ok(http2::Event::Request { path }), _) if path != REPORT_PATH => Err(Status::unimplemented(format!(
-                    "{path} is not served on an agent's Report connection"
-                ))),
-                (Ok(http2::Event::Request { .. }), _) => telemetry.authorize(certs).map(|member| {
-                    stream = ReportStream::Authorized(member);
-                }),
-                (Ok(http2::Event::Message(bytes)), previous) => match ReportRequest::decode(bytes.as_slice()) {
-                    Err(e) => Err(Status::invalid_argument(format!("cannot decode a ReportRequest: {e}"))),
-                    Ok(message) => match previous {
-                        // Boxed, as is `receive`: the future of a connection that waits for its next sample
-                        // then holds only a pointer to them.
-                        ReportStream::Authorized(member) => Box::pin(telemetry.open(member, Some(message)))
-                            .await
-                            .and_then(|(session, first)| {
-                                stream = ReportStream::Open(session);
-                                first.iter().try_for_each(|response| send(connection, response))
-                            }),
-                        ReportStream::Open(mut session) => match Box::pin(session.receive(message)).await {
-                            Ok(responses) => {
-                                stream = ReportStream::Open(session);
-                                responses.iter().try_for_each(|response| send(connection, response))
-                            }
-                            Err(status) => Err(status),
-                        },
-                        ReportStream::Idle => Ok(()),
-                    },
-                },
-                (Ok(http2::Event::TooLarge { length }), _) => Err(telemetry.oversized(length)),
-                (Ok(http2::Event::Compressed), _) => Err(Status::unimplemented(
-                    "compressed messages are not accepted; send them uncompressed",
-                )),
-                (Ok(http2::Event::Finished), ReportStream::Authorized(_)) => Err(Status::invalid_argument(
-                    "the first message of a Report stream must be a Hello",
-                )),
-                (Ok(http2::Event::Finished | http2::Event::Reset), _) => Ok(()),
-                // Revoked (or removed) while its stream was open.
-                (Err(status), _) => Err(status),
-            };
-        match outcome {
-            Err(status) => {
-                stream = ReportStream::Idle;
-                connection.finish(status.code() as i32, status.message());
-            }
-            // The client finished (or reset) its side: so do we.
-            Ok(()) if matches!(stream, ReportStream::Idle) => connection.finish(0, ""),
-            Ok(()) => {}
-        }
-        if connection.flush().await.is_err() {
-            return;
-        }
-    }
-    connection.close().await;
-}
-
-/// Queues one response; a client that stopped reading its responses ends the stream.
-fn send<Io: AsyncRead + AsyncWrite + Unpin>(
-    connection: &mut http2::Connection<Io>,
-    response: &ReportResponse,
-) -> Result<(), Status> {
-    connection
-        .send(&response.encode_to_vec())
-        .map_err(|e| Status::resource_exhausted(e.to_string()))
 }
 
 pub struct EnrollmentService {
@@ -577,19 +458,45 @@ impl Enrollment for EnrollmentService {
 
 /// Lets a request through to the Admin API only with an admin certificate from this CA. It wraps the
 /// whole service, so that no method can forget it.
-pub fn require_admin(
-    authority: Arc<Authority>,
-    metrics: Arc<Metrics>,
-) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |request| match identify(&request, &authority, &metrics, "admin")? {
-        ClientIdentity::Admin { .. } => Ok(request),
-        ClientIdentity::Member { member_id, .. } => Err(refuse(
-            &metrics,
-            "admin",
-            "not_an_admin",
-            Status::permission_denied(format!("member {member_id}'s certificate cannot use the Admin API")),
-        )),
-    }
+/// The Admin API listeners answer nothing, reflection and health included, without an admin certificate.
+pub fn admin_gate(authority: Arc<Authority>, metrics: Arc<Metrics>) -> crate::transport::Gate {
+    Arc::new(
+        move |peer: &PeerInfo, _path: &str| match identify_chain(&peer.certs, &authority, &metrics, "admin")? {
+            ClientIdentity::Admin { .. } => Ok(()),
+            ClientIdentity::Member { member_id, .. } => Err(refuse(
+                &metrics,
+                "admin",
+                "not_an_admin",
+                Status::permission_denied(format!("member {member_id}'s certificate cannot use the Admin API")),
+            )),
+        },
+    )
+}
+
+/// The agents' port serves Telemetry, Enrollment, health and reflection; an Admin call there is told where
+/// the Admin API is.
+pub fn agents_gate(
+    admin_socket: std::path::PathBuf,
+    admin_address: Option<std::net::SocketAddr>,
+) -> crate::transport::Gate {
+    let where_admin = match admin_address {
+        Some(address) => format!(
+            "the Unix socket {} or {address} (server.admin_listen)",
+            admin_socket.display()
+        ),
+        None => format!(
+            "the Unix socket {} (or set server.admin_listen to serve it on TCP)",
+            admin_socket.display()
+        ),
+    };
+    Arc::new(move |_peer: &PeerInfo, path: &str| {
+        if path.starts_with("/ebb.v1.Admin/") {
+            return Err(Status::unimplemented(format!(
+                "the Admin API is not served on the agents' port; it is on {where_admin}, with an admin certificate"
+            )));
+        }
+        Ok(())
+    })
 }
 
 pub struct AdminService {

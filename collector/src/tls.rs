@@ -3,12 +3,9 @@
 //! handlers against the CA ([`crate::pki::Pki::verify_client`]), so that each refusal is a clear gRPC status
 //! that is counted, not an opaque handshake failure.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::DistinguishedName;
@@ -16,13 +13,11 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::server::Connected;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,51 +38,6 @@ pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     /// The client's certificate chain, leaf first; empty without one. Not yet verified.
     pub certs: Arc<Vec<CertificateDer<'static>>>,
-}
-
-/// One accepted TLS connection.
-pub struct TlsConnection<Io> {
-    pub(crate) stream: TlsStream<Io>,
-    pub(crate) info: PeerInfo,
-    /// Bytes already read from `stream` by whoever looked at the connection first, to be read again.
-    pub(crate) replay: Vec<u8>,
-}
-
-impl<Io> Connected for TlsConnection<Io> {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        self.info.clone()
-    }
-}
-
-impl<Io: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConnection<Io> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.replay.is_empty() {
-            let n = self.replay.len().min(buf.remaining());
-            buf.put_slice(&self.replay[..n]);
-            self.replay.drain(..n);
-            if self.replay.is_empty() {
-                self.replay = Vec::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl<Io: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConnection<Io> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }
 
 /// Asks for a client certificate, accepts any (or none), and checks that the client holds its key.
@@ -192,88 +142,66 @@ impl Accept for UnixListener {
     }
 }
 
-/// Takes some connections before tonic sees them and serves them itself, in a task of their own; gives back
-/// the others.
-pub type Divert<Io> =
-    Arc<dyn Fn(TlsConnection<Io>) -> Pin<Box<dyn Future<Output = Option<TlsConnection<Io>>> + Send>> + Send + Sync>;
+/// The TLS handshakes of one listener: each under [`HANDSHAKE_TIMEOUT`], at most [`HANDSHAKES_AT_ONCE`] past
+/// their ClientHello.
+#[derive(Clone)]
+pub struct Handshakes {
+    turns: Arc<Semaphore>,
+}
 
-/// Accepts connections on `listener` and completes their TLS handshakes concurrently (each under a
-/// timeout, at most [`HANDSHAKES_AT_ONCE`] past their ClientHello); yields the connections ready for gRPC,
-/// except those `divert` keeps.
-pub fn incoming<L: Accept>(
-    listener: L,
-    config: Arc<rustls::ServerConfig>,
-    divert: Option<Divert<L::Io>>,
-) -> UnboundedReceiverStream<io::Result<TlsConnection<L::Io>>> {
-    // Unbounded: each connection waiting here has already cost its handshake; tonic takes them at once.
-    let (ready, stream) = mpsc::unbounded_channel();
-    let turns = Arc::new(Semaphore::new(HANDSHAKES_AT_ONCE));
-    tokio::spawn(async move {
-        loop {
-            let (io, remote) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Cannot accept a connection.");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if ready.is_closed() {
-                return;
-            }
-            let (config, ready, divert, turns) = (config.clone(), ready.clone(), divert.clone(), turns.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(io, config, &turns)).await {
-                    Ok(Ok(stream)) => {
-                        let certs = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .map(|c| c.to_vec())
-                            .unwrap_or_default();
-                        let info = PeerInfo {
-                            remote,
-                            certs: Arc::new(certs.into_iter().map(|c| c.into_owned()).collect()),
-                        };
-                        let connection = TlsConnection {
-                            stream,
-                            info,
-                            replay: Vec::new(),
-                        };
-                        match divert {
-                            // A task of its own, so that this one's handshake state is freed now.
-                            Some(divert) => {
-                                let diverting = divert(connection);
-                                tokio::spawn(async move {
-                                    if let Some(undiverted) = diverting.await {
-                                        let _ = ready.send(Ok(undiverted));
-                                    }
-                                });
-                            }
-                            None => {
-                                let _ = ready.send(Ok(connection));
-                            }
-                        }
-                    }
-                    Ok(Err(e)) => tracing::debug!(?remote, error = %e, "TLS handshake failed."),
-                    Err(_) => tracing::debug!(?remote, "TLS handshake timed out."),
-                }
-            });
+impl Default for Handshakes {
+    fn default() -> Self {
+        Self {
+            turns: Arc::new(Semaphore::new(HANDSHAKES_AT_ONCE)),
         }
-    });
-    UnboundedReceiverStream::new(stream)
+    }
+}
+
+impl Handshakes {
+    /// The TLS stream and what the handlers may know of the client, or `None` when the handshake failed.
+    pub async fn complete<Io: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        io: Io,
+        remote: Option<SocketAddr>,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Option<(TlsStream<Io>, PeerInfo)> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(io, config, &self.turns)).await {
+            Ok(Ok(stream)) => {
+                let certs = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                    .unwrap_or_default();
+                let info = PeerInfo {
+                    remote,
+                    certs: Arc::new(certs),
+                };
+                Some((stream, info))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(?remote, error = %e, "TLS handshake failed.");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(?remote, "TLS handshake timed out.");
+                None
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_stream::StreamExt;
+    use tokio::sync::mpsc;
 
-    /// A listener on loopback with a self-signed certificate; its address and a client config trusting it.
+    /// A listener on loopback with a self-signed certificate; its address, the clients whose handshake
+    /// completed, and a client config trusting it.
     async fn listener() -> (
         SocketAddr,
-        UnboundedReceiverStream<io::Result<TlsConnection<TcpStream>>>,
+        mpsc::UnboundedReceiver<(TlsStream<TcpStream>, PeerInfo)>,
         Arc<rustls::ClientConfig>,
     ) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -287,7 +215,20 @@ mod tests {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        (address, incoming(listener, config, None), Arc::new(client))
+        let (completed, ready) = mpsc::unbounded_channel();
+        let handshakes = Handshakes::default();
+        tokio::spawn(async move {
+            loop {
+                let (io, remote) = Accept::accept(&listener).await.unwrap();
+                let (handshakes, config, completed) = (handshakes.clone(), config.clone(), completed.clone());
+                tokio::spawn(async move {
+                    if let Some(done) = handshakes.complete(io, remote, config).await {
+                        let _ = completed.send(done);
+                    }
+                });
+            }
+        });
+        (address, ready, Arc::new(client))
     }
 
     /// Whether a client's handshake completes within `wait`.
@@ -313,7 +254,7 @@ mod tests {
             handshake_completes(address, &client, Duration::from_secs(5)).await,
             "idle connections must not hold turns"
         );
-        assert!(ready.next().await.unwrap().is_ok());
+        assert!(ready.recv().await.is_some());
 
         // Clients that send their ClientHello and then stall hold every turn, until the turn times out.
         let mut stalled = Vec::new();

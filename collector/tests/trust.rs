@@ -9,7 +9,6 @@ use ebb_proto::v1::enrollment_client::EnrollmentClient;
 use ebb_proto::v1::{
     EnrollRequest, ListGroupsRequest, ReportRequest, ReportResponse, RevokeMemberRequest, report_response,
 };
-use std::sync::Arc;
 
 use tonic::Code;
 
@@ -68,19 +67,19 @@ async fn tokens_are_single_use_unexpired_and_for_their_group() {
         other => panic!("{other}"),
     };
     let twice = refused(identity::enroll(&url, &pin, &token, "web", now).await.unwrap_err());
-    assert_eq!(twice.code, Code::PermissionDenied as i32);
-    assert!(twice.message.contains("already been used"), "{}", twice.message);
+    assert_eq!(twice.code(), Code::PermissionDenied);
+    assert!(twice.message().contains("already been used"), "{}", twice.message());
 
     let expired = h.token("web", 0, 1);
     let status = refused(identity::enroll(&url, &pin, &expired, "web", now).await.unwrap_err());
-    assert!(status.message.contains("expired"), "{}", status.message);
+    assert!(status.message().contains("expired"), "{}", status.message());
 
     let for_db = h.token("db", 600, 1);
     let status = refused(identity::enroll(&url, &pin, &for_db, "web", now).await.unwrap_err());
     assert!(
-        status.message.contains("for group `db`, not `web`"),
+        status.message().contains("for group `db`, not `web`"),
         "{}",
-        status.message
+        status.message()
     );
 
     assert_eq!(
@@ -415,84 +414,6 @@ async fn an_agent_enrols_from_user_data_in_the_metadata_service_and_never_writes
     // A restart finds the saved identity and needs neither the metadata service nor a token.
     let again = ebb_agent::obtain_identity(&config).await.unwrap();
     assert_eq!(again.member_id, identity.member_id);
-    h.collector.shutdown().await;
-}
-
-/// A raw HTTP/2 client connection to `address` over TLS, with `client`'s certificate if given.
-async fn http2_connection(
-    h: &Harness,
-    client: Option<(&str, &str)>,
-) -> (
-    h2::client::SendRequest<bytes::Bytes>,
-    h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, bytes::Bytes>,
-) {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(h.collector.authority.pki.ca_pem().as_bytes()).unwrap())
-        .unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut config = match client {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(cert.as_bytes())
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let address = h.collector.grpc_address;
-    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::from(address.ip()), tcp)
-        .await
-        .unwrap();
-    h2::client::handshake(tls).await.unwrap()
-}
-
-/// Agents' Report connections are served by the collector's small HTTP/2 server (`http2.rs`), which allows
-/// one stream per connection; every other connection by tonic's, which allows many.
-#[tokio::test]
-async fn a_members_report_connection_is_served_by_the_small_http2_server() {
-    let h = Harness::start("").await;
-    let member = h.enroll().await;
-    let (admin_cert, admin_key) = h.admin_identity();
-    let report = ebb_collector::server::REPORT_PATH;
-    let health = "/grpc.health.v1.Health/Check";
-    for (client, path, small) in [
-        (Some((member.cert_pem.as_str(), member.key_pem.as_str())), report, true),
-        (Some((member.cert_pem.as_str(), member.key_pem.as_str())), health, false),
-        (Some((admin_cert.as_str(), admin_key.as_str())), report, false),
-        (None, report, false),
-    ] {
-        let (mut requests, mut connection) = http2_connection(&h, client).await;
-        let request = http::Request::post(format!("https://collector{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let (response, mut body) = requests.send_request(request, false).unwrap();
-        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
-            .unwrap();
-        let response = tokio::select! {
-            response = response => response.unwrap(),
-            _ = &mut connection => panic!("the connection ended first"),
-        };
-        assert_eq!(response.status(), 200);
-        assert_eq!(
-            connection.max_concurrent_send_streams() == 1,
-            small,
-            "{path} with {}",
-            if client.is_some() { "a certificate" } else { "none" }
-        );
-    }
     h.collector.shutdown().await;
 }
 

@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use ebb_agent::grpc;
 use ebb_agent::identity::{self, Identity};
+use ebb_agent::transport;
+use ebb_proto::v1::telemetry_client::TelemetryClient;
 use ebb_proto::v1::{
-    HealthCheck, Hello, ReportRequest, ReportResponse, Sample, SampleBatch, health_check, report_request,
-    report_response,
+    HealthCheck, Hello, ReportRequest, Sample, SampleBatch, health_check, report_request, report_response,
 };
 
 use crate::report::{Report, figure};
@@ -187,22 +187,29 @@ pub struct SimulatedAgent {
 impl SimulatedAgent {
     pub async fn run(self) -> anyhow::Result<()> {
         tokio::time::sleep(self.start_after).await;
-        let mut client = grpc::connect_from(&self.url, self.identity.client_tls()?, self.from).await?;
+        let channel = transport::connect_from(&self.url, self.identity.client_tls()?, self.from).await?;
+        let origin = channel.origin();
+        let mut client = TelemetryClient::with_origin(channel, origin);
         let hello = Hello {
             member_id: self.identity.member_id.clone(),
             agent_version: "bench".into(),
             boot_id: String::new(),
             run_id: 1,
         };
-        client.start(grpc::path::REPORT);
-        client.send(&ReportRequest {
-            message: Some(report_request::Message::Hello(hello)),
-        });
+        let (requests, outgoing) = tokio::sync::mpsc::channel(2);
+        requests
+            .send(ReportRequest {
+                message: Some(report_request::Message::Hello(hello)),
+            })
+            .await?;
+        let mut responses = client
+            .report(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         let mut waiting: Option<(u64, Instant)> = None;
         let mut seq = 0u64;
         loop {
-            client.flush().await?;
             tokio::select! {
                 _ = ticker.tick() => {
                     seq += 1;
@@ -213,9 +220,9 @@ impl SimulatedAgent {
                         sent.lock().unwrap().push((timestamp_ms, cpu));
                     }
                     waiting = Some((seq, Instant::now()));
-                    client.send(&ReportRequest { message: Some(report_request::Message::Batch(SampleBatch { samples: vec![sample] })) });
+                    requests.send(ReportRequest { message: Some(report_request::Message::Batch(SampleBatch { samples: vec![sample] })) }).await?;
                 }
-                message = client.next::<ReportResponse>() => {
+                message = responses.message() => {
                     let Some(message) = message? else { return Ok(()) };
                     if let (Some(report_response::Message::Ack(ack)), Some((seq, at))) = (message.message, waiting)
                         && ack.highest_seq >= seq

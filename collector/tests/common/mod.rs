@@ -119,6 +119,42 @@ impl Harness {
         (read("admin.pem"), read("admin.key"))
     }
 
+    /// A TLS connection to `address` that speaks `h2`, trusting the CA, with `client`'s certificate if given.
+    pub async fn tls(
+        &self,
+        address: SocketAddr,
+        client: Option<(&str, &str)>,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.collector.authority.pki.ca_pem().as_bytes()).unwrap())
+            .unwrap();
+        let builder =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots);
+        let mut config = match client {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_slice_iter(cert.as_bytes())
+                        .map(Result::unwrap)
+                        .collect(),
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(address).await.unwrap();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(ServerName::from(address.ip()), tcp)
+            .await
+            .unwrap()
+    }
+
     pub fn metric(&self, line_start: &str) -> u64 {
         let text = self.collector.metrics.render();
         text.lines()
