@@ -168,7 +168,7 @@ async fn restart(dir: &std::path::Path, count: usize) -> Duration {
         ingest: IngestHandle::spawn(metrics.clone(), 600_000, Vec::new()),
         activities: ActivityLog::new(metrics.clone(), store.clone(), 42),
         metrics,
-        authority: Arc::new(Authority::new(pki, 1800, 600, store.clone()).unwrap()),
+        authority: Arc::new(Authority::new(pki, 1800, Default::default(), store.clone()).unwrap()),
         explanations: ExplanationLog::new(store.clone(), 3600),
         store,
         cluster_id: "bench".into(),

@@ -86,6 +86,10 @@ pub struct ServerConfig {
     /// Enrolment attempts allowed per remote address per minute.
     #[serde(default = "default_enrollments_per_minute")]
     pub enrollments_per_minute: u32,
+    /// Enrolment attempts allowed per minute from all addresses together: a boot storm of thousands of VMs
+    /// fits; a flood from many addresses does not take the collector's CPU.
+    #[serde(default = "default_enrollments_per_minute_total")]
+    pub enrollments_per_minute_total: u32,
     /// How long evaluation explanations are kept (`ebb-collector explain`); default six weeks, like EC2's
     /// activity history.
     #[serde(default = "default_explanation_retention_secs")]
@@ -560,7 +564,10 @@ fn default_max_connections() -> u32 {
     20_000
 }
 fn default_enrollments_per_minute() -> u32 {
-    600
+    crate::pki::EnrollmentLimits::default().per_address_per_minute
+}
+fn default_enrollments_per_minute_total() -> u32 {
+    crate::pki::EnrollmentLimits::default().total_per_minute
 }
 fn default_activity_retention_days() -> u32 {
     42

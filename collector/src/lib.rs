@@ -111,7 +111,10 @@ impl Collector {
         let authority = Arc::new(Authority::new(
             pki,
             config.server.launch_token_ttl_secs,
-            config.server.enrollments_per_minute,
+            pki::EnrollmentLimits {
+                per_address_per_minute: config.server.enrollments_per_minute,
+                total_per_minute: config.server.enrollments_per_minute_total,
+            },
             store.clone(),
         )?);
         let tls = tls::server_config(authority.pki.server_chain_pem(), authority.pki.server_key_pem())?;

@@ -354,20 +354,37 @@ impl Enrollment for EnrollmentService {
             .get::<PeerInfo>()
             .and_then(|p| p.remote)
             .map(|r| r.ip())
-            && !self.authority.allow_enrollment(address, now)
         {
-            return Err(refuse(
-                &self.metrics,
-                "enroll",
-                "rate_limited",
-                Status::resource_exhausted(format!(
-                    "more than {} enrolment attempts from {} this minute; retry later",
-                    self.authority.enrollments_per_minute, address
-                )),
-            ));
+            let limits = &self.authority.enrollments;
+            match limits.check(address, now) {
+                Ok(()) => {}
+                Err(crate::pki::rate::Refusal::Key) => {
+                    return Err(refuse(
+                        &self.metrics,
+                        "enroll",
+                        "rate_limited",
+                        Status::resource_exhausted(format!(
+                            "more than {} enrolment attempts from {address} this minute; retry later",
+                            limits.per_key()
+                        )),
+                    ));
+                }
+                Err(crate::pki::rate::Refusal::Total) => {
+                    return Err(refuse(
+                        &self.metrics,
+                        "enroll",
+                        "rate_limited_total",
+                        Status::resource_exhausted(format!(
+                            "the collector takes at most {} enrolment attempts a minute and has had them; retry later",
+                            limits.total()
+                        )),
+                    ));
+                }
+            }
         }
         let request = request.into_inner();
-        let token = self
+        // A use of the token is held now and spent only once the member has its certificate.
+        let redemption = self
             .authority
             .tokens
             .redeem(&request.token, &request.group, now)
@@ -379,6 +396,7 @@ impl Enrollment for EnrollmentService {
                     Status::permission_denied(rejection.message),
                 )
             })?;
+        let token = redemption.token().clone();
         let facts = request.facts.unwrap_or_default();
         let (member_id, joined) = match &token.bound_member {
             Some(member_id) => (member_id.clone(), None),
@@ -413,6 +431,7 @@ impl Enrollment for EnrollmentService {
             }
         };
         self.authority.record_issued(&member_id, &issued.serial);
+        redemption.spend();
         self.metrics.enrolled();
         tracing::info!(group = %token.group, member = %member_id, hostname = %facts.hostname, instance = %facts.instance_id, token = %token.id, "Enrolled a member.");
         Ok(Response::new(EnrollResponse {
@@ -435,6 +454,17 @@ impl Enrollment for EnrollmentService {
                 Status::permission_denied("only members renew their certificates"),
             ));
         };
+        if self.authority.renewals.check(member_id.clone(), now_ms()).is_err() {
+            return Err(refuse(
+                &self.metrics,
+                "renew",
+                "rate_limited",
+                Status::resource_exhausted(format!(
+                    "member {member_id} renewed {} times this hour; an agent renews a few times a day, retry later",
+                    crate::pki::RENEWALS_PER_HOUR
+                )),
+            ));
+        }
         let issued = self
             .authority
             .pki

@@ -280,6 +280,53 @@ async fn renewal_gives_a_new_certificate_and_retires_the_one_before_the_last() {
 }
 
 #[tokio::test]
+async fn a_token_use_is_spent_only_by_an_enrolment_that_succeeds() {
+    let h = Harness::start("").await;
+    let token = h.token("web", 600, 1);
+    // A bad CSR: the enrolment fails, the token keeps its use.
+    let status = EnrollmentClient::new(h.channel(h.collector.grpc_address, None).await)
+        .enroll(EnrollRequest {
+            token: token.clone(),
+            csr_der: b"not a CSR".to_vec(),
+            group: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(h.collector.authority.tokens.list(ebb_agent::now_ms())[0].uses_left, 1);
+    identity::enroll(&h.url(), &h.fingerprint(), &token, "web", ebb_agent::now_ms())
+        .await
+        .expect("the use was not burnt");
+    assert_eq!(h.collector.authority.tokens.list(ebb_agent::now_ms())[0].uses_left, 0);
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn renewals_are_rate_limited_per_member() {
+    let h = Harness::start("").await;
+    let mut current = h.enroll().await;
+    for _ in 0..ebb_collector::pki::RENEWALS_PER_HOUR {
+        current = identity::renew(&current, ebb_agent::now_ms()).await.unwrap();
+    }
+    match identity::renew(&current, ebb_agent::now_ms()).await {
+        Err(IdentityError::Refused(status)) => {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(status.message().contains("retry later"), "{}", status.message());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"renew\",reason=\"rate_limited\"}"),
+        1
+    );
+    // Another member is not held back by it.
+    let other = h.enroll().await;
+    identity::renew(&other, ebb_agent::now_ms()).await.unwrap();
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_admin_api_needs_an_admin_certificate() {
     let h = Harness::start("").await;
     let address = h.collector.admin_address.unwrap();
@@ -302,6 +349,131 @@ async fn the_admin_api_needs_an_admin_certificate() {
         .into_inner()
         .groups;
     assert_eq!(groups.len(), 2);
+    // Health and reflection are not answered to strangers there either.
+    let status = tonic_health::pb::health_client::HealthClient::new(h.channel(address, None).await)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    h.collector.shutdown().await;
+}
+
+/// Sends one batch on a Report stream and returns the next answer, or the status that ended the stream.
+async fn send_batch(
+    requests: &tokio::sync::mpsc::Sender<ReportRequest>,
+    responses: &mut tonic::Streaming<ReportResponse>,
+    samples: Vec<ebb_proto::v1::Sample>,
+) -> Result<ReportResponse, tonic::Status> {
+    requests
+        .send(ReportRequest {
+            message: Some(ebb_proto::v1::report_request::Message::Batch(
+                ebb_proto::v1::SampleBatch { samples },
+            )),
+        })
+        .await
+        .map_err(|_| tonic::Status::cancelled("the stream is gone"))?;
+    tokio::time::timeout(std::time::Duration::from_secs(10), responses.message())
+        .await
+        .expect("an answer within 10 s")?
+        .ok_or_else(|| tonic::Status::cancelled("ended without a status"))
+}
+
+/// Reads answers until an ack covers `seq`.
+async fn acked_upto(responses: &mut tonic::Streaming<ReportResponse>, seq: u64) {
+    loop {
+        let answer = responses.message().await.unwrap().expect("an answer");
+        if let Some(report_response::Message::Ack(ack)) = answer.message
+            && ack.highest_seq >= seq
+        {
+            return;
+        }
+    }
+}
+
+fn sample(seq: u64) -> ebb_proto::v1::Sample {
+    ebb_proto::v1::Sample {
+        seq,
+        timestamp_ms: ebb_agent::now_ms(),
+        cpu_busy_percent: Some(10.0),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_second_agent_run_takes_the_stream_over_and_the_first_is_told_why_without_losing_samples() {
+    let h = Harness::start("").await;
+    let (member, channel, mut first, first_requests) = open_stream(&h).await;
+    let ingested = || h.metric("ebb_samples_ingested_total ");
+    // The harness's stream is run 1; its sample 1 is stored and acknowledged.
+    acked_upto(&mut first, 1).await;
+    let stored = ingested();
+
+    // Run 2 of the same member says Hello: run 1's stream ends ABORTED, saying why.
+    let (requests, outgoing) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(ReportRequest {
+            message: Some(ebb_proto::v1::report_request::Message::Hello(ebb_proto::v1::Hello {
+                member_id: member.member_id.clone(),
+                run_id: 2,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    let mut second = ebb_proto::v1::telemetry_client::TelemetryClient::new(channel.clone())
+        .report(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = end_of(&mut first).await;
+    assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
+    assert!(ended.message().contains("took over"), "{}", ended.message());
+    // Whatever run 1 still sends is neither stored nor acknowledged.
+    let late = send_batch(&first_requests, &mut first, vec![sample(2)]).await;
+    assert!(late.is_err(), "{late:?}");
+    assert_eq!(ingested(), stored);
+
+    // Run 2 numbers from 1 and is stored.
+    second.message().await.unwrap().expect("settings");
+    second.message().await.unwrap().expect("the first ack");
+    let answer = send_batch(&requests, &mut second, vec![sample(1), sample(2)])
+        .await
+        .unwrap();
+    assert!(matches!(answer.message, Some(report_response::Message::Ack(ack)) if ack.highest_seq == 2));
+    assert_eq!(ingested(), stored + 2);
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn batches_are_bounded_and_acks_never_outgrow_their_request() {
+    let h = Harness::start("").await;
+    let (_member, _channel, mut responses, requests) = open_stream(&h).await;
+    acked_upto(&mut responses, 1).await;
+    // 400 samples, every one rejected (no sequence number): the ack lists what fits in the request's size.
+    let rejected: Vec<_> = (0..400).map(|_| ebb_proto::v1::Sample::default()).collect();
+    let request_bytes = prost::Message::encoded_len(&ReportRequest {
+        message: Some(ebb_proto::v1::report_request::Message::Batch(
+            ebb_proto::v1::SampleBatch {
+                samples: rejected.clone(),
+            },
+        )),
+    });
+    let answer = send_batch(&requests, &mut responses, rejected).await.unwrap();
+    assert!(
+        prost::Message::encoded_len(&answer) <= request_bytes,
+        "an ack of {} bytes for a request of {request_bytes}",
+        prost::Message::encoded_len(&answer)
+    );
+    assert_eq!(
+        h.metric("ebb_samples_rejected_total{reason=\"no_sequence\"}"),
+        400,
+        "every rejection is counted, listed or not"
+    );
+    // 501 samples: refused whole, with a status that says the limit.
+    let too_many = (2..503).map(sample).collect();
+    let ended = send_batch(&requests, &mut responses, too_many).await.unwrap_err();
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
+    assert!(ended.message().contains("at most 500 samples"), "{}", ended.message());
     h.collector.shutdown().await;
 }
 
@@ -348,6 +520,38 @@ async fn oversized_messages_and_enrolment_floods_are_refused() {
     assert_eq!(
         h.metric("ebb_requests_refused_total{service=\"enroll\",reason=\"unknown_token\"}"),
         3
+    );
+    h.collector.shutdown().await;
+}
+
+#[tokio::test]
+async fn enrolment_attempts_from_all_addresses_together_are_limited() {
+    let h = Harness::start("enrollments_per_minute_total = 4").await;
+    // Four addresses of 127.0.0.0/8, one attempt each, then a fifth: refused whatever its address.
+    for n in 1..=5u8 {
+        let from = std::net::IpAddr::from([127, 0, 3, n]);
+        let channel = ebb_agent::transport::connect_from(&h.url(), h.client_tls(None), Some(from))
+            .await
+            .unwrap();
+        let origin = channel.origin();
+        let status = EnrollmentClient::with_origin(channel, origin)
+            .enroll(EnrollRequest {
+                token: "ebbjt_guess".into(),
+                csr_der: csr(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        let expected = if n <= 4 {
+            Code::PermissionDenied
+        } else {
+            Code::ResourceExhausted
+        };
+        assert_eq!(status.code(), expected, "attempt {n}: {status:?}");
+    }
+    assert_eq!(
+        h.metric("ebb_requests_refused_total{service=\"enroll\",reason=\"rate_limited_total\"}"),
+        1
     );
     h.collector.shutdown().await;
 }

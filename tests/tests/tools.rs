@@ -109,6 +109,17 @@ fn grpcurl_lists_describes_checks_health_and_calls_the_admin_api() {
     assert!(ok && groups.contains("\"name\": \"web\""), "{groups}");
     let (ok, refused) = grpcurl(&state, false, &[&admin, "ebb.v1.Admin/ListGroups"]);
     assert!(!ok && refused.contains("Unauthenticated"), "{refused}");
+    // Without the admin certificate the admin listener answers nothing, reflection and health included.
+    for args in [&[admin.as_str(), "list"][..], &[&admin, "grpc.health.v1.Health/Check"]] {
+        let (ok, refused) = grpcurl(&state, false, args);
+        assert!(!ok && refused.contains("Unauthenticated"), "{args:?}: {refused}");
+    }
+    // On the agents' port, an Admin call says where the Admin API is.
+    let (ok, elsewhere) = grpcurl(&state, true, &[&grpc, "ebb.v1.Admin/ListGroups"]);
+    assert!(
+        !ok && elsewhere.contains("Unimplemented") && elsewhere.contains("admin.sock"),
+        "{elsewhere}"
+    );
 }
 
 #[test]

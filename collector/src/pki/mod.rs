@@ -4,6 +4,7 @@
 //!
 //! Nothing here logs a key or a token.
 
+pub mod rate;
 pub mod tokens;
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -368,6 +369,29 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
         })
 }
 
+/// How many enrolment attempts are allowed per minute, from one address and in all.
+#[derive(Debug, Clone, Copy)]
+pub struct EnrollmentLimits {
+    pub per_address_per_minute: u32,
+    pub total_per_minute: u32,
+}
+
+impl Default for EnrollmentLimits {
+    fn default() -> Self {
+        Self {
+            per_address_per_minute: 600,
+            total_per_minute: 12_000,
+        }
+    }
+}
+
+/// Remote addresses the enrolment limit keeps count of within a minute; past that, new ones are refused
+/// until the minute ends (a flood from many addresses cannot grow the table).
+const MAX_ADDRESSES_TRACKED: usize = 50_000;
+/// Renewals allowed per member per hour, and members tracked within an hour.
+pub const RENEWALS_PER_HOUR: u32 = 10;
+const MAX_MEMBERS_TRACKED: usize = 100_000;
+
 /// The collector's trust state: its PKI, the join tokens, which certificate of each member is current,
 /// and the enrolment rate limit. Shared by the gRPC services and the group controllers.
 pub struct Authority {
@@ -375,12 +399,13 @@ pub struct Authority {
     pub tokens: tokens::TokenStore,
     /// How long the token minted for each launch is good for.
     pub launch_token_ttl_secs: u32,
-    /// Enrolments allowed per remote address per minute.
-    pub enrollments_per_minute: u32,
+    /// Enrolment attempts, per remote address and in all, per minute.
+    pub enrollments: rate::RateLimiter<std::net::IpAddr>,
+    /// Renewals per member per hour: an agent renews a few times a day.
+    pub renewals: rate::RateLimiter<String>,
     /// Serials each member may use: the current one and, while it renews, the one before. Written
     /// through to the store, so enrolled agents keep working across a restart.
     serials: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
-    attempts: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (Millis, u32)>>,
     store: std::sync::Arc<crate::store::Store>,
 }
 
@@ -389,16 +414,21 @@ impl Authority {
     pub fn new(
         pki: Pki,
         launch_token_ttl_secs: u32,
-        enrollments_per_minute: u32,
+        limits: EnrollmentLimits,
         store: std::sync::Arc<crate::store::Store>,
     ) -> Result<Self, crate::store::StoreError> {
         Ok(Self {
             pki,
             tokens: tokens::TokenStore::load(store.clone())?,
             launch_token_ttl_secs,
-            enrollments_per_minute,
+            enrollments: rate::RateLimiter::new(
+                60_000,
+                limits.per_address_per_minute,
+                limits.total_per_minute,
+                MAX_ADDRESSES_TRACKED,
+            ),
+            renewals: rate::RateLimiter::new(3_600_000, RENEWALS_PER_HOUR, u32::MAX, MAX_MEMBERS_TRACKED),
             serials: std::sync::Mutex::new(store.serials()?.into_iter().collect()),
-            attempts: Default::default(),
             store,
         })
     }
@@ -437,15 +467,6 @@ impl Authority {
             self.persist_serials(member_id, &[]);
         }
         had
-    }
-
-    /// Counts an enrolment attempt from `address`; false once it made too many this minute.
-    pub fn allow_enrollment(&self, address: std::net::IpAddr, now: Millis) -> bool {
-        let mut attempts = self.attempts.lock().unwrap();
-        attempts.retain(|_, (start, _)| now - *start < 60_000);
-        let (_, count) = attempts.entry(address).or_insert((now, 0));
-        *count += 1;
-        *count <= self.enrollments_per_minute
     }
 }
 

@@ -32,8 +32,68 @@ pub struct TokenRejection {
 
 /// The tokens, in memory and in the store: every change is written through, so a restart forgets none.
 pub struct TokenStore {
-    by_hash: Mutex<HashMap<String, Token>>,
+    tokens: Mutex<Tokens>,
     store: Arc<Store>,
+}
+
+#[derive(Default)]
+struct Tokens {
+    by_hash: HashMap<String, Token>,
+    /// Uses held by enrolments under way, by hash: spent when they succeed, given back when they fail.
+    held: HashMap<String, u32>,
+}
+
+/// One use of a token, held while its enrolment is under way. [`Redemption::spend`] spends it; dropped
+/// without that (the join failed: group at its maximum, a bad CSR, the caller gone), the use is given back.
+pub struct Redemption<'a> {
+    store: &'a TokenStore,
+    hash: String,
+    token: Token,
+    spent: bool,
+}
+
+impl std::fmt::Debug for Redemption<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redemption")
+            .field("token", &self.token)
+            .field("spent", &self.spent)
+            .finish()
+    }
+}
+
+impl Redemption<'_> {
+    pub fn token(&self) -> &Token {
+        &self.token
+    }
+
+    /// Spends the use, in memory and in the store.
+    pub fn spend(mut self) -> Token {
+        self.spent = true;
+        let mut tokens = self.store.tokens.lock().unwrap();
+        release(&mut tokens.held, &self.hash);
+        if let Some(token) = tokens.by_hash.get_mut(&self.hash) {
+            token.uses_left = token.uses_left.saturating_sub(1);
+            self.store.persist(&self.hash, token);
+        }
+        self.token.clone()
+    }
+}
+
+impl Drop for Redemption<'_> {
+    fn drop(&mut self) {
+        if !self.spent {
+            release(&mut self.store.tokens.lock().unwrap().held, &self.hash);
+        }
+    }
+}
+
+fn release(held: &mut HashMap<String, u32>, hash: &str) {
+    if let Some(count) = held.get_mut(hash) {
+        *count -= 1;
+        if *count == 0 {
+            held.remove(hash);
+        }
+    }
 }
 
 fn hash(secret: &str) -> String {
@@ -45,7 +105,10 @@ impl TokenStore {
     pub fn load(store: Arc<Store>) -> Result<Self, crate::store::StoreError> {
         let by_hash = store.tokens()?.into_iter().collect();
         Ok(Self {
-            by_hash: Mutex::new(by_hash),
+            tokens: Mutex::new(Tokens {
+                by_hash,
+                held: HashMap::new(),
+            }),
             store,
         })
     }
@@ -91,17 +154,19 @@ impl TokenStore {
             bound_member,
         };
         self.persist(&hashed, &token);
-        self.by_hash.lock().unwrap().insert(hashed, token.clone());
+        self.tokens.lock().unwrap().by_hash.insert(hashed, token.clone());
         (secret, token)
     }
 
-    /// Uses the token once for `group` (any group if empty).
-    pub fn redeem(&self, secret: &str, group: &str, now: Millis) -> Result<Token, TokenRejection> {
+    /// Holds one use of the token for `group` (any group if empty), for an enrolment under way: of
+    /// enrolments racing for its last use, exactly one gets it.
+    pub fn redeem(&self, secret: &str, group: &str, now: Millis) -> Result<Redemption<'_>, TokenRejection> {
         let reject = |reason, message: &str| TokenRejection {
             reason,
             message: message.to_string(),
         };
-        let mut tokens = self.by_hash.lock().unwrap();
+        let mut guard = self.tokens.lock().unwrap();
+        let Tokens { by_hash: tokens, held } = &mut *guard;
         // Expired tokens are kept an hour, so that a late VM hears "expired" rather than "unknown".
         let stale: Vec<String> = tokens
             .iter()
@@ -137,17 +202,29 @@ impl TokenStore {
                 message: format!("the join token is for group `{}`, not `{group}`", token.group),
             });
         }
-        token.uses_left -= 1;
-        self.persist(&hashed, token);
-        Ok(token.clone())
+        let holding = held.entry(hashed.clone()).or_insert(0);
+        if *holding >= token.uses_left {
+            return Err(reject(
+                "token_in_use",
+                "the join token's last use is held by another enrolment under way; retry in a few seconds",
+            ));
+        }
+        *holding += 1;
+        Ok(Redemption {
+            store: self,
+            hash: hashed,
+            token: token.clone(),
+            spent: false,
+        })
     }
 
     /// Tokens not yet expired.
     pub fn list(&self, now: Millis) -> Vec<Token> {
         let mut tokens: Vec<Token> = self
-            .by_hash
+            .tokens
             .lock()
             .unwrap()
+            .by_hash
             .values()
             .filter(|t| t.expires_at > now)
             .cloned()
@@ -168,7 +245,8 @@ impl TokenStore {
 
     /// Forgets the tokens `matches` picks; whether there were any.
     fn remove_where(&self, matches: impl Fn(&Token) -> bool) -> bool {
-        let mut tokens = self.by_hash.lock().unwrap();
+        let mut guard = self.tokens.lock().unwrap();
+        let tokens = &mut guard.by_hash;
         let gone: Vec<String> = tokens
             .iter()
             .filter(|(_, t)| matches(t))
@@ -198,7 +276,7 @@ mod tests {
             !format!("{token:?}").contains(&secret[TOKEN_PREFIX.len()..]),
             "the record does not hold the secret"
         );
-        let redeemed = store.redeem(&secret, "web", NOW + 1000).unwrap();
+        let redeemed = store.redeem(&secret, "web", NOW + 1000).unwrap().spend();
         assert_eq!(redeemed.bound_member.as_deref(), Some("web-4"));
         assert_eq!(
             store.redeem(&secret, "web", NOW + 2000).unwrap_err().reason,
@@ -226,12 +304,38 @@ mod tests {
         let store = TokenStore::load(db.clone()).unwrap();
         let (secret, _) = store.create("web", NOW, 3600, 2, false, None);
         let (revoked, token) = store.create("web", NOW, 3600, 1, false, None);
-        store.redeem(&secret, "web", NOW).unwrap();
+        store.redeem(&secret, "web", NOW).unwrap().spend();
         store.revoke(&token.id);
         let again = TokenStore::load(db).unwrap();
         assert_eq!(again.list(NOW)[0].uses_left, 1, "the use is remembered");
-        again.redeem(&secret, "web", NOW).unwrap();
+        again.redeem(&secret, "web", NOW).unwrap().spend();
         assert_eq!(again.redeem(&revoked, "web", NOW).unwrap_err().reason, "unknown_token");
+    }
+
+    #[test]
+    fn a_use_is_spent_only_by_an_enrolment_that_succeeds_and_a_race_has_one_winner() {
+        let db = Arc::new(Store::in_memory());
+        let store = TokenStore::load(db.clone()).unwrap();
+        let (secret, _) = store.create("web", NOW, 3600, 1, false, None);
+        // The join failed (group full, bad CSR): the use comes back, in memory and across a restart.
+        drop(store.redeem(&secret, "web", NOW).unwrap());
+        assert_eq!(store.list(NOW)[0].uses_left, 1);
+        assert_eq!(TokenStore::load(db.clone()).unwrap().list(NOW)[0].uses_left, 1);
+        // Two enrolments at once: the second is told to retry while the first holds the last use.
+        let first = store.redeem(&secret, "web", NOW).unwrap();
+        assert_eq!(store.redeem(&secret, "web", NOW).unwrap_err().reason, "token_in_use");
+        first.spend();
+        assert_eq!(store.redeem(&secret, "web", NOW).unwrap_err().reason, "used_token");
+        assert_eq!(TokenStore::load(db).unwrap().list(NOW)[0].uses_left, 0);
+        // Racing threads: exactly one spends it.
+        let (secret, _) = store.create("web", NOW, 3600, 1, false, None);
+        let winners = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| store.redeem(&secret, "web", NOW).map(Redemption::spend).is_ok()))
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).filter(|won| *won).count()
+        });
+        assert_eq!(winners, 1);
     }
 
     #[test]

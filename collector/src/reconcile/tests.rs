@@ -67,7 +67,15 @@ async fn harness_on(
         ingest: ingest.clone(),
         activities: activities.clone(),
         metrics,
-        authority: Arc::new(Authority::new(crate::pki::tests::pki(pki_dir.path()), 1800, 600, store.clone()).unwrap()),
+        authority: Arc::new(
+            Authority::new(
+                crate::pki::tests::pki(pki_dir.path()),
+                1800,
+                Default::default(),
+                store.clone(),
+            )
+            .unwrap(),
+        ),
         explanations: ExplanationLog::new(store.clone(), 3600),
         store: store.clone(),
         cluster_id: "test".into(),

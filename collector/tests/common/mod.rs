@@ -119,14 +119,10 @@ impl Harness {
         (read("admin.pem"), read("admin.key"))
     }
 
-    /// A TLS connection to `address` that speaks `h2`, trusting the CA, with `client`'s certificate if given.
-    pub async fn tls(
-        &self,
-        address: SocketAddr,
-        client: Option<(&str, &str)>,
-    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    /// A TLS client trusting the collector's CA, with `client`'s certificate if given.
+    pub fn client_tls(&self, client: Option<(&str, &str)>) -> rustls::ClientConfig {
         use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(self.collector.authority.pki.ca_pem().as_bytes()).unwrap())
@@ -136,7 +132,7 @@ impl Harness {
                 .with_safe_default_protocol_versions()
                 .unwrap()
                 .with_root_certificates(roots);
-        let mut config = match client {
+        match client {
             Some((cert, key)) => builder
                 .with_client_auth_cert(
                     CertificateDer::pem_slice_iter(cert.as_bytes())
@@ -146,11 +142,20 @@ impl Harness {
                 )
                 .unwrap(),
             None => builder.with_no_client_auth(),
-        };
+        }
+    }
+
+    /// A TLS connection to `address` that speaks `h2`, trusting the CA, with `client`'s certificate if given.
+    pub async fn tls(
+        &self,
+        address: SocketAddr,
+        client: Option<(&str, &str)>,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let mut config = self.client_tls(client);
         config.alpn_protocols = vec![b"h2".to_vec()];
         let tcp = TcpStream::connect(address).await.unwrap();
         tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-            .connect(ServerName::from(address.ip()), tcp)
+            .connect(rustls::pki_types::ServerName::from(address.ip()), tcp)
             .await
             .unwrap()
     }
