@@ -60,7 +60,7 @@ impl AdminConnection {
 
     async fn client(&self) -> anyhow::Result<AdminClient<Channel>> {
         let read = |path: PathBuf| {
-            std::fs::read_to_string(&path).map_err(|e| {
+            config::read_operator_file(&path, config::MAX_SMALL_FILE_BYTES).map_err(|e| {
                 anyhow::anyhow!("cannot read {}: {e}; give --ca/--cert/--key or --state-dir (an admin certificate comes from `ebb-collector admin-cert`)", path.display())
             })
         };
@@ -136,7 +136,7 @@ async fn set_protected(client: &mut AdminClient<Channel>, member_id: String, pro
     } else {
         "no longer protected from"
     };
-    println!("member {member_id} of group {group} is {now} scale-in");
+    crate::outln!("member {member_id} of group {group} is {now} scale-in");
     Ok(())
 }
 
@@ -342,7 +342,7 @@ pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<(
             command: CaCommand::Show,
         } => {
             let path = connection.ca_path();
-            println!("{}  {}", ca_fingerprint(&path)?, path.display());
+            crate::outln!("{}  {}", ca_fingerprint(&path)?, path.display());
         }
         Command::AdminCert { out, name, days } => {
             let ca = connection.ca_path();
@@ -359,7 +359,7 @@ pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<(
             pki::write_private(&out.join("admin.key"), &key)?;
             pki::write_private(&out.join("admin.pem"), &cert.pem)?;
             pki::write_private(&out.join("ca.pem"), pki.ca_pem())?;
-            println!(
+            crate::outln!(
                 "wrote {0}/admin.pem, {0}/admin.key and {0}/ca.pem; use --state-dir {0}",
                 out.display()
             );
@@ -375,22 +375,34 @@ pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<(
                 let names: Vec<&str> = config.groups.iter().map(|g| g.name.as_str()).collect();
                 anyhow::bail!("no group named `{group}`; the groups are: {}", names.join(", "));
             };
-            let text = std::fs::read_to_string(&snapshot)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", snapshot.display()))?;
+            let snapshot_path = snapshot;
+            let text = config::read_operator_file(&snapshot_path, MAX_SNAPSHOT_BYTES)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", snapshot_path.display()))?;
             let snapshot = crate::engine::snapshot::Snapshot::parse(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", snapshot.display()))?;
+                .map_err(|e| anyhow::anyhow!("{}: {e}", snapshot_path.display()))?;
             let engine = group.engine();
-            let evaluation = engine.evaluate(&snapshot.input(&engine, group.min_size, group.max_size));
+            let input = snapshot.input(&engine, group.min_size, group.max_size);
+            anyhow::ensure!(
+                input.min_size <= input.max_size,
+                "{}: min_size {} is above max_size {}; a group's limits must allow at least one capacity",
+                snapshot_path.display(),
+                input.min_size,
+                input.max_size
+            );
+            let evaluation = engine.evaluate(&input);
             if json {
-                println!("{}", serde_json::to_string_pretty(&evaluation)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&evaluation)?);
             } else {
-                println!("{}", evaluation.explanation);
+                crate::outln!("{}", evaluation.explanation);
             }
         }
         _ => unreachable!("not a local command"),
     }
     Ok(())
 }
+
+/// The largest snapshot `evaluate` reads (a group of thousands of members with minutes of samples).
+const MAX_SNAPSHOT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Suspends or resumes processes of `group` and says which are suspended now.
 async fn suspension(
@@ -406,9 +418,9 @@ async fn suspension(
     };
     let now = client.set_suspended(request).await?.into_inner().suspended;
     if now.is_empty() {
-        println!("{group}: every process runs");
+        crate::outln!("{group}: every process runs");
     } else {
-        println!(
+        crate::outln!(
             "{group}: suspended: {}; `ebb-collector resume {group}` resumes them",
             now.join(", ")
         );
@@ -455,19 +467,31 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
     match command {
         Command::Groups => {
             let groups = client.list_groups(ListGroupsRequest {}).await?.into_inner().groups;
-            println!(
+            crate::outln!(
                 "{:<16} {:>4} {:>4} {:>8} {:>10} {:>8} {:>8}",
-                "GROUP", "MIN", "MAX", "DESIRED", "IN_SERVICE", "PENDING", "CPU_AVG"
+                "GROUP",
+                "MIN",
+                "MAX",
+                "DESIRED",
+                "IN_SERVICE",
+                "PENDING",
+                "CPU_AVG"
             );
             for g in &groups {
                 let cpu = g.cpu_avg_percent.map_or("-".into(), |c| format!("{c:.1}%"));
-                println!(
+                crate::outln!(
                     "{:<16} {:>4} {:>4} {:>8} {:>10} {:>8} {:>8}",
-                    g.name, g.min_size, g.max_size, g.desired_capacity, g.in_service, g.pending, cpu
+                    g.name,
+                    g.min_size,
+                    g.max_size,
+                    g.desired_capacity,
+                    g.in_service,
+                    g.pending,
+                    cpu
                 );
             }
             for g in &groups {
-                println!("\n{}: {}", g.name, g.last_evaluation);
+                crate::outln!("\n{}: {}", g.name, g.last_evaluation);
             }
         }
         Command::Members { group } => {
@@ -476,9 +500,15 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 .await?
                 .into_inner()
                 .members;
-            println!(
+            crate::outln!(
                 "{:<16} {:<12} {:<22} {:>7} {:>6} {:>10} {:<9}  HEALTH",
-                "MEMBER", "STATE", "ADDRESS", "CPU", "LOAD1", "LB_CONNS", "PROTECTED"
+                "MEMBER",
+                "STATE",
+                "ADDRESS",
+                "CPU",
+                "LOAD1",
+                "LB_CONNS",
+                "PROTECTED"
             );
             for m in members {
                 let cpu = m.cpu_busy_percent.map_or("-".into(), |c| format!("{c:.1}%"));
@@ -495,9 +525,14 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                     }
                 });
                 let protected = if m.protected { "yes" } else { "-" };
-                println!(
+                crate::outln!(
                     "{:<16} {:<12} {:<22} {:>7} {:>6} {:>10} {protected:<9}  {health}",
-                    m.id, m.state, m.address, cpu, load, m.lb_connections
+                    m.id,
+                    m.state,
+                    m.address,
+                    cpu,
+                    load,
+                    m.lb_connections
                 );
             }
         }
@@ -517,9 +552,17 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 } else {
                     format!(" [{}]", a.detail)
                 };
-                println!(
+                crate::outln!(
                     "#{} {} {}{} {} {}→{}: {}{}",
-                    a.id, a.group, a.kind, member, a.outcome, a.from_capacity, a.to_capacity, a.cause, detail
+                    a.id,
+                    a.group,
+                    a.kind,
+                    member,
+                    a.outcome,
+                    a.from_capacity,
+                    a.to_capacity,
+                    a.cause,
+                    detail
                 );
             }
         }
@@ -536,7 +579,7 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
             let request = ExplainRequest { group, since_ms, limit };
             for e in client.explain(request).await?.into_inner().explanations {
                 if json {
-                    println!("{}", e.json);
+                    crate::outln!("{}", e.json);
                     continue;
                 }
                 let time = |ms| crate::engine::snapshot::format_time(ms);
@@ -551,7 +594,7 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                     time(e.from_ms)
                 };
                 let dry = if e.dry_run { " [dry run: not carried out]" } else { "" };
-                println!("{span}{dry}\n  {}\n", e.text.replace('\n', "\n  "));
+                crate::outln!("{span}{dry}\n  {}\n", e.text.replace('\n', "\n  "));
             }
         }
         Command::Refresh { group, min_healthy_pct } => {
@@ -560,15 +603,17 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 min_healthy_percent: min_healthy_pct,
             };
             let outdated = client.refresh(request).await?.into_inner().outdated;
-            println!("{group}: refreshing {outdated} member(s); `ebb-collector activities {group}` shows progress");
+            crate::outln!(
+                "{group}: refreshing {outdated} member(s); `ebb-collector activities {group}` shows progress"
+            );
         }
         Command::Reload => {
             let changes = client.reload(ReloadRequest {}).await?.into_inner().changes;
             if changes.is_empty() {
-                println!("reloaded: nothing changed");
+                crate::outln!("reloaded: nothing changed");
             }
             for change in changes {
-                println!("reloaded: {change}");
+                crate::outln!("reloaded: {change}");
             }
         }
         Command::Suspend { group, processes } => suspension(&mut client, group, processes, true).await?,
@@ -583,9 +628,12 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 .map_err(|status| anyhow::anyhow!("{}", status.message()))?
                 .into_inner();
             if let Some(g) = response.group {
-                println!(
+                crate::outln!(
                     "{}: desired capacity {} ({} in service, {} pending)",
-                    g.name, g.desired_capacity, g.in_service, g.pending
+                    g.name,
+                    g.desired_capacity,
+                    g.in_service,
+                    g.pending
                 );
             }
         }
@@ -593,21 +641,30 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
             TokenCommand::Create(options) => {
                 let created = options.create(&mut client).await?;
                 let info = created.info.unwrap_or_default();
-                println!("{}", created.token);
+                crate::outln!("{}", created.token);
                 eprintln!(
                     "token {} for group {}: {} use(s), expires at {} (ms); shown once",
                     info.id, info.group, info.uses_left, info.expires_at_ms
                 );
             }
             TokenCommand::List => {
-                println!(
+                crate::outln!(
                     "{:<14} {:<16} {:>5} {:>10} {:<16} EXPIRES_AT_MS",
-                    "ID", "GROUP", "USES", "PROTECTED", "BOUND_MEMBER"
+                    "ID",
+                    "GROUP",
+                    "USES",
+                    "PROTECTED",
+                    "BOUND_MEMBER"
                 );
                 for t in client.list_tokens(ListTokensRequest {}).await?.into_inner().tokens {
-                    println!(
+                    crate::outln!(
                         "{:<14} {:<16} {:>5} {:>10} {:<16} {}",
-                        t.id, t.group, t.uses_left, t.protected, t.bound_member_id, t.expires_at_ms
+                        t.id,
+                        t.group,
+                        t.uses_left,
+                        t.protected,
+                        t.bound_member_id,
+                        t.expires_at_ms
                     );
                 }
             }
@@ -616,7 +673,7 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                     .revoke_token(RevokeTokenRequest { id: id.clone() })
                     .await
                     .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
-                println!("revoked token {id}");
+                crate::outln!("revoked token {id}");
             }
         },
         Command::Member { command } => match command {
@@ -627,7 +684,7 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                     })
                     .await
                     .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
-                println!("revoked member {member_id}: its certificate is denied and its stream closed");
+                crate::outln!("revoked member {member_id}: its certificate is denied and its stream closed");
             }
             MemberCommand::Protect { member_id } => set_protected(&mut client, member_id, true).await?,
             MemberCommand::Unprotect { member_id } => set_protected(&mut client, member_id, false).await?,
@@ -641,7 +698,7 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
             let group = token.group.clone();
             let created = token.create(&mut client).await?;
             let agent_config = userdata::agent_config(&collector_url, &fingerprint, &created.token, &group);
-            print!("{}", userdata::render(format, &agent_config));
+            crate::out!("{}", userdata::render(format, &agent_config));
         }
         _ => unreachable!("not an admin command"),
     }

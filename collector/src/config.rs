@@ -652,8 +652,67 @@ fn default_time_zone() -> String {
 }
 
 /// Reads and validates a configuration file.
+/// The longest group or policy name: it appears in member ids, instance names, tags and metric labels.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// A group's or policy's name: 1 to [`MAX_NAME_LEN`] letters, digits, `-` or `_`.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err("must be letters, digits, `-` or `_`".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("is {} characters long; at most {MAX_NAME_LEN}", name.len()));
+    }
+    Ok(())
+}
+
+/// A valid group or policy name made from another system's (a Heat resource name): other characters
+/// become `_`, and it is cut to [`MAX_NAME_LEN`].
+pub fn name_from(foreign: &str) -> String {
+    let name: String = foreign
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_NAME_LEN)
+        .collect();
+    if name.is_empty() { "unnamed".into() } else { name }
+}
+
+/// The largest configuration file read (a config of hundreds of groups is a few hundred KB).
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+/// The largest file `import` reads (an `.idcfrc`, a Heat template) or a credentials file.
+pub const MAX_SMALL_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads an operator's file as UTF-8 text: a regular file (not a device, a pipe or a directory) of at
+/// most `max_bytes`, so that `--config /dev/zero` is an error, not memory running out.
+pub fn read_operator_file(path: &Path, max_bytes: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a device, a pipe or a directory cannot be read as one)",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max_bytes} bytes, the most read from such a file"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
 pub fn load(path: &Path) -> Result<CollectorConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_operator_file(path, MAX_CONFIG_BYTES).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
@@ -747,16 +806,8 @@ impl CollectorConfig {
         let mut names = std::collections::HashSet::new();
         for (i, group) in self.groups.iter().enumerate() {
             let at = format!("groups[{i}]");
-            if group.name.is_empty()
-                || !group
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                problems.push(format!(
-                    "{at}.name: `{}` must be letters, digits, `-` or `_`",
-                    group.name
-                ));
+            if let Err(problem) = check_name(&group.name) {
+                problems.push(format!("{at}.name: `{}` {problem}", group.name.escape_debug()));
             }
             if !names.insert(&group.name) {
                 problems.push(format!("{at}.name: `{}` is used by an earlier group", group.name));
@@ -858,6 +909,9 @@ impl CollectorConfig {
             let mut policy_names = std::collections::HashSet::new();
             for (j, policy) in group.policies.iter().enumerate() {
                 let at = format!("{at}.policies[{j}]");
+                if let Err(problem) = check_name(&policy.name) {
+                    problems.push(format!("{at}.name: `{}` {problem}", policy.name.escape_debug()));
+                }
                 if !policy_names.insert(&policy.name) {
                     problems.push(format!(
                         "{at}.name: `{}` is used by an earlier policy of this group",

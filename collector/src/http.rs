@@ -17,8 +17,9 @@ pub fn client(extra_ca: Option<&Path>) -> Result<reqwest::Client, String> {
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT);
     if let Some(path) = extra_ca {
-        let pem = std::fs::read(path).map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
-        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        let pem = crate::config::read_operator_file(path, crate::config::MAX_SMALL_FILE_BYTES)
+            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
             .map_err(|e| format!("{} holds no PEM certificate: {e}", path.display()))?;
         if certificates.is_empty() {
             return Err(format!("{} holds no PEM certificate", path.display()));

@@ -20,7 +20,8 @@ pub struct Imported {
 
 /// Reads a `.idcfrc` and writes the equivalent group `group`.
 pub fn idcfrc(path: &Path, group: &str) -> Result<Imported, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::config::read_operator_file(path, crate::config::MAX_SMALL_FILE_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let ini = parse_ini(&text);
     let section = |names: &[&str]| names.iter().find_map(|n| ini.get(*n));
     let mut missing = Vec::new();
@@ -184,7 +185,8 @@ fn advertise_url(endpoint: &str) -> Option<String> {
 /// resolved from their defaults. What has no ebb meaning is listed in the notes.
 pub fn heat(path: &Path, group: &str) -> Result<Imported, String> {
     use serde_yaml::Value;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::config::read_operator_file(path, crate::config::MAX_SMALL_FILE_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let template: Value = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let resources = template
         .get("resources")
@@ -386,8 +388,10 @@ pub fn heat(path: &Path, group: &str) -> Result<Imported, String> {
                 "Alarm {name}'s metadata match is not needed: ebb's policies see the group's own members."
             ));
         }
+        let (name, policy_name) = (name.escape_debug(), policy_name.escape_debug());
+        let toml_name = crate::config::name_from(&name.to_string());
         blocks.push(format!(
-            "# From {name} → {policy_name}.\n[[groups.policies]]\nname = \"{name}\"\nmetric = \"cpu\"\nstatistic = \"{statistic}\"\nperiod_secs = {period}\nevaluation_periods = {evaluation_periods}\ncomparison = \"{comparison}\"\nthreshold = {threshold:?}\nadjustment_type = \"{kind}\"\nadjustment = {adjustment}\n"
+            "# From {name} → {policy_name}.\n[[groups.policies]]\nname = \"{toml_name}\"\nmetric = \"cpu\"\nstatistic = \"{statistic}\"\nperiod_secs = {period}\nevaluation_periods = {evaluation_periods}\ncomparison = \"{comparison}\"\nthreshold = {threshold:?}\nadjustment_type = \"{kind}\"\nadjustment = {adjustment}\n"
         ));
     }
     if recovery {

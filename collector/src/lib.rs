@@ -6,6 +6,26 @@
 
 #![forbid(unsafe_code)]
 
+/// Writes a line of a command's output to stdout and returns the write's error from the function (`?`):
+/// a reader that went away (`ebb-collector groups | head -1`) ends the command quietly, never in a panic
+/// as `println!` would.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// [`outln!`] without the newline.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 pub mod activity;
 pub mod cli;
 pub mod config;
@@ -32,6 +52,8 @@ pub mod workload;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use std::os::unix::fs::FileTypeExt;
 
 use anyhow::Context;
 use ebb_proto::v1::admin_server::AdminServer;
@@ -92,6 +114,7 @@ pub struct Collector {
 impl Collector {
     /// Binds every listener and starts every task; returns once all are listening.
     pub async fn start(config: CollectorConfig) -> anyhow::Result<Self> {
+        secure_state_dir(&config.server.state_dir)?;
         let metrics = Arc::new(Metrics::default());
         let pki = pki(&config.server)?;
         let store = Arc::new(Store::open(&config.server.store_path())?);
@@ -289,7 +312,7 @@ impl Collector {
             .add_service(reflection_v1alpha.clone());
         let agents = transport::Listener {
             name: "grpc",
-            max_connections: config.server.max_connections as usize,
+            max_connections: fit_open_file_limit(config.server.max_connections)? as usize,
             gate: server::agents_gate(admin_socket.clone(), admin_address),
             metrics: metrics.clone(),
         };
@@ -391,6 +414,63 @@ fn pki(server: &config::ServerConfig) -> anyhow::Result<Pki> {
     Ok(pki)
 }
 
+/// File descriptors kept for everything but the agents' connections: the store, the cloud and load-balancer
+/// APIs, the admin listeners (64 each), `/metrics`, hooks, the built-in load balancers' proxied connections.
+pub const RESERVED_FILES: u64 = 1024;
+
+/// Raises the soft open-file limit as far as `max_connections` needs (and the hard limit allows), and returns
+/// how many agents' connections fit: `max_connections`, or fewer when the hard limit is too low, so that a
+/// full agents' port never leaves the store, the cloud API or the admin socket without a descriptor.
+pub fn fit_open_file_limit(max_connections: u32) -> anyhow::Result<u32> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("cannot read the open-file limit")?;
+    let wanted = u64::from(max_connections) + RESERVED_FILES;
+    let raised = wanted.min(hard).max(soft);
+    if raised > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, raised, hard).context("cannot raise the open-file limit")?;
+    }
+    if hard >= wanted {
+        return Ok(max_connections);
+    }
+    let fits = u32::try_from(hard.saturating_sub(RESERVED_FILES).max(16)).unwrap_or(u32::MAX);
+    tracing::warn!(
+        hard_limit = hard,
+        max_connections,
+        accepting = fits,
+        "The open-file limit is too low for server.max_connections: at most {fits} agents' connections will be \
+         accepted. Raise it (LimitNOFILE= in the systemd unit, `ulimit -Hn`) to at least {wanted}."
+    );
+    Ok(fits)
+}
+
+/// The state directory holds the CA key, token hashes, members and activities: owner-only (0700, every file
+/// in it 0600), whatever the umask it was made under, also when an earlier version or a hand left it open.
+fn secure_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} owner-only", dir.display()))?;
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+            let entry = entry?;
+            // Not followed: a link's target is not ours to change.
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() || kind.is_socket() {
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("cannot make {} owner-only", entry.path().display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The Admin API's Unix socket, owner-only. A stale socket left by a crash is replaced; a live one means
 /// another collector uses this state directory.
 fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
@@ -403,11 +483,21 @@ fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixL
         );
         std::fs::remove_file(path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    // Bound in a private (0700) directory beside it, made owner-only there, then moved into place: it is
+    // never reachable by others, not even for the moment between bind and chmod.
+    let staging = tempfile::Builder::new()
+        .prefix(".admin-socket-")
+        .tempdir_in(dir)
+        .with_context(|| format!("cannot create a private directory in {}", dir.display()))?;
+    let staged = staging.path().join("admin.sock");
     let listener =
-        tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        tokio::net::UnixListener::bind(&staged).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&staged, path).with_context(|| format!("cannot place the admin socket at {}", path.display()))?;
     Ok(listener)
 }

@@ -8,6 +8,8 @@ use ebb_collector::cli::{Cli, Command, ImportCommand};
 use ebb_collector::config;
 
 fn main() -> ExitCode {
+    // Everything the collector creates (its state, keys, sockets, local instances' records) is owner-only.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     if let Command::Workload(args) = cli.command {
         // Plain threads: the workload must behave like a simple one-CPU server.
@@ -34,14 +36,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Demo(args) => ebb_collector::demo::run(args).await,
         Command::Validate { config } => {
             let parsed = config::load(&config)?;
-            println!("{}: valid, {} group(s)", config.display(), parsed.groups.len());
+            ebb_collector::outln!("{}: valid, {} group(s)", config.display(), parsed.groups.len());
             for warning in parsed.warnings() {
-                println!("warning: {warning}");
+                ebb_collector::outln!("warning: {warning}");
             }
             Ok(true)
         }
         Command::GenConfig => {
-            print!("{}", config::LOCAL_EXAMPLE);
+            ebb_collector::out!("{}", config::LOCAL_EXAMPLE);
             Ok(true)
         }
         Command::Import { from } => {
@@ -50,7 +52,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 ImportCommand::Heat { path, group } => ebb_collector::import::heat(&path, &group),
             }
             .map_err(anyhow::Error::msg)?;
-            print!("{}", imported.config);
+            ebb_collector::out!("{}", imported.config);
             for note in imported.notes {
                 eprintln!("note: {note}");
             }
@@ -89,6 +91,16 @@ fn report(result: anyhow::Result<bool>) -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        // The reader of our output went away (`| head`): what it wanted, it has.
+        Err(e)
+            if e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

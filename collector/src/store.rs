@@ -183,6 +183,20 @@ impl Store {
     /// Opens (or creates) the store at `path`, applying any pending migrations. A file that is not an ebb
     /// store, or is damaged, is refused rather than replaced.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        // Owner-only from its first byte, whatever the umask; SQLite gives its WAL and shared-memory files
+        // the database file's mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path);
+            if let Err(e) = created {
+                tracing::debug!(path = %path.display(), error = %e, "Cannot create the store file ahead of SQLite.");
+            }
+        }
         let connection = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,

@@ -674,3 +674,42 @@ async fn an_oversized_report_message_ends_the_stream_and_is_counted() {
     );
     h.collector.shutdown().await;
 }
+
+/// Another local user must read nothing of the collector's state: token hashes, members, keys, activities.
+#[tokio::test]
+async fn the_state_directory_is_owner_only_whatever_the_umask_and_whoever_made_it() {
+    use std::os::unix::fs::PermissionsExt;
+    // The usual umask, under which files are created readable by all unless made otherwise.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Left open by hand, or by an older version.
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(state.join("notes.txt"), "x").unwrap();
+    std::fs::set_permissions(state.join("notes.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let collector = ebb_collector::Collector::start(common::config(&state, ""))
+        .await
+        .unwrap();
+    let mode = |name: &str| std::fs::metadata(state.join(name)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(""), 0o700);
+    for file in [
+        "notes.txt",
+        "collector.db",
+        "collector.db-wal",
+        "ca.key",
+        "admin.key",
+        "admin.sock",
+    ] {
+        assert_eq!(mode(file), 0o600, "{file}");
+    }
+    assert!(
+        std::fs::read_dir(&state).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".admin-socket-")),
+        "the admin socket's private staging directory is gone"
+    );
+    collector.shutdown().await;
+}

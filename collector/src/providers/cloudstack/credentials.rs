@@ -74,7 +74,8 @@ pub fn from_file(path: &Path) -> Result<Credentials, String> {
             path.display()
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::config::read_operator_file(path, crate::config::MAX_SMALL_FILE_BYTES)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     from_ini(&parse_ini(&text)).ok_or_else(|| {
         format!(
             "{} has no CloudStack keys: expected [account] host, api_key, secret_key (.idcfrc), [cloudstack] endpoint, key, secret (.cloudstack.ini) or url, apikey, secretkey (cloudmonkey)",

@@ -127,7 +127,8 @@ impl Cloud {
                     .join(", ")
             ));
         };
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = crate::config::read_operator_file(path, crate::config::MAX_SMALL_FILE_BYTES)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut clouds: CloudsYaml = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let entry = clouds
             .clouds
