@@ -87,6 +87,43 @@ fn request_headers(path: &str) -> Vec<u8> {
     block
 }
 
+/// One gRPC message as it goes in DATA frames: the 5-byte prefix, then the message.
+fn grpc_message(request: &ReportRequest) -> Vec<u8> {
+    let bytes = prost::Message::encode_to_vec(request);
+    let mut framed = vec![0u8];
+    framed.extend((bytes.len() as u32).to_be_bytes());
+    framed.extend(bytes);
+    framed
+}
+
+fn batch_of(seq: u64) -> ReportRequest {
+    ReportRequest {
+        message: Some(report_request::Message::Batch(SampleBatch {
+            samples: vec![Sample {
+                seq,
+                timestamp_ms: ebb_agent::now_ms(),
+                cpu_busy_percent: Some(5.0),
+                ..Sample::default()
+            }],
+        })),
+    }
+}
+
+/// A Report stream's opening on stream 1: its headers, the Hello of `member` (run 1) and sample 1.
+fn report_start(member: &str) -> Vec<u8> {
+    let mut body = grpc_message(&ReportRequest {
+        message: Some(report_request::Message::Hello(ebb_proto::v1::Hello {
+            member_id: member.to_string(),
+            run_id: 1,
+            ..Default::default()
+        })),
+    });
+    body.extend(grpc_message(&batch_of(1)));
+    let mut request = frame(HEADERS, END_HEADERS, 1, &request_headers("/ebb.v1.Telemetry/Report"));
+    request.extend(frame(DATA, 0, 1, &body));
+    request
+}
+
 /// What the attacker's connection heard from the collector.
 #[derive(Default, Debug)]
 struct Heard {
@@ -104,9 +141,14 @@ struct Raw {
 
 impl Raw {
     async fn open(h: &Harness, client: Option<(&str, &str)>, read: bool) -> Self {
+        Self::open_with(h, client, read, &[]).await
+    }
+
+    /// [`Raw::open`], sending `settings` (SETTINGS payload: 2-byte ids, 4-byte values).
+    async fn open_with(h: &Harness, client: Option<(&str, &str)>, read: bool, settings: &[u8]) -> Self {
         let mut tls = h.tls(h.collector.grpc_address, client).await;
         tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-        tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        tls.write_all(&frame(SETTINGS, 0, 0, settings)).await.unwrap();
         // The collector's SETTINGS, acknowledged as a client must.
         loop {
             let mut head = [0u8; 9];
@@ -522,4 +564,62 @@ async fn reqwest_metrics(h: &Harness) -> String {
         .expect("/metrics answers within 10 s")
         .unwrap();
     text
+}
+
+/// A member whose VM froze or whose network drops everything: its connection stays open at the TCP level
+/// but sends and answers nothing. The stream's message deadline (or HTTP/2 keepalive, whichever comes
+/// first) ends it, and `ebb_agents_connected` counts it no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_stops_answering_is_dropped_and_no_longer_counted() {
+    let h = Harness::start("").await;
+    let member = h.enroll().await;
+    let mut frozen = Raw::open(&h, Some((&member.cert_pem, &member.key_pem)), false).await;
+    assert!(frozen.send(&report_start(&member.member_id)).await);
+    let connected = || h.metric("ebb_agents_connected ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connected() != 1 {
+        assert!(Instant::now() < deadline, "the member's stream opens");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // From now on it reads and writes nothing: no samples, and the keepalive PINGs go unanswered.
+    let deadline = Instant::now() + Duration::from_secs(75);
+    while connected() != 0 {
+        assert!(Instant::now() < deadline, "still counted as connected after 75 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(frozen);
+    h.collector.shutdown().await;
+}
+
+/// A member that keeps sending samples but lets the collector send nothing back (a zero flow-control window)
+/// and answers no PING: it is not held forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_a_zero_window_is_not_held_forever() {
+    let h = Harness::start("").await;
+    let member = h.enroll().await;
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: no DATA may come back on any stream.
+    let settings = [0, 4, 0, 0, 0, 0];
+    let mut stuck = Raw::open_with(&h, Some((&member.cert_pem, &member.key_pem)), false, &settings).await;
+    assert!(stuck.send(&report_start(&member.member_id)).await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.metric("ebb_agents_connected ") != 1 {
+        assert!(Instant::now() < deadline, "the member's stream opens");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    let mut seq = 2;
+    let closed = loop {
+        if h.metric("ebb_agents_connected ") == 0 && seq > 10 {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(75) {
+            break false;
+        }
+        // Samples keep coming, so no message deadline ends it.
+        let _ = stuck.send(&frame(DATA, 0, 1, &grpc_message(&batch_of(seq)))).await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(closed, "still connected after {:?}", started.elapsed());
+    h.collector.shutdown().await;
 }

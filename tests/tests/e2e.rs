@@ -669,6 +669,7 @@ fn kill_9_during_scaling_leaves_no_extra_instance_no_orphan_and_no_lost_activity
 
     let mut seed: u64 = 0x5eed;
     let mut recorded = 0;
+    let mut killed_during_a_call = 0;
     for round in 0..20 {
         let collector = start();
         let now = activities();
@@ -682,14 +683,33 @@ fn kill_9_during_scaling_leaves_no_extra_instance_no_orphan_and_no_lost_activity
             "round {round}: still protected"
         );
         let target = if round % 2 == 0 { "5" } else { "1" };
-        let (ok, text) = admin(&admin_address, &state, &["scale", "web", "--to", target]);
-        assert!(ok, "{text}");
+        // The scale command returns only once its cloud calls are done; the kill must land among them. So it
+        // runs in the background, and the collector dies soon after the cloud's first write for it.
+        let before = cloud_writes(&cloud);
+        let mut scaling = Running::spawn(
+            Command::new(collector_bin())
+                .args(["--server", &format!("https://{admin_address}"), "--state-dir"])
+                .arg(&state)
+                .args(["scale", "web", "--to", target])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let wrote = wait_for(Duration::from_secs(10), || cloud_writes(&cloud) != before);
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        std::thread::sleep(Duration::from_millis((seed >> 33) % 1200));
+        std::thread::sleep(Duration::from_millis((seed >> 33) % 200));
         recorded = activities();
+        let in_call = scaling.child.try_wait().unwrap().is_none();
         nix::sys::signal::kill(collector.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        if wrote && in_call {
+            killed_during_a_call += 1;
+        }
         drop(collector);
+        let _ = scaling.child.wait();
     }
+    assert!(
+        killed_during_a_call >= 10,
+        "only {killed_during_a_call} of 20 kills landed while the cloud calls of a scale were under way"
+    );
     let _collector = start();
     let (ok, text) = admin(&admin_address, &state, &["scale", "web", "--to", "3"]);
     assert!(ok, "{text}");
@@ -711,4 +731,53 @@ fn kill_9_during_scaling_leaves_no_extra_instance_no_orphan_and_no_lost_activity
         members()
     );
     assert!(running_in(&cloud).contains(&first), "the protected member never went");
+    // Every instance the cloud ever created belongs to a different member, and each was recorded as
+    // launched or adopted: no launch was repeated, even one that orphan cleanup would have terminated.
+    let history = admin(&admin_address, &state, &["activities", "web", "--limit", "100000"]).1;
+    let mut created: Vec<String> = created_in(&cloud);
+    let count = created.len();
+    created.dedup();
+    assert_eq!(
+        created.len(),
+        count,
+        "a member's instance was created twice: {:?}",
+        created_in(&cloud)
+    );
+    for member in &created {
+        assert!(
+            history
+                .lines()
+                .any(|l| l.contains(member.as_str()) && (l.contains("launch") || l.contains("adopt"))),
+            "{member}'s instance has no launch or adopt activity:\n{history}"
+        );
+    }
+}
+
+/// Each instance file of the directory cloud and when it was last written.
+fn cloud_writes(cloud: &Path) -> Vec<(std::ffi::OsString, std::time::SystemTime)> {
+    let mut writes: Vec<_> = std::fs::read_dir(cloud)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| Some((e.file_name(), e.metadata().ok()?.modified().ok()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    writes.sort();
+    writes
+}
+
+/// The member of every instance the directory cloud ever created (terminated ones included), sorted.
+fn created_in(cloud: &Path) -> Vec<String> {
+    let mut members: Vec<String> = std::fs::read_dir(cloud)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| {
+            let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
+            Some(record["member_id"].as_str()?.to_string())
+        })
+        .collect();
+    members.sort();
+    members
 }

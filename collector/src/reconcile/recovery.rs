@@ -32,13 +32,23 @@ impl GroupController {
                 return false;
             }
         };
+        // Instances whose termination is settled here: the list above was taken before, so it may still show
+        // them running, and they are no orphans.
+        let mut terminated = HashSet::new();
         for intent in intents {
             let outcome = match intent.kind {
                 IntentKind::Launch => self.recover_launch(&intent, &instances, now).await,
-                IntentKind::Terminate => self.recover_termination(&intent, &instances).await,
+                IntentKind::Terminate => {
+                    let (outcome, gone) = self.recover_termination(&intent, &instances).await;
+                    if gone {
+                        terminated.insert(intent.instance_id.clone());
+                    }
+                    outcome
+                }
             };
             self.finish_intent(&intent.key, now, &outcome);
         }
+        let instances: Vec<Instance> = instances.into_iter().filter(|i| !terminated.contains(&i.id)).collect();
         self.check_orphans(&instances, now).await;
         self.save();
         true
@@ -73,26 +83,44 @@ impl GroupController {
         format!("adopted instance {}", instance.id)
     }
 
-    async fn recover_termination(&mut self, intent: &Intent, instances: &[Instance]) -> String {
+    /// Finishes an interrupted termination; what happened, and whether the instance is gone now. One the cloud
+    /// carried out before the restart is not asked for again (a collector killed at each restart would
+    /// otherwise terminate the same instance, with an activity, every time).
+    async fn recover_termination(&mut self, intent: &Intent, instances: &[Instance]) -> (String, bool) {
+        let running = instances
+            .iter()
+            .any(|i| i.id == intent.instance_id && !matches!(i.state, InstanceState::Terminated { .. }));
         if let Some(index) = self.members.iter().position(|m| m.id == intent.member_id) {
+            if !running && !self.members[index].external {
+                let member = self.members.remove(index);
+                self.hooks.forget(&member.id);
+                self.deps.authority.revoke_member(&member.id);
+                self.deps.ingest.unregister(&member.id).await;
+                self.save();
+                return (
+                    "the cloud had terminated it before the restart; its record is removed".into(),
+                    true,
+                );
+            }
             return if self
                 .remove(index, "finishing a termination interrupted by a restart")
                 .await
             {
-                "finished after a restart".into()
+                ("finished after a restart".into(), true)
             } else {
-                "failed after a restart; the member stays and is tried again".into()
+                (
+                    "failed after a restart; the member stays and is tried again".into(),
+                    false,
+                )
             };
         }
-        let running = instances
-            .iter()
-            .any(|i| i.id == intent.instance_id && !matches!(i.state, InstanceState::Terminated { .. }));
         if running {
             let result = self.deps.provider.terminate(&intent.instance_id).await;
             let outcome = match &result {
                 Ok(()) => "finished after a restart".to_string(),
                 Err(e) => format!("failed after a restart: {e}"),
             };
+            let gone = result.is_ok();
             self.record(
                 ActivityKind::Terminate,
                 "finishing a termination interrupted by a restart".into(),
@@ -100,9 +128,9 @@ impl GroupController {
                 &intent.member_id,
                 (self.desired, self.desired),
             );
-            return outcome;
+            return (outcome, gone);
         }
-        "already done".into()
+        ("already done".into(), true)
     }
 
     /// Every `reconcile_interval_secs`: orphans, and load-balancer memberships changed outside ebb.

@@ -900,6 +900,73 @@ async fn after_a_crash_an_interrupted_termination_is_finished() {
         "finished, then refilled to desired"
     );
     assert!(store.open_intents("web").unwrap().is_empty());
+    let terminations = |p: &FakeProvider| p.calls().iter().filter(|c| c.starts_with("terminate")).count();
+    assert_eq!(terminations(&provider), 1, "{:?}", provider.calls());
+    assert!(
+        !h.kinds().iter().any(|k| k.starts_with("orphan")),
+        "the instance just terminated is no orphan: {:?}",
+        h.kinds()
+    );
+}
+
+#[tokio::test]
+async fn after_a_crash_a_termination_the_cloud_carried_out_is_not_repeated() {
+    let (store, provider, lb) = (
+        Arc::new(Store::in_memory()),
+        FakeProvider::default(),
+        FakeLoadBalancer::default(),
+    );
+    let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb.clone()).await;
+    let now = now_ms();
+    h.controller.desired = 2;
+    h.controller.step(now).await;
+    let member = h.controller.members[1].clone();
+    drop(h);
+    // The intent was written and the cloud terminated web-2, then the collector died before saving that.
+    store
+        .save_group(
+            "web",
+            &GroupRecord {
+                desired: 1,
+                launches: 2,
+                ..GroupRecord::default()
+            },
+            &[h_member(&store, "web-1"), member.clone()],
+        )
+        .unwrap();
+    store
+        .begin_intent(&Intent {
+            key: "terminate-web-2".into(),
+            group: "web".into(),
+            kind: IntentKind::Terminate,
+            member_id: member.id.clone(),
+            instance_id: member.instance_id.clone(),
+            created_at: now,
+        })
+        .unwrap();
+    provider.terminate(&member.instance_id).await.unwrap();
+    let calls_before = provider.calls().len();
+    // Two restarts in a row.
+    for _ in 0..2 {
+        let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb.clone()).await;
+        h.controller.step(now + 1000).await;
+        assert_eq!(
+            provider.calls().len(),
+            calls_before,
+            "no cloud call: {:?}",
+            provider.calls()
+        );
+        assert!(
+            !h.kinds()
+                .iter()
+                .any(|k| k.starts_with("terminate") || k.starts_with("orphan")),
+            "{:?}",
+            h.kinds()
+        );
+        assert_eq!(h.handle.status().members.len(), 1);
+    }
+    assert_eq!(provider.running(), ["web-1"]);
+    assert!(store.open_intents("web").unwrap().is_empty());
 }
 
 /// The stored record of `id`, as the previous run saved it.
