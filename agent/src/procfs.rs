@@ -137,7 +137,11 @@ pub fn parse_online_cpus(text: &str) -> Result<u32, ParseError> {
         if last < first {
             return Err(bad());
         }
-        count += last - first + 1;
+        // A damaged file must not overflow the count (found by fuzzing: `42-04000000043,44-420000043`).
+        count = (last - first)
+            .checked_add(1)
+            .and_then(|cpus| cpus.checked_add(count))
+            .ok_or_else(|| parse_error(FILE, format!("more CPUs than can be counted at `{part}`")))?;
     }
     if count == 0 {
         return Err(parse_error(FILE, "no CPU is online"));
@@ -280,6 +284,10 @@ mod tests {
         assert_eq!(parse_online_cpus("0\n").unwrap(), 1);
         assert!(parse_online_cpus("3-1").is_err());
         assert!(parse_online_cpus("").is_err());
+        // Found by `scripts/fuzz agent_procfs`: the count overflowed (a panic in a debug build, a wrong count
+        // in the shipped one).
+        assert!(parse_online_cpus("42-04000000043,44-420000043").is_err());
+        assert!(parse_online_cpus("0-4294967295").is_err());
     }
 
     #[test]

@@ -99,8 +99,12 @@ async fn request(target: SocketAddr) -> Option<String> {
         .map(|member| member.trim().to_string())
 }
 
+/// Connections the demo's collector takes at once: its groups are a handful of local instances.
+const DEMO_CONNECTIONS: u32 = 256;
+
 /// Ports 0 everywhere, so the demo never collides with a collector already running, and its own state
-/// directory (CA, admin certificate, instances), so it needs no root.
+/// directory (CA, admin certificate, instances), so it needs no root. Its few agents need few connections: it
+/// does not ask for a fleet's open-file limit (nor warn that a desktop's is too low for one).
 fn demo_config(args: &DemoArgs, state_dir: &Path) -> anyhow::Result<config::CollectorConfig> {
     let mut config = match &args.config {
         Some(path) => config::load(path)?,
@@ -111,6 +115,7 @@ fn demo_config(args: &DemoArgs, state_dir: &Path) -> anyhow::Result<config::Coll
     config.server.admin_listen = None;
     config.server.admin_socket = None;
     config.server.state_dir = state_dir.to_path_buf();
+    config.server.max_connections = config.server.max_connections.min(DEMO_CONNECTIONS);
     for group in &mut config.groups {
         match &mut group.load_balancer {
             LoadBalancerConfig::Builtin { listen } => listen.set_port(0),
@@ -140,7 +145,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         headless: args.headless,
         started: Instant::now(),
     };
-    view.intro(&collector, &group_name, front);
+    view.intro(&collector, &group_name, front)?;
 
     let stats = Arc::new(LoadStats::default());
     let deadline = view.started + Duration::from_secs(args.duration_secs);
@@ -158,7 +163,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         let status = group.status();
         for activity in collector.activities.since(seen_activity, &group_name) {
             seen_activity = activity.id;
-            view.activity(&activity, &status);
+            view.activity(&activity, &status)?;
         }
         peak = peak.max(status.in_service());
         let now = Instant::now();
@@ -168,11 +173,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             view.note(&format!(
                 "load: {} requests/s at {front} for {} s",
                 args.rate, args.load_secs
-            ));
+            ))?;
             load = Some(window);
         }
         let loading = load.is_some_and(|(start, end)| now >= start && now < end);
-        view.status(&status, if loading { args.rate } else { 0 });
+        view.status(&status, if loading { args.rate } else { 0 })?;
         let load_over = load.is_some_and(|(_, end)| now >= end);
         if load_over
             && peak > status.min_size
@@ -202,7 +207,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         "requests_failed": stats.failed.load(Ordering::Relaxed),
         "requests_skipped": stats.skipped.load(Ordering::Relaxed),
         "served_by": served_by,
-    }));
+    }))?;
     collector.shutdown().await;
     Ok(scaled_out && back_to_min)
 }
@@ -217,9 +222,9 @@ impl View {
         (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0
     }
 
-    fn intro(&self, collector: &Collector, group: &str, front: SocketAddr) {
+    fn intro(&self, collector: &Collector, group: &str, front: SocketAddr) -> std::io::Result<()> {
         if self.headless {
-            println!(
+            crate::outln!(
                 "{}",
                 json!({"elapsed_secs": 0.0, "group": group, "load_balancer": front.to_string(),
                        "grpc": collector.grpc_address.to_string(), "admin": collector.admin_socket,
@@ -227,24 +232,26 @@ impl View {
                        "metrics": format!("http://{}/metrics", collector.http_address)})
             );
         } else {
-            println!("ebb demo — group `{group}` on this machine, no cloud needed");
-            println!("  load balancer  http://{front}/work");
-            println!("  metrics        http://{}/metrics", collector.http_address);
-            println!(
+            crate::outln!("ebb demo — group `{group}` on this machine, no cloud needed");
+            crate::outln!("  load balancer  http://{front}/work");
+            crate::outln!("  metrics        http://{}/metrics", collector.http_address);
+            crate::outln!(
                 "  admin          ebb-collector --state-dir {} activities",
                 collector.state_dir.display()
             );
-            println!("  Ctrl-C stops the demo and every process it started.\n");
+            crate::outln!("  Ctrl-C stops the demo and every process it started.\n");
         }
+        Ok(())
     }
 
-    fn note(&self, text: &str) {
+    fn note(&self, text: &str) -> std::io::Result<()> {
         if !self.headless {
-            println!("{:>5.0}s  {text}", self.elapsed());
+            crate::outln!("{:>5.0}s  {text}", self.elapsed());
         }
+        Ok(())
     }
 
-    fn status(&self, status: &GroupStatus, load_rps: u32) {
+    fn status(&self, status: &GroupStatus, load_rps: u32) -> std::io::Result<()> {
         if self.headless {
             let members: Vec<_> = status
                 .members
@@ -255,13 +262,13 @@ impl View {
                        "lb_connections": m.lb_connections})
                 })
                 .collect();
-            println!(
+            crate::outln!(
                 "{}",
                 json!({"elapsed_secs": self.elapsed(), "group": status.name, "capacity": status.in_service(),
                        "desired": status.desired, "pending": status.pending(), "cpu_avg": status.cpu_avg.map(round1),
                        "load_rps": load_rps, "members": members})
             );
-            return;
+            return Ok(());
         }
         let members: Vec<String> = status
             .members
@@ -281,25 +288,26 @@ impl View {
             })
             .collect();
         let cpu = status.cpu_avg.map_or("    -".into(), |c| format!("{c:5.1}%"));
-        println!(
+        crate::outln!(
             "{:>5.0}s  capacity {} (desired {})  cpu avg {cpu}  load {load_rps:>3} req/s   {}",
             self.elapsed(),
             status.in_service(),
             status.desired,
             members.join(" · ")
         );
+        Ok(())
     }
 
-    fn activity(&self, activity: &Activity, status: &GroupStatus) {
+    fn activity(&self, activity: &Activity, status: &GroupStatus) -> std::io::Result<()> {
         if self.headless {
-            println!(
+            crate::outln!(
                 "{}",
                 json!({"elapsed_secs": self.elapsed(), "group": activity.group, "activity": activity.kind,
                        "cause": activity.cause, "outcome": activity.outcome, "member": activity.member_id,
                        "detail": activity.detail, "from": activity.from_capacity, "to": activity.to_capacity,
                        "capacity": status.in_service(), "desired": status.desired, "cpu_avg": status.cpu_avg.map(round1)})
             );
-            return;
+            return Ok(());
         }
         let marker = match activity.kind {
             ActivityKind::ScaleOut => "▲",
@@ -316,21 +324,22 @@ impl View {
         } else {
             format!(" FAILED: {}", activity.detail)
         };
-        println!(
+        crate::outln!(
             "{:>5.0}s  {marker} {}{subject}: {}{failed}",
             self.elapsed(),
             activity.kind.as_str(),
             activity.cause
         );
+        Ok(())
     }
 
-    fn summary(&self, summary: serde_json::Value) {
+    fn summary(&self, summary: serde_json::Value) -> std::io::Result<()> {
         if self.headless {
-            println!("{}", json!({ "summary": summary }));
-            return;
+            crate::outln!("{}", json!({ "summary": summary }));
+            return Ok(());
         }
-        println!("\nsummary");
-        println!(
+        crate::outln!("\nsummary");
+        crate::outln!(
             "  scaled out to {} members, back to {} after the load: {}",
             summary["peak_capacity"],
             summary["final_capacity"],
@@ -340,11 +349,15 @@ impl View {
                 "NOT as expected"
             }
         );
-        println!(
+        crate::outln!(
             "  requests: {} ok, {} failed, {} skipped; served by {}",
-            summary["requests_ok"], summary["requests_failed"], summary["requests_skipped"], summary["served_by"]
+            summary["requests_ok"],
+            summary["requests_failed"],
+            summary["requests_skipped"],
+            summary["served_by"]
         );
-        println!("  took {} s", summary["elapsed_secs"]);
+        crate::outln!("  took {} s", summary["elapsed_secs"]);
+        Ok(())
     }
 }
 

@@ -22,7 +22,12 @@ pub struct Imported {
 pub fn idcfrc(path: &Path, group: &str) -> Result<Imported, String> {
     let text = crate::config::read_operator_file(path, crate::config::MAX_SMALL_FILE_BYTES)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let ini = parse_ini(&text);
+    idcfrc_from(&text, path, group)
+}
+
+/// [`idcfrc`] of `text`, read from `path`.
+pub fn idcfrc_from(text: &str, path: &Path, group: &str) -> Result<Imported, String> {
+    let ini = parse_ini(text);
     let section = |names: &[&str]| names.iter().find_map(|n| ini.get(*n));
     let mut missing = Vec::new();
     let mut get = |names: &[&str], key: &str| -> String {
@@ -184,10 +189,15 @@ fn advertise_url(endpoint: &str) -> Option<String> {
 /// resources and the `OS::Ceilometer::Alarm` / `OS::Aodh::Alarm` resources that fire them; parameters are
 /// resolved from their defaults. What has no ebb meaning is listed in the notes.
 pub fn heat(path: &Path, group: &str) -> Result<Imported, String> {
-    use serde_yaml::Value;
     let text = crate::config::read_operator_file(path, crate::config::MAX_SMALL_FILE_BYTES)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let template: Value = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    heat_from(&text, path, group)
+}
+
+/// [`heat`] of `text`, read from `path`.
+pub fn heat_from(text: &str, path: &Path, group: &str) -> Result<Imported, String> {
+    use serde_yaml::Value;
+    let template: Value = serde_yaml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
     let resources = template
         .get("resources")
         .and_then(Value::as_mapping)

@@ -32,6 +32,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod explain;
+pub mod fuzzing;
 pub mod hooks;
 pub mod http;
 pub mod import;

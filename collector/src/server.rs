@@ -118,7 +118,11 @@ fn ack(highest_seq: u64, rejected: Vec<ebb_proto::v1::Rejection>) -> ReportRespo
 /// An ack no larger than the request it answers (`request_bytes`, a few bytes of framing aside): the
 /// rejections that fit are listed, the rest are counted in the metrics only. A batch of many bad samples
 /// cannot make the collector send more than it received.
-fn bounded_ack(highest_seq: u64, rejected: Vec<ebb_proto::v1::Rejection>, request_bytes: usize) -> ReportResponse {
+pub(crate) fn bounded_ack(
+    highest_seq: u64,
+    rejected: Vec<ebb_proto::v1::Rejection>,
+    request_bytes: usize,
+) -> ReportResponse {
     // The wrapper's length prefixes may grow by a few bytes as rejections are added.
     let mut bytes = ack(highest_seq, Vec::new()).encoded_len() + 4;
     let listed = rejected

@@ -31,6 +31,10 @@ const PROTOCOL_ERROR: u32 = 0x1;
 /// bounds took the collector from 15 MB to 1.46 GB (HPACK) and 461 MB (PING flood) before.
 const RSS_GROWTH_MAX_MB: u64 = 150;
 
+/// The floods take the machine's cores and measure the process's memory: under `cargo test`, where the tests
+/// of this file share one process, they run one at a time.
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn rss_mb() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let kb: u64 = status
@@ -259,6 +263,7 @@ impl RealAgent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_hpack_table_size_bomb_is_refused_and_costs_no_memory() {
+    let _one_at_a_time = FLOODS.lock().await;
     let h = Harness::start("").await;
     let agent = RealAgent::start(&h).await;
     let member = h.enroll().await;
@@ -315,6 +320,7 @@ async fn an_hpack_table_size_bomb_is_refused_and_costs_no_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_flood_before_any_request_costs_no_memory_and_starves_no_one() {
+    let _one_at_a_time = FLOODS.lock().await;
     let h = Harness::start("").await;
     let agent = RealAgent::start(&h).await;
     let rss_before = rss_mb();
@@ -342,6 +348,7 @@ async fn a_ping_flood_before_any_request_costs_no_memory_and_starves_no_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_closes_the_connection() {
+    let _one_at_a_time = FLOODS.lock().await;
     let h = Harness::start("").await;
     let agent = RealAgent::start(&h).await;
     let member = h.enroll().await;
@@ -400,6 +407,7 @@ async fn opening_streams_past_the_budget_closes_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_empty_continuation_frames_is_refused() {
+    let _one_at_a_time = FLOODS.lock().await;
     let h = Harness::start("").await;
     let agent = RealAgent::start(&h).await;
     let mut attacker = Raw::open(&h, None, true).await;

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use ebb_agent::identity::{self, Identity};
 use ebb_agent::transport;
-use ebb_proto::v1::telemetry_client::TelemetryClient;
 use ebb_proto::v1::{
-    HealthCheck, Hello, ReportRequest, Sample, SampleBatch, health_check, report_request, report_response,
+    HealthCheck, Hello, ReportRequest, ReportResponse, Sample, SampleBatch, health_check, report_request,
+    report_response,
 };
+use prost::Message;
 
 use crate::report::{Report, figure};
 use crate::{Guard, TempDir, build_release, free_port, usage};
@@ -72,6 +73,9 @@ pub fn start_collector(bin: &Path, groups: &str, uses: u32) -> anyhow::Result<Fl
         http_listen = "127.0.0.1:{http}"
         state_dir = "{state}"
         enrollments_per_minute = 1000000
+        enrollments_per_minute_total = 1000000
+        # The ramp's largest step (15,000) with room; fits a hard open-file limit of 20,000.
+        max_connections = 16000
         {groups}
         "#,
         http = free_port()?,
@@ -185,55 +189,114 @@ pub struct SimulatedAgent {
 }
 
 impl SimulatedAgent {
+    /// Speaks h2 directly, on one task: the collector sees what a real agent sends (TLS, HTTP/2, gRPC
+    /// messages), but the generator spends less of the two cores the collector shares than 10,000 tonic
+    /// clients with their connection tasks would (129 % of one core against the collector's 57 % on
+    /// 2026-12-04), which would measure the generator's scheduling rather than the collector.
     pub async fn run(self) -> anyhow::Result<()> {
         tokio::time::sleep(self.start_after).await;
-        let channel = transport::connect_from(&self.url, self.identity.client_tls()?, self.from).await?;
-        let origin = channel.origin();
-        let mut client = TelemetryClient::with_origin(channel, origin);
+        let mut tls = self.identity.client_tls()?;
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let stream = transport::tls_connect(&self.url, tls, self.from).await?;
+        let (mut requests, connection) = h2::client::handshake(stream).await?;
+        tokio::pin!(connection);
+        let request = http::Request::post(format!("{}/ebb.v1.Telemetry/Report", self.url))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let (response, mut body) = requests.send_request(request, false)?;
         let hello = Hello {
             member_id: self.identity.member_id.clone(),
             agent_version: "bench".into(),
             boot_id: String::new(),
             run_id: 1,
         };
-        let (requests, outgoing) = tokio::sync::mpsc::channel(2);
-        requests
-            .send(ReportRequest {
+        body.send_data(
+            grpc_message(&ReportRequest {
                 message: Some(report_request::Message::Hello(hello)),
-            })
-            .await?;
-        let mut responses = client
-            .report(tokio_stream::wrappers::ReceiverStream::new(outgoing))
-            .await?
-            .into_inner();
+            }),
+            false,
+        )?;
+        let response = tokio::select! {
+            ended = &mut connection => anyhow::bail!("the connection ended before the answer: {ended:?}"),
+            response = response => response?,
+        };
+        let mut answers = response.into_body();
+        let mut received = Vec::new();
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         let mut waiting: Option<(u64, Instant)> = None;
         let mut seq = 0u64;
+        enum Event {
+            Ended(Result<(), h2::Error>),
+            Data(Option<Result<bytes::Bytes, h2::Error>>),
+            Tick,
+        }
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {
+            let event = tokio::select! {
+                ended = &mut connection => Event::Ended(ended),
+                data = answers.data() => Event::Data(data),
+                _ = ticker.tick() => Event::Tick,
+            };
+            match event {
+                Event::Ended(ended) => return ended.map_err(Into::into),
+                Event::Data(None) => return Ok(()),
+                Event::Data(Some(data)) => {
+                    let data = data?;
+                    answers.flow_control().release_capacity(data.len())?;
+                    received.extend_from_slice(&data);
+                    while received.len() >= 5 {
+                        let length = u32::from_be_bytes([received[1], received[2], received[3], received[4]]) as usize;
+                        if received.len() < 5 + length {
+                            break;
+                        }
+                        let message = ReportResponse::decode(&received[5..5 + length])?;
+                        received.drain(..5 + length);
+                        if let (Some(report_response::Message::Ack(ack)), Some((seq, at))) = (message.message, waiting)
+                            && ack.highest_seq >= seq
+                        {
+                            self.latencies.lock().unwrap().push(at.elapsed().as_micros() as u32);
+                            waiting = None;
+                        }
+                    }
+                }
+                Event::Tick => {
                     seq += 1;
                     let (timestamp_ms, cpu) = (ebb_agent::now_ms(), (self.cpu)());
-                    let health = HealthCheck { status: health_check::Status::Healthy as i32, ..HealthCheck::default() };
-                    let sample = Sample { seq, timestamp_ms, cpu_busy_percent: Some(cpu), load1: 0.5, mem_used_percent: 30.0, health: Some(health), ..Sample::default() };
+                    let health = HealthCheck {
+                        status: health_check::Status::Healthy as i32,
+                        ..HealthCheck::default()
+                    };
+                    let sample = Sample {
+                        seq,
+                        timestamp_ms,
+                        cpu_busy_percent: Some(cpu),
+                        load1: 0.5,
+                        mem_used_percent: 30.0,
+                        health: Some(health),
+                        ..Sample::default()
+                    };
                     if let Some(sent) = &self.sent {
                         sent.lock().unwrap().push((timestamp_ms, cpu));
                     }
                     waiting = Some((seq, Instant::now()));
-                    requests.send(ReportRequest { message: Some(report_request::Message::Batch(SampleBatch { samples: vec![sample] })) }).await?;
-                }
-                message = responses.message() => {
-                    let Some(message) = message? else { return Ok(()) };
-                    if let (Some(report_response::Message::Ack(ack)), Some((seq, at))) = (message.message, waiting)
-                        && ack.highest_seq >= seq
-                    {
-                        self.latencies.lock().unwrap().push(at.elapsed().as_micros() as u32);
-                        waiting = None;
-                    }
+                    let batch = ReportRequest {
+                        message: Some(report_request::Message::Batch(SampleBatch { samples: vec![sample] })),
+                    };
+                    body.send_data(grpc_message(&batch), false)?;
                 }
             }
         }
     }
+}
+
+/// One gRPC message as DATA carries it: uncompressed, its length, itself.
+fn grpc_message(request: &ReportRequest) -> bytes::Bytes {
+    let encoded = request.encode_to_vec();
+    let mut framed = Vec::with_capacity(5 + encoded.len());
+    framed.push(0);
+    framed.extend((encoded.len() as u32).to_be_bytes());
+    framed.extend(encoded);
+    framed.into()
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -416,7 +479,8 @@ pub fn bench_ingest(args: &[String]) -> anyhow::Result<bool> {
     report.at_most(
         format!("collector memory per connected agent at {held} agents"),
         per_agent_at_held * 1.024,
-        32.0,
+        // Re-based by issue 23 from 32 KB, when agents' connections moved back to hyper/h2 from our own HTTP/2.
+        64.0,
         "KB",
     );
     report.note(

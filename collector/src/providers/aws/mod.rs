@@ -152,7 +152,7 @@ fn pair(key: impl Into<String>, value: impl Into<String>) -> (String, String) {
 }
 
 /// The instances in a DescribeInstances or RunInstances answer.
-fn instances_in(xml: &str) -> Result<Vec<Instance>, CloudError> {
+pub(crate) fn instances_in(xml: &str) -> Result<Vec<Instance>, CloudError> {
     let document = roxmltree::Document::parse(xml)
         .map_err(|e| CloudError::Retryable(format!("EC2 answered with XML ebb cannot read: {e}")))?;
     Ok(document

@@ -274,7 +274,7 @@ pub fn sign(
 }
 
 /// The `Code` and `Message` of an EC2 (`Response/Errors/Error`) or ELBv2 (`ErrorResponse/Error`) answer.
-fn error_in(xml: &str) -> Option<(String, String)> {
+pub(crate) fn error_in(xml: &str) -> Option<(String, String)> {
     let document = roxmltree::Document::parse(xml).ok()?;
     let error = document.descendants().find(|n| n.has_tag_name("Error"))?;
     let child = |name: &str| {

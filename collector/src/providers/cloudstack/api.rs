@@ -29,6 +29,34 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// The object inside `<command>response` of CloudStack's answer with this HTTP status and body, or how it
+/// said no. The body is whatever came back: an error page, a proxy's HTML, truncated JSON.
+pub fn answer_of(command: &str, status: u16, body: &str) -> Result<Value, ApiError> {
+    let error = |code: u16, text: String| ApiError {
+        command: command.to_string(),
+        code,
+        text,
+    };
+    let json: Value = serde_json::from_str(body).map_err(|_| {
+        let start: String = body.chars().take(200).collect();
+        error(status, format!("not a CloudStack JSON answer: {start}"))
+    })?;
+    let key = format!("{}response", command.to_ascii_lowercase());
+    let inner = json
+        .get(&key)
+        .or_else(|| json.as_object().and_then(|o| o.values().next()))
+        .cloned()
+        .unwrap_or(Value::Null);
+    if let Some(code) = inner.get("errorcode").and_then(Value::as_u64) {
+        let text = inner.get("errortext").and_then(Value::as_str).unwrap_or_default();
+        return Err(error(code as u16, text.to_string()));
+    }
+    if !(200..300).contains(&status) {
+        return Err(error(status, format!("HTTP {status}")));
+    }
+    Ok(inner)
+}
+
 /// A GET URL longer than this is sent as a POST form instead (large user data).
 const MAX_GET_URL: usize = 2048;
 /// Read-only commands are tried this many times in all when the failure is temporary.
@@ -182,24 +210,7 @@ impl Api {
             .map_err(|e| error(0, transport_error(&e)))?;
         let status = response.status().as_u16();
         let body = response.text().await.map_err(|e| error(0, transport_error(&e)))?;
-        let json: Value = serde_json::from_str(&body).map_err(|_| {
-            let start: String = body.chars().take(200).collect();
-            error(status, format!("not a CloudStack JSON answer: {start}"))
-        })?;
-        let key = format!("{}response", command.to_ascii_lowercase());
-        let inner = json
-            .get(&key)
-            .or_else(|| json.as_object().and_then(|o| o.values().next()))
-            .cloned()
-            .unwrap_or(Value::Null);
-        if let Some(code) = inner.get("errorcode").and_then(Value::as_u64) {
-            let text = inner.get("errortext").and_then(Value::as_str).unwrap_or_default();
-            return Err(error(code as u16, text.to_string()));
-        }
-        if !(200..300).contains(&status) {
-            return Err(error(status, format!("HTTP {status}")));
-        }
-        Ok(inner)
+        answer_of(command, status, &body)
     }
 
     /// Polls `queryAsyncJobResult` with a growing wait until the job ends or `job_timeout` passes.

@@ -106,7 +106,7 @@ pub struct CloudStackProvider {
 }
 
 /// What ebb reads of a CloudStack VM.
-struct Vm {
+pub(crate) struct Vm {
     id: String,
     display_name: String,
     state: String,
@@ -115,7 +115,7 @@ struct Vm {
 }
 
 impl Vm {
-    fn parse(value: &Value) -> Option<Self> {
+    pub(crate) fn parse(value: &Value) -> Option<Self> {
         let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
         let nics = value.get("nic").and_then(Value::as_array).cloned().unwrap_or_default();
         let nic = nics

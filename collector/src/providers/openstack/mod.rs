@@ -89,7 +89,7 @@ pub struct OpenStackProvider {
     poll: Duration,
 }
 
-fn server_instance(server: &Value) -> Instance {
+pub(crate) fn server_instance(server: &Value) -> Instance {
     let status = server["status"].as_str().unwrap_or_default();
     let address = server["addresses"]
         .as_object()
