@@ -43,6 +43,11 @@ impl Outbox {
         self.samples.range(start..).take(limit).cloned().collect()
     }
 
+    /// Whether a sample after `seq` waits.
+    pub fn has_after(&self, seq: u64) -> bool {
+        self.samples.back().is_some_and(|s| s.seq > seq)
+    }
+
     pub fn len(&self) -> usize {
         self.samples.len()
     }
@@ -75,8 +80,10 @@ mod tests {
         outbox.acknowledge(2);
         assert_eq!(seqs(&outbox.after(0, 10)), [3, 4, 5]);
         assert_eq!(seqs(&outbox.after(4, 10)), [5]);
+        assert!(outbox.has_after(4) && !outbox.has_after(5));
         outbox.acknowledge(5);
         assert!(outbox.is_empty());
+        assert!(!outbox.has_after(0));
     }
 
     #[test]

@@ -102,35 +102,30 @@ impl Connection {
         // Everything in the outbox is unacknowledged: replay it all, then follow new samples.
         let mut sent_upto = 0u64;
         loop {
-            let response = loop {
-                // Take a slot first (cancel-safe), then the batch: an answer arriving meanwhile must never
-                // cancel a batch already counted as sent.
-                tokio::select! {
-                    permit = requests.reserve() => {
-                        let batch = self.outbox.lock().expect("outbox lock").after(sent_upto, BATCH_LIMIT);
-                        let Some(last) = batch.last() else { break None };
+            let unsent = self.outbox.lock().expect("outbox lock").has_after(sent_upto);
+            tokio::select! {
+                // A slot first (cancel-safe), then the batch: an answer arriving meanwhile never cancels a
+                // batch already counted as sent.
+                permit = requests.reserve(), if unsent => {
+                    let batch = self.outbox.lock().expect("outbox lock").after(sent_upto, BATCH_LIMIT);
+                    if let Some(last) = batch.last() {
                         sent_upto = last.seq;
                         permit?.send(ReportRequest {
                             message: Some(report_request::Message::Batch(SampleBatch { samples: batch })),
                         });
                     }
-                    response = responses.message() => break Some(response),
                 }
-            };
-            let response = match response {
-                Some(response) => response,
-                None => tokio::select! {
-                    changed = latest_seq.changed() => { changed?; continue; }
-                    response = responses.message() => response,
-                },
-            };
-            let message = response?.ok_or_else(|| anyhow::anyhow!("stream ended by the collector"))?;
-            if !connected {
-                connected = true;
-                self.backoff.reset();
-                tracing::info!(collector = %self.url, member = %self.hello.member_id, "Connected to the collector.");
+                changed = latest_seq.changed(), if !unsent => changed?,
+                response = responses.message() => {
+                    let message = response?.ok_or_else(|| anyhow::anyhow!("stream ended by the collector"))?;
+                    if !connected {
+                        connected = true;
+                        self.backoff.reset();
+                        tracing::info!(collector = %self.url, member = %self.hello.member_id, "Connected to the collector.");
+                    }
+                    self.handle(message);
+                }
             }
-            self.handle(message);
         }
     }
 

@@ -360,30 +360,25 @@ impl Enrollment for EnrollmentService {
             .map(|r| r.ip())
         {
             let limits = &self.authority.enrollments;
-            match limits.check(address, now) {
-                Ok(()) => {}
-                Err(crate::pki::rate::Refusal::Key) => {
-                    return Err(refuse(
-                        &self.metrics,
-                        "enroll",
+            if let Err(refusal) = limits.check(address, now) {
+                let (reason, message) = match refusal {
+                    crate::pki::rate::Refusal::Key => (
                         "rate_limited",
-                        Status::resource_exhausted(format!(
-                            "more than {} enrolment attempts from {address} this minute; retry later",
+                        format!(
+                            "more than {} enrolment attempts from {address} this minute",
                             limits.per_key()
-                        )),
-                    ));
-                }
-                Err(crate::pki::rate::Refusal::Total) => {
-                    return Err(refuse(
-                        &self.metrics,
-                        "enroll",
+                        ),
+                    ),
+                    crate::pki::rate::Refusal::Total => (
                         "rate_limited_total",
-                        Status::resource_exhausted(format!(
-                            "the collector takes at most {} enrolment attempts a minute and has had them; retry later",
+                        format!(
+                            "the collector takes at most {} enrolment attempts a minute",
                             limits.total()
-                        )),
-                    ));
-                }
+                        ),
+                    ),
+                };
+                let status = Status::resource_exhausted(format!("{message}; retry later"));
+                return Err(refuse(&self.metrics, "enroll", reason, status));
             }
         }
         let request = request.into_inner();

@@ -248,9 +248,9 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
     type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
 
     fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
-        let metrics = self.listener.metrics.clone();
+        let (metrics, listener) = (self.listener.metrics.clone(), self.listener.name);
         if !self.usage.take_stream() {
-            metrics.refused(self.listener.name, "stream_budget");
+            metrics.refused(listener, "stream_budget");
             self.usage.close.notify_one();
             let status = Status::resource_exhausted(format!(
                 "more than {} streams on one connection ({} a minute after the first {}); the connection is closed",
@@ -271,7 +271,7 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
                 Ok(Ok(response)) => response,
                 Ok(Err(never)) => match never {},
                 Err(_) => {
-                    metrics.refused("grpc", "deadline_exceeded");
+                    metrics.refused(listener, "deadline_exceeded");
                     return Ok(Status::deadline_exceeded(format!(
                         "the request was not complete within {} s",
                         limits::REQUEST_DEADLINE.as_secs()
@@ -280,7 +280,7 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
                 }
             };
             if Status::from_header_map(response.headers()).is_some_and(|status| crate::server::is_oversized(&status)) {
-                metrics.refused("grpc", "oversized_message");
+                metrics.refused(listener, "oversized_message");
             }
             Ok(response.map(|body| Body::new(CountedBody { body, _open: open })))
         })
