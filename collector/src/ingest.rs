@@ -695,6 +695,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_superseded_run_is_told_why_and_its_samples_are_neither_stored_nor_acknowledged() {
+        let metrics = Arc::new(Metrics::default());
+        let ingest = IngestHandle::spawn(metrics.clone(), 600_000, Vec::new());
+        ingest.register("web-1", AgentSettings::default()).await;
+        let mut first = ingest.hello(hello("web-1", 1)).await.unwrap();
+        ingest.hello(hello("web-1", 2)).await.unwrap();
+        assert_eq!(
+            *first.closed.borrow_and_update(),
+            Some(CloseReason::Superseded { current_run: 2 })
+        );
+        let late = ingest.batch("web-1", 1, vec![sample(1, NOW - 1000, 10.0)], NOW).await;
+        assert_eq!(
+            late,
+            Err(IngestError::Superseded {
+                member: "web-1".into(),
+                current: 2
+            })
+        );
+        assert!(metrics.render().contains("ebb_samples_ingested_total 0"));
+        // A removed member's late batch is refused too, not acknowledged.
+        ingest.unregister("web-1").await;
+        assert_eq!(
+            ingest.batch("web-1", 2, vec![sample(1, NOW - 1000, 10.0)], NOW).await,
+            Err(IngestError::UnknownMember("web-1".into()))
+        );
+    }
+
+    #[tokio::test]
     async fn a_new_agent_run_numbers_from_one_again() {
         let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 600_000, Vec::new());
         ingest.register("web-1", AgentSettings::default()).await;

@@ -341,7 +341,7 @@ async fn a_ping_flood_before_any_request_costs_no_memory_and_starves_no_one() {
         "the collector grew by {grown} MB after {sent}k PINGs"
     );
     agent.keeps_reporting("during a PING flood").await;
-    let metrics = reqwest_metrics(&h).await;
+    let metrics = scrape_metrics(&h).await;
     assert!(metrics.contains("ebb_agents_connected 1"), "{metrics}");
     h.collector.shutdown().await;
 }
@@ -545,7 +545,7 @@ async fn past_max_connections_new_ones_are_refused_and_the_admin_api_still_answe
         .await
         .unwrap();
     assert_eq!(groups.into_inner().groups.len(), 2);
-    assert!(reqwest_metrics(&h).await.contains("connection_limit"));
+    assert!(scrape_metrics(&h).await.contains("connection_limit"));
     // Places come back as connections go.
     drop(held);
     common::wait_until("a place is free", || {
@@ -560,8 +560,21 @@ async fn past_max_connections_new_ones_are_refused_and_the_admin_api_still_answe
     h.collector.shutdown().await;
 }
 
+/// Waits until `ebb_agents_connected` is `count`, failing after `within`.
+async fn agents_connected_becomes(h: &Harness, count: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while h.metric("ebb_agents_connected ") != count {
+        assert!(
+            Instant::now() < deadline,
+            "ebb_agents_connected is {}, not {count}, after {within:?}",
+            h.metric("ebb_agents_connected ")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `/metrics` over HTTP, as Prometheus scrapes it.
-async fn reqwest_metrics(h: &Harness) -> String {
+async fn scrape_metrics(h: &Harness) -> String {
     let mut tcp = tokio::net::TcpStream::connect(h.collector.http_address).await.unwrap();
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
         .await
@@ -583,18 +596,9 @@ async fn a_member_that_stops_answering_is_dropped_and_no_longer_counted() {
     let member = h.enroll().await;
     let mut frozen = Raw::open(&h, Some((&member.cert_pem, &member.key_pem)), false).await;
     assert!(frozen.send(&report_start(&member.member_id)).await);
-    let connected = || h.metric("ebb_agents_connected ");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while connected() != 1 {
-        assert!(Instant::now() < deadline, "the member's stream opens");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    agents_connected_becomes(&h, 1, Duration::from_secs(10)).await;
     // From now on it reads and writes nothing: no samples, and the keepalive PINGs go unanswered.
-    let deadline = Instant::now() + Duration::from_secs(75);
-    while connected() != 0 {
-        assert!(Instant::now() < deadline, "still counted as connected after 75 s");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    agents_connected_becomes(&h, 0, Duration::from_secs(75)).await;
     drop(frozen);
     h.collector.shutdown().await;
 }
@@ -609,11 +613,7 @@ async fn a_member_with_a_zero_window_is_not_held_forever() {
     let settings = [0, 4, 0, 0, 0, 0];
     let mut stuck = Raw::open_with(&h, Some((&member.cert_pem, &member.key_pem)), false, &settings).await;
     assert!(stuck.send(&report_start(&member.member_id)).await);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.metric("ebb_agents_connected ") != 1 {
-        assert!(Instant::now() < deadline, "the member's stream opens");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    agents_connected_becomes(&h, 1, Duration::from_secs(10)).await;
     let started = Instant::now();
     let mut seq = 2;
     let closed = loop {

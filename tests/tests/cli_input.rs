@@ -15,6 +15,20 @@ fn run(args: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// `evaluate` of seed 003's group (examples/k5-recovery.toml) on `snapshot`.
+fn evaluate(snapshot: &str) -> (bool, String) {
+    let config = examples_dir().join("k5-recovery.toml");
+    run(&[
+        "evaluate",
+        "--config",
+        config.to_str().unwrap(),
+        "--group",
+        "web-server",
+        "--snapshot",
+        snapshot,
+    ])
+}
+
 #[test]
 fn a_device_or_a_huge_file_as_the_config_is_refused_at_once() {
     let started = Instant::now();
@@ -31,15 +45,7 @@ fn a_device_or_a_huge_file_as_the_config_is_refused_at_once() {
     std::fs::write(&huge, "# padding\n".repeat(600_000)).unwrap();
     let (ok, text) = run(&["validate", "--config", huge.to_str().unwrap()]);
     assert!(!ok && text.contains("larger than"), "{text}");
-    let (ok, text) = run(&[
-        "evaluate",
-        "--config",
-        examples_dir().join("k5-recovery.toml").to_str().unwrap(),
-        "--group",
-        "web-server",
-        "--snapshot",
-        "/dev/zero",
-    ]);
+    let (ok, text) = evaluate("/dev/zero");
     assert!(!ok && text.contains("not a regular file"), "{text}");
     assert!(
         started.elapsed() < Duration::from_secs(30),
@@ -56,15 +62,7 @@ fn a_snapshot_with_min_above_max_is_an_error_not_a_panic() {
         r#"{"now": "2026-01-01T00:10:00Z", "desired": 2, "min_size": 5, "max_size": 2, "members": []}"#,
     )
     .unwrap();
-    let (ok, text) = run(&[
-        "evaluate",
-        "--config",
-        examples_dir().join("k5-recovery.toml").to_str().unwrap(),
-        "--group",
-        "web-server",
-        "--snapshot",
-        snapshot.path().to_str().unwrap(),
-    ]);
+    let (ok, text) = evaluate(snapshot.path().to_str().unwrap());
     assert!(!ok && text.contains("min_size 5 is above max_size 2"), "{text}");
 }
 

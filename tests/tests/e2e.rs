@@ -1,14 +1,14 @@
 //! End-to-end: the real `ebb-collector` and `ebb-agent` binaries, real processes, real load, real
 //! enrolment and mutual TLS.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ebb_tests::{
     Running, admin, agent_bin, collector_bin, examples_dir, free_port, processes_mentioning, running_in, serial,
-    wait_for,
+    try_http_get, wait_for,
 };
 use serde_json::Value;
 
@@ -128,14 +128,7 @@ fn in_service(server: &str, state_dir: &Path) -> usize {
 }
 
 fn http_get(address: &str, path: &str) -> String {
-    let context = |e: std::io::Error| format!("GET http://{address}{path}: {e}");
-    let mut stream = std::net::TcpStream::connect(address).map_err(context).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .map_err(context)
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).map_err(context).unwrap();
-    text
+    try_http_get(address, path).unwrap_or_else(|e| panic!("GET http://{address}{path}: {e}"))
 }
 
 #[test]

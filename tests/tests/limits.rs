@@ -1,22 +1,11 @@
 //! The packaged collector under a low open-file limit: a flood of connections to the agents' port takes
 //! only the places that fit, and the collector stays reachable for `/metrics`, the Admin API and its store.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ebb_tests::{Running, admin, collector_bin, examples_dir, free_port, serial, wait_for};
-
-fn metrics(address: &str) -> Option<String> {
-    let mut tcp = TcpStream::connect(address).ok()?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).ok()?;
-    Some(text)
-}
+use ebb_tests::{Running, admin, collector_bin, examples_dir, free_port, serial, try_http_get, wait_for};
 
 #[test]
 fn a_connection_flood_under_a_low_open_file_limit_leaves_the_collector_reachable() {
@@ -52,7 +41,7 @@ fn a_connection_flood_under_a_low_open_file_limit_leaves_the_collector_reachable
         &state,
     );
     assert!(
-        wait_for(Duration::from_secs(30), || metrics(&http).is_some()),
+        wait_for(Duration::from_secs(30), || try_http_get(&http, "/metrics").is_ok()),
         "the collector starts"
     );
 
@@ -60,7 +49,7 @@ fn a_connection_flood_under_a_low_open_file_limit_leaves_the_collector_reachable
     let flood: Vec<TcpStream> = (0..400).filter_map(|_| TcpStream::connect(&grpc).ok()).collect();
     assert!(!flood.is_empty());
     std::thread::sleep(Duration::from_millis(500));
-    let text = metrics(&http).expect("/metrics answers during the flood");
+    let text = try_http_get(&http, "/metrics").expect("/metrics answers during the flood");
     let refused: u64 = text
         .lines()
         .find(|l| l.starts_with("ebb_requests_refused_total{service=\"grpc\",reason=\"connection_limit\"}"))

@@ -851,31 +851,27 @@ async fn after_a_crash_a_launch_that_did_not_happen_is_dropped_and_capacity_reco
     assert!(store.open_intents("web").unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn after_a_crash_an_interrupted_termination_is_finished() {
-    let (store, provider, lb) = (
-        Arc::new(Store::in_memory()),
-        FakeProvider::default(),
-        FakeLoadBalancer::default(),
-    );
+/// A group of two members (web-1, web-2) whose collector wrote the intent to terminate web-2 and died with
+/// `desired` saved and both members still recorded; web-2's record.
+async fn crashed_with_a_termination_intent(
+    store: &Arc<Store>,
+    provider: &FakeProvider,
+    lb: &FakeLoadBalancer,
+    desired: u32,
+    now: Millis,
+) -> Member {
     let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb.clone()).await;
-    let now = now_ms();
     h.controller.desired = 2;
     h.controller.step(now).await;
     let member = h.controller.members[1].clone();
     drop(h);
-    // The collector decided web-2 goes, wrote its intent, and died before the call.
-    // Desired stays 2: only the intent, not a scale-in, can make web-2 go.
+    let record = GroupRecord {
+        desired,
+        launches: 2,
+        ..GroupRecord::default()
+    };
     store
-        .save_group(
-            "web",
-            &GroupRecord {
-                desired: 2,
-                launches: 2,
-                ..GroupRecord::default()
-            },
-            &[h_member(&store, "web-1"), member.clone()],
-        )
+        .save_group("web", &record, &[h_member(store, "web-1"), member.clone()])
         .unwrap();
     store
         .begin_intent(&Intent {
@@ -887,6 +883,20 @@ async fn after_a_crash_an_interrupted_termination_is_finished() {
             created_at: now,
         })
         .unwrap();
+    member
+}
+
+#[tokio::test]
+async fn after_a_crash_an_interrupted_termination_is_finished() {
+    let (store, provider, lb) = (
+        Arc::new(Store::in_memory()),
+        FakeProvider::default(),
+        FakeLoadBalancer::default(),
+    );
+    let now = now_ms();
+    // The collector decided web-2 goes, wrote its intent, and died before the call.
+    // Desired stays 2: only the intent, not a scale-in, can make web-2 go.
+    let member = crashed_with_a_termination_intent(&store, &provider, &lb, 2, now).await;
     let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb).await;
     h.controller.step(now + 1000).await;
     assert!(
@@ -916,34 +926,9 @@ async fn after_a_crash_a_termination_the_cloud_carried_out_is_not_repeated() {
         FakeProvider::default(),
         FakeLoadBalancer::default(),
     );
-    let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb.clone()).await;
     let now = now_ms();
-    h.controller.desired = 2;
-    h.controller.step(now).await;
-    let member = h.controller.members[1].clone();
-    drop(h);
     // The intent was written and the cloud terminated web-2, then the collector died before saving that.
-    store
-        .save_group(
-            "web",
-            &GroupRecord {
-                desired: 1,
-                launches: 2,
-                ..GroupRecord::default()
-            },
-            &[h_member(&store, "web-1"), member.clone()],
-        )
-        .unwrap();
-    store
-        .begin_intent(&Intent {
-            key: "terminate-web-2".into(),
-            group: "web".into(),
-            kind: IntentKind::Terminate,
-            member_id: member.id.clone(),
-            instance_id: member.instance_id.clone(),
-            created_at: now,
-        })
-        .unwrap();
+    let member = crashed_with_a_termination_intent(&store, &provider, &lb, 1, now).await;
     provider.terminate(&member.instance_id).await.unwrap();
     let calls_before = provider.calls().len();
     // Two restarts in a row.
