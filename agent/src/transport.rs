@@ -195,14 +195,91 @@ pub fn is_retryable(status: &tonic::Status) -> bool {
     )
 }
 
-/// Whether a status is tonic's report of the connection failing under the call, not the collector's answer.
+/// Whether a status is tonic's report of the connection failing under the call (reset, GOAWAY, a protocol
+/// error), not the collector's answer: only those carry the transport's error as their source.
 pub fn is_transport_failure(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unknown && std::error::Error::source(status).is_some()
+    std::error::Error::source(status).is_some()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ebb_proto::v1::EnrollRequest;
+    use ebb_proto::v1::enrollment_client::EnrollmentClient;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS server on loopback speaking just enough HTTP/2 to answer the first request's headers with
+    /// `header_block`, then holding the connection open; the URL and a client config that trusts it.
+    async fn collector_answering(header_block: Vec<u8>) -> (String, rustls::ClientConfig) {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+            )
+            .unwrap();
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+                let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+                out.extend([kind, flags]);
+                out.extend(stream.to_be_bytes());
+                out.extend(payload);
+                out
+            };
+            // The client's preface, SETTINGS and request arrive together; then SETTINGS, its ack, and the
+            // answer's headers on stream 1.
+            let mut read = vec![0u8; 4096];
+            let _ = tls.read(&mut read).await;
+            let mut answer = frame(4, 0, 0, &[]);
+            answer.extend(frame(4, 1, 0, &[]));
+            answer.extend(frame(1, 0x4, 1, &header_block));
+            tls.write_all(&answer).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (url, client)
+    }
+
+    /// Whether an Enroll call to a collector that answers with `header_block` ends within `wait`.
+    async fn call_ends_within(header_block: Vec<u8>, wait: Duration) -> Option<tonic::Status> {
+        let (url, tls) = collector_answering(header_block).await;
+        let channel = connect(&url, tls).await.unwrap();
+        let origin = channel.origin();
+        let mut client = EnrollmentClient::with_origin(channel, origin);
+        match tokio::time::timeout(wait, client.enroll(EnrollRequest::default())).await {
+            Ok(Err(status)) => Some(status),
+            Ok(Ok(_)) => panic!("no answer was sent"),
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_collector_that_sends_an_hpack_table_size_bomb_is_refused() {
+        // `:status: 200` from the static table: a valid answer whose body never comes, so the call waits.
+        assert!(call_ends_within(vec![0x88], Duration::from_secs(1)).await.is_none());
+        // The same after a dynamic table size update to 2^28: the connection fails at once.
+        let bomb = vec![0x3f, 0xe1, 0xff, 0xff, 0x7f, 0x88];
+        let status = call_ends_within(bomb, Duration::from_secs(5))
+            .await
+            .expect("the call fails, not waits");
+        assert!(is_transport_failure(&status), "{status:?}");
+    }
 
     #[test]
     fn urls_need_https_and_a_port() {
