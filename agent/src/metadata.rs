@@ -158,9 +158,18 @@ fn default_gateway(route: &str) -> Option<std::net::Ipv4Addr> {
     })
 }
 
+/// ebb's own cloud-config part begins so, alone or inside a MIME multipart beside the operator's parts.
+const EBB_CLOUD_CONFIG: &str = "#cloud-config\nwrite_files:\n  - path: /etc/ebb/agent.toml\n";
+
 /// The agent configuration inside user data that ebb rendered: a cloud-config `write_files` entry for
-/// /etc/ebb/agent.toml, the shell variant's here-document, or the TOML itself.
+/// /etc/ebb/agent.toml (alone, or ebb's part of a multipart), the shell variant's here-document, or the
+/// TOML itself. (Gzipped user data, which only cloud-init images are sent, is left to cloud-init.)
 pub fn agent_config_in(user_data: &str) -> Option<String> {
+    if !user_data.starts_with("#!")
+        && let Some(part) = user_data.find(&format!("\n{EBB_CLOUD_CONFIG}"))
+    {
+        return agent_config_in(&user_data[part + 1..]);
+    }
     if user_data.starts_with("#cloud-config") {
         let lines: Vec<&str> = user_data.lines().collect();
         let entry = lines
@@ -208,6 +217,12 @@ mod tests {
         assert_eq!(agent_config_in(&shell).unwrap(), AGENT_TOML);
         assert_eq!(agent_config_in(AGENT_TOML).unwrap(), AGENT_TOML);
         assert_eq!(agent_config_in("#cloud-config\npackages: [nginx]\n"), None);
+        let multipart = format!(
+            "Content-Type: multipart/mixed; boundary=\"B\"\n\n--B\nContent-Type: text/x-shellscript\n\n\
+             #!/bin/sh\necho collector_url\n\n--B\nContent-Type: text/cloud-config\n\n{}\n--B--\n",
+            cloud_config()
+        );
+        assert_eq!(agent_config_in(&multipart).unwrap().trim_end(), AGENT_TOML.trim_end());
     }
 
     #[test]

@@ -127,7 +127,7 @@ async fn restart(dir: &std::path::Path, count: usize) -> Duration {
             launch_id: format!("web-{i}-1"),
             service_port: 80,
             agent_config: String::new(),
-            user_data: String::new(),
+            user_data: Vec::new(),
         };
         let instance = provider.launch(&spec).await.unwrap();
         if i + 10 > count {

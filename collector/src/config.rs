@@ -12,6 +12,7 @@ use crate::engine::{
     AdjustmentType, Comparison, Engine, HealthRules, MAX_CUSTOM_METRICS, Metric, OnMetricLoss, Policy, RateLimit,
     Statistic, Step, StepPolicy, TargetPolicy, Termination,
 };
+use crate::userdata::{OperatorUserData, SizeLimit, UserDataFormat};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ebb/collector.toml";
 
@@ -105,6 +106,13 @@ impl ServerConfig {
         self.state_dir.join("collector.db")
     }
 
+    /// The URL agents are told to connect to (the collector may bind another port when `grpc_listen` is 0).
+    pub fn collector_url(&self) -> String {
+        self.advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.grpc_listen))
+    }
+
     pub fn admin_socket(&self) -> PathBuf {
         self.admin_socket
             .clone()
@@ -178,9 +186,70 @@ pub struct GroupConfig {
     pub schedules: Vec<ScheduleConfig>,
     #[serde(default)]
     pub lifecycle_hooks: Vec<crate::hooks::HookConfig>,
+    /// The operator's user data (`provider.user_data_file` or `provider.user_data`), read and checked when
+    /// the configuration is loaded.
+    #[serde(skip)]
+    pub operator_user_data: Option<crate::userdata::OperatorUserData>,
 }
 
 impl GroupConfig {
+    /// How launches of this group get their user data: the form ebb's enrolment takes and the cloud's
+    /// size limit; `None` for providers that take no user data (local, fake).
+    pub fn user_data_rules(&self) -> Option<(UserDataFormat, SizeLimit)> {
+        match &self.provider {
+            ProviderConfig::Cloudstack(c) => Some((c.user_data_format, SizeLimit::CLOUDSTACK)),
+            ProviderConfig::Aws(c) => Some((c.user_data_format, SizeLimit::EC2)),
+            ProviderConfig::Openstack(c) => Some((c.user_data_format, SizeLimit::NOVA)),
+            ProviderConfig::Local(_) | ProviderConfig::Fake(_) => None,
+        }
+    }
+
+    /// The provider's `user_data_file` and `user_data` keys.
+    fn user_data_keys(&self) -> (Option<&Path>, Option<&str>) {
+        match &self.provider {
+            ProviderConfig::Cloudstack(c) => (c.user_data_file.as_deref(), c.user_data.as_deref()),
+            ProviderConfig::Aws(c) => (c.user_data_file.as_deref(), c.user_data.as_deref()),
+            ProviderConfig::Openstack(c) => (c.user_data_file.as_deref(), c.user_data.as_deref()),
+            ProviderConfig::Local(_) | ProviderConfig::Fake(_) => (None, None),
+        }
+    }
+
+    /// Reads and checks the operator's user data; problems are keyed by their path under `at`.
+    fn load_operator_user_data(&mut self, at: &str, collector_url: &str) -> Vec<String> {
+        let (bytes, key) = match self.user_data_keys() {
+            (Some(_), Some(_)) => {
+                return vec![format!("{at}.provider: give user_data_file or user_data, not both")];
+            }
+            (Some(path), None) => match read_operator_bytes(path, MAX_SMALL_FILE_BYTES) {
+                Ok(bytes) => (bytes, "user_data_file"),
+                Err(e) => {
+                    return vec![format!(
+                        "{at}.provider.user_data_file: cannot read {}: {e}",
+                        path.display()
+                    )];
+                }
+            },
+            (None, Some(text)) => (text.as_bytes().to_vec(), "user_data"),
+            (None, None) => return Vec::new(),
+        };
+        let Some((format, limit)) = self.user_data_rules() else {
+            return vec![format!("{at}.provider.{key}: this provider takes no user data")];
+        };
+        let operator = match OperatorUserData::parse(&bytes).and_then(|u| u.check_format(format).map(|()| u)) {
+            Ok(operator) => operator,
+            Err(e) => return vec![format!("{at}.provider.{key}: {e}")],
+        };
+        // The enrolment part of a launch has a known size: the whole must fit the cloud's limit now, not at
+        // the first scale-out.
+        let agent_config = crate::userdata::agent_config_of_launch_size(collector_url, &self.name);
+        let fits = crate::userdata::compose(format, &agent_config, Some(&operator))
+            .and_then(|text| crate::userdata::fit(text, format, limit));
+        if let Err(e) = fits {
+            return vec![format!("{at}.provider.{key}: {e}")];
+        }
+        self.operator_user_data = Some(operator);
+        Vec::new()
+    }
     /// The group's rules as the engine takes them; call on a validated configuration.
     pub fn engine(&self) -> Engine {
         let health = &self.health_check;
@@ -691,6 +760,12 @@ pub const MAX_SMALL_FILE_BYTES: u64 = 1024 * 1024;
 /// Reads an operator's file as UTF-8 text: a regular file (not a device, a pipe or a directory) of at
 /// most `max_bytes`, so that `--config /dev/zero` is an error, not memory running out.
 pub fn read_operator_file(path: &Path, max_bytes: u64) -> std::io::Result<String> {
+    let bytes = read_operator_bytes(path, max_bytes)?;
+    String::from_utf8(bytes).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// As [`read_operator_file`], for a file that need not be text.
+pub fn read_operator_bytes(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
     let metadata = file.metadata()?;
@@ -708,7 +783,7 @@ pub fn read_operator_file(path: &Path, max_bytes: u64) -> std::io::Result<String
             format!("larger than {max_bytes} bytes, the most read from such a file"),
         ));
     }
-    String::from_utf8(bytes).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+    Ok(bytes)
 }
 
 pub fn load(path: &Path) -> Result<CollectorConfig, ConfigError> {
@@ -738,7 +813,11 @@ pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
     })?;
     let mut config = config;
     config.assign_custom_slots();
-    let problems = config.problems();
+    let mut problems = config.problems();
+    let collector_url = config.server.collector_url();
+    for (i, group) in config.groups.iter_mut().enumerate() {
+        problems.extend(group.load_operator_user_data(&format!("groups[{i}]"), &collector_url));
+    }
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -1093,6 +1172,107 @@ mod tests {
                 .any(|p| p.starts_with("groups[0].policies[0].period_secs")),
             "{problems:?}"
         );
+    }
+
+    /// An AWS group with `extra` lines in its provider table.
+    fn aws_group(extra: &str) -> String {
+        format!(
+            r#"
+            [[groups]]
+            name = "web"
+            min_size = 1
+            max_size = 2
+            [groups.provider]
+            type = "aws"
+            image_id = "ami-1"
+            instance_type = "t3.micro"
+            {extra}
+            [groups.load_balancer]
+            type = "builtin"
+            listen = "127.0.0.1:8080"
+            "#
+        )
+    }
+
+    fn user_data_problems(extra: &str) -> Vec<String> {
+        match parse(Path::new("c.toml"), &aws_group(extra)) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_operators_user_data_is_read_and_checked_when_the_configuration_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("start.sh");
+        std::fs::write(
+            &script,
+            "#!/bin/bash
+systemctl start httpd
+",
+        )
+        .unwrap();
+        let config = parse(
+            Path::new("c.toml"),
+            &aws_group(&format!("user_data_file = \"{}\"", script.display())),
+        )
+        .unwrap();
+        let read = config.groups[0].operator_user_data.as_ref().unwrap();
+        assert_eq!(read.text(), "#!/bin/bash\nsystemctl start httpd\n");
+        let inline = parse(
+            Path::new("c.toml"),
+            &aws_group("user_data = \"#cloud-config\\npackages: [httpd]\\n\""),
+        )
+        .unwrap();
+        assert_eq!(
+            inline.groups[0].operator_user_data.as_ref().unwrap().describe(),
+            "cloud-config"
+        );
+
+        for (extra, expected) in [
+            (
+                "user_data_file = \"/nonexistent/start.sh\"".to_string(),
+                "groups[0].provider.user_data_file: cannot read /nonexistent/start.sh",
+            ),
+            (
+                format!("user_data_file = \"{}\"\nuser_data = \"#!/bin/sh\"", script.display()),
+                "groups[0].provider: give user_data_file or user_data, not both",
+            ),
+            (
+                "user_data = \"yum install httpd\"".into(),
+                "groups[0].provider.user_data: starts with `yum install httpd`, which cloud-init ignores",
+            ),
+            (
+                "user_data = \"#cloud-config\\npackages: [httpd]\\n\"\nuser_data_format = \"shell\"".into(),
+                "groups[0].provider.user_data: is cloud-config, which needs cloud-init",
+            ),
+            (
+                format!(
+                    "user_data = \"#!/bin/sh\\n# {}\"\nuser_data_format = \"shell\"",
+                    "x".repeat(17_000)
+                ),
+                "EC2 takes at most 16384",
+            ),
+        ] {
+            let problems = user_data_problems(&extra);
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{expected}: {problems:?}"
+            );
+        }
+        // The local provider hands its agents their configuration: it has no user data keys at all.
+        let error = parse(
+            Path::new("c.toml"),
+            &LOCAL_EXAMPLE.replacen(
+                "[groups.provider]\n",
+                "[groups.provider]\nuser_data = \"#!/bin/sh\"\n",
+                1,
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("unknown field `user_data`"), "{error}");
     }
 
     const QUEUE_GROUP: &str = r#"

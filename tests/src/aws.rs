@@ -199,7 +199,7 @@ impl Proxy {
                 let user_data = params
                     .get("UserData")
                     .and_then(|u| base64::engine::general_purpose::STANDARD.decode(u).ok())
-                    .map(|u| String::from_utf8_lossy(&u).into_owned())
+                    .map(|u| crate::user_data_text(&u))
                     .unwrap_or_default();
                 let member_id = (1..)
                     .map_while(|i| {
@@ -225,7 +225,7 @@ impl Proxy {
                     launch_id: instance_id.clone(),
                     service_port: 8080,
                     agent_config,
-                    user_data,
+                    user_data: user_data.into_bytes(),
                 };
                 if let Ok(instance) = local.launch(&spec).await
                     && let Some(address) = instance.address

@@ -36,6 +36,8 @@ struct Vm {
     tags: Vec<(String, String)>,
     /// The local instance running it, if any.
     local: Option<String>,
+    /// As deployVirtualMachine received it (base64 decoded).
+    user_data: Vec<u8>,
 }
 
 struct Job {
@@ -164,6 +166,14 @@ impl FakeCloudStack {
         self.state.lock().unwrap().calls.clone()
     }
 
+    /// The user data each VM was deployed with, in the order they were deployed.
+    pub fn user_data(&self) -> Vec<Vec<u8>> {
+        let state = self.state.lock().unwrap();
+        let mut vms: Vec<&Vm> = state.vms.values().collect();
+        vms.sort_by(|a, b| a.id.cmp(&b.id));
+        vms.iter().map(|vm| vm.user_data.clone()).collect()
+    }
+
     /// Display names of the VMs not destroyed, sorted.
     pub fn running(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -220,6 +230,7 @@ impl FakeCloudStack {
                 address,
                 tags: Vec::new(),
                 local: None,
+                user_data: Vec::new(),
             },
         );
         if let Some(rule) = rule_id {
@@ -559,11 +570,11 @@ impl Server {
             }
         }
         let display_name = params.get("displayname").cloned().unwrap_or_default();
-        let user_data = params
+        let sent_user_data = params
             .get("userdata")
             .and_then(|u| base64::engine::general_purpose::STANDARD.decode(u).ok())
-            .map(|u| String::from_utf8_lossy(&u).into_owned())
             .unwrap_or_default();
+        let user_data = crate::user_data_text(&sent_user_data);
         let id = self.state.lock().unwrap().new_id();
         // A VM whose agent enrols from its user data, when the fake runs them locally.
         let (address, local) = match (&self.local, ebb_agent::metadata::agent_config_in(&user_data)) {
@@ -576,7 +587,7 @@ impl Server {
                     launch_id: id.clone(),
                     service_port: 8080,
                     agent_config,
-                    user_data: user_data.clone(),
+                    user_data: user_data.clone().into_bytes(),
                 };
                 match local.launch(&spec).await {
                     Ok(instance) => (
@@ -598,6 +609,7 @@ impl Server {
                 address,
                 tags: Vec::new(),
                 local,
+                user_data: sent_user_data,
             },
         );
         let result = json!({ "virtualmachine": { "id": id } });

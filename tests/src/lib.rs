@@ -308,3 +308,32 @@ pub fn load(targets: impl Fn() -> Vec<std::net::SocketAddr>, limit: Duration, mu
     }
     done()
 }
+
+/// What cloud-init makes of `user_data` at first boot, read by cloud-init's own code
+/// (`scripts/cloud-init-userdata.py`): `parts` (content types), `cloud_config` (merged), `scripts` (by
+/// file name) and `schema_error` (null when the merged cloud-config passes cloud-init's schema).
+pub fn cloud_init_reads(user_data: &[u8]) -> serde_json::Value {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), user_data).unwrap();
+    let output = Command::new(test_tool("cloud-init-userdata"))
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "cloud-init could not read the user data: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// User data as a cloud's fake received it, as text: gunzipped when ebb gzipped it.
+pub fn user_data_text(bytes: &[u8]) -> String {
+    let mut text = Vec::new();
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut text).unwrap();
+    } else {
+        text = bytes.to_vec();
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}

@@ -166,6 +166,8 @@ struct Server {
     /// ERROR with this fault once built.
     fault: Option<String>,
     stand_in: Option<String>,
+    /// As the create call gave it (base64 decoded).
+    user_data: Vec<u8>,
 }
 
 struct Member {
@@ -267,6 +269,14 @@ impl FakeServices {
             .collect()
     }
 
+    /// The user data each server was created with, in the order they were created.
+    pub fn user_data(&self) -> Vec<Vec<u8>> {
+        let state = self.state.lock().unwrap();
+        let mut servers: Vec<&Server> = state.servers.values().collect();
+        servers.sort_by(|a, b| a.id.cmp(&b.id));
+        servers.iter().map(|s| s.user_data.clone()).collect()
+    }
+
     pub fn members(&self) -> Vec<String> {
         self.state
             .lock()
@@ -355,14 +365,14 @@ async fn answer(state: &Mutex<State>, local: Option<&LocalProvider>, request: &c
         ),
         ("POST", ["compute", "v2.1", "servers"]) => {
             let server = &body["server"];
-            let user_data = server["user_data"]
+            let sent_user_data = server["user_data"]
                 .as_str()
                 .and_then(|u| {
                     use base64::Engine as _;
                     base64::engine::general_purpose::STANDARD.decode(u).ok()
                 })
-                .map(|u| String::from_utf8_lossy(&u).into_owned())
                 .unwrap_or_default();
+            let user_data = crate::user_data_text(&sent_user_data);
             let id = {
                 let mut s = state.lock().unwrap();
                 s.next += 1;
@@ -378,7 +388,7 @@ async fn answer(state: &Mutex<State>, local: Option<&LocalProvider>, request: &c
                         launch_id: id.clone(),
                         service_port: 8080,
                         agent_config,
-                        user_data,
+                        user_data: user_data.into_bytes(),
                     };
                     match local.launch(&spec).await {
                         Ok(instance) => (
@@ -407,6 +417,7 @@ async fn answer(state: &Mutex<State>, local: Option<&LocalProvider>, request: &c
                     address,
                     fault,
                     stand_in,
+                    user_data: sent_user_data,
                 },
             );
             (

@@ -35,12 +35,17 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
-/// An AMI, two subnets in two zones and a target group with a 1 s deregistration delay.
+/// An AMI, two subnets in two zones, a target group with a 1 s deregistration delay, and a launch template
+/// whose user data starts the application, as seed 004's `tastylog-dev-app-lt`.
 struct World {
     image_id: String,
     subnets: Vec<String>,
     target_group_arn: String,
+    launch_template_id: String,
 }
+
+/// The application's start-up script in seed 004's launch template.
+const TEMPLATE_USER_DATA: &str = "#!/bin/bash\ncd /opt/tastylog\nsudo -u ec2-user npm start &\n";
 
 async fn world(aws: &Aws) -> World {
     let images = aws.ec2("DescribeImages", &[]).await.unwrap();
@@ -71,10 +76,21 @@ async fn world(aws: &Aws) -> World {
         ("Attributes.member.1.Value", "1"),
     ]);
     aws.elbv2("ModifyTargetGroupAttributes", &params).await.unwrap();
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(TEMPLATE_USER_DATA);
+    let params = pairs(&[
+        ("LaunchTemplateName", "tastylog-dev-app-lt"),
+        ("LaunchTemplateData.ImageId", &image_id),
+        ("LaunchTemplateData.InstanceType", "t2.micro"),
+        ("LaunchTemplateData.UserData", &encoded),
+    ]);
+    let template = aws.ec2("CreateLaunchTemplate", &params).await.unwrap();
+    let launch_template_id = element(&template, "launchTemplateId").unwrap().to_string();
     World {
         image_id,
         subnets,
         target_group_arn,
+        launch_template_id,
     }
 }
 
@@ -101,7 +117,7 @@ fn spec(member_id: &str) -> LaunchSpec {
         launch_id: format!("{member_id}-1764000000000"),
         service_port: 80,
         agent_config: String::new(),
-        user_data: format!("#cloud-config\n# {member_id}\n"),
+        user_data: format!("#cloud-config\n# {member_id}\n").into_bytes(),
     }
 }
 
@@ -157,6 +173,45 @@ async fn instances_are_launched_with_user_data_and_tags_found_by_tag_and_termina
         "{:?}",
         moto.calls()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launch_templates_user_data_is_read_once_a_minute_for_many_launches() {
+    let moto = Moto::start(None);
+    let aws = aws(&moto);
+    let world = world(&aws).await;
+    assert_eq!(
+        provider(aws.clone(), &world).template_user_data().await.unwrap(),
+        None,
+        "no template"
+    );
+    let config: AwsConfig = toml::from_str(&format!(
+        "launch_template_name = \"tastylog-dev-app-lt\"\nsubnet_ids = [\"{}\"]",
+        world.subnets[0]
+    ))
+    .unwrap();
+    let provider = AwsProvider::new(config, aws.clone(), CLUSTER);
+    for _ in 0..3 {
+        let found = provider.template_user_data().await.unwrap().unwrap();
+        assert_eq!(found.bytes, TEMPLATE_USER_DATA.as_bytes());
+        assert_eq!(
+            found.source,
+            format!("launch template {} version 1", world.launch_template_id)
+        );
+    }
+    let reads = moto
+        .calls()
+        .iter()
+        .filter(|c| *c == "DescribeLaunchTemplateVersions")
+        .count();
+    assert_eq!(reads, 1, "{:?}", moto.calls());
+
+    let config: AwsConfig = toml::from_str("launch_template_name = \"no-such-template\"\nsubnet_ids = []").unwrap();
+    let error = AwsProvider::new(config, aws, CLUSTER)
+        .template_user_data()
+        .await
+        .unwrap_err();
+    assert!(!error.is_retryable(), "an operator must fix it: {error}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -298,14 +353,87 @@ async fn the_target_group_registers_deregisters_and_reports_its_delay() {
     );
 }
 
-/// Issue 8's end-to-end test: the collector (credentials and region from the environment, as AWS's chain
-/// reads them) keeps a group of min 1, max 2 on moto with a target-tracking CPU policy, as seed 004; local
-/// instances stand in for moto's, their agents enrolling from the UserData. Under load it scales out to 2
-/// with both in the target group, and back to 1 after it.
+/// `ebb-collector serve` for one group `tastylog-dev` on moto (credentials and region from the environment,
+/// as AWS's chain reads them), its provider from the launch template plus `provider` lines; the admin
+/// address and state directory for [`admin`].
+fn serve_on_moto(
+    dir: &std::path::Path,
+    moto: &Moto,
+    world: &World,
+    (min_size, max_size): (u32, u32),
+    provider: &str,
+    policies: &str,
+) -> (ebb_tests::Running, String, std::path::PathBuf) {
+    use ebb_tests::{Running, collector_bin, free_port};
+    let (admin_address, state) = (format!("127.0.0.1:{}", free_port()), dir.join("state"));
+    let config = format!(
+        r#"
+        [server]
+        grpc_listen = "127.0.0.1:{grpc}"
+        admin_listen = "{admin_address}"
+        http_listen = "127.0.0.1:{http}"
+        state_dir = "{state}"
+
+        [[groups]]
+        name = "tastylog-dev"
+        min_size = {min_size}
+        max_size = {max_size}
+        cooldown_secs = 3
+        warmup_secs = 3
+        drain_secs = 1
+        member_port = 8080
+        reconcile_interval_secs = 2
+
+        [groups.health_check]
+        path = "/health"
+
+        [groups.provider]
+        type = "aws"
+        region = "us-east-1"
+        endpoint_url = "{endpoint}"
+        launch_template_id = "{template}"
+        subnet_ids = ["{a}", "{b}"]
+        {provider}
+
+        [groups.load_balancer]
+        type = "aws_target_group"
+        target_group_arn = "{arn}"
+        {policies}
+        "#,
+        grpc = free_port(),
+        http = free_port(),
+        state = state.display(),
+        endpoint = moto.endpoint,
+        template = world.launch_template_id,
+        a = world.subnets[0],
+        b = world.subnets[1],
+        arn = world.target_group_arn,
+    );
+    let config_path = dir.join("collector.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let collector = Running::spawn(
+        std::process::Command::new(collector_bin())
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("EBB_LOG", "warn")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            // Never ask a metadata service: this test stays on loopback.
+            .env("AWS_EC2_METADATA_DISABLED", "true"),
+    );
+    (collector, admin_address, state)
+}
+
+/// Issue 8's end-to-end test: the collector keeps a group of min 1, max 2 on moto with a target-tracking
+/// CPU policy, as seed 004; local instances stand in for moto's, their agents enrolling from the UserData.
+/// Under load it scales out to 2 with both in the target group, and back to 1 after it. Issue 24: the
+/// launch template's user data (the application's start-up) is sent beside ebb's enrolment, and cloud-init
+/// would run both.
 #[test]
 fn a_group_on_aws_scales_out_and_back_in_with_the_target_group_following() {
-    use ebb_tests::{Running, admin, collector_bin, free_port, load, serial, wait_for};
-    use std::process::Command;
+    use ebb_tests::{admin, load, serial, wait_for};
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let local = ebb_tests::stand_ins("127.0.13", &dir.path().join("instances"));
@@ -323,41 +451,7 @@ fn a_group_on_aws_scales_out_and_back_in_with_the_target_group_following() {
             .matches("<Target>")
             .count()
     };
-
-    let (admin_address, state) = (format!("127.0.0.1:{}", free_port()), dir.path().join("state"));
-    let config = format!(
-        r#"
-        [server]
-        grpc_listen = "127.0.0.1:{grpc}"
-        admin_listen = "{admin_address}"
-        http_listen = "127.0.0.1:{http}"
-        state_dir = "{state}"
-
-        [[groups]]
-        name = "tastylog-dev"
-        min_size = 1
-        max_size = 2
-        cooldown_secs = 3
-        warmup_secs = 3
-        drain_secs = 1
-        member_port = 8080
-        reconcile_interval_secs = 2
-
-        [groups.health_check]
-        path = "/health"
-
-        [groups.provider]
-        type = "aws"
-        region = "us-east-1"
-        endpoint_url = "{endpoint}"
-        image_id = "{image}"
-        instance_type = "t2.micro"
-        subnet_ids = ["{a}", "{b}"]
-
-        [groups.load_balancer]
-        type = "aws_target_group"
-        target_group_arn = "{arn}"
-
+    let policy = r#"
         [[groups.policies]]
         name = "cpu-target"
         type = "target_tracking"
@@ -365,30 +459,9 @@ fn a_group_on_aws_scales_out_and_back_in_with_the_target_group_following() {
         target = 40.0
         period_secs = 5
         stabilization_secs = 5
-        "#,
-        grpc = free_port(),
-        http = free_port(),
-        state = state.display(),
-        endpoint = moto.endpoint,
-        image = world.image_id,
-        a = world.subnets[0],
-        b = world.subnets[1],
-        arn = world.target_group_arn,
-    );
-    let config_path = dir.path().join("collector.toml");
-    std::fs::write(&config_path, &config).unwrap();
-    let _collector = Running::spawn(
-        Command::new(collector_bin())
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("EBB_LOG", "warn")
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_CONFIG_FILE", "/nonexistent")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-            // Never ask a metadata service: this test stays on loopback.
-            .env("AWS_EC2_METADATA_DISABLED", "true"),
-    );
+    "#;
+    let overrides = format!("image_id = \"{}\"\ninstance_type = \"t2.micro\"", world.image_id);
+    let (_collector, admin_address, state) = serve_on_moto(dir.path(), &moto, &world, (1, 2), &overrides, policy);
     let in_service = || {
         admin(&admin_address, &state, &["members", "tastylog-dev"])
             .1
@@ -402,6 +475,35 @@ fn a_group_on_aws_scales_out_and_back_in_with_the_target_group_following() {
         admin(&admin_address, &state, &["members", "tastylog-dev"]).1
     );
     let members = admin(&admin_address, &state, &["members", "tastylog-dev"]).1;
+    // What the instance was launched with: the template's start-up script and ebb's enrolment, both run.
+    let instance_id = element(
+        &runtime.block_on(client.ec2("DescribeInstances", &[])).unwrap(),
+        "instanceId",
+    )
+    .unwrap()
+    .to_string();
+    let params = pairs(&[("InstanceId", &instance_id), ("Attribute", "userData")]);
+    let attribute = runtime
+        .block_on(client.ec2("DescribeInstanceAttribute", &params))
+        .unwrap();
+    use base64::Engine as _;
+    let user_data = base64::engine::general_purpose::STANDARD
+        .decode(element(&attribute, "value").unwrap())
+        .unwrap();
+    let read = ebb_tests::cloud_init_reads(&user_data);
+    assert_eq!(read["scripts"]["operator-user-data"], TEMPLATE_USER_DATA, "{read:#}");
+    assert!(
+        read["cloud_config"]["write_files"][0]["path"] == "/etc/ebb/agent.toml",
+        "{read:#}"
+    );
+    let activities = admin(&admin_address, &state, &["activities", "tastylog-dev"]).1;
+    assert!(
+        activities.contains(&format!(
+            "user data: ebb's enrolment and the user data of launch template {} version 1 (a script)",
+            world.launch_template_id
+        )),
+        "{activities}"
+    );
     assert!(
         members
             .lines()
@@ -431,4 +533,53 @@ fn a_group_on_aws_scales_out_and_back_in_with_the_target_group_following() {
     );
     let runs = moto.calls().iter().filter(|c| c.starts_with("RunInstances")).count();
     assert_eq!(runs, 2, "one launch per member: {:?}", moto.calls());
+}
+
+/// Issue 24: a member that never registered with the target group (its VM never enrolled) is terminated
+/// at once when the group scales in, as EC2 terminates pending instances: not after the target group's
+/// 300 s deregistration delay.
+#[test]
+fn a_pending_member_scaled_in_is_terminated_at_once_despite_the_deregistration_delay() {
+    use ebb_tests::{admin, serial, wait_for};
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // No stand-ins: moto's instances run, but no agent ever enrols from them.
+    let moto = Moto::start(None);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = aws(&moto);
+    let world = runtime.block_on(world(&client));
+    let params = pairs(&[
+        ("TargetGroupArn", &world.target_group_arn),
+        ("Attributes.member.1.Key", "deregistration_delay.timeout_seconds"),
+        ("Attributes.member.1.Value", "300"),
+    ]);
+    runtime
+        .block_on(client.elbv2("ModifyTargetGroupAttributes", &params))
+        .unwrap();
+    let (_collector, admin_address, state) = serve_on_moto(dir.path(), &moto, &world, (0, 2), "", "");
+    let members = || admin(&admin_address, &state, &["members", "tastylog-dev"]).1;
+    assert!(
+        wait_for(Duration::from_secs(30), || admin(
+            &admin_address,
+            &state,
+            &["scale", "tastylog-dev", "--to", "1"]
+        )
+        .0),
+        "the collector answers"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || members().contains(" pending ")),
+        "{}",
+        members()
+    );
+    let (ok, text) = admin(&admin_address, &state, &["scale", "tastylog-dev", "--to", "0"]);
+    assert!(ok, "{text}");
+    let terminated = || moto.calls().iter().any(|c| c == "TerminateInstances");
+    assert!(
+        wait_for(Duration::from_secs(10), terminated),
+        "terminated within seconds: {}",
+        admin(&admin_address, &state, &["activities", "tastylog-dev"]).1
+    );
+    let activities = admin(&admin_address, &state, &["activities", "tastylog-dev"]).1;
+    assert!(activities.contains("never in service"), "{activities}");
 }

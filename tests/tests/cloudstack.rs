@@ -224,6 +224,9 @@ fn idcfrc(fake: &FakeCloudStack, dir: &std::path::Path) -> std::path::PathBuf {
 /// CloudStack (each VM a local instance whose agent enrols from its user data), scales to 4 under load and
 /// back to 2 after it with the load-balancer rule following, and a crash in the middle of a deploy leaves
 /// neither a duplicate nor an orphan once the collector is back.
+/// An operator's user data, as the IDCF guide's templates start their web server.
+const OPERATOR_SCRIPT: &str = "#!/bin/bash\nyum -y install httpd\nsystemctl enable --now httpd\n";
+
 #[test]
 fn a_group_on_cloudstack_scales_out_and_in_and_survives_a_crash_mid_deploy() {
     use ebb_tests::{Running, admin, collector_bin, free_port, load, serial, wait_for};
@@ -288,6 +291,17 @@ comparison = "lt"
 threshold = 10.0
 adjustment = -1
 "#;
+    // The operator's own start-up script goes beside ebb's enrolment (issue 24).
+    let start_script = dir.path().join("start-httpd.sh");
+    std::fs::write(&start_script, OPERATOR_SCRIPT).unwrap();
+    let config = config.replace(
+        "type = \"cloudstack\"\ncredentials_file",
+        &format!(
+            "type = \"cloudstack\"\nuser_data_file = \"{}\"\ncredentials_file",
+            start_script.display()
+        ),
+    );
+    assert!(config.contains("user_data_file"), "{config}");
     let config_path = dir.path().join("collector.toml");
     std::fs::write(&config_path, &config).unwrap();
     let (ok, text) = admin(
@@ -322,6 +336,18 @@ adjustment = -1
         fake.rule_members("rule-1")
     );
 
+    // Every VM was deployed with both: cloud-init would run the script and write the agent's file.
+    let sent: Vec<Vec<u8>> = fake.user_data().into_iter().filter(|u| !u.is_empty()).collect();
+    assert_eq!(sent.len(), 2, "two deployed by ebb (scale01, added by hand, has none)");
+    for user_data in &sent {
+        let read = ebb_tests::cloud_init_reads(user_data);
+        assert_eq!(read["scripts"]["operator-user-data"], OPERATOR_SCRIPT, "{read:#}");
+        assert_eq!(
+            read["cloud_config"]["write_files"][0]["path"], "/etc/ebb/agent.toml",
+            "{read:#}"
+        );
+        assert_eq!(read["schema_error"], serde_json::Value::Null, "{read:#}");
+    }
     assert!(
         load(
             || {

@@ -204,6 +204,9 @@ async fn pool_members_wait_out_a_busy_load_balancer_and_pending_create() {
 /// group (min 1, max 3, CPU > 50 → +1, < 10 → −1) on Nova behind Keystone, each server a local instance
 /// whose agent enrols from the user data; under load it scales out with the Octavia pool following, and back
 /// in after it.
+/// Seed 002's `user_data`: the Heat template's web server start-up.
+const SEED_002_USER_DATA: &str = "#!/bin/bash -v\n\nyum -y install httpd php\nsystemctl enable httpd\nsystemctl start httpd\ncat <<EOF > /var/www/html/hostname.php\n<?php echo \"Hello, My name is \" . php_uname('n'); ?>\nEOF\n";
+
 #[test]
 fn a_group_on_openstack_scales_out_and_in_with_the_pool_following() {
     use ebb_tests::{Running, admin, collector_bin, free_port, load, serial, wait_for};
@@ -250,6 +253,7 @@ fn a_group_on_openstack_scales_out_and_in_with_the_pool_following() {
         image = "web-image"
         flavor = "m1.small"
         networks = ["private"]
+        user_data = '''{seed_user_data}'''
 
         [groups.load_balancer]
         type = "octavia"
@@ -276,6 +280,7 @@ fn a_group_on_openstack_scales_out_and_in_with_the_pool_following() {
         grpc = free_port(),
         http = free_port(),
         state = state.display(),
+        seed_user_data = SEED_002_USER_DATA,
     );
     let config_path = dir.path().join("collector.toml");
     std::fs::write(&config_path, &config).unwrap();
@@ -299,6 +304,15 @@ fn a_group_on_openstack_scales_out_and_in_with_the_pool_following() {
         "min 1 in service and in the pool: {}",
         admin(&admin_address, &state, &["members", "web"]).1
     );
+    // The server was created with seed 002's script beside ebb's enrolment (issue 24).
+    let sent = os.services.user_data();
+    let read = ebb_tests::cloud_init_reads(&sent[0]);
+    assert_eq!(read["scripts"]["operator-user-data"], SEED_002_USER_DATA, "{read:#}");
+    assert_eq!(
+        read["cloud_config"]["write_files"][0]["path"], "/etc/ebb/agent.toml",
+        "{read:#}"
+    );
+    assert_eq!(read["schema_error"], serde_json::Value::Null, "{read:#}");
     assert!(
         load(
             || {

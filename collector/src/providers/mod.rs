@@ -45,8 +45,18 @@ pub struct LaunchSpec {
     pub service_port: u16,
     /// `/etc/ebb/agent.toml` for the new VM, with its one-time join token. A secret: never log it.
     pub agent_config: String,
-    /// The same wrapped as cloud-init user data, for clouds that take user data.
-    pub user_data: String,
+    /// The user data sent: ebb's enrolment with the agent config, beside the operator's user data if any
+    /// (`userdata::compose`), gzipped if the cloud's limit needs it.
+    pub user_data: Vec<u8>,
+}
+
+/// User data that came with the cloud's launch settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateUserData {
+    /// Where it came from, for activities: "launch template lt-0abc version 3".
+    pub source: String,
+    /// As the cloud stores it (base64 decoded).
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +90,11 @@ pub trait Provider: Send + Sync {
     async fn terminate(&self, id: &str) -> Result<(), CloudError>;
     /// Every instance this provider holds for `group`.
     async fn list(&self, group: &str) -> Result<Vec<Instance>, CloudError>;
+    /// User data the cloud itself would give the group's instances, which ebb's must not replace: an EC2
+    /// launch template's. ebb sends it beside its enrolment when the group configures none of its own.
+    async fn template_user_data(&self) -> Result<Option<TemplateUserData>, CloudError> {
+        Ok(None)
+    }
     /// Called once when the collector stops normally. Cloud instances keep running; the local provider
     /// stops its processes, so the demo leaves nothing running on the machine (after a crash they keep
     /// running, and the next start adopts them).

@@ -27,21 +27,27 @@ impl GroupController {
 
     /// The first step of leaving: out of the load balancer, the agent told to drain, terminated later by
     /// [`Self::finish_drains`] at `drain_secs` or when the agent reports drained.
+    /// A member that never served (pending: never registered with the load balancer) has nothing to drain
+    /// and no deregistration delay to wait out: it goes at once, as EC2 terminates pending instances.
     pub(super) async fn start_drain(&mut self, index: usize, cause: &str, now: Millis) {
         let member = self.members[index].clone();
         if member.state == MemberState::InService {
             self.leave_load_balancer(&member, cause, (self.desired, self.desired))
                 .await;
         }
-        let until = now + Millis::from(self.drain_secs()) * 1000;
+        let (drain_secs, outcome) = if member.in_service_since.is_none() {
+            (0, "never in service: terminated at once".to_string())
+        } else {
+            (self.drain_secs(), format!("terminated within {} s", self.drain_secs()))
+        };
         self.members[index].state = MemberState::Draining;
-        self.members[index].drain_until = Some(until);
+        self.members[index].drain_until = Some(now + Millis::from(drain_secs) * 1000);
         let settings = self.agent_settings(&self.members[index]);
         self.deps.ingest.register(&member.id, settings).await;
         self.record(
             ActivityKind::Drain,
             cause.to_string(),
-            Ok(format!("terminated within {} s", self.drain_secs())),
+            Ok(outcome),
             &member.id,
             (self.desired, self.desired),
         );
@@ -69,8 +75,10 @@ impl GroupController {
         let ready: Vec<(String, &'static str)> = (0..self.members.len())
             .filter_map(|i| {
                 let until = self.members[i].drain_until?;
+                let never_served = self.members[i].in_service_since.is_none();
                 match (drained(self, i), now >= until) {
                     (true, _) => Some((self.members[i].id.clone(), "drained: its agent finished")),
+                    (false, true) if never_served => Some((self.members[i].id.clone(), "never in service")),
                     (false, true) => Some((self.members[i].id.clone(), "drain time is up")),
                     _ => None,
                 }

@@ -30,7 +30,7 @@ use crate::metrics::{GroupGauges, Metrics};
 use crate::pki::Authority;
 use crate::providers::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
 use crate::store::{GroupRecord, Intent, IntentKind, Store};
-use crate::userdata::{self, UserDataFormat};
+use crate::userdata::{self, OperatorUserData};
 
 /// How often a group is evaluated.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -1314,28 +1314,36 @@ impl GroupController {
             let Some((intent, spec)) = self.prepare_launch(now).await else {
                 break;
             };
-            let provider = self.deps.provider.clone();
             let index = launches.len();
-            calls.spawn(async move { (index, provider.launch(&spec).await) });
-            launches.push((intent, None));
+            match spec {
+                Ok((spec, user_data)) => {
+                    let provider = self.deps.provider.clone();
+                    calls.spawn(async move { (index, provider.launch(&spec).await) });
+                    launches.push((intent, user_data, None));
+                }
+                // The user data could not be made: the cloud never hears of this launch.
+                Err(e) => launches.push((intent, String::new(), Some(Err(e)))),
+            }
         }
         let prepared = launches.len() as u32;
         while let Some(call) = calls.join_next().await {
             let (index, result) = call.expect("a launch call does not panic");
-            launches[index].1 = Some(result);
+            launches[index].2 = Some(result);
         }
         let mut all_launched = prepared == count;
-        for (intent, result) in launches {
+        for (intent, user_data, result) in launches {
             let result = result.expect("every launch call was awaited");
             all_launched &= result.is_ok();
-            self.finish_launch(&intent, result, now, cause).await;
+            self.finish_launch(&intent, result, &user_data, now, cause).await;
         }
         all_launched
     }
 
     /// Takes the next member id and writes the launch's intent, registers the member with ingest and mints
-    /// its token; `None` if the store refuses writes (nothing is launched without its intent).
-    async fn prepare_launch(&mut self, now: Millis) -> Option<(Intent, LaunchSpec)> {
+    /// its token, then makes the launch's user data (with what it holds, for the activity); `None` if the
+    /// store refuses writes (nothing is launched without its intent).
+    #[allow(clippy::type_complexity)]
+    async fn prepare_launch(&mut self, now: Millis) -> Option<(Intent, Result<(LaunchSpec, String), CloudError>)> {
         self.launches += 1;
         let member_id = format!("{}-{}", self.config.name, self.launches);
         let launch_id = format!("{member_id}-{now}");
@@ -1371,21 +1379,63 @@ impl GroupController {
             &token,
             &self.config.name,
         );
-        let spec = LaunchSpec {
-            group: self.config.name.clone(),
-            member_id,
-            cluster_id: self.deps.cluster_id.clone(),
-            launch_id,
-            service_port: self.config.member_port,
-            user_data: userdata::render(UserDataFormat::CloudConfig, &agent_config),
-            agent_config,
-        };
+        let spec = self.user_data(&agent_config).await.map(|(user_data, holds)| {
+            let spec = LaunchSpec {
+                group: self.config.name.clone(),
+                member_id,
+                cluster_id: self.deps.cluster_id.clone(),
+                launch_id,
+                service_port: self.config.member_port,
+                user_data,
+                agent_config,
+            };
+            (spec, holds)
+        });
         Some((intent, spec))
+    }
+
+    /// One launch's user data: ebb's enrolment beside the operator's (the group's, else what the cloud's
+    /// launch settings hold, such as an EC2 launch template's), and what it holds, said for the activity.
+    async fn user_data(&self, agent_config: &str) -> Result<(Vec<u8>, String), CloudError> {
+        let Some((format, limit)) = self.config.user_data_rules() else {
+            // The local and fake providers hand the agent its configuration directly.
+            return Ok((Vec::new(), String::new()));
+        };
+        let template;
+        let (operator, source) = match &self.config.operator_user_data {
+            Some(operator) => (Some(operator), "the group's user data".to_string()),
+            None => match self.deps.provider.template_user_data().await? {
+                Some(found) => {
+                    template = OperatorUserData::parse(&found.bytes).map_err(|e| {
+                        CloudError::Permanent(format!(
+                            "the user data of {} {e}; ebb would have sent it beside its enrolment",
+                            found.source
+                        ))
+                    })?;
+                    (Some(&template), format!("the user data of {}", found.source))
+                }
+                None => (None, String::new()),
+            },
+        };
+        let text = userdata::compose(format, agent_config, operator).map_err(CloudError::Permanent)?;
+        let bytes = userdata::fit(text, format, limit).map_err(CloudError::Permanent)?;
+        let holds = match operator {
+            Some(operator) => format!("ebb's enrolment and {source} ({})", operator.describe()),
+            None => "ebb's enrolment only".to_string(),
+        };
+        Ok((bytes, holds))
     }
 
     /// Takes in the launched member (or forgets it, if the call failed), records the activity, and marks the
     /// intent done once the member is saved.
-    async fn finish_launch(&mut self, intent: &Intent, result: Result<Instance, CloudError>, now: Millis, cause: &str) {
+    async fn finish_launch(
+        &mut self,
+        intent: &Intent,
+        result: Result<Instance, CloudError>,
+        user_data: &str,
+        now: Millis,
+        cause: &str,
+    ) {
         let member_id = &intent.member_id;
         let size = self.members.len() as u32;
         match &result {
@@ -1404,7 +1454,10 @@ impl GroupController {
         }
         let detail = result
             .as_ref()
-            .map(|i| format!("instance {}", i.id))
+            .map(|i| match user_data {
+                "" => format!("instance {}", i.id),
+                holds => format!("instance {}, user data: {holds}", i.id),
+            })
             .map_err(Clone::clone);
         let new_size = self.members.len() as u32;
         let outcome = match &detail {
@@ -1537,7 +1590,11 @@ impl GroupController {
 
 /// A short fingerprint of the provider settings members are launched with.
 fn launch_spec(config: &GroupConfig) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{:?}", config.provider).as_bytes());
+    let mut settings = format!("{:?}", config.provider);
+    if let Some(operator) = &config.operator_user_data {
+        settings.push_str(operator.text());
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, settings.as_bytes());
     crate::pki::hex(&digest.as_ref()[..6])
 }
 

@@ -811,7 +811,7 @@ async fn interrupted_launch(store: &Store, provider: &FakeProvider, member_id: &
         launch_id: key,
         service_port: 8080,
         agent_config: String::new(),
-        user_data: String::new(),
+        user_data: Vec::new(),
     };
     provider.launch(&spec).await.unwrap();
 }
@@ -978,7 +978,7 @@ async fn orphans_are_reported_then_terminated_after_their_grace() {
         launch_id: "web-77-1".into(),
         service_port: 8080,
         agent_config: String::new(),
-        user_data: String::new(),
+        user_data: Vec::new(),
     };
     provider.launch(&spec).await.unwrap();
     let edit = |g: String| {
@@ -1105,6 +1105,34 @@ async fn a_drained_agent_lets_its_member_go_before_the_deadline() {
     assert_eq!(h.provider.running(), ["web-1"]);
     let terminate = h.activities.newest("web", 1).remove(0);
     assert_eq!(terminate.cause, "drained: its agent finished");
+}
+
+#[tokio::test]
+async fn a_pending_member_scaled_in_goes_at_once_without_the_drain_or_deregistration_delay() {
+    let mut h = harness_with(|g| {
+        g.replace("drain_secs = 0", "drain_secs = 300")
+            .replace("min_size = 1", "min_size = 0")
+    })
+    .await;
+    h.lb.set_deregistration_delay_secs(300);
+    let now = now_ms();
+    h.controller.desired = 1;
+    h.controller.step(now).await;
+    assert_eq!(h.provider.running(), ["web-1"]);
+    assert_eq!(h.lb.registered(), Vec::<String>::new(), "pending: never registered");
+    send(&mut h, |reply| Command::SetDesired { desired: 0, reply }).await;
+    assert_eq!(
+        h.provider.running(),
+        Vec::<String>::new(),
+        "terminated in the same step"
+    );
+    let newest = h.activities.newest("web", 2);
+    assert_eq!(
+        (newest[0].kind, newest[0].cause.as_str()),
+        (ActivityKind::Terminate, "never in service")
+    );
+    assert_eq!(newest[1].kind, ActivityKind::Drain);
+    assert_eq!(newest[1].detail, "never in service: terminated at once");
 }
 
 /// Suspends (or resumes) `processes` as an operator would; the processes suspended afterwards.

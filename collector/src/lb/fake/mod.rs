@@ -12,6 +12,7 @@ struct State {
     backends: Vec<Backend>,
     fail_next: Option<CloudError>,
     calls: Vec<String>,
+    deregistration_delay_secs: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -23,6 +24,11 @@ impl FakeLoadBalancer {
     /// The next call fails with `error`.
     pub fn fail_next(&self, error: CloudError) {
         self.state.lock().unwrap().fail_next = Some(error);
+    }
+
+    /// As an ELBv2 target group's `deregistration_delay.timeout_seconds`.
+    pub fn set_deregistration_delay_secs(&self, secs: u32) {
+        self.state.lock().unwrap().deregistration_delay_secs = secs;
     }
 
     /// Registered member ids, in registration order.
@@ -73,5 +79,9 @@ impl LoadBalancer for FakeLoadBalancer {
 
     async fn members(&self) -> Result<Vec<Backend>, CloudError> {
         Ok(self.state.lock().unwrap().backends.clone())
+    }
+
+    fn deregistration_delay_secs(&self) -> u32 {
+        self.state.lock().unwrap().deregistration_delay_secs
     }
 }

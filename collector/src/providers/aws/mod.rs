@@ -13,7 +13,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use self::query::{AwsError, EC2_VERSION, ELBV2_VERSION, Query, Service, child_text};
-use super::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
+use super::{CloudError, Instance, InstanceState, LaunchSpec, Provider, TemplateUserData};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +43,14 @@ pub struct AwsConfig {
     pub key_name: Option<String>,
     /// An instance profile's name, or its ARN.
     pub iam_instance_profile: Option<String>,
+    /// The operator's own user data, sent beside ebb's enrolment (default: the launch template's): a file, read when the configuration is
+    /// loaded (a `#!` script, `#cloud-config`, a MIME multipart, or any of them gzipped), or the same inline.
+    pub user_data_file: Option<std::path::PathBuf>,
+    pub user_data: Option<String>,
+    /// `cloud-config` (default; the image runs cloud-init) or `shell` (an image without cloud-init that runs
+    /// a user-data script): ebb's enrolment is sent in this form.
+    #[serde(default)]
+    pub user_data_format: crate::userdata::UserDataFormat,
 }
 
 fn default_template_version() -> String {
@@ -145,6 +153,45 @@ pub struct AwsProvider {
     aws: Arc<Aws>,
     config: AwsConfig,
     cluster_id: String,
+    /// The launch template's user data as last read, and when: a scale-out of ten reads it once, and a
+    /// new `$Default` or `$Latest` version is seen within [`TEMPLATE_USER_DATA_TTL`].
+    template_user_data: tokio::sync::Mutex<Option<(std::time::Instant, Option<TemplateUserData>)>>,
+}
+
+/// How long a launch template's user data is used before it is read again.
+const TEMPLATE_USER_DATA_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The user data of the launch template version in a DescribeLaunchTemplateVersions answer.
+pub(crate) fn template_user_data_in(xml: &str) -> Result<Option<TemplateUserData>, CloudError> {
+    let document = roxmltree::Document::parse(xml)
+        .map_err(|e| CloudError::Retryable(format!("EC2 answered with XML ebb cannot read: {e}")))?;
+    let Some(version) = document
+        .descendants()
+        .find(|n| n.has_tag_name("item") && child_text(*n, "versionNumber").is_some())
+    else {
+        return Err(CloudError::Permanent(
+            "DescribeLaunchTemplateVersions found no such launch template version: check \
+             provider.launch_template_id (or _name) and launch_template_version"
+                .into(),
+        ));
+    };
+    let source = format!(
+        "launch template {} version {}",
+        child_text(version, "launchTemplateId").unwrap_or("?"),
+        child_text(version, "versionNumber").unwrap_or("?")
+    );
+    let Some(encoded) = version
+        .children()
+        .find(|n| n.has_tag_name("launchTemplateData"))
+        .and_then(|data| child_text(data, "userData"))
+        .filter(|text| !text.trim().is_empty())
+    else {
+        return Ok(None);
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|e| CloudError::Permanent(format!("the user data of {source} is not base64: {e}")))?;
+    Ok(Some(TemplateUserData { source, bytes }))
 }
 
 fn pair(key: impl Into<String>, value: impl Into<String>) -> (String, String) {
@@ -200,6 +247,7 @@ impl AwsProvider {
             aws,
             config,
             cluster_id: cluster_id.to_string(),
+            template_user_data: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -211,7 +259,7 @@ impl AwsProvider {
             pair("ClientToken", token),
             pair(
                 "UserData",
-                base64::engine::general_purpose::STANDARD.encode(spec.user_data.as_bytes()),
+                base64::engine::general_purpose::STANDARD.encode(&spec.user_data),
             ),
             pair("TagSpecification.1.ResourceType", "instance"),
         ];
@@ -275,6 +323,30 @@ impl AwsProvider {
 
 #[async_trait]
 impl Provider for AwsProvider {
+    /// RunInstances with `UserData` replaces the launch template's, so ebb reads the template's and sends it
+    /// beside its enrolment.
+    async fn template_user_data(&self) -> Result<Option<TemplateUserData>, CloudError> {
+        let c = &self.config;
+        let mut params = Vec::new();
+        if let Some(id) = &c.launch_template_id {
+            params.push(pair("LaunchTemplateId", id));
+        } else if let Some(name) = &c.launch_template_name {
+            params.push(pair("LaunchTemplateName", name));
+        } else {
+            return Ok(None);
+        }
+        params.push(pair("LaunchTemplateVersion.1", &c.launch_template_version));
+        let mut cached = self.template_user_data.lock().await;
+        if let Some((read_at, user_data)) = &*cached
+            && read_at.elapsed() < TEMPLATE_USER_DATA_TTL
+        {
+            return Ok(user_data.clone());
+        }
+        let found = template_user_data_in(&self.aws.ec2("DescribeLaunchTemplateVersions", &params).await?)?;
+        *cached = Some((std::time::Instant::now(), found.clone()));
+        Ok(found)
+    }
+
     async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
         // The ClientToken makes a repeated RunInstances harmless on EC2; EC2-compatible clouds (and moto)
         // may ignore it, so a launch first looks for its instance by tag.

@@ -47,6 +47,14 @@ pub struct CloudStackConfig {
     /// 3 (default: signed with an expiry) or 1.
     #[serde(default = "default_signature_version")]
     pub signature_version: u8,
+    /// The operator's own user data, sent beside ebb's enrolment: a file, read when the configuration is
+    /// loaded (a `#!` script, `#cloud-config`, a MIME multipart, or any of them gzipped), or the same inline.
+    pub user_data_file: Option<PathBuf>,
+    pub user_data: Option<String>,
+    /// `cloud-config` (default; the image runs cloud-init) or `shell` (an image without cloud-init that runs
+    /// a user-data script): ebb's enrolment is sent in this form.
+    #[serde(default)]
+    pub user_data_format: crate::userdata::UserDataFormat,
     /// How long a deploy, destroy or load-balancer job may run.
     #[serde(default = "default_job_timeout_secs")]
     pub job_timeout_secs: u32,
@@ -279,7 +287,7 @@ impl Provider for CloudStackProvider {
             ("displayname", name),
             (
                 "userdata",
-                base64::engine::general_purpose::STANDARD.encode(spec.user_data.as_bytes()),
+                base64::engine::general_purpose::STANDARD.encode(&spec.user_data),
             ),
         ];
         for (key, ids) in [

@@ -161,7 +161,7 @@ mod tests {
             launch_id: launch.into(),
             service_port: 80,
             agent_config: String::new(),
-            user_data: String::new(),
+            user_data: Vec::new(),
         }
     }
 

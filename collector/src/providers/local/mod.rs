@@ -401,7 +401,7 @@ mod tests {
             launch_id: format!("{member_id}-1"),
             service_port: 8080,
             agent_config: "token = \"secret\"\n".into(),
-            user_data: String::new(),
+            user_data: Vec::new(),
         }
     }
 

@@ -36,6 +36,14 @@ pub struct OpenStackConfig {
     #[serde(default)]
     pub security_groups: Vec<String>,
     pub availability_zone: Option<String>,
+    /// The operator's own user data, sent beside ebb's enrolment: a file, read when the configuration is
+    /// loaded (a `#!` script, `#cloud-config`, a MIME multipart, or any of them gzipped), or the same inline.
+    pub user_data_file: Option<std::path::PathBuf>,
+    pub user_data: Option<String>,
+    /// `cloud-config` (default; the image runs cloud-init) or `shell` (an image without cloud-init that runs
+    /// a user-data script): ebb's enrolment is sent in this form.
+    #[serde(default)]
+    pub user_data_format: crate::userdata::UserDataFormat,
     /// How long a server may stay in BUILD.
     #[serde(default = "default_build_timeout_secs")]
     pub build_timeout_secs: u32,
@@ -227,7 +235,7 @@ impl Provider for OpenStackProvider {
             "name": spec.member_id,
             "imageRef": resolved.image,
             "flavorRef": resolved.flavor,
-            "user_data": base64::engine::general_purpose::STANDARD.encode(spec.user_data.as_bytes()),
+            "user_data": base64::engine::general_purpose::STANDARD.encode(&spec.user_data),
             "metadata": {
                 "ebb-cluster": spec.cluster_id,
                 "ebb-group": spec.group,
