@@ -35,9 +35,10 @@ pub struct AdminConnection {
     /// The collector's Admin API: `https://host:port` or `unix:/path`; default: `<state-dir>/admin.sock`.
     #[arg(long, global = true, env = "EBB_SERVER")]
     pub server: Option<String>,
-    /// The collector's state directory: `ca.pem`, `admin.pem` and `admin.key` are read from it unless given.
-    #[arg(long, global = true, env = "EBB_STATE_DIR", default_value = "/var/lib/ebb")]
-    pub state_dir: PathBuf,
+    /// The collector's state directory: `ca.pem`, `admin.pem` and `admin.key` are read from it unless given;
+    /// for `serve`, it replaces `server.state_dir`. Default: /var/lib/ebb.
+    #[arg(long, global = true, env = "EBB_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// The collector's CA certificate.
     #[arg(long, global = true, env = "EBB_CA")]
     pub ca: Option<PathBuf>,
@@ -50,8 +51,13 @@ pub struct AdminConnection {
 }
 
 impl AdminConnection {
+    /// `--state-dir`, or the packages' default.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/ebb"))
+    }
+
     fn path(&self, given: &Option<PathBuf>, default: &str) -> PathBuf {
-        given.clone().unwrap_or_else(|| self.state_dir.join(default))
+        given.clone().unwrap_or_else(|| self.state_dir().join(default))
     }
 
     pub fn ca_path(&self) -> PathBuf {
@@ -71,7 +77,7 @@ impl AdminConnection {
                 read(self.path(&self.key, "admin.key"))?,
             ));
         let socket = match self.server.as_deref() {
-            None => Some(self.state_dir.join("admin.sock")),
+            None => Some(self.state_dir().join("admin.sock")),
             Some(server) => server.strip_prefix("unix:").map(PathBuf::from),
         };
         let target = socket.as_ref().map_or_else(
@@ -195,6 +201,30 @@ pub enum ImportCommand {
     },
 }
 
+/// The providers `gen-config` has an example for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExampleProvider {
+    /// Local processes: the demo, no cloud and no root.
+    Local,
+    /// CloudStack (IDCF Cloud), as ssh_scale.py ran it (seeds 000/001).
+    Cloudstack,
+    /// AWS EC2 with a target group and target tracking (seed 004).
+    Aws,
+    /// OpenStack Nova with an Octavia pool, from a Heat template (seed 002).
+    Openstack,
+}
+
+impl ExampleProvider {
+    pub fn example(self) -> &'static str {
+        match self {
+            ExampleProvider::Local => config::LOCAL_EXAMPLE,
+            ExampleProvider::Cloudstack => include_str!("../../examples/cloudstack-idcf.toml"),
+            ExampleProvider::Aws => include_str!("../../examples/aws-target-tracking.toml"),
+            ExampleProvider::Openstack => include_str!("../../examples/openstack-heat.toml"),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Print the CA's SHA-256 fingerprint, which agents pin.
@@ -215,8 +245,11 @@ pub enum Command {
         #[arg(long, env = "EBB_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    /// Print a commented example configuration.
-    GenConfig,
+    /// Print a commented example configuration for a provider (the files in `examples/`).
+    GenConfig {
+        #[arg(long, value_enum, default_value = "local")]
+        provider: ExampleProvider,
+    },
     /// Turn another tool's configuration into an ebb configuration on stdout; what changes in meaning
     /// goes to stderr.
     Import {
@@ -346,7 +379,7 @@ pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<(
         }
         Command::AdminCert { out, name, days } => {
             let ca = connection.ca_path();
-            let ca_key = connection.state_dir.join("ca.key");
+            let ca_key = connection.state_dir().join("ca.key");
             let pki = Pki::from_files(
                 &ca,
                 &ca_key,
@@ -510,6 +543,9 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 "LB_CONNS",
                 "PROTECTED"
             );
+            if members.is_empty() {
+                crate::outln!("(no members)");
+            }
             for m in members {
                 let cpu = m.cpu_busy_percent.map_or("-".into(), |c| format!("{c:.1}%"));
                 let load = m.load1.map_or("-".into(), |l| format!("{l:.2}"));
@@ -541,7 +577,15 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 group: group.unwrap_or_default(),
                 limit,
             };
-            for a in client.list_activities(request).await?.into_inner().activities {
+            let scope = match &request.group {
+                group if group.is_empty() => "any group".to_string(),
+                group => format!("group `{group}`"),
+            };
+            let activities = client.list_activities(request).await?.into_inner().activities;
+            if activities.is_empty() {
+                crate::outln!("no activities for {scope} yet (launches, terminations and their causes appear here)");
+            }
+            for a in activities {
                 let member = if a.member_id.is_empty() {
                     String::new()
                 } else {
@@ -576,8 +620,19 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                 Some(text) => parse_since(&text, jiff::Timestamp::now()).map_err(|e| anyhow::anyhow!(e))?,
                 None => 0,
             };
-            let request = ExplainRequest { group, since_ms, limit };
-            for e in client.explain(request).await?.into_inner().explanations {
+            let request = ExplainRequest {
+                group: group.clone(),
+                since_ms,
+                limit,
+            };
+            let explanations = client.explain(request).await?.into_inner().explanations;
+            if explanations.is_empty() && !json {
+                let when = if since_ms > 0 { " in that time" } else { " yet" };
+                crate::outln!(
+                    "no evaluations of `{group}`{when}: the group evaluates every second once it has members reporting"
+                );
+            }
+            for e in explanations {
                 if json {
                     crate::outln!("{}", e.json);
                     continue;

@@ -47,6 +47,9 @@ pub struct CollectorConfig {
     /// The file this came from, for `reload`.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// `serve --state-dir` (or `EBB_STATE_DIR`), which replaces `server.state_dir`, also at `reload`.
+    #[serde(skip)]
+    pub state_dir_override: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -829,6 +832,14 @@ pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
 }
 
 impl CollectorConfig {
+    /// Puts the state in `dir` whatever the file says (`serve --state-dir`).
+    pub fn override_state_dir(&mut self, dir: Option<&Path>) {
+        if let Some(dir) = dir {
+            self.server.state_dir = dir.to_path_buf();
+            self.state_dir_override = Some(dir.to_path_buf());
+        }
+    }
+
     /// The custom metrics the policies use, in the order of their slots (first use first).
     pub fn custom_metrics(&self) -> Vec<&'static str> {
         let mut names = Vec::new();

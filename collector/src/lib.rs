@@ -502,3 +502,45 @@ fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixL
     std::fs::rename(&staged, path).with_context(|| format!("cannot place the admin socket at {}", path.display()))?;
     Ok(listener)
 }
+
+/// What `serve` would refuse at start that the configuration file alone does not show, checked by `validate`
+/// without starting anything: CloudStack keys (present, owner-only), OpenStack clouds.yaml entries, the
+/// operator's CA. Problems, then warnings (an address VMs cannot reach). AWS's credential chain is not
+/// asked: it may query the instance metadata service.
+pub fn preflight(config: &config::CollectorConfig) -> (Vec<String>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let server = &config.server;
+    match (&server.ca_cert, &server.ca_key) {
+        (Some(cert), Some(key)) => {
+            let lifetime = std::time::Duration::from_secs(server.member_cert_lifetime_secs.into());
+            if let Err(e) = Pki::from_files(cert, key, &server.tls_names, lifetime) {
+                problems.push(format!("server.ca_cert, server.ca_key: {e:#}"));
+            }
+        }
+        (Some(_), None) | (None, Some(_)) => problems
+            .push("server.ca_cert, server.ca_key: give both, or neither (the collector makes its own CA)".into()),
+        (None, None) => {}
+    }
+    let mut cloud = false;
+    for (i, group) in config.groups.iter().enumerate() {
+        let result = match &group.provider {
+            ProviderConfig::Cloudstack(cloudstack) => cloudstack.api().map(drop),
+            ProviderConfig::Openstack(openstack) => openstack.keystone().map(drop),
+            ProviderConfig::Aws(_) | ProviderConfig::Local(_) | ProviderConfig::Fake(_) => Ok(()),
+        };
+        if let Err(e) = result {
+            problems.push(format!("groups[{i}].provider: {e}"));
+        }
+        cloud |= group.user_data_rules().is_some();
+    }
+    let ip = server.grpc_listen.ip();
+    if cloud && server.advertise_url.is_none() && (ip.is_loopback() || ip.is_unspecified()) {
+        warnings.push(format!(
+            "server.advertise_url: not set, so new VMs are told to connect to https://{}, which they cannot \
+             reach; set it to the address VMs reach this collector at (https://10.0.0.5:7300)",
+            server.grpc_listen
+        ));
+    }
+    (problems, warnings)
+}

@@ -26,7 +26,8 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Command::Serve { config } => {
-            let config = config::load(&config)?;
+            let mut config = config::load(&config)?;
+            config.override_state_dir(cli.connection.state_dir.as_deref());
             let collector = Collector::start(config).await?;
             serve_until_stopped(&collector).await;
             tracing::info!("Stopping: no new evaluations; stopping local instances.");
@@ -36,14 +37,23 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Demo(args) => ebb_collector::demo::run(args).await,
         Command::Validate { config } => {
             let parsed = config::load(&config)?;
+            let (problems, mut warnings) = ebb_collector::preflight(&parsed);
+            warnings.extend(parsed.warnings());
+            if !problems.is_empty() {
+                anyhow::bail!(
+                    "{}: `serve` would refuse it:\n  {}",
+                    config.display(),
+                    problems.join("\n  ")
+                );
+            }
             ebb_collector::outln!("{}: valid, {} group(s)", config.display(), parsed.groups.len());
-            for warning in parsed.warnings() {
+            for warning in warnings {
                 ebb_collector::outln!("warning: {warning}");
             }
             Ok(true)
         }
-        Command::GenConfig => {
-            ebb_collector::out!("{}", config::LOCAL_EXAMPLE);
+        Command::GenConfig { provider } => {
+            ebb_collector::out!("{}", provider.example());
             Ok(true)
         }
         Command::Import { from } => {
@@ -113,8 +123,10 @@ fn report(result: anyhow::Result<bool>) -> ExitCode {
 fn init_logging(quiet: bool) {
     let default = if quiet { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("EBB_LOG").unwrap_or_else(|_| default.into());
+    // Colour only for a person at a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if std::env::var("EBB_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();

@@ -32,9 +32,10 @@ impl Reloader {
         let Some(path) = &self.source else {
             return Err("this collector was not started from a file; nothing to reload".into());
         };
-        let next = config::load(path).map_err(|e| format!("{e}; the running configuration is kept"))?;
+        let mut next = config::load(path).map_err(|e| format!("{e}; the running configuration is kept"))?;
         let changed = {
             let running = self.running.lock().unwrap();
+            next.override_state_dir(running.state_dir_override.as_deref());
             changes(&running, &next).map_err(|e| format!("{e}; the running configuration is kept"))?
         };
         let mut applied = Vec::new();

@@ -1,0 +1,160 @@
+//! Issue 24: the CLI never leaves an operator guessing: `--state-dir`/`EBB_STATE_DIR` are honoured by
+//! `serve` (and by `reload` after it), logs to a file carry no colour codes, every empty listing says so,
+//! `validate` warns of an address VMs cannot reach, and `gen-config` has an example per provider.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ebb_tests::{Running, admin, collector_bin, free_port, serial, wait_for};
+
+/// A config whose `server.state_dir` is `state_dir`, with one local group that launches nothing.
+fn config(dir: &Path, state_dir: &Path, admin_address: &str) -> std::path::PathBuf {
+    let path = dir.join("collector.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+            [server]
+            grpc_listen = "127.0.0.1:{grpc}"
+            admin_listen = "{admin_address}"
+            http_listen = "127.0.0.1:{http}"
+            state_dir = "{state}"
+
+            [[groups]]
+            name = "web"
+            min_size = 0
+            max_size = 2
+            [groups.provider]
+            type = "local"
+            [groups.load_balancer]
+            type = "builtin"
+            listen = "127.0.0.1:0"
+            "#,
+            grpc = free_port(),
+            http = free_port(),
+            state = state_dir.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn serve_keeps_its_state_where_it_is_told_and_logs_plain_text_to_a_file() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let from_config = dir.path().join("from-config");
+    for (how, state) in [
+        ("flag", dir.path().join("from-flag")),
+        ("env", dir.path().join("from-env")),
+    ] {
+        let admin_address = format!("127.0.0.1:{}", free_port());
+        let path = config(dir.path(), &from_config, &admin_address);
+        let log = dir.path().join(format!("{how}.log"));
+        let mut command = Command::new(collector_bin());
+        if how == "flag" {
+            command.arg("--state-dir").arg(&state);
+        } else {
+            command.env("EBB_STATE_DIR", &state);
+        }
+        command
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("EBB_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut collector = Running::spawn(&mut command);
+        assert!(
+            wait_for(Duration::from_secs(30), || admin(&admin_address, &state, &["groups"]).0),
+            "{how}: the admin certificate is in {}: {}",
+            state.display(),
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(!from_config.exists(), "{how}: server.state_dir is replaced");
+
+        // A reload keeps the state directory it was started with (a changed [server] would be refused).
+        let (ok, text) = admin(&admin_address, &state, &["reload"]);
+        assert!(ok && text.contains("reloaded: nothing changed"), "{how}: {text}");
+
+        if how == "env" {
+            // Every empty listing says so, rather than printing nothing.
+            let (ok, text) = admin(&admin_address, &state, &["activities", "web"]);
+            assert!(ok && text.contains("no activities for group `web` yet"), "{text}");
+            let (ok, text) = admin(
+                &admin_address,
+                &state,
+                &["explain", "web", "--since", "2099-01-01T00:00:00Z"],
+            );
+            assert!(ok && text.contains("no evaluations of `web` in that time"), "{text}");
+            let (ok, text) = admin(&admin_address, &state, &["members", "web"]);
+            assert!(ok && text.contains("(no members)"), "{text}");
+        }
+        collector.terminate(Duration::from_secs(10));
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(logged.contains(" INFO "), "{logged}");
+        assert!(!logged.contains('\x1b'), "no colour codes in a file: {logged:?}");
+    }
+}
+
+#[test]
+fn validate_warns_when_vms_could_not_reach_the_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let clouds = dir.path().join("clouds.yaml");
+    std::fs::write(
+        &clouds,
+        "clouds:\n  overcloud:\n    auth:\n      auth_url: https://identity.example.invalid/v3\n      \
+         username: ops\n      password: secret\n      project_name: web\n",
+    )
+    .unwrap();
+    let path = dir.path().join("collector.toml");
+    let write = |server: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\n{server}\n[[groups]]\nname = \"web\"\nmin_size = 1\nmax_size = 2\n\
+                 [groups.provider]\ntype = \"openstack\"\ncloud = \"overcloud\"\nimage = \"web\"\nflavor = \"m1.small\"\n\
+                 [groups.load_balancer]\ntype = \"octavia\"\npool_id = \"pool-1\"\n"
+            ),
+        )
+        .unwrap();
+        let output = Command::new(collector_bin())
+            .args(["validate", "--config"])
+            .arg(&path)
+            .env("OS_CLIENT_CONFIG_FILE", &clouds)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let text = write("grpc_listen = \"0.0.0.0:7300\"");
+    assert!(
+        text.contains("warning: server.advertise_url: not set, so new VMs are told to connect to https://0.0.0.0:7300"),
+        "{text}"
+    );
+    let text = write("grpc_listen = \"0.0.0.0:7300\"\nadvertise_url = \"https://10.0.0.5:7300\"");
+    assert!(!text.contains("advertise_url"), "{text}");
+}
+
+#[test]
+fn gen_config_prints_a_valid_example_for_each_provider() {
+    for provider in ["local", "cloudstack", "aws", "openstack"] {
+        let output = Command::new(collector_bin())
+            .args(["gen-config", "--provider", provider])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{provider}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).unwrap();
+        assert!(text.contains(&format!("type = \"{provider}\"")), "{provider}: {text}");
+        ebb_collector::config::parse(Path::new(provider), &text).unwrap_or_else(|e| panic!("{provider}: {e}"));
+    }
+    let output = Command::new(collector_bin())
+        .args(["gen-config", "--provider", "vmware"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("possible values: local, cloudstack, aws, openstack"));
+}
