@@ -13,6 +13,7 @@ use std::path::Path;
 use crate::providers::cloudstack::credentials::{Ini, parse_ini};
 
 /// The configuration (TOML, commented) and the notes on what changes in meaning.
+#[derive(Debug)]
 pub struct Imported {
     pub config: String,
     pub notes: Vec<String>,
@@ -158,7 +159,7 @@ adjustment = -1
         source = absolute.display(),
         credentials = absolute.display(),
     );
-    Ok(Imported { config, notes })
+    checked(Imported { config, notes })
 }
 
 /// `[monitoring] host`, unless it is still the sample's placeholder.
@@ -204,21 +205,13 @@ pub fn heat_from(text: &str, path: &Path, group: &str) -> Result<Imported, Strin
         .ok_or_else(|| format!("{} has no resources", path.display()))?;
     let parameters = template.get("parameters").cloned().unwrap_or(Value::Null);
     let mut notes = Vec::new();
-    // A property as text: literals as they are, `get_param` from the parameter's default.
+    let resolve = |value: &Value| resolve(value, &parameters);
+    // A property as text: literals as they are, `get_param` from the parameter's default, `str_replace`.
     let text_of = |value: Option<&Value>| -> Option<String> {
-        match value? {
+        match resolve(value?)? {
             Value::String(s) => Some(s.trim_end_matches('%').to_string()),
             Value::Number(n) => Some(n.to_string()),
             Value::Bool(b) => Some(b.to_string()),
-            Value::Mapping(m) => {
-                let name = m.get("get_param")?.as_str()?;
-                let default = parameters.get(name)?.get("default")?;
-                match default {
-                    Value::String(s) => Some(s.clone()),
-                    Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                }
-            }
             _ => None,
         }
     };
@@ -283,8 +276,96 @@ pub fn heat_from(text: &str, path: &Path, group: &str) -> Result<Imported, Strin
     };
     let image = field("image", "ImageId").unwrap_or_else(|| placeholder("The image", "image"));
     let flavor = field("flavor", "InstanceType").unwrap_or_else(|| placeholder("The flavor", "flavor"));
-    let network = field("network", "");
     let key_name = field("key_name", "KeyName");
+    let server_value = |heat: &str, k5_name: &str| server.get(if k5 { k5_name } else { heat }).filter(|v| !v.is_null());
+    // Networks: a nested template's `network` parameter, or a server's `networks` list.
+    let mut networks: Vec<String> = field("network", "").into_iter().collect();
+    if let Some(list) = server_value("networks", "Networks") {
+        match resolve(list) {
+            Some(Value::Sequence(items)) => {
+                for item in &items {
+                    let network = match item {
+                        Value::Mapping(m) => m.get("network").or(m.get("uuid")),
+                        other => Some(other),
+                    };
+                    match network.and_then(|n| text_of(Some(n))) {
+                        Some(network) => networks.push(network),
+                        None => notes.push(format!(
+                            "A network of the servers ({}) is not a name, an id or a parameter default: add it to provider.networks.",
+                            serde_json::to_string(item).unwrap_or_default()
+                        )),
+                    }
+                }
+            }
+            _ => notes.push("The servers' networks could not be resolved: set provider.networks.".into()),
+        }
+    }
+    let security_groups: Vec<String> = match server_value("security_groups", "SecurityGroups").map(&resolve) {
+        Some(Some(Value::Sequence(items))) => items.iter().filter_map(|g| text_of(Some(g))).collect(),
+        Some(_) => {
+            notes.push("The servers' security groups could not be resolved: set provider.security_groups.".into());
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    let mut metadata = Vec::new();
+    if let Some(Value::Mapping(entries)) = server_value("metadata", "Metadata") {
+        for (key, value) in entries {
+            let key = key.as_str().unwrap_or_default();
+            match text_of(Some(value)) {
+                Some(value) => metadata.push((key.to_string(), value)),
+                None => notes.push(format!(
+                    "Server metadata `{key}` comes from Heat ({}), which has no value outside a stack; left out.",
+                    serde_json::to_string(value).unwrap_or_default()
+                )),
+            }
+        }
+    }
+    let user_data = match server_value("user_data", "UserData") {
+        None => None,
+        Some(value) => match resolve(value) {
+            Some(Value::String(text)) => match crate::userdata::OperatorUserData::parse(text.as_bytes()) {
+                Ok(_) => Some(text),
+                Err(e) => {
+                    notes.push(format!(
+                        "The servers' user data {e}; left out: fix it and set provider.user_data_file."
+                    ));
+                    None
+                }
+            },
+            _ => {
+                notes.push("The servers' user data uses values only Heat has (get_attr, get_resource, a parameter without a default): left out; set provider.user_data_file.".into());
+                None
+            }
+        },
+    };
+    let carried = [
+        "image",
+        "ImageId",
+        "flavor",
+        "InstanceType",
+        "network",
+        "networks",
+        "key_name",
+        "KeyName",
+        "user_data",
+        "UserData",
+        "metadata",
+        "security_groups",
+        "SecurityGroups",
+        "pool_id",
+    ];
+    if let Value::Mapping(properties) = &server {
+        for key in properties
+            .keys()
+            .filter_map(Value::as_str)
+            .filter(|k| !carried.contains(k))
+        {
+            notes.push(format!(
+                "The servers' `{key}` is not carried: ebb's OpenStack provider has no such setting (bake it into the image, or set it in user data)."
+            ));
+        }
+    }
 
     // K5's load balancer: the instance port and the health check.
     let mut member_port = 80;
@@ -343,6 +424,8 @@ pub fn heat_from(text: &str, path: &Path, group: &str) -> Result<Imported, Strin
     let alarms = of_type(&["OS::Ceilometer::Alarm", "OS::Aodh::Alarm"]);
     let mut blocks = Vec::new();
     let mut recovery = false;
+    // (scales out, policy, cooldown) of each policy an alarm fires.
+    let mut cooldowns: Vec<(bool, String, u32)> = Vec::new();
     for (name, alarm) in &alarms {
         let policy_name = alarm
             .get("alarm_actions")
@@ -378,6 +461,9 @@ pub fn heat_from(text: &str, path: &Path, group: &str) -> Result<Imported, Strin
         }
         let adjustment =
             number(policy.get("scaling_adjustment").or(policy.get("ScalingAdjustment"))).unwrap_or(1.0) as i32;
+        if let Some(cooldown) = number(policy.get("cooldown").or(policy.get("Cooldown"))) {
+            cooldowns.push((adjustment > 0, policy_name.to_string(), cooldown as u32));
+        }
         let kind = match adjustment_type.to_ascii_lowercase().replace('_', "").as_str() {
             "exactcapacity" => "exact_capacity",
             "percentchangeincapacity" => "percent_change_in_capacity",
@@ -429,25 +515,111 @@ pub fn heat_from(text: &str, path: &Path, group: &str) -> Result<Imported, Strin
     if let Some(desired) = desired {
         config.push_str(&format!("desired_capacity = {desired}\n"));
     }
-    config.push_str(&format!("cooldown_secs = {cooldown}\nmember_port = {member_port}\n"));
+    config.push_str(&format!("cooldown_secs = {cooldown}\n"));
+    for (out, key) in [(true, "scale_out_cooldown_secs"), (false, "scale_in_cooldown_secs")] {
+        let mine: Vec<&(bool, String, u32)> = cooldowns.iter().filter(|c| c.0 == out).collect();
+        let Some(longest) = mine.iter().map(|c| c.2).max() else {
+            continue;
+        };
+        if mine.iter().any(|c| c.2 != longest) {
+            let each: Vec<String> = mine.iter().map(|c| format!("{} {} s", c.1, c.2)).collect();
+            notes.push(format!(
+                "The policies that scale {} have different cooldowns ({}); ebb has one per direction: {key} = {longest}.",
+                if out { "out" } else { "in" },
+                each.join(", ")
+            ));
+        }
+        if longest != cooldown {
+            config.push_str(&format!("{key} = {longest}   # the policies' own cooldown\n"));
+        }
+    }
+    config.push_str(&format!("member_port = {member_port}\n"));
     if !health.is_empty() {
         config.push_str(&format!("\n[groups.health_check]\n{}\n", health.join("\n")));
     }
     config.push_str(&format!(
         "\n[groups.provider]\ntype = \"openstack\"   # credentials: clouds.yaml (OS_CLOUD) or the OS_* variables\nimage = \"{image}\"\nflavor = \"{flavor}\"\n"
     ));
-    if let Some(network) = network {
-        config.push_str(&format!("networks = [\"{network}\"]\n"));
+    let quoted = |text: &str| toml::Value::String(text.to_string()).to_string();
+    let list = |items: &[String]| items.iter().map(|i| quoted(i)).collect::<Vec<_>>().join(", ");
+    if !networks.is_empty() {
+        config.push_str(&format!("networks = [{}]\n", list(&networks)));
     }
     if let Some(key) = key_name {
-        config.push_str(&format!("key_name = \"{key}\"\n"));
+        config.push_str(&format!("key_name = {}\n", quoted(&key)));
+    }
+    if !security_groups.is_empty() {
+        config.push_str(&format!("security_groups = [{}]\n", list(&security_groups)));
+    }
+    if !metadata.is_empty() {
+        let entries: Vec<String> = metadata
+            .iter()
+            .map(|(k, v)| format!("{} = {}", quoted(k), quoted(v)))
+            .collect();
+        config.push_str(&format!("metadata = {{ {} }}\n", entries.join(", ")));
+    }
+    if let Some(user_data) = user_data {
+        config.push_str(&format!(
+            "# The servers' user data, sent beside ebb's enrolment.\nuser_data = {}\n",
+            quoted(&user_data)
+        ));
     }
     config.push_str("\n[groups.load_balancer]\ntype = \"octavia\"\npool_id = \"CHANGE-ME-pool-id\"   # the Octavia pool the servers join\n");
     for block in blocks {
         config.push('\n');
         config.push_str(&block);
     }
-    Ok(Imported { config, notes })
+    checked(Imported { config, notes })
+}
+
+/// The import, if `validate` would take it; else why not, so `import` never writes a config `serve` refuses.
+fn checked(imported: Imported) -> Result<Imported, String> {
+    match crate::config::parse(Path::new("(imported)"), &imported.config) {
+        Ok(_) => Ok(imported),
+        Err(e) => Err(format!(
+            "the imported configuration would not be valid, so none was written: {}",
+            e.to_string().trim_start_matches("(imported): ")
+        )),
+    }
+}
+
+/// A Heat value with what can be known outside a stack resolved: `get_param` from the parameter's
+/// default, `str_replace` of a template with such params. `None` when it depends on the stack (`get_attr`,
+/// `get_resource`, `OS::stack_id`, a parameter without a default).
+fn resolve(value: &serde_yaml::Value, parameters: &serde_yaml::Value) -> Option<serde_yaml::Value> {
+    use serde_yaml::Value;
+    let Value::Mapping(m) = value else {
+        return Some(value.clone());
+    };
+    if let Some(name) = m.get("get_param") {
+        return parameters.get(name.as_str()?)?.get("default").cloned();
+    }
+    if let Some(replace) = m.get("str_replace") {
+        let mut text = resolve(replace.get("template")?, parameters)?.as_str()?.to_string();
+        if let Some(Value::Mapping(params)) = replace.get("params") {
+            for (key, value) in params {
+                let with = match resolve(value, parameters)? {
+                    Value::String(s) => s,
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => return None,
+                };
+                text = text.replace(key.as_str()?, &with);
+            }
+        }
+        return Some(Value::String(text));
+    }
+    if m.keys().any(|k| {
+        k.as_str()
+            .is_some_and(|k| k.starts_with("get_") || k.starts_with("Fn::"))
+    }) {
+        return None;
+    }
+    let mut resolved = serde_yaml::Mapping::new();
+    for (key, value) in m {
+        resolved.insert(key.clone(), resolve(value, parameters)?);
+    }
+    Some(Value::Mapping(resolved))
 }
 
 #[cfg(test)]
@@ -515,6 +687,13 @@ threshold=1
     }
 
     #[test]
+    fn an_idcfrc_with_min_above_max_writes_no_config() {
+        let text = SEED_000.replace("max_size=4", "max_size=1");
+        let error = idcfrc_from(&text, Path::new("/root/.idcfrc"), "web").unwrap_err();
+        assert!(error.contains("min_size: 2 is greater than max_size 1"), "{error}");
+    }
+
+    #[test]
     fn both_seed_samples_import_to_a_valid_group() {
         for (text, (min, max), (out, inn), vm) in [
             (SEED_000, (2, 4), (2.0, 1.0), "scale01"),
@@ -566,6 +745,101 @@ threshold=1
     fn valid(imported: &Imported) -> crate::config::CollectorConfig {
         crate::config::parse(Path::new("imported.toml"), &imported.config)
             .unwrap_or_else(|e| panic!("{e}\n{}", imported.config))
+    }
+
+    #[test]
+    fn a_template_of_parameters_str_replace_and_per_policy_cooldowns_round_trips() {
+        let imported = heat_fixture("params-and-cooldowns.yaml");
+        let config = valid(&imported);
+        let group = &config.groups[0];
+        assert_eq!((group.min_size, group.max_size, group.cooldown_secs), (2, 6, 90));
+        assert_eq!(
+            (group.scale_out_cooldown_secs, group.scale_in_cooldown_secs),
+            (Some(120), Some(300)),
+            "each direction keeps its policy's cooldown: {}",
+            imported.config
+        );
+        let crate::config::ProviderConfig::Openstack(provider) = &group.provider else {
+            panic!("{}", imported.config);
+        };
+        assert_eq!(
+            (provider.image.as_str(), provider.flavor.as_str()),
+            ("ubuntu-22.04", "m1.medium")
+        );
+        assert_eq!(provider.key_name.as_deref(), Some("ops-key"));
+        assert_eq!(provider.security_groups, ["base", "web"]);
+        assert_eq!(
+            provider
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+            [("role", "web"), ("tier", "frontend")]
+        );
+        assert_eq!(
+            provider.user_data.as_deref(),
+            Some("#!/bin/sh\necho \"serving web on 8080\" > /etc/motd\nsystemctl start app@8080\n"),
+            "str_replace with the parameters' defaults"
+        );
+        assert!(group.operator_user_data.is_some());
+        let thresholds: Vec<_> = group
+            .policies
+            .iter()
+            .map(|p| (p.threshold, p.adjustment, p.period_secs))
+            .collect();
+        assert_eq!(thresholds, [(Some(70.0), Some(2), 120), (Some(20.0), Some(-1), 300)]);
+
+        // Each thing not carried has its note.
+        let notes = imported.notes.join("\n");
+        for expected in [
+            "Server metadata `stack` comes from Heat",
+            "A network of the servers ({\"port\":{\"get_resource\":\"port\"}})",
+            "The servers' `scheduler_hints` is not carried",
+            "The servers' `user_data_format` is not carried",
+        ] {
+            assert!(notes.contains(expected), "{expected}: {notes}");
+        }
+        // `get_param: [nets, 0]` (a list element) is not resolved: said, not dropped.
+        assert!(
+            notes.contains("A network of the servers ({\"network\":{\"get_param\":[\"nets\",0]}})"),
+            "{notes}"
+        );
+        assert_eq!(provider.networks, ["back-net"]);
+    }
+
+    #[test]
+    fn user_data_that_cannot_be_resolved_or_run_is_a_note_and_a_broken_group_no_config() {
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/heat/params-and-cooldowns.yaml"),
+        )
+        .unwrap();
+        let secret = template.replace("$ROLE: {get_param: role}", "$ROLE: {get_param: secret}");
+        let imported = heat_from(&secret, Path::new("t.yaml"), "web").unwrap();
+        assert!(!imported.config.contains("user_data = "), "{}", imported.config);
+        assert!(
+            imported
+                .notes
+                .join("\n")
+                .contains("user data uses values only Heat has"),
+            "{:?}",
+            imported.notes
+        );
+
+        let plain = template.replace("#!/bin/sh", "set -e");
+        let imported = heat_from(&plain, Path::new("t.yaml"), "web").unwrap();
+        assert!(
+            imported.notes.join("\n").contains("which cloud-init ignores"),
+            "{:?}",
+            imported.notes
+        );
+
+        let broken = template.replace("max_size: 6", "max_size: 1");
+        let error = heat_from(&broken, Path::new("t.yaml"), "web").unwrap_err();
+        assert!(
+            error.contains("would not be valid, so none was written")
+                && error.contains("min_size: 2 is greater than max_size 1"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -623,6 +897,20 @@ threshold=1
         assert_eq!((health.healthy_threshold, health.unhealthy_threshold), (3, 3));
         assert_eq!((health.timeout_ms, health.grace_period_secs), (5000, 120));
         assert!(health.replace_unhealthy, "the recovery policy");
+        let crate::config::ProviderConfig::Openstack(provider) = &group.provider else {
+            panic!("{}", k5.config);
+        };
+        assert_eq!(
+            provider.user_data.as_deref(),
+            Some("#!/bin/bash\nyum -y install httpd\n"),
+            "K5's UserData"
+        );
+        assert_eq!(provider.security_groups, ["SG_Web"]);
+        assert!(
+            k5.notes.join("\n").contains("`BlockDeviceMappingsV2` is not carried"),
+            "{:?}",
+            k5.notes
+        );
         assert_eq!(
             group.policies.len(),
             2,

@@ -35,6 +35,9 @@ pub struct OpenStackConfig {
     pub key_name: Option<String>,
     #[serde(default)]
     pub security_groups: Vec<String>,
+    /// Server metadata (Heat's `metadata`), beside ebb's own `ebb-*` keys.
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
     pub availability_zone: Option<String>,
     /// The operator's own user data, sent beside ebb's enrolment: a file, read when the configuration is
     /// loaded (a `#!` script, `#cloud-config`, a MIME multipart, or any of them gzipped), or the same inline.
@@ -63,6 +66,22 @@ impl OpenStackConfig {
         }
         if self.build_timeout_secs == 0 {
             problems.push("provider.build_timeout_secs: must be at least 1".into());
+        }
+        // Nova's limits on server metadata: 128 items, keys and values of at most 255 characters.
+        if self.metadata.len() > 128 {
+            problems.push("provider.metadata: Nova takes at most 128 items".into());
+        }
+        for (key, value) in &self.metadata {
+            if key.starts_with("ebb-") {
+                problems.push(format!(
+                    "provider.metadata.{key}: keys starting with `ebb-` are ebb's own"
+                ));
+            }
+            if key.is_empty() || key.len() > 255 || value.len() > 255 {
+                problems.push(format!(
+                    "provider.metadata.{key}: Nova takes keys of 1 to 255 and values of at most 255 characters"
+                ));
+            }
         }
         problems
     }
@@ -247,6 +266,11 @@ impl Provider for OpenStackProvider {
         });
         if resolved.networks.is_empty() {
             server["networks"] = json!("auto");
+        }
+        for (key, value) in &c.metadata {
+            if !key.starts_with("ebb-") {
+                server["metadata"][key] = json!(value);
+            }
         }
         if let Some(key) = &c.key_name {
             server["key_name"] = json!(key);
