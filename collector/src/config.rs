@@ -472,12 +472,8 @@ impl PolicyConfig {
                         problem("adjustment", "an exact capacity cannot be negative".into())
                     }
                     (None, Some(steps)) => {
-                        if steps.is_empty() {
-                            problem("steps", "needs at least one step".into());
-                        }
-                        let signs: std::collections::HashSet<bool> = steps.iter().map(|s| s.adjustment > 0).collect();
-                        if !exact && signs.len() > 1 {
-                            problem("steps", "all steps must add members, or all remove them".into());
+                        for problem_text in step_problems(steps, exact) {
+                            problem("steps", problem_text);
                         }
                         for (k, s) in steps.iter().enumerate() {
                             if let (Some(l), Some(u)) = (s.lower, s.upper)
@@ -485,23 +481,11 @@ impl PolicyConfig {
                             {
                                 problem(&format!("steps[{k}]"), format!("lower {l} is not below upper {u}"));
                             }
-                            if s.adjustment == 0 && !exact {
+                            if s.lower.is_none() && s.upper.is_none() {
                                 problem(
-                                    &format!("steps[{k}].adjustment"),
-                                    "0 would never change anything".into(),
+                                    &format!("steps[{k}]"),
+                                    "has neither lower nor upper bound (EC2 refuses it too): for one adjustment at any breach, give `adjustment`".into(),
                                 );
-                            }
-                        }
-                        let mut sorted: Vec<&Step> = steps.iter().collect();
-                        sorted.sort_by(|a, b| {
-                            a.lower
-                                .unwrap_or(f64::NEG_INFINITY)
-                                .total_cmp(&b.lower.unwrap_or(f64::NEG_INFINITY))
-                        });
-                        for pair in sorted.windows(2) {
-                            if pair[0].upper.is_none_or(|u| pair[1].lower.is_none_or(|l| l < u)) {
-                                problem("steps", "step ranges overlap".into());
-                                break;
                             }
                         }
                     }
@@ -721,6 +705,59 @@ fn default_period_secs() -> u32 {
 }
 fn default_time_zone() -> String {
     "UTC".into()
+}
+
+/// EC2's rules for a step policy's steps (PutScalingPolicy's StepAdjustment), plus ebb's one: the steps that
+/// change capacity all add, or all remove (a step of 0, as the EC2 guide's first step, is neither).
+fn step_problems(steps: &[Step], exact: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    if steps.is_empty() {
+        return vec!["needs at least one step".into()];
+    }
+    let signs: std::collections::HashSet<bool> = steps
+        .iter()
+        .filter(|s| s.adjustment != 0)
+        .map(|s| s.adjustment > 0)
+        .collect();
+    if !exact && signs.len() > 1 {
+        problems.push("the steps that change capacity must all add members, or all remove them".into());
+    }
+    let open_lower = steps.iter().filter(|s| s.lower.is_none()).count();
+    let open_upper = steps.iter().filter(|s| s.upper.is_none()).count();
+    if open_lower > 1 {
+        problems.push("at most one step may leave out `lower` (unbounded below)".into());
+    }
+    if open_upper > 1 {
+        problems.push("at most one step may leave out `upper` (unbounded above)".into());
+    }
+    if open_lower == 0 && steps.iter().any(|s| s.lower.is_some_and(|l| l < 0.0)) {
+        problems.push("a step has a negative `lower`, so one step must leave `lower` out (as EC2 requires)".into());
+    }
+    if open_upper == 0 && steps.iter().any(|s| s.upper.is_some_and(|u| u > 0.0)) {
+        problems.push("a step has a positive `upper`, so one step must leave `upper` out (as EC2 requires)".into());
+    }
+    let mut sorted: Vec<&Step> = steps.iter().collect();
+    sorted.sort_by(|a, b| {
+        a.lower
+            .unwrap_or(f64::NEG_INFINITY)
+            .total_cmp(&b.lower.unwrap_or(f64::NEG_INFINITY))
+    });
+    for pair in sorted.windows(2) {
+        match (pair[0].upper, pair[1].lower) {
+            (Some(upper), Some(lower)) if lower > upper => {
+                problems.push(format!(
+                    "a gap between steps: nothing applies from {upper} to {lower} (EC2 refuses gaps)"
+                ));
+                break;
+            }
+            (Some(upper), Some(lower)) if lower == upper => {}
+            _ => {
+                problems.push("step ranges overlap".into());
+                break;
+            }
+        }
+    }
+    problems
 }
 
 /// Reads and validates a configuration file.
@@ -1394,6 +1431,58 @@ systemctl start httpd
             problems.iter().any(|p| p.contains("the group would flap")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn steps_follow_ec2s_rules() {
+        let problems_of = |steps: &str| {
+            let text = LOCAL_EXAMPLE.replacen("adjustment = 2", &format!("steps = [{steps}]"), 1);
+            match parse(Path::new("c.toml"), &text) {
+                Ok(_) => Vec::new(),
+                Err(ConfigError::Invalid { problems, .. }) => problems,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        // The EC2 guide's policy: a first step of 0, then +1 and +3 above it.
+        assert_eq!(
+            problems_of(
+                "{lower = 0, upper = 10, adjustment = 0}, {lower = 10, upper = 20, adjustment = 1}, {lower = 20, adjustment = 3}"
+            ),
+            Vec::<String>::new()
+        );
+        for (steps, expected) in [
+            (
+                "{lower = 0, upper = 10, adjustment = 1}, {lower = 20, adjustment = 3}",
+                "a gap between steps: nothing applies from 10 to 20",
+            ),
+            (
+                "{lower = 0, upper = 20, adjustment = 1}, {lower = 10, adjustment = 3}",
+                "step ranges overlap",
+            ),
+            (
+                "{lower = 0, upper = 10, adjustment = 1}, {lower = 10, upper = 20, adjustment = 3}",
+                "one step must leave `upper` out",
+            ),
+            (
+                "{lower = 0, adjustment = 1}, {lower = 10, adjustment = 3}",
+                "at most one step may leave out `upper`",
+            ),
+            (
+                "{lower = -5, upper = 0, adjustment = 1}, {lower = 0, adjustment = 3}",
+                "one step must leave `lower` out",
+            ),
+            ("{adjustment = 1}", "has neither lower nor upper bound"),
+            (
+                "{lower = 0, upper = 10, adjustment = -1}, {lower = 10, adjustment = 3}",
+                "must all add members, or all remove them",
+            ),
+        ] {
+            let problems = problems_of(steps);
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{steps}: {expected}: {problems:?}"
+            );
+        }
     }
 
     #[test]

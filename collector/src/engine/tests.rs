@@ -234,6 +234,61 @@ fn a_bigger_breach_adds_the_difference_while_members_warm_up() {
     assert_eq!(outcome(&e), (Action::ScaleOut, 4, "policy"));
 }
 
+/// The EC2 Auto Scaling guide's step adjustments example: a group of 10, alarms at 50 % both ways, steps in
+/// percent of capacity, each first step 0. The guide's outcomes, through `evaluate`.
+#[test]
+fn ec2s_step_adjustment_example() {
+    let policy = |name: &str, comparison, steps: Vec<Step>| {
+        Policy::Step(StepPolicy {
+            adjustment_type: AdjustmentType::PercentChangeInCapacity,
+            steps,
+            ..match step(name, comparison, 50.0, 1) {
+                Policy::Step(p) => p,
+                _ => unreachable!(),
+            }
+        })
+    };
+    let bounded = |lower: Option<f64>, upper: Option<f64>, adjustment| Step {
+        lower,
+        upper,
+        adjustment,
+    };
+    let mut engine = engine(vec![
+        policy(
+            "out",
+            Comparison::Ge,
+            vec![
+                bounded(Some(0.0), Some(10.0), 0),
+                bounded(Some(10.0), Some(20.0), 10),
+                bounded(Some(20.0), None, 30),
+            ],
+        ),
+        policy(
+            "in",
+            Comparison::Le,
+            vec![
+                bounded(Some(-10.0), Some(0.0), 0),
+                bounded(Some(-20.0), Some(-10.0), -10),
+                bounded(None, Some(-20.0), -30),
+            ],
+        ),
+    ]);
+    engine.scale_in_cooldown_secs = 0;
+    let at = |cpu: f64| {
+        let mut g = group(10, (0..10).map(|i| member(&format!("m{i}"), Some(cpu))).collect());
+        g.max_size = 20;
+        engine.evaluate(&g)
+    };
+    // 50 ≤ metric < 60: the 0 step; 60 ≤ metric < 70: +10 % (1); metric ≥ 70: +30 % (3).
+    assert_eq!((at(55.0).action, at(55.0).desired), (Action::None, 10));
+    assert_eq!((at(60.0).action, at(60.0).desired), (Action::ScaleOut, 11));
+    assert_eq!((at(75.0).action, at(75.0).desired), (Action::ScaleOut, 13));
+    // 40 < metric ≤ 50: the 0 step; 30 < metric ≤ 40: −10 % (1); metric ≤ 30: −30 % (3).
+    assert_eq!((at(45.0).action, at(45.0).desired), (Action::None, 10));
+    assert_eq!((at(40.0).action, at(40.0).desired), (Action::ScaleIn, 9));
+    assert_eq!((at(30.0).action, at(30.0).desired), (Action::ScaleIn, 7));
+}
+
 #[test]
 fn percent_and_exact_adjustments() {
     let percent = |adjustment, min_step| {
