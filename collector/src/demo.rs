@@ -139,13 +139,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let config = demo_config(&args, state_dir.path())?;
     let group_name = config.groups[0].name.clone();
     let collector = Collector::start(config).await?;
+    // However the demo ends — done, a signal, or its reader gone (`| tee` stopped by Ctrl-C) — it stops
+    // every process it started before it returns, and its state directory goes with it.
+    let result = watch(&args, &collector, &group_name).await;
+    collector.shutdown().await;
+    drop(state_dir);
+    result
+}
+
+/// Drives the load and shows the group until the load is over and the group back at its minimum, the
+/// duration is up, or a signal (SIGINT, SIGTERM, SIGHUP) arrives.
+async fn watch(args: &DemoArgs, collector: &Collector, group_name: &str) -> anyhow::Result<bool> {
+    let group_name = group_name.to_string();
     let group = collector.groups[&group_name].clone();
     let front = collector.load_balancer_fronts[&group_name];
     let view = View {
         headless: args.headless,
         started: Instant::now(),
     };
-    view.intro(&collector, &group_name, front)?;
+    view.intro(collector, &group_name, front)?;
 
     let stats = Arc::new(LoadStats::default());
     let deadline = view.started + Duration::from_secs(args.duration_secs);
@@ -153,12 +165,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let mut peak = 0;
     let mut seen_activity = 0;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let interrupted = loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = tokio::signal::ctrl_c() => break true,
             _ = terminate.recv() => break true,
+            _ = hangup.recv() => break true,
         }
         let status = group.status();
         for activity in collector.activities.since(seen_activity, &group_name) {
@@ -208,7 +223,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         "requests_skipped": stats.skipped.load(Ordering::Relaxed),
         "served_by": served_by,
     }))?;
-    collector.shutdown().await;
     Ok(scaled_out && back_to_min)
 }
 
@@ -235,8 +249,10 @@ impl View {
             crate::outln!("ebb demo — group `{group}` on this machine, no cloud needed");
             crate::outln!("  load balancer  http://{front}/work");
             crate::outln!("  metrics        http://{}/metrics", collector.http_address);
+            let exe = std::env::current_exe().unwrap_or_else(|_| "ebb-collector".into());
             crate::outln!(
-                "  admin          ebb-collector --state-dir {} activities",
+                "  admin          {} --state-dir {} activities",
+                exe.display(),
                 collector.state_dir.display()
             );
             crate::outln!("  Ctrl-C stops the demo and every process it started.\n");
@@ -265,7 +281,8 @@ impl View {
             crate::outln!(
                 "{}",
                 json!({"elapsed_secs": self.elapsed(), "group": status.name, "capacity": status.in_service(),
-                       "desired": status.desired, "pending": status.pending(), "cpu_avg": status.cpu_avg.map(round1),
+                       "desired": status.desired, "pending": status.pending(), "cpu": cpu_figure(status).map(|(_, v)| v),
+                       "cpu_of": cpu_figure(status).map(|(of, _)| of),
                        "load_rps": load_rps, "members": members})
             );
             return Ok(());
@@ -287,9 +304,9 @@ impl View {
                 format!("{} {cpu}{state}", m.member.id)
             })
             .collect();
-        let cpu = status.cpu_avg.map_or("    -".into(), |c| format!("{c:5.1}%"));
+        let cpu = cpu_figure(status).map_or("    -".into(), |(of, c)| format!("{c:5.1}% ({of})"));
         crate::outln!(
-            "{:>5.0}s  capacity {} (desired {})  cpu avg {cpu}  load {load_rps:>3} req/s   {}",
+            "{:>5.0}s  capacity {} (desired {})  cpu {cpu}  load {load_rps:>3} req/s   {}",
             self.elapsed(),
             status.in_service(),
             status.desired,
@@ -305,7 +322,7 @@ impl View {
                 json!({"elapsed_secs": self.elapsed(), "group": activity.group, "activity": activity.kind,
                        "cause": activity.cause, "outcome": activity.outcome, "member": activity.member_id,
                        "detail": activity.detail, "from": activity.from_capacity, "to": activity.to_capacity,
-                       "capacity": status.in_service(), "desired": status.desired, "cpu_avg": status.cpu_avg.map(round1)})
+                       "capacity": status.in_service(), "desired": status.desired, "cpu": cpu_figure(status).map(|(_, v)| v)})
             );
             return Ok(());
         }
@@ -359,6 +376,16 @@ impl View {
         crate::outln!("  took {} s", summary["elapsed_secs"]);
         Ok(())
     }
+}
+
+/// The group's CPU as its first CPU policy last judged it (its average over its period), so the figure shown
+/// is the one the decisions were made on; and what it is.
+fn cpu_figure(status: &GroupStatus) -> Option<(String, f64)> {
+    let figure = status.policy_cpu.as_ref()?;
+    Some((
+        format!("{} avg over {} s", figure.policy, figure.period_secs),
+        round1(figure.value),
+    ))
 }
 
 fn round1(value: f64) -> f64 {

@@ -51,3 +51,32 @@ pub fn percent_encode(value: &str, keep: impl Fn(u8) -> bool) -> String {
     }
     out
 }
+
+/// The host (and port, if given) of `url`, to name where a failed call went; never the path or query,
+/// which may hold a signature.
+pub fn host_of(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(url) => match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_string(),
+            (None, _) => "(no host)".into(),
+        },
+        Err(_) => "(not a URL)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_of_names_host_and_port_only() {
+        assert_eq!(
+            super::host_of("https://ec2.us-east-1.amazonaws.com/"),
+            "ec2.us-east-1.amazonaws.com"
+        );
+        assert_eq!(
+            super::host_of("http://127.0.0.1:8080/client/api?signature=secret"),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(super::host_of("nonsense"), "(not a URL)");
+    }
+}

@@ -404,3 +404,22 @@ adjustment = -1
     assert_eq!(ours(&fake), 3, "no duplicate and no orphan: {:?}", fake.running());
     assert_eq!(fake.rule_members("rule-1").len(), 4);
 }
+
+/// Issue 24: an unreachable cloud's error names the host and the command, never the signed URL.
+#[tokio::test]
+async fn an_unreachable_endpoint_is_named_in_the_error() {
+    let port = ebb_tests::free_port();
+    let credentials = Credentials {
+        endpoint: format!("http://127.0.0.1:{port}/client/api"),
+        api_key: "key".into(),
+        secret_key: "secret".into(),
+    };
+    let api = Api::new(credentials, SignatureVersion::V3, Duration::from_secs(3)).unwrap();
+    let error = api.call("listVirtualMachines", &[]).await.unwrap_err();
+    let text = ebb_collector::providers::CloudError::from(error).to_string();
+    assert!(
+        text.contains("listVirtualMachines") && text.contains(&format!("127.0.0.1:{port}")),
+        "{text}"
+    );
+    assert!(!text.contains("signature"), "{text}");
+}

@@ -82,12 +82,19 @@ fn demo_scales_out_under_load_and_back_to_min_after_it() {
         .iter()
         .filter(|l| l.get("capacity").is_some() && l.get("activity").is_none())
         .collect();
-    for field in ["elapsed_secs", "group", "capacity", "desired", "cpu_avg"] {
+    for field in ["elapsed_secs", "group", "capacity", "desired", "cpu", "cpu_of"] {
         assert!(
             statuses.iter().all(|s| s.get(field).is_some()),
             "every status line has {field}"
         );
     }
+    // One CPU figure: the one the policies decide on, saying which.
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s["cpu"].is_number() && s["cpu_of"].as_str().is_some_and(|of| of.ends_with("avg over 5 s"))),
+        "{statuses:?}"
+    );
     let peak = statuses.iter().map(|s| s["capacity"].as_u64().unwrap()).max().unwrap();
     assert!(peak >= 3, "scaled out to at least 3 (peak {peak})");
 
@@ -831,4 +838,66 @@ fn created_in(cloud: &Path) -> Vec<String> {
         .collect();
     members.sort();
     members
+}
+
+/// Issue 24: the demo stops every process it started and removes its state however it ends — Ctrl-C
+/// (SIGINT), or its reader gone (`| tee log` stopped by the same Ctrl-C) — and its admin hint works as
+/// printed.
+#[test]
+fn the_demo_stops_everything_however_it_ends_and_its_admin_hint_works() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("collector.toml");
+    std::fs::write(&config_path, local_config("127.0.4", true, dir.path())).unwrap();
+    for how in ["sigint", "reader-gone"] {
+        let tmp = dir.path().join(how);
+        std::fs::create_dir(&tmp).unwrap();
+        let mut demo = Running::spawn(
+            Command::new(collector_bin())
+                .args(["demo", "--duration-secs", "120", "--config"])
+                .arg(&config_path)
+                .env("TMPDIR", &tmp)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
+        let mut lines = BufReader::new(demo.child.stdout.take().unwrap()).lines();
+        let mut next = || lines.next().expect("the demo goes on").unwrap();
+        let hint = std::iter::repeat_with(&mut next)
+            .find(|l| l.trim_start().starts_with("admin "))
+            .unwrap();
+        let mut words = hint.split_whitespace().skip(1);
+        let program = words.next().unwrap().to_string();
+        let args: Vec<String> = words.map(String::from).collect();
+        assert!(
+            std::iter::repeat_with(&mut next)
+                .take(60)
+                .any(|l| l.contains("capacity 1")),
+            "a member in service"
+        );
+        let output = Command::new(&program).args(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success() && text.contains(" launch "), "`{hint}`: {text}");
+
+        match how {
+            "sigint" => {
+                nix::sys::signal::kill(demo.pid(), nix::sys::signal::Signal::SIGINT).unwrap();
+                // Keep reading, as a terminal would, until the demo closes its output.
+                for line in lines.by_ref() {
+                    line.unwrap();
+                }
+            }
+            _ => drop(lines),
+        }
+        assert!(
+            wait_for(Duration::from_secs(30), || matches!(demo.child.try_wait(), Ok(Some(_)))),
+            "{how}: the demo ends"
+        );
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().map(|e| e.path()).collect();
+        assert!(left.is_empty(), "{how}: the demo's state is removed: {left:?}");
+        assert!(
+            ebb_tests::processes_mentioning(tmp.to_str().unwrap()).is_empty()
+                && ebb_tests::processes_mentioning("127.0.4.").is_empty(),
+            "{how}: no instance or agent left running"
+        );
+    }
 }

@@ -195,6 +195,17 @@ pub struct GroupStatus {
     pub cpu_avg: Option<f64>,
     /// The latest evaluation's outcome in words.
     pub last_evaluation: String,
+    /// The CPU figure the first CPU policy decided on in the latest evaluation: its name, its period and
+    /// the group's aggregate over that period (what the demo shows, so that it agrees with the decisions).
+    pub policy_cpu: Option<PolicyFigure>,
+}
+
+/// One policy's aggregate of its metric over its latest period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyFigure {
+    pub policy: String,
+    pub period_secs: u32,
+    pub value: f64,
 }
 
 impl GroupStatus {
@@ -386,10 +397,13 @@ pub struct GroupController {
     suspended: Suspended,
     /// Settings already warned about as shorter than the group's boot time.
     warned: std::collections::HashSet<&'static str>,
+    /// Cloud calls failing again and again, said once and then summarised.
+    repeated: RepeatedWarnings,
     members: Vec<Member>,
     launches: u64,
     next_launch_at: Millis,
     last_evaluation: String,
+    policy_cpu: Option<PolicyFigure>,
     cpu_avg: Option<f64>,
     latest: Vec<Option<LatestSample>>,
     health: Vec<HealthRun>,
@@ -455,11 +469,13 @@ impl GroupController {
             schedules_checked: None,
             suspended: Suspended(saved.suspended),
             warned: Default::default(),
+            repeated: RepeatedWarnings::default(),
             members,
             launches: saved.launches,
             next_launch_at: 0,
             last_evaluation: "not evaluated yet".into(),
             cpu_avg: None,
+            policy_cpu: None,
             latest: Vec::new(),
             health: Vec::new(),
             saved: None,
@@ -988,6 +1004,19 @@ impl GroupController {
             (false, Action::None) if !verdicts.is_empty() => format!("{summary}; {}", verdicts.join("; ")),
             _ => summary.to_string(),
         };
+        self.policy_cpu = self
+            .engine
+            .policies
+            .iter()
+            .zip(&evaluation.verdicts)
+            .find(|(policy, _)| policy.metric() == Metric::Cpu)
+            .and_then(|(policy, verdict)| {
+                Some(PolicyFigure {
+                    policy: verdict.policy.clone(),
+                    period_secs: policy.period_secs(),
+                    value: verdict.values.first().copied().flatten()?,
+                })
+            });
         // Recommendations older than any stabilization window are of no further use.
         let horizon = now - 3_600_000;
         self.recommendations.retain(|r| r.at > horizon);
@@ -1098,10 +1127,15 @@ impl GroupController {
         if ids.is_empty() {
             return;
         }
+        const DESCRIBE: &str = "Cannot describe the group's instances.";
         let states = match self.deps.provider.describe(&ids).await {
-            Ok(states) => states,
+            Ok(states) => {
+                self.repeated.succeeded(&self.config.name, DESCRIBE);
+                states
+            }
             Err(e) => {
-                tracing::warn!(group = %self.config.name, error = %e, "Cannot describe the group's instances.");
+                self.repeated
+                    .failed(&self.config.name, DESCRIBE, &e.to_string(), now_ms());
                 return;
             }
         };
@@ -1570,6 +1604,7 @@ impl GroupController {
             members,
             cpu_avg: self.cpu_avg,
             last_evaluation: self.last_evaluation.clone(),
+            policy_cpu: self.policy_cpu.clone(),
         };
         let mut values = std::collections::BTreeMap::new();
         if let Some(cpu) = status.cpu_avg {
@@ -1596,6 +1631,64 @@ fn launch_spec(config: &GroupConfig) -> String {
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, settings.as_bytes());
     crate::pki::hex(&digest.as_ref()[..6])
+}
+
+/// Warnings that would repeat every step while a cloud is unreachable: the first is logged, repeats of the
+/// same text are counted and summarised once a minute, and the end of the run is logged.
+#[derive(Debug, Default)]
+struct RepeatedWarnings {
+    runs: std::collections::HashMap<&'static str, WarningRun>,
+}
+
+#[derive(Debug)]
+struct WarningRun {
+    error: String,
+    repeats: u64,
+    said_at: Millis,
+}
+
+/// How often a warning that keeps repeating is said again, with its count.
+const REPEAT_SUMMARY_MS: Millis = 60_000;
+
+impl RepeatedWarnings {
+    /// `what` failed with `error`; true if it was logged now.
+    fn failed(&mut self, group: &str, what: &'static str, error: &str, now: Millis) -> bool {
+        match self.runs.get_mut(what) {
+            Some(run) if run.error == error => {
+                run.repeats += 1;
+                if now - run.said_at < REPEAT_SUMMARY_MS {
+                    return false;
+                }
+                tracing::warn!(
+                    group,
+                    error,
+                    repeats = run.repeats,
+                    "{what} (the same failure, {} times now)",
+                    run.repeats + 1
+                );
+                run.said_at = now;
+            }
+            _ => {
+                tracing::warn!(group, error, "{what}");
+                let run = WarningRun {
+                    error: error.to_string(),
+                    repeats: 0,
+                    said_at: now,
+                };
+                self.runs.insert(what, run);
+            }
+        }
+        true
+    }
+
+    /// `what` worked; true if that ends a run of failures worth saying.
+    fn succeeded(&mut self, group: &str, what: &'static str) -> bool {
+        let Some(run) = self.runs.remove(what) else {
+            return false;
+        };
+        tracing::info!(group, failures = run.repeats + 1, "{what}: works again");
+        true
+    }
 }
 
 pub fn now_ms() -> Millis {

@@ -17,10 +17,14 @@ impl GroupController {
     /// found running is adopted, one not found did not happen; an interrupted termination is finished.
     /// False if the provider cannot list its instances yet (nothing is decided until it can).
     pub(super) async fn recover(&mut self, now: Millis) -> bool {
+        const LIST: &str = "Cannot list the group's instances; retrying before deciding anything.";
         let instances = match self.deps.provider.list(&self.config.name).await {
-            Ok(instances) => instances,
+            Ok(instances) => {
+                self.repeated.succeeded(&self.config.name, LIST);
+                instances
+            }
             Err(e) => {
-                tracing::warn!(group = %self.config.name, error = %e, "Cannot list the group's instances; retrying before deciding anything.");
+                self.repeated.failed(&self.config.name, LIST, &e.to_string(), now);
                 return false;
             }
         };
@@ -137,7 +141,14 @@ impl GroupController {
     pub(super) async fn take_inventory(&mut self, now: Millis) {
         match self.deps.provider.list(&self.config.name).await {
             Ok(instances) => self.check_orphans(&instances, now).await,
-            Err(e) => tracing::warn!(group = %self.config.name, error = %e, "Cannot list the group's instances."),
+            Err(e) => {
+                self.repeated.failed(
+                    &self.config.name,
+                    "Cannot list the group's instances.",
+                    &e.to_string(),
+                    now,
+                );
+            }
         }
         if self.config.dry_run {
             return;

@@ -1351,3 +1351,24 @@ async fn a_failed_termination_keeps_the_member_and_its_identity() {
     assert_eq!(h.provider.running(), ["web-1"]);
     assert!(!bound(&h), "revoked once terminated");
 }
+
+#[test]
+fn a_failure_repeated_every_step_is_said_once_then_once_a_minute() {
+    let mut warnings = RepeatedWarnings::default();
+    const LIST: &str = "Cannot list the group's instances.";
+    let refused = "listVirtualMachines: cannot connect (cloud.example:443)";
+    assert!(warnings.failed("web", LIST, refused, 0), "the first is said");
+    assert!(
+        (1..60).all(|s| !warnings.failed("web", LIST, refused, s * 1000)),
+        "repeats are counted"
+    );
+    assert!(warnings.failed("web", LIST, refused, 60_000), "a minute on, a summary");
+    assert!(!warnings.failed("web", LIST, refused, 61_000));
+    assert!(
+        warnings.failed("web", LIST, "a different error", 62_000),
+        "a new failure is said at once"
+    );
+    assert!(warnings.succeeded("web", LIST), "the end of the run is said");
+    assert!(!warnings.succeeded("web", LIST), "a success after a success is not");
+    assert!(warnings.failed("web", LIST, refused, 63_000), "a new run starts over");
+}

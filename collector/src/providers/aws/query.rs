@@ -215,12 +215,12 @@ impl Query {
         let response = request
             .send()
             .await
-            .map_err(|e| error("Transport", e.without_url().to_string()))?;
+            .map_err(|e| error("Transport", transport(&service.endpoint, e)))?;
         let status = response.status().as_u16();
         let text = response
             .text()
             .await
-            .map_err(|e| error("Transport", e.without_url().to_string()))?;
+            .map_err(|e| error("Transport", transport(&service.endpoint, e)))?;
         if (200..300).contains(&status) {
             return Ok(text);
         }
@@ -228,6 +228,15 @@ impl Query {
             error_in(&text).unwrap_or_else(|| (format!("Http{status}"), text.chars().take(200).collect()));
         Err(error(&code, message))
     }
+}
+
+/// A failed exchange with `endpoint`, naming its host.
+fn transport(endpoint: &str, error: reqwest::Error) -> String {
+    format!(
+        "cannot reach {}: {}",
+        crate::http::host_of(endpoint),
+        error.without_url()
+    )
 }
 
 /// A number in [0.5, 1): the jitter factor, from the system's randomness.

@@ -207,9 +207,12 @@ impl Api {
             .timeout(self.request_timeout)
             .send()
             .await
-            .map_err(|e| error(0, transport_error(&e)))?;
+            .map_err(|e| error(0, transport_error(&self.credentials.endpoint, &e)))?;
         let status = response.status().as_u16();
-        let body = response.text().await.map_err(|e| error(0, transport_error(&e)))?;
+        let body = response
+            .text()
+            .await
+            .map_err(|e| error(0, transport_error(&self.credentials.endpoint, &e)))?;
         answer_of(command, status, &body)
     }
 
@@ -278,7 +281,7 @@ impl Api {
 }
 
 /// A transport error's kind without the URL (which carries the signature).
-fn transport_error(error: &reqwest::Error) -> String {
+fn transport_error(endpoint: &str, error: &reqwest::Error) -> String {
     let kind = if error.is_timeout() {
         "timed out"
     } else if error.is_connect() {
@@ -292,10 +295,11 @@ fn transport_error(error: &reqwest::Error) -> String {
         detail = cause.to_string();
         source = cause.source();
     }
+    let host = crate::http::host_of(endpoint);
     if detail.is_empty() {
-        kind.to_string()
+        format!("{kind} ({host})")
     } else {
-        format!("{kind}: {detail}")
+        format!("{kind} ({host}): {detail}")
     }
 }
 

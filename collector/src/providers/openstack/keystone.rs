@@ -313,10 +313,13 @@ impl Keystone {
             if let Some(body) = body {
                 request = request.json(body);
             }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| CloudError::Retryable(format!("{service_type} {method} {path}: {}", e.without_url())))?;
+            let response = request.send().await.map_err(|e| {
+                CloudError::Retryable(format!(
+                    "{service_type} {method} {path} at {}: {}",
+                    crate::http::host_of(&url),
+                    e.without_url()
+                ))
+            })?;
             let status = response.status().as_u16();
             if status == 401 && !renew {
                 renew = true;
