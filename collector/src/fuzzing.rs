@@ -87,23 +87,58 @@ pub fn snapshot(text: &str) {
     }
 }
 
-/// An `.idcfrc` to import; what `import` writes parses as a configuration.
+/// An `.idcfrc` to import; what `import` writes is a valid configuration.
 pub fn import_idcfrc(text: &str) {
     if let Ok(imported) = crate::import::idcfrc_from(text, Path::new("/nonexistent/fuzz.idcfrc"), "web") {
-        let _ = crate::config::parse(Path::new("imported.toml"), &imported.config);
+        crate::config::parse(Path::new("imported.toml"), &imported.config).expect("import writes only valid configs");
     }
 }
 
-/// A Heat or K5 template to import; what `import` writes parses as TOML.
+/// A Heat or K5 template to import; what `import` writes is a valid configuration.
 pub fn import_heat(text: &str) {
     if let Ok(imported) = crate::import::heat_from(text, Path::new("/nonexistent/fuzz.yaml"), "web") {
-        let _ = crate::config::parse(Path::new("imported.toml"), &imported.config);
+        crate::config::parse(Path::new("imported.toml"), &imported.config).expect("import writes only valid configs");
+    }
+}
+
+/// An operator's user data: read as cloud-init would, then sent beside ebb's enrolment in both forms. What
+/// is sent always holds ebb's agent configuration whole, and the operator's text unchanged.
+pub fn user_data(bytes: &[u8]) {
+    use crate::userdata::{self, OperatorUserData, SizeLimit, UserDataFormat};
+    let Ok(operator) = OperatorUserData::parse(bytes) else {
+        return;
+    };
+    let agent_config = userdata::agent_config_of_launch_size("https://10.0.0.5:7300", "web");
+    for format in [UserDataFormat::CloudConfig, UserDataFormat::Shell] {
+        if operator.check_format(format).is_err() {
+            continue;
+        }
+        let Ok(text) = userdata::compose(format, &agent_config, Some(&operator)) else {
+            continue;
+        };
+        assert!(
+            text.contains(userdata::render(format, &agent_config).trim_end()),
+            "ebb's part is whole"
+        );
+        let theirs = operator.text();
+        match operator.boundary() {
+            None => assert!(text.contains(theirs), "the operator's text is unchanged"),
+            Some(boundary) => {
+                // ebb's part goes in before the closing delimiter; everything else is as it was.
+                let closing = theirs.rfind(&format!("\n--{boundary}--")).expect("checked when parsed") + 1;
+                assert!(text.starts_with(&theirs[..closing]) && text.ends_with(&theirs[closing..]));
+            }
+        }
+        if let Ok(sent) = userdata::fit(text, format, SizeLimit::EC2) {
+            assert!(sent.len() <= SizeLimit::EC2.max_bytes);
+        }
     }
 }
 
 /// What EC2 and ELBv2 answer (XML), what CloudStack answers (JSON), what Nova and Keystone answer (JSON).
 pub fn cloud_answer(body: &str) {
     let _ = crate::providers::aws::instances_in(body);
+    let _ = crate::providers::aws::template_user_data_in(body);
     let _ = crate::providers::aws::query::error_in(body);
     if let Ok(answer) = crate::providers::cloudstack::api::answer_of("listVirtualMachines", 200, body)
         && let Some(vms) = answer.get("virtualmachine").and_then(serde_json::Value::as_array)

@@ -152,6 +152,14 @@ impl OperatorUserData {
         &self.text
     }
 
+    /// A multipart's boundary; `None` for one part.
+    pub fn boundary(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Multipart { boundary } => Some(boundary),
+            Kind::Part(_) => None,
+        }
+    }
+
     /// What it is, for activities and `explain`: "a shell script", "cloud-config", ….
     pub fn describe(&self) -> String {
         match &self.kind {

@@ -524,6 +524,14 @@ fn a_group_on_aws_scales_out_and_back_in_with_the_target_group_following() {
         "scaled out to 2 under load: {}",
         admin(&admin_address, &state, &["activities", "tastylog-dev"]).1
     );
+    let explained = admin(&admin_address, &state, &["explain", "tastylog-dev", "--limit", "100"]).1;
+    assert!(
+        explained.contains(&format!(
+            "The new members' user data: ebb's enrolment and the user data of launch template {} version 1 (a script).",
+            world.launch_template_id
+        )),
+        "{explained}"
+    );
     assert!(
         wait_for(Duration::from_secs(90), || in_service() == 1
             && targets() == 1

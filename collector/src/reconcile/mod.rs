@@ -882,7 +882,18 @@ impl GroupController {
             recommendations: self.recommendations.clone(),
             changes: self.changes.clone(),
         };
-        let evaluation = self.engine.evaluate(&input);
+        let mut evaluation = self.engine.evaluate(&input);
+        // A scale-out's record says what the new members boot with (an EC2 template's user data is read
+        // here, and the launches use what was read).
+        if evaluation.action == Action::ScaleOut && self.config.user_data_rules().is_some() {
+            let holds = match self.operator_user_data().await {
+                Ok(operator) => user_data_holds(operator.as_ref()),
+                Err(e) => format!("cannot be made: {e}"),
+            };
+            evaluation
+                .explanation
+                .push_str(&format!("\nThe new members' user data: {holds}."));
+        }
         self.apply_health(&evaluation).await;
         let cause = self.apply_decision(&evaluation, now);
         self.deps
@@ -1435,29 +1446,29 @@ impl GroupController {
             // The local and fake providers hand the agent its configuration directly.
             return Ok((Vec::new(), String::new()));
         };
-        let template;
-        let (operator, source) = match &self.config.operator_user_data {
-            Some(operator) => (Some(operator), "the group's user data".to_string()),
-            None => match self.deps.provider.template_user_data().await? {
-                Some(found) => {
-                    template = OperatorUserData::parse(&found.bytes).map_err(|e| {
-                        CloudError::Permanent(format!(
-                            "the user data of {} {e}; ebb would have sent it beside its enrolment",
-                            found.source
-                        ))
-                    })?;
-                    (Some(&template), format!("the user data of {}", found.source))
-                }
-                None => (None, String::new()),
-            },
-        };
-        let text = userdata::compose(format, agent_config, operator).map_err(CloudError::Permanent)?;
+        let operator = self.operator_user_data().await?;
+        let text = userdata::compose(format, agent_config, operator.as_ref().map(|(o, _)| o))
+            .map_err(CloudError::Permanent)?;
         let bytes = userdata::fit(text, format, limit).map_err(CloudError::Permanent)?;
-        let holds = match operator {
-            Some(operator) => format!("ebb's enrolment and {source} ({})", operator.describe()),
-            None => "ebb's enrolment only".to_string(),
+        Ok((bytes, user_data_holds(operator.as_ref())))
+    }
+
+    /// The operator's part of launches' user data and where it comes from: the group's `user_data`, else
+    /// the provider's launch settings (an EC2 launch template's).
+    async fn operator_user_data(&self) -> Result<Option<(OperatorUserData, String)>, CloudError> {
+        if let Some(operator) = &self.config.operator_user_data {
+            return Ok(Some((operator.clone(), "the group's user data".into())));
+        }
+        let Some(found) = self.deps.provider.template_user_data().await? else {
+            return Ok(None);
         };
-        Ok((bytes, holds))
+        let operator = OperatorUserData::parse(&found.bytes).map_err(|e| {
+            CloudError::Permanent(format!(
+                "the user data of {} {e}; ebb would have sent it beside its enrolment",
+                found.source
+            ))
+        })?;
+        Ok(Some((operator, format!("the user data of {}", found.source))))
     }
 
     /// Takes in the launched member (or forgets it, if the call failed), records the activity, and marks the
@@ -1631,6 +1642,14 @@ fn launch_spec(config: &GroupConfig) -> String {
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, settings.as_bytes());
     crate::pki::hex(&digest.as_ref()[..6])
+}
+
+/// What a launch's user data holds, in words.
+fn user_data_holds(operator: Option<&(OperatorUserData, String)>) -> String {
+    match operator {
+        Some((operator, source)) => format!("ebb's enrolment and {source} ({})", operator.describe()),
+        None => "ebb's enrolment only".to_string(),
+    }
 }
 
 /// Warnings that would repeat every step while a cloud is unreachable: the first is logged, repeats of the
