@@ -500,6 +500,10 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
     match command {
         Command::Groups => {
             let groups = client.list_groups(ListGroupsRequest {}).await?.into_inner().groups;
+            if groups.is_empty() {
+                crate::outln!("no groups: add a [[groups]] table to the configuration, then `ebb-collector reload`");
+                return Ok(());
+            }
             crate::outln!(
                 "{:<16} {:>4} {:>4} {:>8} {:>10} {:>8} {:>8}",
                 "GROUP",
@@ -711,7 +715,13 @@ pub async fn admin(connection: &AdminConnection, command: Command) -> anyhow::Re
                     "PROTECTED",
                     "BOUND_MEMBER"
                 );
-                for t in client.list_tokens(ListTokensRequest {}).await?.into_inner().tokens {
+                let tokens = client.list_tokens(ListTokensRequest {}).await?.into_inner().tokens;
+                if tokens.is_empty() {
+                    crate::outln!(
+                        "(no tokens: launches mint their own; `token create` makes one for a VM ebb did not launch)"
+                    );
+                }
+                for t in tokens {
                     crate::outln!(
                         "{:<14} {:<16} {:>5} {:>10} {:<16} {}",
                         t.id,

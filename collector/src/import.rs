@@ -808,6 +808,52 @@ threshold=1
     }
 
     #[test]
+    fn differing_cooldowns_in_one_direction_and_unresolved_security_groups_are_notes() {
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/heat/params-and-cooldowns.yaml"),
+        )
+        .unwrap();
+        // A second scale-out policy with its own cooldown, fired by its own alarm.
+        let two_out = template.replace(
+            "  in_policy:",
+            "  burst_policy:\n    type: OS::Heat::ScalingPolicy\n    properties:\n      adjustment_type: change_in_capacity\n      \
+             auto_scaling_group_id: {get_resource: tier}\n      cooldown: 600\n      scaling_adjustment: 4\n  \
+             cpu_burst:\n    type: OS::Aodh::Alarm\n    properties:\n      meter_name: cpu_util\n      period: 60\n      \
+             threshold: 95\n      comparison_operator: gt\n      alarm_actions:\n        - {get_attr: [burst_policy, alarm_url]}\n  \
+             in_policy:",
+        );
+        let imported = heat_from(&two_out, Path::new("t.yaml"), "web").unwrap();
+        let group = &valid(&imported).groups[0];
+        assert_eq!(
+            group.scale_out_cooldown_secs,
+            Some(600),
+            "the longest: {}",
+            imported.config
+        );
+        let notes = imported.notes.join("\n");
+        assert!(
+            notes.contains(
+                "The policies that scale out have different cooldowns (burst_policy 600 s, out_policy 120 s)"
+            ),
+            "{notes}"
+        );
+
+        let unresolved = template.replace(
+            "security_groups: [base, {get_param: role}]",
+            "security_groups: {get_attr: [sg, name]}",
+        );
+        let imported = heat_from(&unresolved, Path::new("t.yaml"), "web").unwrap();
+        assert!(
+            imported
+                .notes
+                .join("\n")
+                .contains("security groups could not be resolved: set provider.security_groups"),
+            "{:?}",
+            imported.notes
+        );
+    }
+
+    #[test]
     fn user_data_that_cannot_be_resolved_or_run_is_a_note_and_a_broken_group_no_config() {
         let template = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/heat/params-and-cooldowns.yaml"),

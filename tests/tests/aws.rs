@@ -591,3 +591,25 @@ fn a_pending_member_scaled_in_is_terminated_at_once_despite_the_deregistration_d
     let activities = admin(&admin_address, &state, &["activities", "tastylog-dev"]).1;
     assert!(activities.contains("never in service"), "{activities}");
 }
+
+/// Issue 24: an unreachable endpoint's error names the action and the host.
+#[tokio::test]
+async fn an_unreachable_endpoint_is_named_in_the_error() {
+    let port = ebb_tests::free_port();
+    let credentials = SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "test"));
+    let ec2 = Service {
+        signing_name: "ec2",
+        endpoint: format!("http://127.0.0.1:{port}/"),
+        version: EC2_VERSION,
+    };
+    let query = Query::new("us-east-1".into(), credentials).unwrap();
+    let error = query
+        .call(&ec2, "DescribeInstances", &[])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("DescribeInstances") && error.contains(&format!("cannot reach 127.0.0.1:{port}")),
+        "{error}"
+    );
+}

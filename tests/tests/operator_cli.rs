@@ -88,6 +88,8 @@ fn serve_keeps_its_state_where_it_is_told_and_logs_plain_text_to_a_file() {
             assert!(ok && text.contains("no evaluations of `web` in that time"), "{text}");
             let (ok, text) = admin(&admin_address, &state, &["members", "web"]);
             assert!(ok && text.contains("(no members)"), "{text}");
+            let (ok, text) = admin(&admin_address, &state, &["token", "list"]);
+            assert!(ok && text.contains("(no tokens"), "{text}");
         }
         collector.terminate(Duration::from_secs(10));
         let logged = std::fs::read_to_string(&log).unwrap();
@@ -133,6 +135,25 @@ fn validate_warns_when_vms_could_not_reach_the_collector() {
     );
     let text = write("grpc_listen = \"0.0.0.0:7300\"\nadvertise_url = \"https://10.0.0.5:7300\"");
     assert!(!text.contains("advertise_url"), "{text}");
+
+    // An operator CA that cannot be read is what serve would refuse: validate refuses it too.
+    std::fs::write(
+        &path,
+        "[server]\nca_cert = \"/nonexistent/ca.pem\"\nca_key = \"/nonexistent/ca.key\"\n",
+    )
+    .unwrap();
+    let output = Command::new(collector_bin())
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success()
+            && text.contains("server.ca_cert, server.ca_key:")
+            && text.contains("/nonexistent/ca.pem"),
+        "{text}"
+    );
 }
 
 #[test]
