@@ -505,7 +505,7 @@ fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixL
 
 /// What `serve` would refuse at start that the configuration file alone does not show, checked by `validate`
 /// without starting anything: CloudStack keys (present, owner-only), OpenStack clouds.yaml entries, the
-/// operator's CA. Problems, then warnings (an address VMs cannot reach). AWS's credential chain is not
+/// local provider's agent binary, the operator's CA. Problems, then warnings (an address VMs cannot reach). AWS's credential chain is not
 /// asked: it may query the instance metadata service.
 pub fn preflight(config: &config::CollectorConfig) -> (Vec<String>, Vec<String>) {
     let mut problems = Vec::new();
@@ -527,7 +527,8 @@ pub fn preflight(config: &config::CollectorConfig) -> (Vec<String>, Vec<String>)
         let result = match &group.provider {
             ProviderConfig::Cloudstack(cloudstack) => cloudstack.api().map(drop),
             ProviderConfig::Openstack(openstack) => openstack.keystone().map(drop),
-            ProviderConfig::Aws(_) | ProviderConfig::Local(_) | ProviderConfig::Fake(_) => Ok(()),
+            ProviderConfig::Local(local) => crate::providers::local::agent_path(local).map(drop),
+            ProviderConfig::Aws(_) | ProviderConfig::Fake(_) => Ok(()),
         };
         if let Err(e) = result {
             problems.push(format!("groups[{i}].provider: {e}"));

@@ -136,6 +136,26 @@ fn validate_warns_when_vms_could_not_reach_the_collector() {
     let text = write("grpc_listen = \"0.0.0.0:7300\"\nadvertise_url = \"https://10.0.0.5:7300\"");
     assert!(!text.contains("advertise_url"), "{text}");
 
+    // A local group whose agent binary is missing is what serve would refuse (a packaged collector without
+    // the ebb-agent package): validate refuses it too, saying what to install.
+    let local = ebb_collector::config::LOCAL_EXAMPLE.replacen(
+        "type = \"local\"\n",
+        "type = \"local\"\nagent_path = \"/nonexistent/ebb-agent\"\n",
+        1,
+    );
+    assert!(local.contains("/nonexistent/ebb-agent"));
+    std::fs::write(&path, local).unwrap();
+    let output = Command::new(collector_bin())
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && text.contains("needs ebb-agent") && text.contains("install the ebb-agent package"),
+        "{text}"
+    );
+
     // An operator CA that cannot be read is what serve would refuse: validate refuses it too.
     std::fs::write(
         &path,

@@ -92,22 +92,33 @@ pub struct LocalProvider {
     launching: Mutex<()>,
 }
 
+fn this_executable() -> Result<PathBuf, CloudError> {
+    std::env::current_exe().map_err(|e| CloudError::Permanent(format!("cannot find this executable's path: {e}")))
+}
+
+/// The agent the instances run: `provider.agent_path`, else `ebb-agent` beside this executable; an error
+/// saying what to do when it is not there (`serve` refuses to start, and `validate` says so first).
+pub fn agent_path(config: &LocalProviderConfig) -> Result<PathBuf, CloudError> {
+    let agent_path = match &config.agent_path {
+        Some(path) => path.clone(),
+        None => this_executable()?.with_file_name("ebb-agent"),
+    };
+    if !agent_path.is_file() {
+        return Err(CloudError::Permanent(format!(
+            "the local provider needs ebb-agent, and {} does not exist: install the ebb-agent package, build it \
+             with `cargo build --release -p ebb-agent`, or set provider.agent_path",
+            agent_path.display()
+        )));
+    }
+    Ok(agent_path)
+}
+
 impl LocalProvider {
     /// Checks that the agent binary exists; its absence is the operator's to fix. Each instance keeps its
     /// record and its agent's configuration and state in `<instances_dir>/<member_id>/`.
     pub fn new(config: LocalProviderConfig, instances_dir: PathBuf) -> Result<Self, CloudError> {
-        let collector_exe = std::env::current_exe()
-            .map_err(|e| CloudError::Permanent(format!("cannot find this executable's path: {e}")))?;
-        let agent_path = match &config.agent_path {
-            Some(path) => path.clone(),
-            None => collector_exe.with_file_name("ebb-agent"),
-        };
-        if !agent_path.is_file() {
-            return Err(CloudError::Permanent(format!(
-                "the local provider needs ebb-agent, and {} does not exist: build it with `cargo build --release -p ebb-agent` or set provider.agent_path",
-                agent_path.display()
-            )));
-        }
+        let collector_exe = this_executable()?;
+        let agent_path = agent_path(&config)?;
         Ok(Self {
             config,
             instances_dir,
