@@ -136,42 +136,32 @@ fn validate_warns_when_vms_could_not_reach_the_collector() {
     let text = write("grpc_listen = \"0.0.0.0:7300\"\nadvertise_url = \"https://10.0.0.5:7300\"");
     assert!(!text.contains("advertise_url"), "{text}");
 
-    // A local group whose agent binary is missing is what serve would refuse (a packaged collector without
-    // the ebb-agent package): validate refuses it too, saying what to install.
+    // What serve would refuse, validate refuses too, saying what to do: a local group whose agent binary
+    // is missing (a packaged collector without the ebb-agent package), an operator CA that cannot be read.
+    let refused = |config: &str| {
+        std::fs::write(&path, config).unwrap();
+        let output = Command::new(collector_bin())
+            .args(["validate", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{config}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
     let local = ebb_collector::config::LOCAL_EXAMPLE.replacen(
         "type = \"local\"\n",
         "type = \"local\"\nagent_path = \"/nonexistent/ebb-agent\"\n",
         1,
     );
     assert!(local.contains("/nonexistent/ebb-agent"));
-    std::fs::write(&path, local).unwrap();
-    let output = Command::new(collector_bin())
-        .args(["validate", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stderr);
+    let text = refused(&local);
     assert!(
-        !output.status.success() && text.contains("needs ebb-agent") && text.contains("install the ebb-agent package"),
+        text.contains("needs ebb-agent") && text.contains("install the ebb-agent package"),
         "{text}"
     );
-
-    // An operator CA that cannot be read is what serve would refuse: validate refuses it too.
-    std::fs::write(
-        &path,
-        "[server]\nca_cert = \"/nonexistent/ca.pem\"\nca_key = \"/nonexistent/ca.key\"\n",
-    )
-    .unwrap();
-    let output = Command::new(collector_bin())
-        .args(["validate", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stderr);
+    let text = refused("[server]\nca_cert = \"/nonexistent/ca.pem\"\nca_key = \"/nonexistent/ca.key\"\n");
     assert!(
-        !output.status.success()
-            && text.contains("server.ca_cert, server.ca_key:")
-            && text.contains("/nonexistent/ca.pem"),
+        text.contains("server.ca_cert, server.ca_key:") && text.contains("/nonexistent/ca.pem"),
         "{text}"
     );
 }
