@@ -24,6 +24,8 @@ pub enum UserDataSource {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of a metadata service's answer read.
+const MAX_ANSWER_BYTES: u64 = 1024 * 1024;
 const LINK_LOCAL: &str = "http://169.254.169.254";
 
 /// What the metadata service says about this VM.
@@ -59,8 +61,10 @@ async fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Result<(u
         }
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).await?;
+        // No cloud serves more than 64 KiB of user data: a metadata service that sends more is cut short
+        // (and its answer then holds no agent configuration) rather than taking the VM's memory.
         let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
+        (&mut stream).take(MAX_ANSWER_BYTES).read_to_end(&mut response).await?;
         Ok::<_, std::io::Error>(response)
     };
     let response = tokio::time::timeout(TIMEOUT, exchange)
@@ -165,11 +169,11 @@ const EBB_CLOUD_CONFIG: &str = "#cloud-config\nwrite_files:\n  - path: /etc/ebb/
 /// /etc/ebb/agent.toml (alone, or ebb's part of a multipart), the shell variant's here-document, or the
 /// TOML itself. (Gzipped user data, which only cloud-init images are sent, is left to cloud-init.)
 pub fn agent_config_in(user_data: &str) -> Option<String> {
-    if !user_data.starts_with("#!")
-        && let Some(part) = user_data.find(&format!("\n{EBB_CLOUD_CONFIG}"))
-    {
-        return agent_config_in(&user_data[part + 1..]);
-    }
+    // Inside a multipart, ebb's part is found by how it begins; the rest is read as if it stood alone.
+    let user_data = match user_data.find(&format!("\n{EBB_CLOUD_CONFIG}")) {
+        Some(part) if !user_data.starts_with("#!") => &user_data[part + 1..],
+        _ => user_data,
+    };
     if user_data.starts_with("#cloud-config") {
         let lines: Vec<&str> = user_data.lines().collect();
         let entry = lines
@@ -235,6 +239,42 @@ mod tests {
     }
 
     /// A fake metadata service speaking all three dialects; EC2 answers only with the session token.
+    #[tokio::test]
+    async fn an_endless_answer_is_read_only_up_to_its_bound() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let _ = socket.read(&mut buf).await;
+                    let _ = socket.write_all(b"HTTP/1.1 200 X\r\nConnection: close\r\n\r\n").await;
+                    // 64 MiB of user data, more than any cloud serves, as fast as the agent reads it.
+                    let chunk = vec![b'a'; 64 * 1024];
+                    for _ in 0..1024 {
+                        if socket.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let fetched = fetch(UserDataSource::Cloudstack, Some(&url)).await.unwrap();
+        assert!(
+            fetched.user_data.len() as u64 <= MAX_ANSWER_BYTES,
+            "{}",
+            fetched.user_data.len()
+        );
+        assert_eq!(agent_config_in(&fetched.user_data), None);
+    }
+
+    #[test]
+    fn many_copies_of_ebbs_part_are_read_without_recursion() {
+        let part = format!("\n{EBB_CLOUD_CONFIG}    content: |\n      collector_url = \"x\"\n");
+        let text = format!("Content-Type: multipart/mixed\n{}", part.repeat(20_000));
+        assert_eq!(agent_config_in(&text).unwrap().trim_end(), "collector_url = \"x\"");
+    }
+
     async fn fake_metadata(user_data: String) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
