@@ -109,11 +109,12 @@ impl ServerConfig {
         self.state_dir.join("collector.db")
     }
 
-    /// The URL agents are told to connect to (the collector may bind another port when `grpc_listen` is 0).
-    pub fn collector_url(&self) -> String {
+    /// The URL agents are told to connect to: `advertise_url`, else the agents' listener at `grpc_address`
+    /// (the address bound, which differs from `grpc_listen` when its port is 0).
+    pub fn collector_url(&self, grpc_address: SocketAddr) -> String {
         self.advertise_url
             .clone()
-            .unwrap_or_else(|| format!("https://{}", self.grpc_listen))
+            .unwrap_or_else(|| format!("https://{grpc_address}"))
     }
 
     pub fn admin_socket(&self) -> PathBuf {
@@ -199,27 +200,47 @@ impl GroupConfig {
     /// How launches of this group get their user data: the form ebb's enrolment takes and the cloud's
     /// size limit; `None` for providers that take no user data (local, fake).
     pub fn user_data_rules(&self) -> Option<(UserDataFormat, SizeLimit)> {
-        match &self.provider {
-            ProviderConfig::Cloudstack(c) => Some((c.user_data_format, SizeLimit::CLOUDSTACK)),
-            ProviderConfig::Aws(c) => Some((c.user_data_format, SizeLimit::EC2)),
-            ProviderConfig::Openstack(c) => Some((c.user_data_format, SizeLimit::NOVA)),
-            ProviderConfig::Local(_) | ProviderConfig::Fake(_) => None,
-        }
+        self.user_data_settings().map(|s| (s.format, s.limit))
     }
 
-    /// The provider's `user_data_file` and `user_data` keys.
-    fn user_data_keys(&self) -> (Option<&Path>, Option<&str>) {
+    /// The provider's user data keys, with the form and the cloud's limit they are sent in.
+    fn user_data_settings(&self) -> Option<UserDataSettings<'_>> {
         match &self.provider {
-            ProviderConfig::Cloudstack(c) => (c.user_data_file.as_deref(), c.user_data.as_deref()),
-            ProviderConfig::Aws(c) => (c.user_data_file.as_deref(), c.user_data.as_deref()),
-            ProviderConfig::Openstack(c) => (c.user_data_file.as_deref(), c.user_data.as_deref()),
-            ProviderConfig::Local(_) | ProviderConfig::Fake(_) => (None, None),
+            ProviderConfig::Cloudstack(c) => Some(UserDataSettings::new(
+                &c.user_data_file,
+                &c.user_data,
+                c.user_data_format,
+                SizeLimit::CLOUDSTACK,
+            )),
+            ProviderConfig::Aws(c) => Some(UserDataSettings::new(
+                &c.user_data_file,
+                &c.user_data,
+                c.user_data_format,
+                SizeLimit::EC2,
+            )),
+            ProviderConfig::Openstack(c) => Some(UserDataSettings::new(
+                &c.user_data_file,
+                &c.user_data,
+                c.user_data_format,
+                SizeLimit::NOVA,
+            )),
+            ProviderConfig::Local(_) | ProviderConfig::Fake(_) => None,
         }
     }
 
     /// Reads and checks the operator's user data; problems are keyed by their path under `at`.
     fn load_operator_user_data(&mut self, at: &str, collector_url: &str) -> Vec<String> {
-        let (bytes, key) = match self.user_data_keys() {
+        // The local and fake providers have no user data keys at all.
+        let Some(UserDataSettings {
+            file,
+            inline,
+            format,
+            limit,
+        }) = self.user_data_settings()
+        else {
+            return Vec::new();
+        };
+        let (bytes, key) = match (file, inline) {
             (Some(_), Some(_)) => {
                 return vec![format!("{at}.provider: give user_data_file or user_data, not both")];
             }
@@ -234,9 +255,6 @@ impl GroupConfig {
             },
             (None, Some(text)) => (text.as_bytes().to_vec(), "user_data"),
             (None, None) => return Vec::new(),
-        };
-        let Some((format, limit)) = self.user_data_rules() else {
-            return vec![format!("{at}.provider.{key}: this provider takes no user data")];
         };
         let operator = match OperatorUserData::parse(&bytes).and_then(|u| u.check_format(format).map(|()| u)) {
             Ok(operator) => operator,
@@ -290,6 +308,25 @@ impl GroupConfig {
                 })
             })
             .collect()
+    }
+}
+
+/// A cloud provider's user data keys, with the form and size limit they are sent in.
+struct UserDataSettings<'a> {
+    file: Option<&'a Path>,
+    inline: Option<&'a str>,
+    format: UserDataFormat,
+    limit: SizeLimit,
+}
+
+impl<'a> UserDataSettings<'a> {
+    fn new(file: &'a Option<PathBuf>, inline: &'a Option<String>, format: UserDataFormat, limit: SizeLimit) -> Self {
+        Self {
+            file: file.as_deref(),
+            inline: inline.as_deref(),
+            format,
+            limit,
+        }
     }
 }
 
@@ -854,7 +891,7 @@ pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
     let mut config = config;
     config.assign_custom_slots();
     let mut problems = config.problems();
-    let collector_url = config.server.collector_url();
+    let collector_url = config.server.collector_url(config.server.grpc_listen);
     for (i, group) in config.groups.iter_mut().enumerate() {
         problems.extend(group.load_operator_user_data(&format!("groups[{i}]"), &collector_url));
     }

@@ -268,6 +268,7 @@ impl View {
     }
 
     fn status(&self, status: &GroupStatus, load_rps: u32) -> std::io::Result<()> {
+        let cpu = cpu_figure(status);
         if self.headless {
             let members: Vec<_> = status
                 .members
@@ -281,8 +282,8 @@ impl View {
             crate::outln!(
                 "{}",
                 json!({"elapsed_secs": self.elapsed(), "group": status.name, "capacity": status.in_service(),
-                       "desired": status.desired, "pending": status.pending(), "cpu": cpu_figure(status).map(|(_, v)| v),
-                       "cpu_of": cpu_figure(status).map(|(of, _)| of),
+                       "desired": status.desired, "pending": status.pending(), "cpu": cpu.as_ref().map(|(_, v)| *v),
+                       "cpu_of": cpu.map(|(of, _)| of),
                        "load_rps": load_rps, "members": members})
             );
             return Ok(());
@@ -304,7 +305,7 @@ impl View {
                 format!("{} {cpu}{state}", m.member.id)
             })
             .collect();
-        let cpu = cpu_figure(status).map_or("    -".into(), |(of, c)| format!("{c:5.1}% ({of})"));
+        let cpu = cpu.map_or("    -".into(), |(of, c)| format!("{c:5.1}% ({of})"));
         crate::outln!(
             "{:>5.0}s  capacity {} (desired {})  cpu {cpu}  load {load_rps:>3} req/s   {}",
             self.elapsed(),

@@ -162,11 +162,7 @@ impl Collector {
             None => None,
         };
         let admin_address = admin_tcp.as_ref().map(|l| l.local_addr()).transpose()?;
-        let collector_url = config
-            .server
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("https://{grpc_address}"));
+        let collector_url = config.server.collector_url(grpc_address);
 
         let (stop, stop_rx) = watch::channel(false);
         let mut groups = BTreeMap::new();

@@ -337,3 +337,29 @@ pub fn user_data_text(bytes: &[u8]) -> String {
     }
     String::from_utf8_lossy(&text).into_owned()
 }
+
+/// A collector configuration with one local group `web` (min 0, max 3) that launches nothing: the agents'
+/// listener at `grpc`, the Admin API also on `admin`, `/metrics` on a free port, state in `state_dir`.
+pub fn idle_collector_config(grpc: &str, admin: &str, state_dir: &Path) -> String {
+    format!(
+        r#"
+        [server]
+        grpc_listen = "{grpc}"
+        admin_listen = "{admin}"
+        http_listen = "127.0.0.1:{http}"
+        state_dir = "{state}"
+
+        [[groups]]
+        name = "web"
+        min_size = 0
+        max_size = 3
+        [groups.provider]
+        type = "local"
+        [groups.load_balancer]
+        type = "builtin"
+        listen = "127.0.0.1:0"
+        "#,
+        http = free_port(),
+        state = state_dir.display()
+    )
+}

@@ -6,37 +6,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ebb_tests::{Running, admin, collector_bin, free_port, serial, wait_for};
+use ebb_tests::{Running, admin, collector_bin, free_port, idle_collector_config, serial, wait_for};
 
 /// A config whose `server.state_dir` is `state_dir`, with one local group that launches nothing.
 fn config(dir: &Path, state_dir: &Path, admin_address: &str) -> std::path::PathBuf {
     let path = dir.join("collector.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-            [server]
-            grpc_listen = "127.0.0.1:{grpc}"
-            admin_listen = "{admin_address}"
-            http_listen = "127.0.0.1:{http}"
-            state_dir = "{state}"
-
-            [[groups]]
-            name = "web"
-            min_size = 0
-            max_size = 2
-            [groups.provider]
-            type = "local"
-            [groups.load_balancer]
-            type = "builtin"
-            listen = "127.0.0.1:0"
-            "#,
-            grpc = free_port(),
-            http = free_port(),
-            state = state_dir.display(),
-        ),
-    )
-    .unwrap();
+    let grpc = format!("127.0.0.1:{}", free_port());
+    std::fs::write(&path, idle_collector_config(&grpc, admin_address, state_dir)).unwrap();
     path
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ebb_tests::{Running, collector_bin, free_port, serial, test_tool, wait_for};
+use ebb_tests::{Running, collector_bin, free_port, idle_collector_config, serial, test_tool, wait_for};
 
 /// A collector with one group that launches nothing, on free ports; its state directory is `state`.
 fn start(state: &Path) -> (Running, String, String) {
@@ -13,27 +13,7 @@ fn start(state: &Path) -> (Running, String, String) {
         format!("127.0.0.1:{}", free_port()),
         format!("127.0.0.1:{}", free_port()),
     );
-    let config = format!(
-        r#"
-        [server]
-        grpc_listen = "{grpc}"
-        admin_listen = "{admin}"
-        http_listen = "127.0.0.1:{http}"
-        state_dir = "{state}"
-
-        [[groups]]
-        name = "web"
-        min_size = 0
-        max_size = 3
-        [groups.provider]
-        type = "local"
-        [groups.load_balancer]
-        type = "builtin"
-        listen = "127.0.0.1:0"
-        "#,
-        http = free_port(),
-        state = state.display()
-    );
+    let config = idle_collector_config(&grpc, &admin, state);
     let path = state.with_extension("toml");
     std::fs::write(&path, config).unwrap();
     let collector = Running::spawn(
