@@ -224,7 +224,21 @@ impl GroupConfig {
                 c.user_data_format,
                 SizeLimit::NOVA,
             )),
+            ProviderConfig::Qemu(c) => Some(UserDataSettings::new(
+                &c.user_data_file,
+                &c.user_data,
+                c.user_data_format,
+                SizeLimit::NOCLOUD_SEED,
+            )),
             ProviderConfig::Local(_) | ProviderConfig::Fake(_) => None,
+        }
+    }
+
+    /// The collector's URL as this group's VMs reach it (`server.collector_url`, or the qemu guests' own).
+    pub fn collector_url(&self, server: &ServerConfig, grpc_address: SocketAddr) -> String {
+        match &self.provider {
+            ProviderConfig::Qemu(qemu) => qemu.guest_collector_url(grpc_address),
+            _ => server.collector_url(grpc_address),
         }
     }
 
@@ -588,6 +602,8 @@ pub enum ProviderConfig {
     Aws(crate::providers::aws::AwsConfig),
     /// OpenStack Nova (Red Hat OpenStack, FUJITSU K5, …); see `providers::openstack`.
     Openstack(crate::providers::openstack::OpenStackConfig),
+    /// Real VMs on this machine under qemu; see `providers::qemu`.
+    Qemu(crate::providers::qemu::QemuConfig),
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -891,8 +907,8 @@ pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
     let mut config = config;
     config.assign_custom_slots();
     let mut problems = config.problems();
-    let collector_url = config.server.collector_url(config.server.grpc_listen);
     for (i, group) in config.groups.iter_mut().enumerate() {
+        let collector_url = group.collector_url(&config.server, config.server.grpc_listen);
         problems.extend(group.load_operator_user_data(&format!("groups[{i}]"), &collector_url));
     }
     if problems.is_empty() {
@@ -1033,6 +1049,10 @@ impl CollectorConfig {
                 }
                 ProviderConfig::Openstack(openstack) => {
                     problems.extend(openstack.problems().into_iter().map(|p| format!("{at}.{p}")));
+                }
+                ProviderConfig::Qemu(qemu) => {
+                    let problems_here = qemu.problems(self.server.grpc_listen);
+                    problems.extend(problems_here.into_iter().map(|p| format!("{at}.{p}")));
                 }
                 ProviderConfig::Local(local) => {
                     if local.command.is_empty() {

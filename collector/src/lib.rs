@@ -117,7 +117,7 @@ impl Collector {
     pub async fn start(config: CollectorConfig) -> anyhow::Result<Self> {
         secure_state_dir(&config.server.state_dir)?;
         let metrics = Arc::new(Metrics::default());
-        let pki = pki(&config.server)?;
+        let pki = pki(&config)?;
         let store = Arc::new(Store::open(&config.server.store_path())?);
         let cluster_id = store.cluster_id()?;
         let activities = ActivityLog::new(metrics.clone(), store.clone(), config.server.activity_retention_days);
@@ -188,6 +188,10 @@ impl Collector {
                     LocalProvider::new(local.clone(), config.server.state_dir.join("local"))
                         .with_context(|| format!("group {}: provider", group.name))?,
                 ),
+                ProviderConfig::Qemu(qemu) => Arc::new(
+                    crate::providers::qemu::QemuProvider::new(qemu.clone(), config.server.state_dir.join("qemu"))
+                        .with_context(|| format!("group {}: provider", group.name))?,
+                ),
                 ProviderConfig::Fake(fake) => Arc::new(
                     crate::providers::fake::dir::DirCloud::new(fake.clone())
                         .with_context(|| format!("group {}: provider", group.name))?,
@@ -254,7 +258,7 @@ impl Collector {
                 explanations: explanations.clone(),
                 store: store.clone(),
                 cluster_id: cluster_id.clone(),
-                collector_url: collector_url.clone(),
+                collector_url: group.collector_url(&config.server, grpc_address),
             };
             let name = group.name.clone();
             let (controller, handle, commands) = GroupController::new(group, deps).await?;
@@ -390,12 +394,20 @@ impl Collector {
 /// The collector's CA (its own, created on first start, or the operator's), and on first start an admin
 /// certificate in the state directory for the local CLI.
 /// The CA (created in the state directory on first start, or the operator's) and a local admin certificate.
-fn pki(server: &config::ServerConfig) -> anyhow::Result<Pki> {
+fn pki(config: &CollectorConfig) -> anyhow::Result<Pki> {
+    let server = &config.server;
     let lifetime = std::time::Duration::from_secs(server.member_cert_lifetime_secs.into());
-    // The Admin API's Unix socket is reached as `localhost`.
+    // The Admin API's Unix socket is reached as `localhost`; qemu guests reach it through their gateway.
     let mut names = server.tls_names.clone();
-    if !names.iter().any(|n| n == "localhost") {
-        names.push("localhost".into());
+    let qemu_guests = config
+        .groups
+        .iter()
+        .any(|g| matches!(&g.provider, ProviderConfig::Qemu(q) if q.collector_url.is_none()));
+    for name in ["localhost", providers::qemu::GUEST_GATEWAY] {
+        let needed = name == "localhost" || qemu_guests;
+        if needed && !names.iter().any(|n| n == name) {
+            names.push(name.into());
+        }
     }
     let pki = match (&server.ca_cert, &server.ca_key) {
         (Some(cert), Some(key)) => Pki::from_files(cert, key, &names, lifetime)?,
@@ -520,16 +532,19 @@ pub fn preflight(config: &config::CollectorConfig) -> (Vec<String>, Vec<String>)
     }
     let mut cloud = false;
     for (i, group) in config.groups.iter().enumerate() {
+        // qemu guests reach the collector their own way (provider.collector_url).
+        let guests_reach_it = matches!(group.provider, ProviderConfig::Qemu(_));
         let result = match &group.provider {
             ProviderConfig::Cloudstack(cloudstack) => cloudstack.api().map(drop),
             ProviderConfig::Openstack(openstack) => openstack.keystone().map(drop),
             ProviderConfig::Local(local) => crate::providers::local::agent_path(local).map(drop),
+            ProviderConfig::Qemu(qemu) => crate::providers::qemu::preflight(qemu),
             ProviderConfig::Aws(_) | ProviderConfig::Fake(_) => Ok(()),
         };
         if let Err(e) = result {
             problems.push(format!("groups[{i}].provider: {e}"));
         }
-        cloud |= group.user_data_rules().is_some();
+        cloud |= group.user_data_rules().is_some() && !guests_reach_it;
     }
     let ip = server.grpc_listen.ip();
     if cloud && server.advertise_url.is_none() && (ip.is_loopback() || ip.is_unspecified()) {

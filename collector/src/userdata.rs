@@ -329,6 +329,12 @@ impl SizeLimit {
         max_bytes: 65_535,
         of_base64: true,
     };
+    /// qemu's NoCloud seed disk (`providers::qemu::seed`).
+    pub const NOCLOUD_SEED: SizeLimit = SizeLimit {
+        cloud: "the NoCloud seed",
+        max_bytes: crate::providers::qemu::seed::MAX_USER_DATA_BYTES,
+        of_base64: false,
+    };
     /// CloudStack, sent by POST: 32,768 bytes of base64 (`vm.userdata.max.length`).
     pub const CLOUDSTACK: SizeLimit = SizeLimit {
         cloud: "CloudStack",

@@ -9,6 +9,7 @@
 //!   - `store`: activity and intent writes, and a restart with 1,000 members (`collector/benches/store.rs`).
 //! - `package`: `ebb-collector` and `ebb-agent` as .deb and .rpm in `target/packages/`, with cargo-deb and
 //!   cargo-generate-rpm (installed into `target/package-tools/` on first use) from the crates' metadata.
+//! - `image` (`image.rs`): the VM template the qemu provider boots, in `target/images/`.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ use anyhow::{Context, bail, ensure};
 
 mod agent;
 mod fleet;
+mod image;
 mod reaction;
 mod report;
 
@@ -37,7 +39,8 @@ const USAGE: &str = "usage: cargo xtask demo [ARGS]
        cargo xtask bench fanout                  +10 members in one decision, launches taking 2 s each
        cargo xtask bench all                     all of the above in turn (under 15 minutes), with a summary
        cargo xtask bench store                   store writes and a restart with 1,000 members
-       cargo xtask package";
+       cargo xtask package                       .deb and .rpm packages in target/packages/
+       cargo xtask image                         the qemu provider's VM template in target/images/";
 
 /// Each benchmark: its name and how to run it; true when it met its goals.
 type Bench = fn(&[String]) -> anyhow::Result<bool>;
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     let met = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["demo", ..] => return demo(&args[1..]),
         ["package"] => return package(),
+        ["image", ..] => return image::image(&args[1..]),
         ["bench", "store"] => return cargo_bench("store").map(drop),
         ["bench", "all"] => bench_all()?,
         ["bench", name, ..] => {
@@ -171,41 +175,61 @@ const PACKAGE_TOOLS: [(&str, &str); 2] = [("cargo-deb", "3.8.0"), ("cargo-genera
 /// `cargo xtask package`: the collector (release profile) and the agent (agent profile: small, static) as
 /// .deb and .rpm in `target/packages/`.
 fn package() -> anyhow::Result<()> {
-    let tools = root().join("target/package-tools");
-    for (tool, version) in PACKAGE_TOOLS {
-        if !tools.join("bin").join(tool).exists() {
-            let root = tools.to_str().context("a UTF-8 path")?;
-            cargo(&["install", "--locked", "--root", root, tool, "--version", version])?;
-        }
-    }
     cargo(&["build", "--release", "-p", "ebb-collector"])?;
-    build_shipped_agent()?;
-    let out = root().join("target/packages");
-    std::fs::create_dir_all(&out)?;
-    let out = out.to_str().context("a UTF-8 path")?;
-    let run = |tool: &str, args: &[&str]| -> anyhow::Result<()> {
-        let status = Command::new(tools.join("bin").join(tool))
-            .current_dir(root())
-            .args(args)
-            .status()
-            .with_context(|| format!("run {tool}"))?;
-        ensure!(status.success(), "{tool} {} failed", args.join(" "));
-        Ok(())
-    };
-    run("cargo-deb", &["--no-build", "-p", "ebb-collector", "--output", out])?;
-    let agent = ["--profile", "agent", "--target", AGENT_TARGET];
-    run(
-        "cargo-deb",
-        &[&["--no-build", "-p", "ebb-agent", "--output", out][..], &agent].concat(),
-    )?;
-    run("cargo-generate-rpm", &["-p", "collector", "-o", out])?;
-    run(
+    package_agent_deb()?;
+    let out = packages_dir()?;
+    run_package_tool("cargo-deb", &["--no-build", "-p", "ebb-collector", "--output", &out])?;
+    run_package_tool("cargo-generate-rpm", &["-p", "collector", "-o", &out])?;
+    run_package_tool(
         "cargo-generate-rpm",
-        &[&["-p", "agent", "-o", out][..], &agent].concat(),
+        &[&["-p", "agent", "-o", &out][..], &AGENT_BUILD].concat(),
     )?;
-    for entry in std::fs::read_dir(out)? {
+    for entry in std::fs::read_dir(&out)? {
         println!("{}", entry?.path().display());
     }
+    Ok(())
+}
+
+/// How cargo-deb and cargo-generate-rpm find the shipped agent's build.
+const AGENT_BUILD: [&str; 4] = ["--profile", "agent", "--target", AGENT_TARGET];
+
+/// The agent as it ships, packaged as a .deb in `target/packages/`; returns its path.
+pub(crate) fn package_agent_deb() -> anyhow::Result<PathBuf> {
+    build_shipped_agent()?;
+    let out = packages_dir()?;
+    run_package_tool(
+        "cargo-deb",
+        &[&["--no-build", "-p", "ebb-agent", "--output", &out][..], &AGENT_BUILD].concat(),
+    )?;
+    let version = env!("CARGO_PKG_VERSION");
+    let deb = Path::new(&out).join(format!("ebb-agent_{version}-1_amd64.deb"));
+    ensure!(deb.exists(), "cargo-deb did not write {}", deb.display());
+    Ok(deb)
+}
+
+fn packages_dir() -> anyhow::Result<String> {
+    let out = root().join("target/packages");
+    std::fs::create_dir_all(&out)?;
+    Ok(out.to_str().context("a UTF-8 path")?.to_string())
+}
+
+/// Runs cargo-deb or cargo-generate-rpm, pinned, installed into `target/package-tools/` on first use.
+fn run_package_tool(tool: &str, args: &[&str]) -> anyhow::Result<()> {
+    let tools = root().join("target/package-tools");
+    let (_, version) = PACKAGE_TOOLS
+        .iter()
+        .find(|(name, _)| *name == tool)
+        .context("a pinned packaging tool")?;
+    if !tools.join("bin").join(tool).exists() {
+        let root = tools.to_str().context("a UTF-8 path")?;
+        cargo(&["install", "--locked", "--root", root, tool, "--version", version])?;
+    }
+    let status = Command::new(tools.join("bin").join(tool))
+        .current_dir(root())
+        .args(args)
+        .status()
+        .with_context(|| format!("run {tool}"))?;
+    ensure!(status.success(), "{tool} {} failed", args.join(" "));
     Ok(())
 }
 

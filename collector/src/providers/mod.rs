@@ -7,6 +7,7 @@ pub mod cloudstack;
 pub mod fake;
 pub mod local;
 pub mod openstack;
+pub mod qemu;
 
 use std::net::IpAddr;
 
@@ -95,8 +96,12 @@ pub trait Provider: Send + Sync {
     async fn template_user_data(&self) -> Result<Option<TemplateUserData>, CloudError> {
         Ok(None)
     }
-    /// Called once when the collector stops normally. Cloud instances keep running; the local provider
-    /// stops its processes, so the demo leaves nothing running on the machine (after a crash they keep
+    /// The end of the instance's console output, for the activity of a launch that never became healthy.
+    async fn console_tail(&self, _id: &str) -> Option<String> {
+        None
+    }
+    /// Called once when the collector stops normally. Cloud instances keep running; the local and qemu
+    /// providers stop their processes and VMs, so the demo leaves nothing running on the machine (after a crash they keep
     /// running, and the next start adopts them).
     async fn close(&self) {}
 }

@@ -954,15 +954,23 @@ impl GroupController {
             } else {
                 (ActivityKind::Healthy, "back behind the load balancer")
             };
-            let detail = if dry_run {
-                "dry run: load balancer unchanged"
+            let mut detail = if dry_run {
+                "dry run: load balancer unchanged".to_string()
             } else {
-                detail
+                detail.to_string()
             };
+            // A member that never came up: what its console said is the first thing an operator needs.
+            let member = &self.members[index];
+            if change.unhealthy && member.state == MemberState::Pending && !member.external {
+                let instance_id = member.instance_id.clone();
+                if let Some(console) = self.deps.provider.console_tail(&instance_id).await {
+                    detail = format!("{detail}; {console}");
+                }
+            }
             self.record(
                 kind,
                 change.why.clone(),
-                Ok(detail.into()),
+                Ok(detail),
                 &change.member,
                 (self.desired, self.desired),
             );

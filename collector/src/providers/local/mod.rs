@@ -351,7 +351,7 @@ impl Provider for LocalProvider {
 
 /// Writes an owner-only file into `dir`, creating it owner-only if needed; the file appears whole or not
 /// at all.
-fn write_private(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
