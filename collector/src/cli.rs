@@ -212,6 +212,8 @@ pub enum ExampleProvider {
     Aws,
     /// OpenStack Nova with an Octavia pool, from a Heat template (seed 002).
     Openstack,
+    /// Real VMs on this machine under qemu, from the template `cargo xtask image` bakes.
+    Qemu,
 }
 
 impl ExampleProvider {
@@ -221,6 +223,7 @@ impl ExampleProvider {
             ExampleProvider::Cloudstack => include_str!("../../examples/cloudstack-idcf.toml"),
             ExampleProvider::Aws => include_str!("../../examples/aws-target-tracking.toml"),
             ExampleProvider::Openstack => include_str!("../../examples/openstack-heat.toml"),
+            ExampleProvider::Qemu => include_str!("../../examples/qemu.toml"),
         }
     }
 }

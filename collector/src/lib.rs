@@ -351,6 +351,16 @@ impl Collector {
             )));
         }
         let metrics_server = tokio::spawn(metrics::serve(http, metrics.clone()));
+        if groups.is_empty() {
+            let file = config
+                .source
+                .as_ref()
+                .map_or("the configuration".into(), |p| p.display().to_string());
+            tracing::warn!(
+                "No groups yet: add a [[groups]] table to {file} (examples in /usr/share/doc/ebb-collector/examples/, \
+                 or `ebb-collector gen-config --provider aws`), check it with `ebb-collector validate`, then restart."
+            );
+        }
         tracing::info!(grpc = %grpc_address, admin = %admin_socket.display(), admin_tcp = ?admin_address, http = %http_address, groups = groups.len(), ca_sha256 = %authority.pki.fingerprint(), "Collector started.");
         Ok(Self {
             grpc_address,

@@ -60,8 +60,8 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped, whatever the test did.
 pub struct Running {
     pub child: Child,
-    /// A collector's local instances, killed after it when dropped.
-    local_instances: Option<PathBuf>,
+    /// A collector's state directory: its local instances and qemu VMs are killed after it when dropped.
+    instances_in: Option<PathBuf>,
 }
 
 impl Running {
@@ -69,15 +69,16 @@ impl Running {
         let child = command.stdin(Stdio::piped()).spawn().expect("spawn");
         Self {
             child,
-            local_instances: None,
+            instances_in: None,
         }
     }
 
-    /// A collector with the local provider and this state directory: the instances it leaves behind (as
-    /// a collector killed with SIGKILL does, like a cloud's) are killed when this is dropped.
+    /// A collector with the local or qemu provider and this state directory: the instances and VMs it
+    /// leaves behind (as a collector killed with SIGKILL does, like a cloud's) are killed when this is
+    /// dropped.
     pub fn collector(command: &mut Command, state_dir: &Path) -> Self {
         let mut running = Self::spawn(command);
-        running.local_instances = Some(state_dir.join("local"));
+        running.instances_in = Some(state_dir.to_path_buf());
         running
     }
 
@@ -106,13 +107,14 @@ impl Drop for Running {
         if let Ok(None) = self.child.try_wait() {
             self.terminate(Duration::from_secs(10));
         }
-        if let Some(dir) = &self.local_instances {
-            kill_local_instances(dir);
+        if let Some(dir) = &self.instances_in {
+            kill_local_instances(&dir.join("local"));
+            kill_local_instances(&dir.join("qemu"));
         }
     }
 }
 
-/// The process groups of the local instances recorded in `dir` that are still running, as
+/// The process groups of the local instances (or qemu VMs) recorded in `dir` that are still running, as
 /// `(pgid, start time)`.
 pub fn local_instances(dir: &Path) -> Vec<(i32, u64)> {
     let mut found = Vec::new();

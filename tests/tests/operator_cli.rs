@@ -144,7 +144,7 @@ fn validate_warns_when_vms_could_not_reach_the_collector() {
 
 #[test]
 fn gen_config_prints_a_valid_example_for_each_provider() {
-    for provider in ["local", "cloudstack", "aws", "openstack"] {
+    for provider in ["local", "cloudstack", "aws", "openstack", "qemu"] {
         let output = Command::new(collector_bin())
             .args(["gen-config", "--provider", provider])
             .output()
@@ -163,5 +163,7 @@ fn gen_config_prints_a_valid_example_for_each_provider() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("possible values: local, cloudstack, aws, openstack"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("possible values: local, cloudstack, aws, openstack, qemu")
+    );
 }

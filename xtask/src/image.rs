@@ -85,7 +85,9 @@ pub fn build() -> anyhow::Result<PathBuf> {
     if let Ok(text) = std::fs::read_to_string(&manifest)
         && let Ok(previous) = serde_json::from_str::<serde_json::Value>(&text)
         && previous["inputs"] == inputs.as_str()
-        && ["template.qcow2", "vmlinuz", "initrd.img"].iter().all(|f| out.join(f).exists())
+        && ["template.qcow2", "vmlinuz", "initrd.img"]
+            .iter()
+            .all(|f| out.join(f).exists())
     {
         eprintln!("image: target/images is up to date (inputs {})", &inputs[..12]);
         return Ok(out);
@@ -100,7 +102,10 @@ pub fn build() -> anyhow::Result<PathBuf> {
     mmdebstrap
         .args(["--variant=minbase", "--quiet"])
         .arg(format!("--include={}", PACKAGES.join(",")));
-    mmdebstrap.arg(format!("--customize-hook=copy-in {} /tmp", work.join("ebb-agent.deb").display()));
+    mmdebstrap.arg(format!(
+        "--customize-hook=copy-in {} /tmp",
+        work.join("ebb-agent.deb").display()
+    ));
     for hook in CUSTOMIZE {
         mmdebstrap.arg(format!("--customize-hook={hook}"));
     }
@@ -175,9 +180,16 @@ pub fn install_tools() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
     if !is_root {
-        bail!("the VM image needs {}: run `sudo apt-get install {}`", missing.join(", "), missing.join(" "));
+        bail!(
+            "the VM image needs {}: run `sudo apt-get install {}`",
+            missing.join(", "),
+            missing.join(" ")
+        );
     }
     eprintln!("image: installing {} from Debian", missing.join(", "));
     let install = |update: bool| {
@@ -186,15 +198,21 @@ pub fn install_tools() -> anyhow::Result<()> {
             if update { "apt-get update -qq && " } else { "" },
             missing.join(" ")
         );
-        Command::new("sh").args(["-c", &script]).status().is_ok_and(|s| s.success())
+        Command::new("sh")
+            .args(["-c", &script])
+            .status()
+            .is_ok_and(|s| s.success())
     };
-    ensure!(install(false) || install(true), "apt-get install {} failed", missing.join(" "));
+    ensure!(
+        install(false) || install(true),
+        "apt-get install {} failed",
+        missing.join(" ")
+    );
     Ok(())
 }
 
 fn on_path(command: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
 }
 
 fn find(dir: &Path, prefix: &str) -> anyhow::Result<PathBuf> {

@@ -123,7 +123,8 @@ impl QemuConfig {
             problems.push("provider.vcpus: must be 1 to 64".into());
         }
         if self.memory_mib < 128 {
-            problems.push("provider.memory_mib: must be at least 128 (a cloud kernel with cloud-init needs ~300)".into());
+            problems
+                .push("provider.memory_mib: must be at least 128 (a cloud kernel with cloud-init needs ~300)".into());
         }
         if format!("{}.1", self.address_prefix)
             .parse::<IpAddr>()
@@ -172,7 +173,11 @@ pub fn preflight(config: &QemuConfig) -> Result<(), CloudError> {
             )));
         }
     }
-    let files = [("image", Some(&config.image)), ("kernel", config.kernel.as_ref()), ("initrd", config.initrd.as_ref())];
+    let files = [
+        ("image", Some(&config.image)),
+        ("kernel", config.kernel.as_ref()),
+        ("initrd", config.initrd.as_ref()),
+    ];
     for (key, path) in files {
         let Some(path) = path else { continue };
         if let Err(e) = std::fs::File::open(path) {
@@ -288,7 +293,10 @@ impl QemuProvider {
         let Ok(entries) = std::fs::read_dir(&self.instances_dir) else {
             return Vec::new();
         };
-        entries.flatten().filter_map(|entry| read_record(&entry.path())).collect()
+        entries
+            .flatten()
+            .filter_map(|entry| read_record(&entry.path()))
+            .collect()
     }
 
     fn record(&self, id: &str) -> Option<Record> {
@@ -354,7 +362,14 @@ impl QemuProvider {
     }
 
     /// qemu's arguments for one VM in `dir`.
-    fn arguments(&self, accelerator: Accelerator, dir: &Path, address: IpAddr, port: u16, member_id: &str) -> Vec<OsString> {
+    fn arguments(
+        &self,
+        accelerator: Accelerator,
+        dir: &Path,
+        address: IpAddr,
+        port: u16,
+        member_id: &str,
+    ) -> Vec<OsString> {
         let path = |name: &str| dir.join(name).into_os_string();
         let joined = |prefix: &str, name: &str, suffix: &str| {
             let mut arg = OsString::from(prefix);
@@ -436,8 +451,8 @@ impl QemuProvider {
                 String::from_utf8_lossy(&overlay.stderr).trim()
             ))));
         }
-        let log = std::fs::File::create(dir.join("qemu.log"))
-            .map_err(|e| undo(failed("cannot create qemu.log", &e)))?;
+        let log =
+            std::fs::File::create(dir.join("qemu.log")).map_err(|e| undo(failed("cannot create qemu.log", &e)))?;
         let child = Command::new(&self.config.qemu)
             .args(self.arguments(accelerator, dir, address, spec.service_port, &spec.member_id))
             .process_group(0)
@@ -475,22 +490,29 @@ impl QemuProvider {
         Ok(record)
     }
 
-    /// ACPI power-off, SIGKILL after the grace period; the console kept, the rest of the VM removed.
-    async fn stop(&self, record: Record) {
-        let dir = self.instances_dir.join(&record.member_id);
-        if record.running() {
-            if let Err(e) = power_off(&dir.join("qmp.sock")).await {
+    /// ACPI power-off for all of them at once, SIGKILL for those still running after the grace period;
+    /// each one's console kept, the rest of its directory removed.
+    async fn stop(&self, records: Vec<Record>) {
+        for record in records.iter().filter(|r| r.running()) {
+            let socket = self.instances_dir.join(&record.member_id).join("qmp.sock");
+            if let Err(e) = power_off(&socket).await {
                 tracing::warn!(member = %record.member_id, error = %e, "Cannot ask the VM to power off; killing it.");
-            }
-            let grace = Duration::from_secs(self.config.stop_grace_secs.into());
-            if !exits_within(&record, grace).await {
-                tracing::warn!(member = %record.member_id, "The VM did not power off in stop_grace_secs; killing it.");
+                record.kill();
             }
         }
-        record.kill();
-        exits_within(&record, Duration::from_secs(5)).await;
-        self.keep_console(&record.member_id);
-        let _ = std::fs::remove_dir_all(dir);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.config.stop_grace_secs.into());
+        while records.iter().any(Record::running) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for record in records {
+            if record.running() {
+                tracing::warn!(member = %record.member_id, "The VM did not power off in stop_grace_secs; killing it.");
+                record.kill();
+                exits_within(&record, Duration::from_secs(5)).await;
+            }
+            self.keep_console(&record.member_id);
+            let _ = std::fs::remove_dir_all(self.instances_dir.join(&record.member_id));
+        }
     }
 
     /// Moves a member's console to `consoles/`, keeping the newest `KEPT_CONSOLES`.
@@ -559,7 +581,13 @@ async fn probe_kvm(qemu: &Path, dir: &Path) -> Result<(), String> {
     drive.push(&image);
     let probe = Command::new(qemu)
         .args(machine_arguments(Accelerator::Kvm, 1))
-        .args(["-m", "32", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-drive"])
+        .args([
+            "-m",
+            "32",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-drive",
+        ])
         .arg(drive)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -575,7 +603,11 @@ async fn probe_kvm(qemu: &Path, dir: &Path) -> Result<(), String> {
         Ok(Ok(output)) if output.status.code() == Some(1) => Ok(()),
         Ok(Ok(output)) => Err(format!(
             "a test guest failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim().lines().last().unwrap_or("no message")
+            String::from_utf8_lossy(&output.stderr)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("no message")
         )),
     }
 }
@@ -657,7 +689,7 @@ impl Provider for QemuProvider {
 
     async fn terminate(&self, id: &str) -> Result<(), CloudError> {
         if let Some(record) = self.record(id) {
-            self.stop(record).await;
+            self.stop(vec![record]).await;
         }
         Ok(())
     }
@@ -685,14 +717,7 @@ impl Provider for QemuProvider {
     }
 
     async fn close(&self) {
-        let all = self.records();
-        // Ask them all first, so that they shut down at the same time.
-        for record in &all {
-            let _ = power_off(&self.instances_dir.join(&record.member_id).join("qmp.sock")).await;
-        }
-        for record in all {
-            self.stop(record).await;
-        }
+        self.stop(self.records()).await;
     }
 }
 

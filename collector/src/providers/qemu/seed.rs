@@ -41,7 +41,8 @@ pub fn write(path: &Path, member_id: &str, user_data: &[u8]) -> std::io::Result<
     {
         let volume = fatfs::FileSystem::new(&mut image, fatfs::FsOptions::new())?;
         let root = volume.root_dir();
-        root.create_file("meta-data")?.write_all(meta_data(member_id).as_bytes())?;
+        root.create_file("meta-data")?
+            .write_all(meta_data(member_id).as_bytes())?;
         root.create_file("user-data")?.write_all(user_data)?;
         drop(root);
         volume.unmount()?;
@@ -59,7 +60,12 @@ mod tests {
         let image = std::fs::File::open(path).unwrap();
         let volume = fatfs::FileSystem::new(image, fatfs::FsOptions::new()).unwrap();
         let mut bytes = Vec::new();
-        volume.root_dir().open_file(name).unwrap().read_to_end(&mut bytes).unwrap();
+        volume
+            .root_dir()
+            .open_file(name)
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
         bytes
     }
 
@@ -69,10 +75,18 @@ mod tests {
         let path = dir.path().join("seed.img");
         let user_data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         write(&path, "web-3", &user_data).unwrap();
-        assert_eq!(read(&path, "user-data"), user_data, "byte for byte, binary (gzip) included");
+        assert_eq!(
+            read(&path, "user-data"),
+            user_data,
+            "byte for byte, binary (gzip) included"
+        );
         assert_eq!(read(&path, "meta-data"), b"instance-id: web-3\nlocal-hostname: web-3\n");
         let volume = fatfs::FileSystem::new(std::fs::File::open(&path).unwrap(), fatfs::FsOptions::new()).unwrap();
-        assert_eq!(volume.volume_label().trim_end(), "cidata", "NoCloud looks for this label");
+        assert_eq!(
+            volume.volume_label().trim_end(),
+            "cidata",
+            "NoCloud looks for this label"
+        );
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
@@ -80,7 +94,12 @@ mod tests {
     #[test]
     fn too_much_user_data_is_refused_not_truncated() {
         let dir = tempfile::tempdir().unwrap();
-        let error = write(&dir.path().join("seed.img"), "web-1", &vec![b'x'; MAX_USER_DATA_BYTES + 1]).unwrap_err();
+        let error = write(
+            &dir.path().join("seed.img"),
+            "web-1",
+            &vec![b'x'; MAX_USER_DATA_BYTES + 1],
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("at most"), "{error}");
     }
 }

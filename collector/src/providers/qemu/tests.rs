@@ -28,7 +28,10 @@ impl Bench {
             ),
         );
         script("qemu-img", "for a; do last=$a; done; echo overlay > \"$last\"");
-        script("qemu-img-refuses", "echo 'Could not open backing file: Permission denied' >&2; exit 1");
+        script(
+            "qemu-img-refuses",
+            "echo 'Could not open backing file: Permission denied' >&2; exit 1",
+        );
         std::fs::write(dir.path().join("template.qcow2"), b"template").unwrap();
         Self { dir }
     }
@@ -92,18 +95,26 @@ async fn a_vm_boots_an_overlay_with_its_seed_and_a_port_forward_on_its_own_addre
     let vm = bench.path("vms/web-1");
     let args = std::fs::read_to_string(vm.join("args")).unwrap();
     let args: Vec<&str> = args.lines().collect();
-    let after = |flag: &str| -> Vec<&str> {
-        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1]).collect()
-    };
+    let after = |flag: &str| -> Vec<&str> { args.windows(2).filter(|w| w[0] == flag).map(|w| w[1]).collect() };
     assert_eq!(after("-netdev"), ["user,id=net0,hostfwd=tcp:127.0.10.1:8080-:8080"]);
     assert_eq!(
         after("-drive"),
         [
-            format!("file={},if=virtio,format=qcow2,discard=unmap", vm.join("disk.qcow2").display()),
-            format!("file={},if=virtio,format=raw,readonly=on", vm.join("seed.img").display()),
+            format!(
+                "file={},if=virtio,format=qcow2,discard=unmap",
+                vm.join("disk.qcow2").display()
+            ),
+            format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                vm.join("seed.img").display()
+            ),
         ]
     );
-    assert_eq!(after("-accel"), ["tcg,thread=multi"], "two vCPUs under TCG use two host threads");
+    assert_eq!(
+        after("-accel"),
+        ["tcg,thread=multi"],
+        "two vCPUs under TCG use two host threads"
+    );
     assert_eq!(after("-smp"), ["2"]);
     assert_eq!(after("-m"), ["512"]);
     assert_eq!(after("-append"), ["root=/dev/vda rw console=ttyS0"]);
@@ -123,7 +134,9 @@ async fn a_vm_boots_an_overlay_with_its_seed_and_a_port_forward_on_its_own_addre
     assert!(bench.path("vms/consoles").is_dir());
     assert_eq!(
         provider.describe(std::slice::from_ref(&first.id)).await.unwrap(),
-        vec![InstanceState::Terminated { reason: "no such VM".into() }]
+        vec![InstanceState::Terminated {
+            reason: "no such VM".into()
+        }]
     );
     let second_pid = pid_of(&provider, &second);
     provider.close().await;
@@ -140,7 +153,11 @@ async fn vms_outlive_a_crashed_collector_and_the_next_one_adopts_them() {
     std::mem::forget(crashed);
 
     let restarted = bench.provider();
-    assert_eq!(restarted.list("web").await.unwrap(), vec![launched.clone()], "found again by listing");
+    assert_eq!(
+        restarted.list("web").await.unwrap(),
+        vec![launched.clone()],
+        "found again by listing"
+    );
     assert!(restarted.list("other").await.unwrap().is_empty());
     assert_eq!(
         restarted.launch(&spec("web-1")).await.unwrap(),
@@ -169,7 +186,8 @@ async fn a_vm_whose_qemu_dies_is_terminated_with_the_reason() {
 
 #[tokio::test]
 async fn qemu_refusing_to_start_fails_the_launch_with_what_it_said_and_leaves_nothing() {
-    let bench = Bench::new("echo 'qemu-system-x86_64: -netdev user: Could not set up host forwarding rule' >&2; exit 1");
+    let bench =
+        Bench::new("echo 'qemu-system-x86_64: -netdev user: Could not set up host forwarding rule' >&2; exit 1");
     let provider = bench.provider();
     let error = provider.launch(&spec("web-1")).await.unwrap_err().to_string();
     assert!(error.contains("Could not set up host forwarding rule"), "{error}");
@@ -200,14 +218,26 @@ async fn the_console_tail_names_the_file_and_its_last_lines() {
     console.push_str("[   4.1] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n\r\n");
     std::fs::write(bench.path("vms/web-1/console.log"), console).unwrap();
     let tail = provider.console_tail(&instance.id).await.unwrap();
-    assert!(tail.contains(&bench.path("vms/web-1/console.log").display().to_string()), "{tail}");
-    assert!(tail.ends_with("| [   4.1] Kernel panic - not syncing: VFS: Unable to mount root fs"), "{tail}");
-    assert!(!tail.contains("line 12") && tail.contains("line 13"), "the last 8 lines: {tail}");
+    assert!(
+        tail.contains(&bench.path("vms/web-1/console.log").display().to_string()),
+        "{tail}"
+    );
+    assert!(
+        tail.ends_with("| [   4.1] Kernel panic - not syncing: VFS: Unable to mount root fs"),
+        "{tail}"
+    );
+    assert!(
+        !tail.contains("line 12") && tail.contains("line 13"),
+        "the last 8 lines: {tail}"
+    );
     assert!(!tail.contains('\x1b') && !tail.contains('\r'));
 
     provider.terminate(&instance.id).await.unwrap();
     let kept = provider.console_tail(&instance.id).await.unwrap();
-    assert!(kept.contains("consoles/web-1.log") && kept.contains("Kernel panic"), "kept after: {kept}");
+    assert!(
+        kept.contains("consoles/web-1.log") && kept.contains("Kernel panic"),
+        "kept after: {kept}"
+    );
     assert_eq!(provider.console_tail("local-web-1").await, None);
 }
 
@@ -243,7 +273,10 @@ fn settings_that_cannot_work_are_refused_with_the_key() {
         ..bench.config()
     };
     assert!(http.problems(loopback)[0].contains("https://"));
-    assert_eq!(bench.config().guest_collector_url("127.0.0.1:7311".parse().unwrap()), "https://10.0.2.2:7311");
+    assert_eq!(
+        bench.config().guest_collector_url("127.0.0.1:7311".parse().unwrap()),
+        "https://10.0.2.2:7311"
+    );
 }
 
 #[test]
@@ -255,7 +288,10 @@ fn preflight_says_what_to_install_or_build() {
     })
     .unwrap_err()
     .to_string();
-    assert!(missing_qemu.contains("apt-get install qemu-system-x86"), "{missing_qemu}");
+    assert!(
+        missing_qemu.contains("apt-get install qemu-system-x86"),
+        "{missing_qemu}"
+    );
     let missing_image = preflight(&QemuConfig {
         image: bench.path("nonexistent.qcow2"),
         ..bench.config()
@@ -263,7 +299,16 @@ fn preflight_says_what_to_install_or_build() {
     .unwrap_err()
     .to_string();
     assert!(missing_image.contains("cargo xtask image"), "{missing_image}");
-    assert!(QemuProvider::new(QemuConfig { image: bench.path("nonexistent.qcow2"), ..bench.config() }, bench.path("vms")).is_err());
+    assert!(
+        QemuProvider::new(
+            QemuConfig {
+                image: bench.path("nonexistent.qcow2"),
+                ..bench.config()
+            },
+            bench.path("vms")
+        )
+        .is_err()
+    );
 }
 
 #[test]
