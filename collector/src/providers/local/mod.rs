@@ -155,16 +155,7 @@ impl LocalProvider {
             .filter(|r| r.state() == InstanceState::Running)
             .map(|r| r.address)
             .collect();
-        (1..=254)
-            .filter_map(|n| format!("{}.{n}", self.config.address_prefix).parse::<IpAddr>().ok())
-            .filter(|ip| !taken.contains(ip))
-            .find(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, port)).is_ok())
-            .ok_or_else(|| {
-                CloudError::Retryable(format!(
-                    "no free address in {}.1-254 with port {port} free",
-                    self.config.address_prefix
-                ))
-            })
+        free_loopback_address(&self.config.address_prefix, port, &taken)
     }
 
     fn expand(&self, template: &str, spec: &LaunchSpec, address: IpAddr) -> String {
@@ -290,11 +281,25 @@ async fn exits_within(record: &Record, limit: Duration) -> bool {
 }
 
 fn read_record(dir: &Path) -> Option<Record> {
-    let path = dir.join(Record::FILE);
-    let bytes = std::fs::read(&path).ok()?;
+    read_json(&dir.join(Record::FILE))
+}
+
+/// An instance record (`instance.json`) as a provider that keeps its instances on disk wrote it; `None`
+/// if it is missing, and a warning if it is unreadable.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = std::fs::read(path).ok()?;
     serde_json::from_slice(&bytes)
         .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "Ignoring an unreadable instance record."))
         .ok()
+}
+
+/// The first `<prefix>.N` (N from 1 to 254) not in `taken` where `port` is free to bind.
+pub(crate) fn free_loopback_address(prefix: &str, port: u16, taken: &[IpAddr]) -> Result<IpAddr, CloudError> {
+    (1..=254)
+        .filter_map(|n| format!("{prefix}.{n}").parse::<IpAddr>().ok())
+        .filter(|ip| !taken.contains(ip))
+        .find(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, port)).is_ok())
+        .ok_or_else(|| CloudError::Retryable(format!("no free address in {prefix}.1-254 with port {port} free")))
 }
 
 #[async_trait]

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
-use super::local::{start_time, write_private};
+use super::local::{free_loopback_address, read_json, start_time, write_private};
 use super::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
 
 /// The guest's view of this machine's 127.0.0.1 under qemu's user-mode networking.
@@ -257,11 +257,7 @@ impl Record {
 }
 
 fn read_record(dir: &Path) -> Option<Record> {
-    let path = dir.join(Record::FILE);
-    let bytes = std::fs::read(&path).ok()?;
-    serde_json::from_slice(&bytes)
-        .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "Ignoring an unreadable VM record."))
-        .ok()
+    read_json(&dir.join(Record::FILE))
 }
 
 pub struct QemuProvider {
@@ -349,16 +345,7 @@ impl QemuProvider {
             .filter(Record::running)
             .map(|r| r.address)
             .collect();
-        (1..=254)
-            .filter_map(|n| format!("{}.{n}", self.config.address_prefix).parse::<IpAddr>().ok())
-            .filter(|ip| !taken.contains(ip))
-            .find(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, port)).is_ok())
-            .ok_or_else(|| {
-                CloudError::Retryable(format!(
-                    "no free address in {}.1-254 with port {port} free",
-                    self.config.address_prefix
-                ))
-            })
+        free_loopback_address(&self.config.address_prefix, port, &taken)
     }
 
     /// qemu's arguments for one VM in `dir`.
