@@ -943,6 +943,24 @@ impl CollectorConfig {
         names
     }
 
+    /// How long the ingest keeps samples: at least two minutes, and as long as the furthest-looking policy
+    /// needs plus a minute.
+    pub fn sample_retention_ms(&self) -> i64 {
+        const MIN_RETENTION_MS: i64 = 2 * 60 * 1000;
+        self.groups
+            .iter()
+            .map(|g| g.engine().lookback_ms() + 60_000)
+            .fold(MIN_RETENTION_MS, i64::max)
+    }
+
+    /// The custom metrics the ingest keeps, each in its slot.
+    pub fn custom_metric_slots(&self) -> Vec<Metric> {
+        (0u8..)
+            .zip(self.custom_metrics())
+            .map(|(slot, name)| Metric::Custom { slot, name })
+            .collect()
+    }
+
     /// Gives each custom metric its slot in the stored samples.
     fn assign_custom_slots(&mut self) {
         let names = self.custom_metrics();

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -151,8 +152,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
 /// duration is up, or a signal (SIGINT, SIGTERM, SIGHUP) arrives.
 async fn watch(args: &DemoArgs, collector: &Collector, group_name: &str) -> anyhow::Result<bool> {
     let group_name = group_name.to_string();
-    let group = collector.groups[&group_name].clone();
-    let front = collector.load_balancer_fronts[&group_name];
+    let group = collector
+        .groups
+        .get(&group_name)
+        .context("the demo's group is not running")?;
+    let front = collector
+        .groups
+        .front(&group_name)
+        .context("the demo's group has no built-in load balancer")?;
     let view = View {
         headless: args.headless,
         started: Instant::now(),

@@ -231,6 +231,10 @@ enum Command {
         windows: Vec<(Metric, Vec<Window>)>,
         reply: oneshot::Sender<Vec<Observation>>,
     },
+    Configure {
+        retention_ms: Millis,
+        custom: Vec<Metric>,
+    },
 }
 
 /// An agent's hello, accepted.
@@ -256,6 +260,12 @@ impl IngestHandle {
         let (commands, receiver) = mpsc::channel(1024);
         tokio::spawn(run(receiver, metrics, retention_ms, custom));
         Self { commands }
+    }
+
+    /// Sets how long samples are kept and which custom metrics are (a reload's new policies): samples
+    /// stored before keep what they had.
+    pub async fn configure(&self, retention_ms: Millis, custom: Vec<Metric>) {
+        let _ = self.commands.send(Command::Configure { retention_ms, custom }).await;
     }
 
     /// Allows `member` to report, and sets what its agent should do.
@@ -538,6 +548,13 @@ impl Ingest {
                 windows,
                 reply,
             }),
+            Command::Configure {
+                retention_ms: retention,
+                custom: kept,
+            } => {
+                *retention_ms = retention;
+                *custom = kept;
+            }
         }
     }
 }
@@ -839,6 +856,48 @@ mod tests {
         let window = Window { start: 0, end: 5_000 };
         let observed = ingest.observe(vec!["a".into()], vec![(queue, vec![window])]).await;
         assert_eq!(observed[0].means[0][0], Some(12.0));
+    }
+
+    #[tokio::test]
+    async fn a_reload_starts_keeping_a_new_custom_metric_and_a_longer_history() {
+        let queue = Metric::Custom {
+            slot: 0,
+            name: "queue_depth",
+        };
+        let ingest = IngestHandle::spawn(Arc::new(Metrics::default()), 120_000, Vec::new());
+        ingest.register("a", AgentSettings::default()).await;
+        ingest.hello(hello("a", 1)).await.unwrap();
+        let with_queue = |seq: u64, at: Millis, depth: f64| Sample {
+            custom: [("queue_depth".to_string(), depth)].into(),
+            ..sample(seq, at, 10.0)
+        };
+        ingest
+            .batch("a", 1, vec![with_queue(1, 1_000, 5.0)], 2_000)
+            .await
+            .unwrap();
+        ingest.configure(600_000, vec![queue]).await;
+        ingest
+            .batch("a", 1, vec![with_queue(2, 2_000, 12.0)], 3_000)
+            .await
+            .unwrap();
+        // 200 s later: kept under the new 10-minute retention, forgotten under the old 2 minutes.
+        ingest
+            .batch("a", 1, vec![with_queue(3, 200_000, 14.0)], 201_000)
+            .await
+            .unwrap();
+        let early = Window { start: 0, end: 3_000 };
+        let observed = ingest.observe(vec!["a".into()], vec![(queue, vec![early])]).await;
+        assert_eq!(
+            observed[0].means[0][0],
+            Some(12.0),
+            "only the sample stored after the reload has the metric"
+        );
+        let cpu = ingest.observe(vec!["a".into()], vec![(Metric::Cpu, vec![early])]).await;
+        assert_eq!(
+            cpu[0].means[0][0],
+            Some(10.0),
+            "the longer retention kept the early samples"
+        );
     }
 
     #[tokio::test]

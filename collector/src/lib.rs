@@ -33,6 +33,7 @@ pub mod demo;
 pub mod engine;
 pub mod explain;
 pub mod fuzzing;
+pub mod groups;
 pub mod hooks;
 pub mod http;
 pub mod import;
@@ -50,7 +51,6 @@ pub mod transport;
 pub mod userdata;
 pub mod workload;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -65,24 +65,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::activity::ActivityLog;
-use crate::config::{CollectorConfig, LoadBalancerConfig, ProviderConfig};
-use crate::engine::Metric;
+use crate::config::{CollectorConfig, ProviderConfig};
 use crate::explain::ExplanationLog;
+use crate::groups::Groups;
 use crate::ingest::IngestHandle;
-use crate::lb::LoadBalancer;
-use crate::lb::builtin::BuiltinLoadBalancer;
-use crate::lb::cloudstack::CloudStackLoadBalancer;
 use crate::metrics::Metrics;
 use crate::pki::{Authority, Pki};
-use crate::providers::Provider;
-use crate::providers::cloudstack::CloudStackProvider;
-use crate::providers::local::LocalProvider;
-use crate::reconcile::{Dependencies, GroupController, GroupHandle};
 use crate::reload::Reloader;
 use crate::store::Store;
-
-/// Samples are kept at least this long, and as long as the furthest-looking policy needs plus a minute.
-const MIN_RETENTION_MS: i64 = 2 * 60 * 1000;
 
 /// A running collector. Dropping it without [`Collector::shutdown`] stops the tasks; the local provider's
 /// instances are killed when its last handle goes.
@@ -97,16 +87,14 @@ pub struct Collector {
     /// Holds the CA, the admin certificate (`admin.pem`, `admin.key`) and local instances' state.
     pub state_dir: std::path::PathBuf,
     pub http_address: SocketAddr,
-    pub groups: BTreeMap<String, GroupHandle>,
+    /// The running groups (`reload` may add to them), with their built-in load balancers' fronts.
+    pub groups: Arc<Groups>,
     /// `reload` and SIGHUP.
     pub reloader: Arc<Reloader>,
-    /// The built-in load balancers' front addresses, by group.
-    pub load_balancer_fronts: BTreeMap<String, SocketAddr>,
     pub activities: ActivityLog,
     pub metrics: Arc<Metrics>,
     pub ingest: IngestHandle,
     stop: watch::Sender<bool>,
-    controllers: Vec<JoinHandle<()>>,
     server: JoinHandle<()>,
     admin_servers: Vec<JoinHandle<()>>,
     metrics_server: JoinHandle<()>,
@@ -121,17 +109,12 @@ impl Collector {
         let store = Arc::new(Store::open(&config.server.store_path())?);
         let cluster_id = store.cluster_id()?;
         let activities = ActivityLog::new(metrics.clone(), store.clone(), config.server.activity_retention_days);
-        let retention_ms = config
-            .groups
-            .iter()
-            .map(|g| g.engine().lookback_ms() + 60_000)
-            .fold(MIN_RETENTION_MS, i64::max);
         let explanations = ExplanationLog::new(store.clone(), config.server.explanation_retention_secs);
-        let custom: Vec<Metric> = (0u8..)
-            .zip(config.custom_metrics())
-            .map(|(slot, name)| Metric::Custom { slot, name })
-            .collect();
-        let ingest = IngestHandle::spawn(metrics.clone(), retention_ms, custom);
+        let ingest = IngestHandle::spawn(
+            metrics.clone(),
+            config.sample_retention_ms(),
+            config.custom_metric_slots(),
+        );
         let authority = Arc::new(Authority::new(
             pki,
             config.server.launch_token_ttl_secs,
@@ -165,106 +148,19 @@ impl Collector {
         let collector_url = config.server.collector_url(grpc_address);
 
         let (stop, stop_rx) = watch::channel(false);
-        let mut groups = BTreeMap::new();
-        let mut load_balancer_fronts = BTreeMap::new();
-        let mut controllers = Vec::new();
-        let running = config.clone();
-        for group in config.groups {
-            let context = || format!("group {}: provider", group.name);
-            let cloudstack = match &group.provider {
-                ProviderConfig::Cloudstack(cloudstack) => Some(Arc::new(cloudstack.api().with_context(context)?)),
-                _ => None,
-            };
-            let keystone = match &group.provider {
-                ProviderConfig::Openstack(openstack) => Some(Arc::new(openstack.keystone().with_context(context)?)),
-                _ => None,
-            };
-            let aws = match &group.provider {
-                ProviderConfig::Aws(aws) => Some(Arc::new(aws.connect().await.with_context(context)?)),
-                _ => None,
-            };
-            let provider: Arc<dyn Provider> = match &group.provider {
-                ProviderConfig::Local(local) => Arc::new(
-                    LocalProvider::new(local.clone(), config.server.state_dir.join("local"))
-                        .with_context(|| format!("group {}: provider", group.name))?,
-                ),
-                ProviderConfig::Qemu(qemu) => Arc::new(
-                    crate::providers::qemu::QemuProvider::new(qemu.clone(), config.server.state_dir.join("qemu"))
-                        .with_context(|| format!("group {}: provider", group.name))?,
-                ),
-                ProviderConfig::Fake(fake) => Arc::new(
-                    crate::providers::fake::dir::DirCloud::new(fake.clone())
-                        .with_context(|| format!("group {}: provider", group.name))?,
-                ),
-                ProviderConfig::Cloudstack(config) => Arc::new(CloudStackProvider::new(
-                    config.clone(),
-                    cloudstack.clone().expect("made above for a CloudStack provider"),
-                    &cluster_id,
-                )),
-                ProviderConfig::Openstack(config) => Arc::new(crate::providers::openstack::OpenStackProvider::new(
-                    config.clone(),
-                    keystone.clone().expect("made above for an OpenStack provider"),
-                    &cluster_id,
-                )),
-                ProviderConfig::Aws(config) => Arc::new(crate::providers::aws::AwsProvider::new(
-                    config.clone(),
-                    aws.clone().expect("made above for an AWS provider"),
-                    &cluster_id,
-                )),
-            };
-            let load_balancer: Arc<dyn LoadBalancer> = match &group.load_balancer {
-                LoadBalancerConfig::Builtin { listen } => {
-                    let lb = BuiltinLoadBalancer::bind(*listen).await.with_context(|| {
-                        format!("group {}: cannot listen on load_balancer.listen {listen}", group.name)
-                    })?;
-                    load_balancer_fronts.insert(group.name.clone(), lb.front());
-                    Arc::new(lb)
-                }
-                LoadBalancerConfig::Cloudstack { rule_id } => Arc::new(CloudStackLoadBalancer::new(
-                    cloudstack.clone().expect("validation requires a CloudStack provider"),
-                    rule_id,
-                    &cluster_id,
-                )),
-                LoadBalancerConfig::Octavia {
-                    pool_id,
-                    subnet_id,
-                    weight,
-                } => Arc::new(crate::lb::octavia::OctaviaPool::new(
-                    keystone.clone().expect("validation requires an OpenStack provider"),
-                    pool_id,
-                    subnet_id.clone(),
-                    *weight,
-                )),
-                LoadBalancerConfig::AwsTargetGroup {
-                    target_group_arn,
-                    ip_targets,
-                } => Arc::new(
-                    crate::lb::aws::AwsTargetGroup::new(
-                        aws.clone().expect("validation requires an AWS provider"),
-                        target_group_arn,
-                        *ip_targets,
-                    )
-                    .await
-                    .with_context(|| format!("group {}: load_balancer", group.name))?,
-                ),
-            };
-            let deps = Dependencies {
-                provider,
-                load_balancer,
-                ingest: ingest.clone(),
-                activities: activities.clone(),
-                metrics: metrics.clone(),
-                authority: authority.clone(),
-                explanations: explanations.clone(),
-                store: store.clone(),
-                cluster_id: cluster_id.clone(),
-                collector_url: group.collector_url(&config.server, grpc_address),
-            };
-            let name = group.name.clone();
-            let (controller, handle, commands) = GroupController::new(group, deps).await?;
-            controllers.push(tokio::spawn(controller.run(commands, stop_rx.clone())));
-            groups.insert(name, handle);
-        }
+        let groups = Groups::new(groups::Shared {
+            server: config.server.clone(),
+            grpc_address,
+            ingest: ingest.clone(),
+            activities: activities.clone(),
+            metrics: metrics.clone(),
+            authority: authority.clone(),
+            explanations: explanations.clone(),
+            store: store.clone(),
+            cluster_id: cluster_id.clone(),
+            stop: stop_rx.clone(),
+        });
+        groups.start(config.groups.clone()).await?;
 
         let telemetry_service = Arc::new(server::TelemetryService {
             ingest: ingest.clone(),
@@ -280,7 +176,7 @@ impl Collector {
             groups: groups.clone(),
         })
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
-        let reloader = Arc::new(Reloader::new(running, groups.clone()));
+        let reloader = Arc::new(Reloader::new(config.clone(), groups.clone(), ingest.clone()));
         let admin_service = AdminServer::new(server::AdminService {
             groups: groups.clone(),
             activities: activities.clone(),
@@ -351,17 +247,17 @@ impl Collector {
             )));
         }
         let metrics_server = tokio::spawn(metrics::serve(http, metrics.clone()));
-        if groups.is_empty() {
+        if config.groups.is_empty() {
             let file = config
                 .source
                 .as_ref()
                 .map_or("the configuration".into(), |p| p.display().to_string());
             tracing::warn!(
                 "No groups yet: add a [[groups]] table to {file} (examples in /usr/share/doc/ebb-collector/examples/, \
-                 or `ebb-collector gen-config --provider aws`), check it with `ebb-collector validate`, then restart."
+                 or `ebb-collector gen-config --provider aws`), check it with `ebb-collector validate`, then `ebb-collector reload`."
             );
         }
-        tracing::info!(grpc = %grpc_address, admin = %admin_socket.display(), admin_tcp = ?admin_address, http = %http_address, groups = groups.len(), ca_sha256 = %authority.pki.fingerprint(), "Collector started.");
+        tracing::info!(grpc = %grpc_address, admin = %admin_socket.display(), admin_tcp = ?admin_address, http = %http_address, groups = config.groups.len(), ca_sha256 = %authority.pki.fingerprint(), "Collector started.");
         Ok(Self {
             grpc_address,
             admin_socket,
@@ -372,12 +268,10 @@ impl Collector {
             http_address,
             groups,
             reloader,
-            load_balancer_fronts,
             activities,
             metrics,
             ingest,
             stop,
-            controllers,
             server,
             admin_servers,
             metrics_server,
@@ -387,9 +281,7 @@ impl Collector {
     /// Stops evaluating, stops the local provider's instances, closes the listeners.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for controller in self.controllers {
-            let _ = controller.await;
-        }
+        self.groups.stopped().await;
         self.metrics_server.abort();
         // Each listener gives its connections a grace period to finish, then ends.
         let _ = self.server.await;
@@ -409,10 +301,7 @@ fn pki(config: &CollectorConfig) -> anyhow::Result<Pki> {
     let lifetime = std::time::Duration::from_secs(server.member_cert_lifetime_secs.into());
     // The Admin API's Unix socket is reached as `localhost`; qemu guests reach it through their gateway.
     let mut names = server.tls_names.clone();
-    let qemu_guests = config
-        .groups
-        .iter()
-        .any(|g| matches!(&g.provider, ProviderConfig::Qemu(q) if q.collector_url.is_none()));
+    let qemu_guests = reload::guests_need_gateway(config);
     for name in ["localhost", providers::qemu::GUEST_GATEWAY] {
         let needed = name == "localhost" || qemu_guests;
         if needed && !names.iter().any(|n| n == name) {

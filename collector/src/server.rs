@@ -2,7 +2,6 @@
 //! group controllers and turn their answers into protobuf; errors become `tonic::Status` here and only
 //! here, with a message an operator can act on.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -346,7 +345,7 @@ impl Telemetry for TelemetryService {
 pub struct EnrollmentService {
     pub authority: Arc<Authority>,
     pub metrics: Arc<Metrics>,
-    pub groups: BTreeMap<String, GroupHandle>,
+    pub groups: Arc<crate::groups::Groups>,
 }
 
 #[tonic::async_trait]
@@ -529,7 +528,7 @@ pub fn agents_gate(
 }
 
 pub struct AdminService {
-    pub groups: BTreeMap<String, GroupHandle>,
+    pub groups: Arc<crate::groups::Groups>,
     pub activities: ActivityLog,
     pub explanations: crate::explain::ExplanationLog,
     pub reloader: Arc<crate::reload::Reloader>,
@@ -549,11 +548,11 @@ fn token_to_proto(token: &crate::pki::tokens::Token) -> JoinToken {
 }
 
 impl AdminService {
-    fn group(&self, name: &str) -> Result<&GroupHandle, Status> {
+    fn group(&self, name: &str) -> Result<GroupHandle, Status> {
         self.groups.get(name).ok_or_else(|| {
             Status::not_found(format!(
                 "no group named `{name}`; the groups are: {}",
-                self.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.groups.names().join(", ")
             ))
         })
     }
@@ -591,7 +590,12 @@ pub fn activity_to_proto(activity: &Activity) -> ebb_proto::v1::Activity {
 impl Admin for AdminService {
     async fn list_groups(&self, _: Request<ListGroupsRequest>) -> Result<Response<ListGroupsResponse>, Status> {
         Ok(Response::new(ListGroupsResponse {
-            groups: self.groups.values().map(|g| group_to_proto(&g.status())).collect(),
+            groups: self
+                .groups
+                .all()
+                .iter()
+                .map(|(_, g)| group_to_proto(&g.status()))
+                .collect(),
         }))
     }
 
@@ -728,7 +732,8 @@ impl Admin for AdminService {
         let SetProtectedRequest { member_id, protected } = request.into_inner();
         let Some((name, group)) = self
             .groups
-            .iter()
+            .all()
+            .into_iter()
             .find(|(_, group)| group.status().members.iter().any(|m| m.member.id == member_id))
         else {
             return Err(Status::not_found(format!("no group has a member {member_id}")));
@@ -737,7 +742,7 @@ impl Admin for AdminService {
             .set_protected(&member_id, protected)
             .await
             .map_err(Status::failed_precondition)?;
-        Ok(Response::new(SetProtectedResponse { group: name.clone() }))
+        Ok(Response::new(SetProtectedResponse { group: name }))
     }
 
     async fn explain(&self, request: Request<ExplainRequest>) -> Result<Response<ExplainResponse>, Status> {

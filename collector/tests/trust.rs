@@ -601,7 +601,11 @@ async fn an_agent_enrols_from_user_data_in_the_metadata_service_and_never_writes
     let identity = ebb_agent::obtain_identity(&config).await.unwrap();
     assert_eq!(identity.group, "web");
     assert_eq!(identity.collector_url, h.url());
-    let member = h.collector.groups["web"]
+    let member = h
+        .collector
+        .groups
+        .get("web")
+        .unwrap()
         .status()
         .members
         .into_iter()

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ebb_tests::{Running, admin, collector_bin, free_port, idle_collector_config, serial, wait_for};
+use ebb_tests::{Running, admin, collector_bin, free_port, idle_collector_config, running_in, serial, wait_for};
 
 /// A config whose `server.state_dir` is `state_dir`, with one local group that launches nothing.
 fn config(dir: &Path, state_dir: &Path, admin_address: &str) -> std::path::PathBuf {
@@ -166,4 +166,74 @@ fn gen_config_prints_a_valid_example_for_each_provider() {
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("possible values: local, cloudstack, aws, openstack, qemu")
     );
+}
+
+/// Issue 25: the packaged configuration starts a collector without groups; a group added to the file is
+/// started by `reload`, all or nothing, and a group taken out of the file is refused.
+#[test]
+fn a_group_added_to_the_packaged_config_starts_at_reload() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cloud = dir.path().join("cloud");
+    let admin_address = format!("127.0.0.1:{}", free_port());
+    let packaged = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/collector.toml"))
+        .unwrap()
+        .replace("127.0.0.1:7300", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:7301", &format!("127.0.0.1:{}", free_port()))
+        .replace("/var/lib/ebb", &state.display().to_string())
+        .replace("[server]\n", &format!("[server]\nadmin_listen = \"{admin_address}\"\n"));
+    let path = dir.path().join("collector.toml");
+    std::fs::write(&path, &packaged).unwrap();
+    let mut collector = Running::collector(
+        Command::new(collector_bin()).args(["serve", "--config"]).arg(&path),
+        &state,
+    );
+    assert!(wait_for(Duration::from_secs(30), || admin(
+        &admin_address,
+        &state,
+        &["groups"]
+    )
+    .0));
+    let (_, text) = admin(&admin_address, &state, &["groups"]);
+    assert!(text.contains("no groups: add a [[groups]] table"), "{text}");
+
+    let with_group = |listen: &str| {
+        format!(
+            "{packaged}\n[[groups]]\nname = \"api\"\nmin_size = 1\nmax_size = 2\n\
+             [groups.provider]\ntype = \"fake\"\ndir = \"{}\"\n\
+             [groups.load_balancer]\ntype = \"builtin\"\nlisten = \"{listen}\"\n",
+            cloud.display()
+        )
+    };
+    // A group that cannot start (its load balancer's port is taken) is refused, and nothing starts.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std::fs::write(&path, with_group(&taken.local_addr().unwrap().to_string())).unwrap();
+    let (ok, text) = admin(&admin_address, &state, &["reload"]);
+    assert!(
+        !ok && text.contains("cannot listen on load_balancer.listen") && text.contains("running configuration is kept"),
+        "{text}"
+    );
+    let (_, text) = admin(&admin_address, &state, &["groups"]);
+    assert!(text.contains("no groups"), "{text}");
+
+    std::fs::write(&path, with_group("127.0.0.1:0")).unwrap();
+    let (ok, text) = admin(&admin_address, &state, &["reload"]);
+    assert!(ok && text.contains("api: added"), "{text}");
+    assert!(
+        wait_for(Duration::from_secs(30), || running_in(&cloud).len() == 1),
+        "the added group launches its minimum: {:?}",
+        running_in(&cloud)
+    );
+    let (_, text) = admin(&admin_address, &state, &["groups"]);
+    assert!(text.lines().any(|l| l.starts_with("api ")), "{text}");
+    let (ok, text) = admin(&admin_address, &state, &["reload"]);
+    assert!(ok && text.contains("nothing changed"), "{text}");
+
+    std::fs::write(&path, &packaged).unwrap();
+    let (ok, text) = admin(&admin_address, &state, &["reload"]);
+    assert!(!ok && text.contains("api are no longer in the file"), "{text}");
+    let (_, text) = admin(&admin_address, &state, &["groups"]);
+    assert!(text.lines().any(|l| l.starts_with("api ")), "{text}");
+    collector.terminate(Duration::from_secs(10));
 }

@@ -1519,8 +1519,9 @@ pub mod admin_client {
             req.extensions_mut().insert(GrpcMethod::new("ebb.v1.Admin", "SetSuspended"));
             self.inner.unary(req, path, codec).await
         }
-        /// Re-reads the configuration file and applies it to the running groups (also on SIGHUP). An invalid
-        /// file, or a change that needs a restart, is refused and the running configuration kept.
+        /// Re-reads the configuration file and applies it (also on SIGHUP): the running groups' new settings, and the
+        /// groups the file gained. An invalid file, or a change that needs a restart, is refused and the running
+        /// configuration kept.
         pub async fn reload(
             &mut self,
             request: impl tonic::IntoRequest<super::ReloadRequest>,
@@ -1657,8 +1658,9 @@ pub mod admin_server {
             tonic::Response<super::SetSuspendedResponse>,
             tonic::Status,
         >;
-        /// Re-reads the configuration file and applies it to the running groups (also on SIGHUP). An invalid
-        /// file, or a change that needs a restart, is refused and the running configuration kept.
+        /// Re-reads the configuration file and applies it (also on SIGHUP): the running groups' new settings, and the
+        /// groups the file gained. An invalid file, or a change that needs a restart, is refused and the running
+        /// configuration kept.
         async fn reload(
             &self,
             request: tonic::Request<super::ReloadRequest>,

@@ -1,0 +1,221 @@
+//! The running groups: each one's controller task, its handle and its built-in load balancer's front. The
+//! groups of the file are started by `serve`; a group the file gains is started by `reload`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::activity::ActivityLog;
+use crate::config::{GroupConfig, LoadBalancerConfig, ProviderConfig, ServerConfig};
+use crate::explain::ExplanationLog;
+use crate::ingest::IngestHandle;
+use crate::lb::LoadBalancer;
+use crate::lb::builtin::BuiltinLoadBalancer;
+use crate::lb::cloudstack::CloudStackLoadBalancer;
+use crate::metrics::Metrics;
+use crate::pki::Authority;
+use crate::providers::Provider;
+use crate::providers::cloudstack::CloudStackProvider;
+use crate::providers::local::LocalProvider;
+use crate::reconcile::{Dependencies, GroupController, GroupHandle};
+use crate::store::Store;
+
+/// What every group's controller is given besides its own provider and load balancer.
+pub struct Shared {
+    pub server: ServerConfig,
+    pub grpc_address: SocketAddr,
+    pub ingest: IngestHandle,
+    pub activities: ActivityLog,
+    pub metrics: Arc<Metrics>,
+    pub authority: Arc<Authority>,
+    pub explanations: ExplanationLog,
+    pub store: Arc<Store>,
+    pub cluster_id: String,
+    /// Fires when the collector shuts down; every controller stops then.
+    pub stop: watch::Receiver<bool>,
+}
+
+#[derive(Clone)]
+struct RunningGroup {
+    handle: GroupHandle,
+    /// The built-in load balancer's front address, for a group that has one.
+    front: Option<SocketAddr>,
+}
+
+/// The running groups, shared by the gRPC services, reload and shutdown.
+pub struct Groups {
+    shared: Shared,
+    running: RwLock<BTreeMap<String, RunningGroup>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Groups {
+    pub fn new(shared: Shared) -> Arc<Self> {
+        Arc::new(Self {
+            shared,
+            running: RwLock::default(),
+            tasks: Mutex::default(),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<GroupHandle> {
+        self.running.read().unwrap().get(name).map(|g| g.handle.clone())
+    }
+
+    /// Every group, by name.
+    pub fn all(&self) -> Vec<(String, GroupHandle)> {
+        let running = self.running.read().unwrap();
+        running
+            .iter()
+            .map(|(name, g)| (name.clone(), g.handle.clone()))
+            .collect()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.running.read().unwrap().keys().cloned().collect()
+    }
+
+    /// Where the group's built-in load balancer listens, if it has one.
+    pub fn front(&self, name: &str) -> Option<SocketAddr> {
+        self.running.read().unwrap().get(name).and_then(|g| g.front)
+    }
+
+    /// Starts `groups`: every provider and load balancer is made first, so that when one cannot be (a
+    /// missing key, a port in use) none of them starts; then their controllers.
+    pub async fn start(&self, groups: Vec<GroupConfig>) -> anyhow::Result<()> {
+        let mut parts = Vec::new();
+        for group in groups {
+            let (provider, load_balancer, front) = self.connect(&group).await?;
+            parts.push((group, provider, load_balancer, front));
+        }
+        let mut started = Vec::new();
+        for (group, provider, load_balancer, front) in parts {
+            let shared = &self.shared;
+            let deps = Dependencies {
+                provider,
+                load_balancer,
+                ingest: shared.ingest.clone(),
+                activities: shared.activities.clone(),
+                metrics: shared.metrics.clone(),
+                authority: shared.authority.clone(),
+                explanations: shared.explanations.clone(),
+                store: shared.store.clone(),
+                cluster_id: shared.cluster_id.clone(),
+                collector_url: group.collector_url(&shared.server, shared.grpc_address),
+            };
+            let name = group.name.clone();
+            let (controller, handle, commands) = GroupController::new(group, deps)
+                .await
+                .with_context(|| format!("group {name}: cannot read its state from the store"))?;
+            started.push((name, controller, handle, commands, front));
+        }
+        let mut running = self.running.write().unwrap();
+        let mut tasks = self.tasks.lock().unwrap();
+        for (name, controller, handle, commands, front) in started {
+            tasks.push(tokio::spawn(controller.run(commands, self.shared.stop.clone())));
+            running.insert(name, RunningGroup { handle, front });
+        }
+        Ok(())
+    }
+
+    /// Waits for every controller to stop (after the stop signal).
+    pub async fn stopped(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// The group's provider and load balancer, with the built-in load balancer's front address.
+    async fn connect(
+        &self,
+        group: &GroupConfig,
+    ) -> anyhow::Result<(Arc<dyn Provider>, Arc<dyn LoadBalancer>, Option<SocketAddr>)> {
+        let provider_context = || format!("group {}: provider", group.name);
+        let state_dir = &self.shared.server.state_dir;
+        let cluster_id = &self.shared.cluster_id;
+        let cloudstack = match &group.provider {
+            ProviderConfig::Cloudstack(cloudstack) => Some(Arc::new(cloudstack.api().with_context(provider_context)?)),
+            _ => None,
+        };
+        let keystone = match &group.provider {
+            ProviderConfig::Openstack(openstack) => {
+                Some(Arc::new(openstack.keystone().with_context(provider_context)?))
+            }
+            _ => None,
+        };
+        let aws = match &group.provider {
+            ProviderConfig::Aws(aws) => Some(Arc::new(aws.connect().await.with_context(provider_context)?)),
+            _ => None,
+        };
+        let provider: Arc<dyn Provider> = match &group.provider {
+            ProviderConfig::Local(local) => {
+                Arc::new(LocalProvider::new(local.clone(), state_dir.join("local")).with_context(provider_context)?)
+            }
+            ProviderConfig::Qemu(qemu) => Arc::new(
+                crate::providers::qemu::QemuProvider::new(qemu.clone(), state_dir.join("qemu"))
+                    .with_context(provider_context)?,
+            ),
+            ProviderConfig::Fake(fake) => {
+                Arc::new(crate::providers::fake::dir::DirCloud::new(fake.clone()).with_context(provider_context)?)
+            }
+            ProviderConfig::Cloudstack(config) => Arc::new(CloudStackProvider::new(
+                config.clone(),
+                cloudstack.clone().expect("made above for a CloudStack provider"),
+                cluster_id,
+            )),
+            ProviderConfig::Openstack(config) => Arc::new(crate::providers::openstack::OpenStackProvider::new(
+                config.clone(),
+                keystone.clone().expect("made above for an OpenStack provider"),
+                cluster_id,
+            )),
+            ProviderConfig::Aws(config) => Arc::new(crate::providers::aws::AwsProvider::new(
+                config.clone(),
+                aws.clone().expect("made above for an AWS provider"),
+                cluster_id,
+            )),
+        };
+        let mut front = None;
+        let load_balancer: Arc<dyn LoadBalancer> = match &group.load_balancer {
+            LoadBalancerConfig::Builtin { listen } => {
+                let lb = BuiltinLoadBalancer::bind(*listen)
+                    .await
+                    .with_context(|| format!("group {}: cannot listen on load_balancer.listen {listen}", group.name))?;
+                front = Some(lb.front());
+                Arc::new(lb)
+            }
+            LoadBalancerConfig::Cloudstack { rule_id } => Arc::new(CloudStackLoadBalancer::new(
+                cloudstack.expect("validation requires a CloudStack provider"),
+                rule_id,
+                cluster_id,
+            )),
+            LoadBalancerConfig::Octavia {
+                pool_id,
+                subnet_id,
+                weight,
+            } => Arc::new(crate::lb::octavia::OctaviaPool::new(
+                keystone.expect("validation requires an OpenStack provider"),
+                pool_id,
+                subnet_id.clone(),
+                *weight,
+            )),
+            LoadBalancerConfig::AwsTargetGroup {
+                target_group_arn,
+                ip_targets,
+            } => Arc::new(
+                crate::lb::aws::AwsTargetGroup::new(
+                    aws.expect("validation requires an AWS provider"),
+                    target_group_arn,
+                    *ip_targets,
+                )
+                .await
+                .with_context(|| format!("group {}: load_balancer", group.name))?,
+            ),
+        };
+        Ok((provider, load_balancer, front))
+    }
+}
