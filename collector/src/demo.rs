@@ -92,7 +92,8 @@ async fn request(target: SocketAddr) -> Option<String> {
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;
     let text = String::from_utf8_lossy(&response);
-    if !text.starts_with("HTTP/1.1 200") {
+    // HTTP/1.0 or 1.1: the operator's application in a VM may answer either.
+    if !text.starts_with("HTTP/1.") || text.split(' ').nth(1) != Some("200") {
         return None;
     }
     text.lines()

@@ -513,6 +513,9 @@ impl Ingest {
                             }
                             match validate_sample(sample, now) {
                                 Ok(()) => {
+                                    if record.latest.is_none() {
+                                        tracing::debug!(member = %member, seq = sample.seq, "First sample of a member.");
+                                    }
                                     record.store(sample, custom);
                                     metrics.sample_ingested();
                                 }

@@ -3,7 +3,8 @@
 //! machines' KVM fails) a VM serves about a minute after its launch; each test bounds its waits.
 //!
 //! The image is built on first use (`cargo xtask image`: root, Debian's mirror, ~3 minutes) and cached in
-//! `target/images/`; `.ci/run` builds it before the tests.
+//! `target/images/`; `.ci/run` builds it before the tests. The collector's .deb (`cargo xtask package --deb`)
+//! is built on first use too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -262,4 +263,180 @@ fn a_vm_that_never_comes_up_is_replaced_with_its_console_in_the_activity() {
     );
     assert!(collector.terminate(Duration::from_secs(120)).is_some());
     assert!(vms(&state).is_empty(), "no qemu process is left");
+}
+
+/// `target/packages/ebb-collector_*.deb`, built (`cargo xtask package --deb`) or found up to date.
+fn collector_deb() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args(["xtask", "package", "--deb"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run cargo xtask package --deb");
+        assert!(status.success(), "cargo xtask package --deb failed");
+        let version = env!("CARGO_PKG_VERSION");
+        root.join(format!("target/packages/ebb-collector_{version}-1_amd64.deb"))
+            .canonicalize()
+            .unwrap()
+    })
+}
+
+/// What the VM runs after boot (cloud-init's runcmd, as root), its output on the serial console: the agent
+/// out (this host runs the collector only), the collector's package in, its service as systemd runs it, the
+/// Admin API over its socket, then a group added to the packaged config and `systemctl reload`.
+const COLLECTOR_HOST_CHECKS: &str = r#"#!/bin/sh
+check() { echo "EBB-CHECK $1=$2"; }
+show() { sed "s/^/EBB-$1 /"; }
+systemctl disable --now ebb-agent.service
+dpkg --purge ebb-agent > /dev/null
+check agent "$(dpkg-query -W -f='${Status}' ebb-agent 2>/dev/null || echo absent)"
+dpkg -i /mnt/host/ebb-collector.deb > /tmp/dpkg.log 2>&1
+check dpkg "$?"
+show DPKG < /tmp/dpkg.log
+# Long enough for a service that fails at start to be restarted a few times.
+sleep 15
+check active "$(systemctl is-active ebb-collector)"
+check enabled "$(systemctl is-enabled ebb-collector)"
+check restarts "$(systemctl show -p NRestarts --value ebb-collector)"
+pid="$(systemctl show -p MainPID --value ebb-collector)"
+ebb-collector groups 2>&1 | show GROUPS-BEFORE
+cat >> /etc/ebb/collector.toml <<'END'
+
+[[groups]]
+name = "api"
+min_size = 1
+max_size = 2
+[groups.provider]
+type = "fake"
+dir = "/var/lib/ebb/fake-cloud"
+[groups.load_balancer]
+type = "builtin"
+listen = "127.0.0.1:8000"
+END
+ebb-collector validate --config /etc/ebb/collector.toml 2>&1 | show VALIDATE
+systemctl reload ebb-collector
+check reload "$?"
+for i in $(seq 60); do ls /var/lib/ebb/fake-cloud/*.json > /dev/null 2>&1 && break; sleep 1; done
+check launched "$(ls /var/lib/ebb/fake-cloud/ 2>/dev/null | grep -c 'json$')"
+ebb-collector groups 2>&1 | show GROUPS-AFTER
+check same_process "$([ "$pid" = "$(systemctl show -p MainPID --value ebb-collector)" ] && echo yes || echo no)"
+check active_after "$(systemctl is-active ebb-collector)"
+journalctl -u ebb-collector -o cat --no-pager | show JOURNAL
+check done yes
+systemctl poweroff
+"#;
+
+/// Item 6 of issue 25: the collector's .deb on a fresh Debian 12 (a VM from the template, its agent
+/// removed) under a real systemd: installed, enabled and started cleanly with the packaged config (no
+/// group, no restart loop), answering `ebb-collector groups` over the Admin API's socket, and picking up a
+/// group added to /etc/ebb/collector.toml at `systemctl reload` without a restart.
+#[test]
+fn the_collector_package_runs_under_systemd_in_a_vm() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let images = images();
+    let host = dir.path().join("host");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::copy(collector_deb(), host.join("ebb-collector.deb")).unwrap();
+    std::fs::write(host.join("checks.sh"), COLLECTOR_HOST_CHECKS).unwrap();
+    let user_data = "#cloud-config\nruncmd:\n  - [sh, -c, 'mkdir -p /mnt/host && (mount -o ro /dev/vdc1 /mnt/host || \
+                     mount -o ro /dev/vdc /mnt/host) && sh /mnt/host/checks.sh > /dev/ttyS0 2>&1']\n";
+    let seed = dir.path().join("seed.img");
+    ebb_collector::providers::qemu::seed::write(&seed, "collector-host", user_data.as_bytes()).unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(images.join("template.qcow2"))
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let console = dir.path().join("console.log");
+    let drive = |file: &Path, options: &str| format!("file={},if=virtio,{options}", file.display());
+    let mut vm = Running::spawn(
+        Command::new("qemu-system-x86_64")
+            .args([
+                "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1",
+            ])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"])
+            .args(["-device", "virtio-rng-pci"])
+            .arg("-kernel")
+            .arg(images.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(images.join("initrd.img"))
+            .args(["-append", "root=/dev/vda rw console=ttyS0"])
+            .args(["-drive", &drive(&disk, "format=qcow2")])
+            .args(["-drive", &drive(&seed, "format=raw,readonly=on")])
+            .args([
+                "-drive",
+                &format!("file=fat:{},if=virtio,format=raw,readonly=on", host.display()),
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let read_console = || std::fs::read_to_string(&console).unwrap_or_default();
+    let powered_off = wait_for(Duration::from_secs(480), || matches!(vm.child.try_wait(), Ok(Some(_))));
+    let text = read_console();
+    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+    assert!(
+        powered_off,
+        "the VM did not finish its checks and power off: {}",
+        tail.join("\n")
+    );
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let check = |name: &str| {
+        let prefix = format!("EBB-CHECK {name}=");
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no check {name} on the console: {}", tail.join("\n")))
+            .to_string()
+    };
+    let shown = |what: &str| {
+        let prefix = format!("EBB-{what} ");
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(check("done"), "yes");
+    assert_eq!(check("agent"), "absent", "a host without the agent");
+    assert_eq!(check("dpkg"), "0", "{}", shown("DPKG"));
+    assert_eq!(check("enabled"), "enabled");
+    assert_eq!(
+        check("active"),
+        "active",
+        "dpkg said:\n{}\njournal:\n{}",
+        shown("DPKG"),
+        shown("JOURNAL")
+    );
+    assert_eq!(check("restarts"), "0", "no restart loop: {}", shown("JOURNAL"));
+    let journal = shown("JOURNAL");
+    assert!(journal.contains("No groups yet: add a [[groups]] table"), "{journal}");
+    assert!(!journal.contains("Scheduled restart job"), "{journal}");
+    let before = shown("GROUPS-BEFORE");
+    assert!(before.contains("no groups: add a [[groups]] table"), "{before}");
+    assert!(shown("VALIDATE").contains("valid, 1 group(s)"), "{}", shown("VALIDATE"));
+    assert_eq!(check("reload"), "0");
+    assert_eq!(
+        check("launched"),
+        "1",
+        "the added group launched its minimum: {journal}"
+    );
+    let after = shown("GROUPS-AFTER");
+    assert!(after.lines().any(|l| l.starts_with("api ")), "{after}");
+    assert_eq!(check("same_process"), "yes", "a reload, not a restart");
+    assert_eq!(check("active_after"), "active");
+    assert!(
+        journal.contains("Started a group the configuration gained"),
+        "{journal}"
+    );
+    assert!(vm.terminate(Duration::from_secs(5)).is_some());
 }

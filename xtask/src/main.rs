@@ -1,5 +1,6 @@
 //! Project chores, run as `cargo xtask <task>`:
-//! - `demo [ARGS]`: build the release binaries and run `ebb-collector demo ARGS`.
+//! - `demo [--vm] [ARGS]`: build the release binaries and run `ebb-collector demo ARGS`; with `--vm`, on
+//!   `examples/qemu.toml`'s real VMs (the template built first).
 //! - `bench NAME [ARGS]`: one benchmark, its table printed and kept in `target/bench/NAME.json` with the
 //!   goal it is held to (`report.rs`); `bench all` runs them in turn, with a summary. Each names its
 //!   flags in `usage`.
@@ -7,8 +8,10 @@
 //!   - `enroll`, `ingest`, `engine` (`fleet.rs`): many agents, or many groups, against one collector.
 //!   - `reaction`, `fanout` (`reaction.rs`): from load to the launch call; ten launch calls at once.
 //!   - `store`: activity and intent writes, and a restart with 1,000 members (`collector/benches/store.rs`).
-//! - `package`: `ebb-collector` and `ebb-agent` as .deb and .rpm in `target/packages/`, with cargo-deb and
-//!   cargo-generate-rpm (installed into `target/package-tools/` on first use) from the crates' metadata.
+//!   - `vm` (`vm.rs`): real VMs under qemu, power-on to in service, and the agent's footprint inside one.
+//! - `package [--deb]`: `ebb-collector` and `ebb-agent` as .deb and .rpm (or .deb only) in `target/packages/`,
+//!   with cargo-deb and cargo-generate-rpm (installed into `target/package-tools/` on first use) from the
+//!   crates' metadata.
 //! - `image` (`image.rs`): the VM template the qemu provider boots, in `target/images/`.
 
 #![forbid(unsafe_code)]
@@ -25,11 +28,12 @@ mod fleet;
 mod image;
 mod reaction;
 mod report;
+mod vm;
 
 /// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ, 100 on every supported Linux).
 const USER_HZ: f64 = 100.0;
 
-const USAGE: &str = "usage: cargo xtask demo [ARGS]
+const USAGE: &str = "usage: cargo xtask demo [--vm] [ARGS]    the local demo, or on real VMs under qemu
        cargo xtask bench agent [--secs N] [--runs N] [--agent PATH] [--compare PATH]
                                                  ebb-agent beside collectd and node-exporter (3 runs of 60 s)
        cargo xtask bench ingest [--max N] [--secs N]   simulated agents on mTLS, 1,000 up to 15,000
@@ -39,7 +43,8 @@ const USAGE: &str = "usage: cargo xtask demo [ARGS]
        cargo xtask bench fanout                  +10 members in one decision, launches taking 2 s each
        cargo xtask bench all                     all of the above in turn (under 15 minutes), with a summary
        cargo xtask bench store                   store writes and a restart with 1,000 members
-       cargo xtask package                       .deb and .rpm packages in target/packages/
+       cargo xtask bench vm [--members N]        real VMs: power-on to in service, the agent inside (2)
+       cargo xtask package [--deb]               .deb and .rpm packages (or the .debs only) in target/packages/
        cargo xtask image                         the qemu provider's VM template in target/images/";
 
 /// Each benchmark: its name and how to run it; true when it met its goals.
@@ -57,9 +62,11 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let met = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["demo", ..] => return demo(&args[1..]),
-        ["package"] => return package(),
+        ["package"] => return package(false),
+        ["package", "--deb"] => return package(true),
         ["image", ..] => return image::image(&args[1..]),
         ["bench", "store"] => return cargo_bench("store").map(drop),
+        ["bench", "vm", ..] => vm::bench_vm(&args[2..])?,
         ["bench", "all"] => bench_all()?,
         ["bench", name, ..] => {
             let (_, bench) = BENCHES
@@ -174,16 +181,19 @@ const PACKAGE_TOOLS: [(&str, &str); 2] = [("cargo-deb", "3.8.0"), ("cargo-genera
 
 /// `cargo xtask package`: the collector (release profile) and the agent (agent profile: small, static) as
 /// .deb and .rpm in `target/packages/`.
-fn package() -> anyhow::Result<()> {
+/// With `debs_only`, the .deb packages only (what the VM tests install).
+fn package(debs_only: bool) -> anyhow::Result<()> {
     cargo(&["build", "--release", "-p", "ebb-collector"])?;
     package_agent_deb()?;
     let out = packages_dir()?;
     run_package_tool("cargo-deb", &["--no-build", "-p", "ebb-collector", "--output", &out])?;
-    run_package_tool("cargo-generate-rpm", &["-p", "collector", "-o", &out])?;
-    run_package_tool(
-        "cargo-generate-rpm",
-        &[&["-p", "agent", "-o", &out][..], &AGENT_BUILD].concat(),
-    )?;
+    if !debs_only {
+        run_package_tool("cargo-generate-rpm", &["-p", "collector", "-o", &out])?;
+        run_package_tool(
+            "cargo-generate-rpm",
+            &[&["-p", "agent", "-o", &out][..], &AGENT_BUILD].concat(),
+        )?;
+    }
     for entry in std::fs::read_dir(&out)? {
         println!("{}", entry?.path().display());
     }
@@ -279,12 +289,31 @@ pub(crate) fn cargo_bench(name: &str) -> anyhow::Result<HashMap<String, f64>> {
         .collect())
 }
 
+/// `demo [--vm] [ARGS]`: the demo of the local example, or with `--vm` of `examples/qemu.toml` on real VMs
+/// from the template (built first if needed). VMs boot in about a minute under TCG, so the load runs
+/// longer and lighter (the page is slower inside an emulated CPU); later ARGS override these.
 fn demo(args: &[String]) -> anyhow::Result<()> {
+    let on_vms = args.iter().any(|a| a == "--vm");
+    let args: Vec<&String> = args.iter().filter(|a| *a != "--vm").collect();
+    if on_vms {
+        image::image(&[])?;
+    }
     let bin = build_release()?;
-    let status = Command::new(bin.join("ebb-collector"))
-        .arg("demo")
-        .args(args)
-        .status()?;
+    let mut command = Command::new(bin.join("ebb-collector"));
+    command.current_dir(root()).arg("demo");
+    if on_vms {
+        command.args([
+            "--config",
+            "examples/qemu.toml",
+            "--load-secs",
+            "180",
+            "--rate",
+            "6",
+            "--duration-secs",
+            "900",
+        ]);
+    }
+    let status = command.args(args).status()?;
     std::process::exit(status.code().unwrap_or(1));
 }
 
