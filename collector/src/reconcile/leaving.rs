@@ -70,7 +70,7 @@ impl GroupController {
             let lb_done = c.members[i]
                 .drain_until
                 .is_some_and(|until| now >= until - drain_ms + lb_delay_ms);
-            lb_done && c.latest.get(i).and_then(Option::as_ref).is_some_and(|l| l.drained)
+            lb_done && c.latest(&c.members[i].id).is_some_and(|l| l.drained)
         };
         let ready: Vec<(String, &'static str)> = (0..self.members.len())
             .filter_map(|i| {
@@ -106,12 +106,7 @@ impl GroupController {
                     (self.desired, self.desired),
                 );
             }
-            if !self.remove(index, cause).await {
-                continue;
-            }
-            if index < self.latest.len() {
-                self.latest.remove(index);
-            }
+            self.remove(index, cause).await;
         }
     }
 

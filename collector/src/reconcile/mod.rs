@@ -20,11 +20,11 @@ use crate::config::GroupConfig;
 pub use crate::engine::MemberState;
 use crate::engine::schedule::ScheduledAction;
 use crate::engine::{
-    Action, Change, Engine, Evaluation, GroupInput, HealthRun, MemberInput, Metric, Millis, Recommendation, Window,
+    Action, Change, Engine, Evaluation, GroupInput, MemberInput, Metric, Millis, Recommendation, Window,
 };
 use crate::explain::ExplanationLog;
 use crate::hooks::{HookResult, Hooks, Transition};
-use crate::ingest::{self, IngestHandle, LatestSample};
+use crate::ingest::{self, IngestHandle, LatestSample, Observation};
 use crate::lb::LoadBalancer;
 use crate::metrics::{GroupGauges, Metrics};
 use crate::pki::Authority;
@@ -405,8 +405,9 @@ pub struct GroupController {
     last_evaluation: String,
     policy_cpu: Option<PolicyFigure>,
     cpu_avg: Option<f64>,
-    latest: Vec<Option<LatestSample>>,
-    health: Vec<HealthRun>,
+    /// What the latest observation saw of each member, by member id: never by position, so a member
+    /// that leaves mid-step cannot hand its figures to another.
+    observed: HashMap<String, Observation>,
     /// What the store last accepted.
     saved: Option<Saved>,
     /// The last write failed: decisions pause until one succeeds.
@@ -476,8 +477,7 @@ impl GroupController {
             last_evaluation: "not evaluated yet".into(),
             cpu_avg: None,
             policy_cpu: None,
-            latest: Vec::new(),
-            health: Vec::new(),
+            observed: HashMap::new(),
             saved: None,
             store_failing: false,
             recovered: false,
@@ -867,7 +867,7 @@ impl GroupController {
             self.forget_lost_instances().await;
             self.last_describe = now;
         }
-        let means = self.observe(now).await;
+        self.observe(now).await;
         self.admit_healthy_members(now).await;
         tokio::task::yield_now().await;
         let input = GroupInput {
@@ -878,7 +878,7 @@ impl GroupController {
             last_scale_out: self.last_scale_out,
             last_scale_in: self.last_scale_in,
             suspended: self.suspended.has(Process::Decide),
-            members: self.member_inputs(means),
+            members: self.member_inputs(),
             recommendations: self.recommendations.clone(),
             changes: self.changes.clone(),
         };
@@ -908,29 +908,33 @@ impl GroupController {
         self.refresh_status().await;
     }
 
-    /// The members as the engine sees them; `means` per member (empty: none).
-    fn member_inputs(&self, means: Vec<Vec<Vec<Option<f64>>>>) -> Vec<MemberInput> {
-        let mut means = means.into_iter();
+    /// The members as the engine sees them, each with what the latest observation saw of it.
+    fn member_inputs(&self) -> Vec<MemberInput> {
         self.members
             .iter()
-            .enumerate()
-            .map(|(i, m)| MemberInput {
-                id: m.id.clone(),
-                state: m.state,
-                launched: m.launched_at,
-                watched_since: Some(self.started_at),
-                in_service_since: m.in_service_since,
-                protected: m.protected,
-                unhealthy: m.unhealthy,
-                health: self.health.get(i).copied().unwrap_or_default(),
-                means: means.next().unwrap_or_default(),
-                load: self
-                    .latest
-                    .get(i)
-                    .and_then(Option::as_ref)
-                    .and_then(|l| l.cpu_busy_percent),
+            .map(|m| {
+                let observed = self.observed.get(&m.id);
+                MemberInput {
+                    id: m.id.clone(),
+                    state: m.state,
+                    launched: m.launched_at,
+                    watched_since: Some(self.started_at),
+                    in_service_since: m.in_service_since,
+                    protected: m.protected,
+                    unhealthy: m.unhealthy,
+                    health: observed.map(|o| o.health).unwrap_or_default(),
+                    means: observed.map(|o| o.means.clone()).unwrap_or_default(),
+                    load: observed
+                        .and_then(|o| o.latest.as_ref())
+                        .and_then(|l| l.cpu_busy_percent),
+                }
             })
             .collect()
+    }
+
+    /// The latest sample of `member_id`, if it has reported.
+    fn latest(&self, member_id: &str) -> Option<&LatestSample> {
+        self.observed.get(member_id).and_then(|o| o.latest.as_ref())
     }
 
     /// Members neither being replaced nor leaving: the ones that count toward desired capacity.
@@ -1180,7 +1184,7 @@ impl GroupController {
 
     /// Per member and policy, the means over the engine's windows; also refreshes the latest samples and
     /// the status's CPU average.
-    async fn observe(&mut self, now: Millis) -> Vec<Vec<Vec<Option<f64>>>> {
+    async fn observe(&mut self, now: Millis) {
         let mut windows: Vec<(Metric, Vec<Window>)> = self
             .engine
             .policies
@@ -1195,8 +1199,8 @@ impl GroupController {
                 end: now,
             }],
         ));
-        let ids = self.members.iter().map(|m| m.id.clone()).collect();
-        let observations = self.deps.ingest.observe(ids, windows).await;
+        let ids: Vec<String> = self.members.iter().map(|m| m.id.clone()).collect();
+        let observations = self.deps.ingest.observe(ids.clone(), windows).await;
         let status_cpu: Vec<f64> = self
             .members
             .iter()
@@ -1205,15 +1209,15 @@ impl GroupController {
             .filter_map(|(_, o)| o.means.last()?.first().copied().flatten())
             .collect();
         self.cpu_avg = (!status_cpu.is_empty()).then(|| status_cpu.iter().sum::<f64>() / status_cpu.len() as f64);
-        self.latest = observations.iter().map(|o| o.latest.clone()).collect();
-        self.health = observations.iter().map(|o| o.health).collect();
-        observations
+        // Paired with the ids asked for, in the order the ingest answers them; from here on only by id.
+        self.observed = ids
             .into_iter()
-            .map(|mut o| {
+            .zip(observations)
+            .map(|(id, mut o)| {
                 o.means.pop();
-                o.means
+                (id, o)
             })
-            .collect()
+            .collect();
     }
 
     /// Pending members whose latest health check passed go behind the load balancer.
@@ -1226,11 +1230,9 @@ impl GroupController {
                 continue;
             };
             let Some(latest) = self
-                .latest
-                .get(index)
-                .cloned()
-                .flatten()
+                .latest(&member.id)
                 .filter(|latest| latest.at >= member.launched_at && ingest::is_healthy(latest))
+                .cloned()
             else {
                 continue;
             };
@@ -1336,7 +1338,7 @@ impl GroupController {
         let excess = self.live().saturating_sub(self.desired) as usize;
         if excess > 0 {
             let candidates: Vec<MemberInput> = self
-                .member_inputs(Vec::new())
+                .member_inputs()
                 .into_iter()
                 .zip(&self.members)
                 .filter(|(_, m)| !m.replacing && m.drain_until.is_none())
@@ -1608,10 +1610,9 @@ impl GroupController {
         let members = self
             .members
             .iter()
-            .enumerate()
-            .map(|(i, m)| MemberStatus {
+            .map(|m| MemberStatus {
                 member: m.clone(),
-                latest: self.latest.get(i).cloned().flatten(),
+                latest: self.latest(&m.id).cloned(),
                 lb_connections: connections.get(&m.id).copied().unwrap_or(0),
             })
             .collect();

@@ -1372,3 +1372,47 @@ fn a_failure_repeated_every_step_is_said_once_then_once_a_minute() {
     assert!(!warnings.succeeded("web", LIST), "a success after a success is not");
     assert!(warnings.failed("web", LIST, refused, 63_000), "a new run starts over");
 }
+
+/// A member removed in the middle of a step (its launching hook abandoned it) must not hand its figures to
+/// the members after it: the evaluation of that same step sees each member's own CPU and health.
+#[tokio::test]
+async fn a_member_abandoned_mid_step_does_not_lend_its_figures_to_the_next() {
+    let edit = |g: String| {
+        g + "[[groups.lifecycle_hooks]]\nname = \"only-web-2\"\ntransition = \"launching\"\n\
+             command = [\"sh\", \"-c\", \"test {member_id} = web-2\"]\n"
+    };
+    let mut h = harness_with(edit).await;
+    let now = now_ms();
+    h.controller.desired = 2;
+    h.controller.step(now).await;
+    assert_eq!(h.provider.running(), ["web-1", "web-2"]);
+    // web-2 serves, busy; web-1 has not reported yet.
+    let mut at = now + 100;
+    for _ in 0..200 {
+        h.report("web-2", at, 90.0, true).await;
+        h.controller.step(at).await;
+        if h.lb.registered() == ["web-2"] {
+            break;
+        }
+        at += 50;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.lb.registered(), ["web-2"]);
+    // web-1, idle, comes up healthy; its hook abandons it. Every step must judge web-2 on its own 90 %.
+    for _ in 0..200 {
+        h.report("web-1", at, 1.0, true).await;
+        h.report("web-2", at, 90.0, true).await;
+        h.controller.step(at).await;
+        if h.kinds().iter().any(|k| k == "terminate web-1") {
+            break;
+        }
+        at += 50;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kinds = h.kinds();
+    assert!(kinds.iter().any(|k| k == "terminate web-1"), "{kinds:?}");
+    assert!(
+        !kinds.iter().any(|k| k.starts_with("scale_in")),
+        "web-2 at 90 % was judged on web-1's idle figures: {kinds:?}"
+    );
+}
