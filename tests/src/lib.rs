@@ -26,13 +26,32 @@ fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// A `cargo` run in the workspace with the environment a shell's `cargo` has: without the variables cargo
+/// sets for a test it runs (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...), which build scripts watching one
+/// (ring's does) would take for a change, rebuilding for the nested build and again for the next `cargo
+/// test`.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let set_for_a_test = ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_NAME", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix));
+        if set_for_a_test {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command
+}
+
 /// Builds `ebb-collector` and `ebb-agent` once per test process, in this test's profile, and returns the
 /// directory holding them.
 pub fn binaries() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let dir = bin_dir();
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        let mut build = cargo();
         build.args(["build", "--quiet", "--bins", "-p", "ebb-agent", "-p", "ebb-collector"]);
         if dir.ends_with("release") {
             build.arg("--release");

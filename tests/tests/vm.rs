@@ -18,8 +18,7 @@ fn images() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
+        let status = ebb_tests::cargo()
             .args(["xtask", "image"])
             .stdout(Stdio::null())
             .status()
@@ -270,8 +269,7 @@ fn collector_deb() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
+        let status = ebb_tests::cargo()
             .args(["xtask", "package", "--deb"])
             .stdout(Stdio::null())
             .status()

@@ -308,7 +308,7 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
             "--load-secs",
             "180",
             "--rate",
-            "6",
+            "4",
             "--duration-secs",
             "900",
         ]);
