@@ -194,6 +194,11 @@ pub struct GroupConfig {
     /// the configuration is loaded.
     #[serde(skip)]
     pub operator_user_data: Option<crate::userdata::OperatorUserData>,
+    /// The `[groups.provider]` table as the file writes it, canonical (keys sorted, no layout): what the
+    /// launch specification's fingerprint covers, so that a provider setting the operator did not write
+    /// (one a new version adds with a default) does not make every member outdated.
+    #[serde(skip)]
+    pub provider_as_written: String,
 }
 
 impl GroupConfig {
@@ -905,6 +910,12 @@ pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
         syntax(format!("{line}key `{}`: {}", e.path(), e.inner().message()))
     })?;
     let mut config = config;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| syntax(e.to_string()))?;
+    if let Some(written) = table.get("groups").and_then(toml::Value::as_array) {
+        for (group, written) in config.groups.iter_mut().zip(written) {
+            group.provider_as_written = written.get("provider").map(canonical_toml).unwrap_or_default();
+        }
+    }
     config.assign_custom_slots();
     let mut problems = config.problems();
     for (i, group) in config.groups.iter_mut().enumerate() {
@@ -918,6 +929,27 @@ pub fn parse(path: &Path, text: &str) -> Result<CollectorConfig, ConfigError> {
             path: path.to_path_buf(),
             problems,
         })
+    }
+}
+
+/// `value` in one spelling whatever its layout in the file: tables with their keys sorted, scalars as TOML
+/// writes them.
+fn canonical_toml(value: &toml::Value) -> String {
+    match value {
+        toml::Value::Table(table) => {
+            let mut keys: Vec<&String> = table.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|key| format!("{key:?}={}", canonical_toml(&table[key])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        toml::Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(canonical_toml).collect();
+            format!("[{}]", items.join(","))
+        }
+        scalar => scalar.to_string(),
     }
 }
 
@@ -1239,6 +1271,29 @@ fn opposing_step_policies(group: &GroupConfig) -> Vec<(StepPolicy, StepPolicy)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_provider_as_written_ignores_layout_but_not_values() {
+        let parsed = |text: &str| {
+            parse(Path::new("c.toml"), text).unwrap().groups[0]
+                .provider_as_written
+                .clone()
+        };
+        let written = parsed(LOCAL_EXAMPLE);
+        assert!(written.contains("\"address_prefix\"=\"127.0.1\""), "{written}");
+        let reordered = LOCAL_EXAMPLE.replace(
+            "type = \"local\"\naddress_prefix = \"127.0.1\"",
+            "address_prefix = \"127.0.1\"   # moved\n\ntype = \"local\"",
+        );
+        assert_ne!(reordered, LOCAL_EXAMPLE);
+        assert_eq!(
+            parsed(&reordered),
+            written,
+            "order, comments and blank lines do not count"
+        );
+        let changed = LOCAL_EXAMPLE.replace("instance_cpus = 1.0", "instance_cpus = 2.0");
+        assert_ne!(parsed(&changed), written);
+    }
 
     #[test]
     fn a_file_without_a_server_table_gets_the_defaults() {

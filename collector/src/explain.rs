@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::engine::{Action, Evaluation, Millis};
+use crate::engine::{Action, Evaluation, Millis, ReasonCode};
 use crate::store::Store;
 
 /// How often a record still being extended is written.
@@ -41,7 +41,7 @@ pub struct Explained {
 struct Outcome {
     dry_run: bool,
     action: Action,
-    reason: &'static str,
+    reason: ReasonCode,
     desired_before: u32,
     desired: u32,
     policy: Option<String>,
@@ -100,7 +100,7 @@ impl ExplanationLog {
             evaluations: 1,
             dry_run,
             action: evaluation.action.as_str().to_string(),
-            reason: evaluation.reason.code.to_string(),
+            reason: evaluation.reason.code.as_str().to_string(),
             desired_before: evaluation.desired_before,
             desired: evaluation.desired,
             json: serde_json::to_string(&evaluation).unwrap_or_default(),
@@ -174,23 +174,21 @@ mod tests {
     use super::*;
     use crate::engine::{MemberCounts, Reason};
 
-    fn evaluation(at: Millis, action: Action, code: &'static str, desired: u32) -> Evaluation {
+    fn evaluation(at: Millis, action: Action, code: ReasonCode, desired: u32) -> Evaluation {
+        let code_name = code.as_str();
         Evaluation {
             at,
             desired_before: 2,
             desired,
             action,
-            reason: Reason {
-                code,
-                text: format!("because {code}"),
-            },
+            reason: Reason::new(code, format!("because {code_name}")),
             policy: None,
             members: MemberCounts::default(),
             verdicts: Vec::new(),
             health: Vec::new(),
             replace: Vec::new(),
             recommendations: Vec::new(),
-            explanation: format!("{code} at {at}"),
+            explanation: format!("{code_name} at {at}"),
         }
     }
 
@@ -198,11 +196,11 @@ mod tests {
     fn quiet_seconds_are_one_record_and_every_change_is_its_own() {
         let log = ExplanationLog::new(Arc::new(Store::in_memory()), 3600);
         for t in 0..5 {
-            log.record("web", evaluation(t * 1000, Action::None, "no_alarm", 2), false);
+            log.record("web", evaluation(t * 1000, Action::None, ReasonCode::NoAlarm, 2), false);
         }
-        log.record("web", evaluation(5000, Action::ScaleOut, "policy", 3), false);
-        log.record("web", evaluation(6000, Action::None, "in_cooldown", 3), false);
-        log.record("web", evaluation(7000, Action::None, "in_cooldown", 3), false);
+        log.record("web", evaluation(5000, Action::ScaleOut, ReasonCode::Policy, 3), false);
+        log.record("web", evaluation(6000, Action::None, ReasonCode::InCooldown, 3), false);
+        log.record("web", evaluation(7000, Action::None, ReasonCode::InCooldown, 3), false);
         let records = log.since("web", 0, 100);
         let spans: Vec<(Millis, Millis, u64, &str)> = records
             .iter()
@@ -228,7 +226,7 @@ mod tests {
         let store = Arc::new(Store::in_memory());
         let log = ExplanationLog::new(store.clone(), 3600);
         for t in 0..25 {
-            log.record("web", evaluation(t * 1000, Action::None, "no_alarm", 2), false);
+            log.record("web", evaluation(t * 1000, Action::None, ReasonCode::NoAlarm, 2), false);
         }
         // A new collector on the same store: the span as last written (every 10 s).
         let after = ExplanationLog::new(store, 3600);
@@ -242,8 +240,12 @@ mod tests {
     #[test]
     fn old_records_are_forgotten() {
         let log = ExplanationLog::new(Arc::new(Store::in_memory()), 10);
-        log.record("web", evaluation(0, Action::ScaleOut, "policy", 3), false);
-        log.record("web", evaluation(PRUNE_EVERY_MS, Action::None, "no_alarm", 3), false);
+        log.record("web", evaluation(0, Action::ScaleOut, ReasonCode::Policy, 3), false);
+        log.record(
+            "web",
+            evaluation(PRUNE_EVERY_MS, Action::None, ReasonCode::NoAlarm, 3),
+            false,
+        );
         assert_eq!(log.since("web", 0, 100).len(), 1);
     }
 }

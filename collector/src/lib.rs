@@ -30,7 +30,6 @@ pub mod activity;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod engine;
 pub mod explain;
 pub mod fuzzing;
 pub mod groups;
@@ -50,6 +49,10 @@ pub mod tls;
 pub mod transport;
 pub mod userdata;
 pub mod workload;
+
+/// The decision engine, a crate of its own (`engine/`): `crate::engine::Engine::evaluate` is where every
+/// scaling decision is made.
+pub use ebb_engine as engine;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -57,7 +57,7 @@ impl Reloader {
         }
         for (group, summary) in plan.changed {
             let handle = self.groups.get(&group.name).expect("a running group stays running");
-            handle.reconfigure(group.clone()).await?;
+            handle.reconfigure(group.clone()).await.map_err(|e| e.to_string())?;
             applied.push(format!("{}: {summary}", group.name));
         }
         *running = next;

@@ -342,6 +342,18 @@ impl Telemetry for TelemetryService {
     }
 }
 
+/// A controller's refusal as the gRPC status an operator's tool (or an enrolling agent) acts on:
+/// `UNAVAILABLE` is retried, `NOT_FOUND` and `FAILED_PRECONDITION` are not.
+fn control_status(error: crate::reconcile::ControlError) -> Status {
+    use crate::reconcile::ControlError;
+    let message = error.to_string();
+    match error {
+        ControlError::Stopped | ControlError::Unavailable(_) => Status::unavailable(message),
+        ControlError::NotFound(_) => Status::not_found(message),
+        ControlError::Refused(_) => Status::failed_precondition(message),
+    }
+}
+
 pub struct EnrollmentService {
     pub authority: Arc<Authority>,
     pub metrics: Arc<Metrics>,
@@ -406,7 +418,7 @@ impl Enrollment for EnrollmentService {
                 let member_id = group
                     .join_external(facts.clone(), token.protected)
                     .await
-                    .map_err(Status::failed_precondition)?;
+                    .map_err(control_status)?;
                 (member_id, Some(group))
             }
         };
@@ -657,7 +669,7 @@ impl Admin for AdminService {
             .group(&request.group)?
             .set_desired(request.desired_capacity)
             .await
-            .map_err(Status::failed_precondition)?;
+            .map_err(control_status)?;
         Ok(Response::new(SetDesiredCapacityResponse {
             group: Some(group_to_proto(&status)),
         }))
@@ -741,7 +753,7 @@ impl Admin for AdminService {
         group
             .set_protected(&member_id, protected)
             .await
-            .map_err(Status::failed_precondition)?;
+            .map_err(control_status)?;
         Ok(Response::new(SetProtectedResponse { group: name }))
     }
 
@@ -780,7 +792,7 @@ impl Admin for AdminService {
             .group(&request.group)?
             .refresh(percent)
             .await
-            .map_err(Status::unavailable)?;
+            .map_err(control_status)?;
         Ok(Response::new(RefreshResponse { outdated }))
     }
 
@@ -805,9 +817,37 @@ impl Admin for AdminService {
         let now = group
             .set_suspended(processes, request.suspended)
             .await
-            .map_err(Status::unavailable)?;
+            .map_err(control_status)?;
         Ok(Response::new(SetSuspendedResponse {
             suspended: now.names().into_iter().map(str::to_string).collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::ControlError;
+
+    #[test]
+    fn a_controllers_refusals_become_the_status_codes_clients_act_on() {
+        let code = |error| control_status(error).code();
+        assert_eq!(code(ControlError::Stopped), tonic::Code::Unavailable, "retried later");
+        assert_eq!(
+            code(ControlError::Unavailable("disk full".into())),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            code(ControlError::NotFound("no member web-9".into())),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            code(ControlError::Refused("at max_size".into())),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            control_status(ControlError::Stopped).message(),
+            "the group's controller has stopped"
+        );
     }
 }

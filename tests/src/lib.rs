@@ -35,9 +35,16 @@ pub fn cargo() -> Command {
     command.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        let set_for_a_test = ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_NAME", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"]
-            .iter()
-            .any(|prefix| name.starts_with(prefix));
+        let set_for_a_test = [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix));
         if set_for_a_test {
             command.env_remove(name.as_ref());
         }

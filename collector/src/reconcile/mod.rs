@@ -231,20 +231,20 @@ const JOINS_AT_ONCE: usize = 100;
 type Join = (
     ebb_proto::v1::InstanceFacts,
     bool,
-    oneshot::Sender<Result<String, String>>,
+    oneshot::Sender<Result<String, ControlError>>,
 );
 
 /// What operators and enrolling VMs ask of a group's controller.
 pub enum Command {
     SetDesired {
         desired: u32,
-        reply: oneshot::Sender<Result<GroupStatus, String>>,
+        reply: oneshot::Sender<Result<GroupStatus, ControlError>>,
     },
     /// A VM ebb did not launch enrols with an operator's token.
     JoinExternal {
         facts: ebb_proto::v1::InstanceFacts,
         protected: bool,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Result<String, ControlError>>,
     },
     /// Its enrolment failed after joining.
     LeaveExternal { member_id: String },
@@ -258,7 +258,7 @@ pub enum Command {
     SetProtected {
         member_id: String,
         protected: bool,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), ControlError>>,
     },
     /// Replace members launched from an older launch specification, keeping `min_healthy_percent`.
     Refresh {
@@ -270,6 +270,23 @@ pub enum Command {
         config: Box<GroupConfig>,
         reply: oneshot::Sender<()>,
     },
+}
+
+/// Why a command to a group's controller was not carried out; the gRPC edge gives each its status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The controller has stopped (the collector is shutting down).
+    #[error("the group's controller has stopped")]
+    Stopped,
+    /// What the command names is not in the group.
+    #[error("{0}")]
+    NotFound(String),
+    /// The group's limits or state refuse it.
+    #[error("{0}")]
+    Refused(String),
+    /// The store would not record it; nothing changed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The handle the rest of the collector keeps for a group.
@@ -285,20 +302,26 @@ impl GroupHandle {
     }
 
     /// Sends the command `make` builds and waits for its answer.
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, String> {
-        const STOPPED: &str = "the group's controller has stopped";
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ControlError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(make(reply)).await.map_err(|_| STOPPED.to_string())?;
-        answer.await.map_err(|_| STOPPED.to_string())
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        answer.await.map_err(|_| ControlError::Stopped)
     }
 
     /// Sets desired capacity as an operator; refused outside min..max.
-    pub async fn set_desired(&self, desired: u32) -> Result<GroupStatus, String> {
+    pub async fn set_desired(&self, desired: u32) -> Result<GroupStatus, ControlError> {
         self.ask(|reply| Command::SetDesired { desired, reply }).await?
     }
 
     /// Adds a VM that enrolled with an operator's token; returns its member id.
-    pub async fn join_external(&self, facts: ebb_proto::v1::InstanceFacts, protected: bool) -> Result<String, String> {
+    pub async fn join_external(
+        &self,
+        facts: ebb_proto::v1::InstanceFacts,
+        protected: bool,
+    ) -> Result<String, ControlError> {
         self.ask(|reply| Command::JoinExternal {
             facts,
             protected,
@@ -308,7 +331,7 @@ impl GroupHandle {
     }
 
     /// Suspends or resumes `processes`; the processes suspended afterwards.
-    pub async fn set_suspended(&self, processes: Suspended, suspend: bool) -> Result<Suspended, String> {
+    pub async fn set_suspended(&self, processes: Suspended, suspend: bool) -> Result<Suspended, ControlError> {
         self.ask(|reply| Command::SetSuspended {
             processes,
             suspend,
@@ -318,7 +341,7 @@ impl GroupHandle {
     }
 
     /// Protects `member_id`, one of this group's members, from scale-in (or lifts the protection).
-    pub async fn set_protected(&self, member_id: &str, protected: bool) -> Result<(), String> {
+    pub async fn set_protected(&self, member_id: &str, protected: bool) -> Result<(), ControlError> {
         self.ask(|reply| Command::SetProtected {
             member_id: member_id.to_string(),
             protected,
@@ -328,7 +351,7 @@ impl GroupHandle {
     }
 
     /// Starts an instance refresh; how many members are outdated.
-    pub async fn refresh(&self, min_healthy_percent: u32) -> Result<u32, String> {
+    pub async fn refresh(&self, min_healthy_percent: u32) -> Result<u32, ControlError> {
         self.ask(|reply| Command::Refresh {
             min_healthy_percent,
             reply,
@@ -337,7 +360,7 @@ impl GroupHandle {
     }
 
     /// Applies a reloaded configuration's settings for this group; its members are not touched.
-    pub async fn reconfigure(&self, config: GroupConfig) -> Result<(), String> {
+    pub async fn reconfigure(&self, config: GroupConfig) -> Result<(), ControlError> {
         self.ask(|reply| Command::Reconfigure {
             config: Box::new(config),
             reply,
@@ -443,7 +466,7 @@ impl GroupController {
         let (min_size, max_size) = (config.min_size, config.max_size);
         let hooks = Hooks::new(&config.name, config.lifecycle_hooks.clone());
         let spec = launch_spec(&config);
-        let (saved, members) = deps.store.load_group(&config.name)?.unwrap_or_else(|| {
+        let (saved, mut members) = deps.store.load_group(&config.name)?.unwrap_or_else(|| {
             let desired = config.desired_capacity.unwrap_or(config.min_size);
             (
                 GroupRecord {
@@ -453,6 +476,7 @@ impl GroupController {
                 Vec::new(),
             )
         });
+        migrate_launch_specs(&config, &mut members, &spec);
         let (status, status_rx) = watch::channel(GroupStatus::default());
         let (commands, commands_rx) = mpsc::channel(16);
         let mut controller = Self {
@@ -717,9 +741,12 @@ impl GroupController {
         }
     }
 
-    fn set_protected(&mut self, member_id: &str, protected: bool) -> Result<(), String> {
+    fn set_protected(&mut self, member_id: &str, protected: bool) -> Result<(), ControlError> {
         let Some(member) = self.members.iter_mut().find(|m| m.id == member_id) else {
-            return Err(format!("group {} has no member {member_id}", self.config.name));
+            return Err(ControlError::NotFound(format!(
+                "group {} has no member {member_id}",
+                self.config.name
+            )));
         };
         if member.protected == protected {
             return Ok(());
@@ -729,7 +756,9 @@ impl GroupController {
             if let Some(member) = self.members.iter_mut().find(|m| m.id == member_id) {
                 member.protected = !protected;
             }
-            return Err("the store refuses writes (is the disk full?); nothing changed".into());
+            return Err(ControlError::Unavailable(
+                "the store refuses writes (is the disk full?); nothing changed".into(),
+            ));
         }
         let cause = if protected {
             "an operator protected the member from scale-in"
@@ -746,12 +775,12 @@ impl GroupController {
         Ok(())
     }
 
-    async fn set_desired(&mut self, desired: u32, now: Millis) -> Result<(), String> {
+    async fn set_desired(&mut self, desired: u32, now: Millis) -> Result<(), ControlError> {
         if !(self.min_size..=self.max_size).contains(&desired) {
-            return Err(format!(
+            return Err(ControlError::Refused(format!(
                 "desired capacity {desired} is outside group {}'s min_size..max_size ({}..{}); change the group's limits in the configuration first",
                 self.config.name, self.min_size, self.max_size
-            ));
+            )));
         }
         let from = self.desired;
         self.record(
@@ -778,12 +807,12 @@ impl GroupController {
         facts: ebb_proto::v1::InstanceFacts,
         protected: bool,
         now: Millis,
-    ) -> Result<String, String> {
+    ) -> Result<String, ControlError> {
         if self.members.len() as u32 >= self.max_size {
-            return Err(format!(
+            return Err(ControlError::Refused(format!(
                 "group {} is at max_size {}; raise it before adding VMs by hand",
                 self.config.name, self.max_size
-            ));
+            )));
         }
         self.launches += 1;
         let member_id = format!("{}-{}", self.config.name, self.launches);
@@ -826,6 +855,8 @@ impl GroupController {
         (self.min_size, self.max_size) = (config.min_size, config.max_size);
         let from = self.desired;
         self.desired = self.desired.clamp(self.min_size, self.max_size);
+        // New user data (a changed user_data_file) makes the members launched with the old outdated.
+        self.launch_spec = launch_spec(&config);
         self.config = config;
         for member in &self.members {
             let settings = self.agent_settings(member);
@@ -1060,7 +1091,7 @@ impl GroupController {
             self.last_scale_in = Some(now);
             ActivityKind::ScaleIn
         };
-        if evaluation.reason.code == "policy" {
+        if evaluation.reason.code == crate::engine::ReasonCode::Policy {
             self.changes.push(Change { at: now, from, to });
         }
         self.record(kind, evaluation.reason.text.clone(), Ok(String::new()), "", (from, to));
@@ -1643,14 +1674,41 @@ impl GroupController {
     }
 }
 
-/// A short fingerprint of the provider settings members are launched with.
+/// The version prefix of [`launch_spec`]'s fingerprints.
+const LAUNCH_SPEC_VERSION: &str = "v2:";
+
+/// A short fingerprint of what members are launched with: the provider table as the operator wrote it
+/// (canonical) and the operator's user data; versioned (`v2:` and 12 hex digits).
 fn launch_spec(config: &GroupConfig) -> String {
+    let mut settings = config.provider_as_written.clone();
+    if let Some(operator) = &config.operator_user_data {
+        settings.push('\n');
+        settings.push_str(operator.text());
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, settings.as_bytes());
+    format!("{LAUNCH_SPEC_VERSION}{}", crate::pki::hex(&digest.as_ref()[..6]))
+}
+
+/// The fingerprint collectors before `v2` gave (of the provider settings' Debug text, which changes
+/// whenever a setting is added); only to recognise, at start, members launched with today's settings.
+fn launch_spec_v1(config: &GroupConfig) -> String {
     let mut settings = format!("{:?}", config.provider);
     if let Some(operator) = &config.operator_user_data {
         settings.push_str(operator.text());
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, settings.as_bytes());
     crate::pki::hex(&digest.as_ref()[..6])
+}
+
+/// Members an older collector stamped with the v1 fingerprint of the settings in force now are stamped
+/// with today's: they are not outdated. Any other old fingerprint stays, and `refresh` replaces them.
+fn migrate_launch_specs(config: &GroupConfig, members: &mut [Member], spec: &str) {
+    let legacy = launch_spec_v1(config);
+    for member in members {
+        if !member.launch_spec.starts_with(LAUNCH_SPEC_VERSION) && member.launch_spec == legacy {
+            member.launch_spec = spec.to_string();
+        }
+    }
 }
 
 /// What a launch's user data holds, in words.

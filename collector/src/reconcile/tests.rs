@@ -367,7 +367,7 @@ async fn a_stopped_instance_that_cannot_be_terminated_yet_stays_until_it_is_and_
 
 async fn send(
     h: &mut Harness,
-    command: impl FnOnce(oneshot::Sender<Result<GroupStatus, String>>) -> Command,
+    command: impl FnOnce(oneshot::Sender<Result<GroupStatus, ControlError>>) -> Command,
 ) -> GroupStatus {
     let (reply, answer) = oneshot::channel();
     h.controller.handle(command(reply), now_ms()).await;
@@ -434,7 +434,10 @@ async fn joins_queued_together_are_answered_together_and_the_command_behind_them
     assert_eq!(ids, ["web-1", "web-2", "web-3"]);
     assert_eq!(answers[0], Ok("web-2".to_string()));
     assert_eq!(answers[1], Ok("web-3".to_string()));
-    assert!(answers[2].as_ref().unwrap_err().contains("max_size 3"), "{answers:?}");
+    assert!(
+        matches!(&answers[2], Err(ControlError::Refused(why)) if why.contains("max_size 3")),
+        "{answers:?}"
+    );
     assert_eq!(
         protected.try_recv().unwrap(),
         Ok(()),
@@ -478,7 +481,7 @@ async fn protected_members_are_never_scaled_in_and_hand_made_ones_are_never_term
 
 #[tokio::test]
 async fn an_operator_protects_a_member_from_scale_in_and_lifts_it() {
-    async fn protect(h: &mut Harness, member_id: &str, protected: bool) -> Result<(), String> {
+    async fn protect(h: &mut Harness, member_id: &str, protected: bool) -> Result<(), ControlError> {
         let (reply, answer) = oneshot::channel();
         let member_id = member_id.to_string();
         let command = Command::SetProtected {
@@ -495,13 +498,16 @@ async fn an_operator_protects_a_member_from_scale_in_and_lifts_it() {
     assert_eq!(protect(&mut h, "web-1", true).await, Ok(()));
     assert_eq!(
         protect(&mut h, "web-9", true).await,
-        Err("group web has no member web-9".into())
+        Err(ControlError::NotFound("group web has no member web-9".into()))
     );
 
     // A change the store cannot keep is refused, not half made.
     h.controller.deps.store.refuse_writes(true);
     let refused = protect(&mut h, "web-1", false).await.unwrap_err();
-    assert!(refused.contains("the store refuses writes"), "{refused}");
+    assert!(
+        matches!(&refused, ControlError::Unavailable(why) if why.contains("the store refuses writes")),
+        "{refused}"
+    );
     h.controller.deps.store.refuse_writes(false);
     assert!(h.controller.members.iter().any(|m| m.id == "web-1" && m.protected));
 
@@ -529,7 +535,7 @@ async fn operators_set_desired_within_the_limits_only() {
         .await;
     let error = answer.await.unwrap().unwrap_err();
     assert!(
-        error.contains("outside group web's min_size..max_size (1..3)"),
+        matches!(&error, ControlError::Refused(why) if why.contains("outside group web's min_size..max_size (1..3)")),
         "{error}"
     );
 
@@ -1414,5 +1420,55 @@ async fn a_member_abandoned_mid_step_does_not_lend_its_figures_to_the_next() {
     assert!(
         !kinds.iter().any(|k| k.starts_with("scale_in")),
         "web-2 at 90 % was judged on web-1's idle figures: {kinds:?}"
+    );
+}
+
+#[tokio::test]
+async fn members_stamped_by_an_older_collector_with_todays_settings_are_not_outdated() {
+    let store = Arc::new(Store::in_memory());
+    let (provider, lb) = (FakeProvider::default(), FakeLoadBalancer::default());
+    let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb.clone()).await;
+    let now = now_ms();
+    h.controller.desired = 2;
+    h.controller.step(now).await;
+    let current = h.controller.launch_spec.clone();
+    assert!(current.starts_with("v2:") && current.len() == 15, "{current}");
+    // As a collector before v2 left them: one with today's settings, one with others.
+    h.controller.members[0].launch_spec = launch_spec_v1(&h.controller.config);
+    h.controller.members[1].launch_spec = "0123456789ab".into();
+    assert!(h.controller.save());
+    drop(h);
+
+    let h = harness_on(|g| g, store, provider, lb).await;
+    let specs: Vec<&str> = h.controller.members.iter().map(|m| m.launch_spec.as_str()).collect();
+    assert_eq!(specs, [current.as_str(), "0123456789ab"]);
+}
+
+#[tokio::test]
+async fn new_user_data_at_reload_makes_the_members_launched_before_it_outdated() {
+    let mut h = harness().await;
+    let now = now_ms();
+    h.controller.desired = 2;
+    h.controller.step(now).await;
+    let before = h.controller.launch_spec.clone();
+    // As a reload reads a changed user_data_file: the provider table is the same, its file's text is not.
+    let mut reloaded = h.controller.config.clone();
+    reloaded.operator_user_data = Some(crate::userdata::OperatorUserData::parse(b"#!/bin/sh\necho two\n").unwrap());
+    h.controller.reconfigure(reloaded).await;
+    assert_ne!(h.controller.launch_spec, before);
+    let (reply, answer) = oneshot::channel();
+    h.controller
+        .handle(
+            Command::Refresh {
+                min_healthy_percent: 50,
+                reply,
+            },
+            now + 100,
+        )
+        .await;
+    assert_eq!(
+        answer.await.unwrap(),
+        2,
+        "both members were launched with the old user data"
     );
 }

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Context, Millis, Reason, fmt_value};
-use crate::engine::reading::Metric;
+use super::{Context, Millis, Reason, ReasonCode, fmt_value};
+use crate::reading::Metric;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -261,7 +261,7 @@ fn verdict(policy: &str, state: AlarmState, values: Vec<Option<f64>>) -> Verdict
 }
 
 impl Verdict {
-    fn holding(mut self, code: &'static str, text: String) -> Self {
+    fn holding(mut self, code: ReasonCode, text: String) -> Self {
         self.explanation = format!("policy {}: {text}", self.policy);
         self.hold = Some(Reason { code, text });
         self
@@ -296,10 +296,11 @@ impl StepPolicy {
 
     fn verdict(&self, p: usize, context: &Context) -> Verdict {
         let periods = self.evaluation_periods as usize;
-        let insufficient =
-            |values, text| verdict(&self.name, AlarmState::InsufficientData, values).holding("insufficient_data", text);
+        let insufficient = |values, text| {
+            verdict(&self.name, AlarmState::InsufficientData, values).holding(ReasonCode::InsufficientData, text)
+        };
         if let Some(loss) = &context.metric_loss {
-            if context.on_metric_loss == crate::engine::OnMetricLoss::AssumeHigh
+            if context.on_metric_loss == crate::OnMetricLoss::AssumeHigh
                 && self.comparison.is_upward()
                 && !self.scales_in()
             {
@@ -373,10 +374,11 @@ impl StepPolicy {
             self.datapoints_to_alarm
         );
         if breaching < self.datapoints_to_alarm {
-            let mut v = verdict(&self.name, AlarmState::Ok, values).holding("no_alarm", format!("{measured} → ok"));
+            let mut v =
+                verdict(&self.name, AlarmState::Ok, values).holding(ReasonCode::NoAlarm, format!("{measured} → ok"));
             if let (Some((member, k)), true) = (&silent, self.scales_in()) {
                 v = v.holding(
-                    "insufficient_data",
+                    ReasonCode::InsufficientData,
                     format!(
                         "{measured}; member {member} sent no data in period {}, so no scale-in",
                         k + 1
@@ -394,7 +396,7 @@ impl StepPolicy {
             .find(|s| s.contains(breach, self.comparison.is_upward()))
         else {
             return alarm.holding(
-                "no_step",
+                ReasonCode::NoStep,
                 format!(
                     "{measured} → alarm, but a breach of {} matches no step",
                     fmt_value(breach)
@@ -405,14 +407,17 @@ impl StepPolicy {
         if to == context.desired {
             if step.adjustment > 0 && context.uncounted > 0 {
                 return alarm.holding(
-                    "warming",
+                    ReasonCode::Warming,
                     format!(
                         "{measured} → alarm, but the {to} members it asks for are there: {} still launching or warming up",
                         context.uncounted
                     ),
                 );
             }
-            return alarm.holding("no_change", format!("{measured} → alarm, but capacity is already {to}"));
+            return alarm.holding(
+                ReasonCode::NoChange,
+                format!("{measured} → alarm, but capacity is already {to}"),
+            );
         }
         alarm.proposing(to, format!("{measured} → alarm → {} → {to}", context.desired))
     }
@@ -449,7 +454,7 @@ impl TargetPolicy {
     fn verdict(&self, p: usize, context: &Context) -> Verdict {
         let value_of = |m: &&super::MemberInput| m.means.get(p).and_then(|m| m.first().copied().flatten());
         if let Some(loss) = &context.metric_loss {
-            if context.on_metric_loss == crate::engine::OnMetricLoss::AssumeHigh {
+            if context.on_metric_loss == crate::OnMetricLoss::AssumeHigh {
                 let to = context.desired + 1;
                 return verdict(&self.name, AlarmState::Tracking, vec![None]).proposing(
                     to,
@@ -457,7 +462,7 @@ impl TargetPolicy {
                 );
             }
             return verdict(&self.name, AlarmState::InsufficientData, vec![None])
-                .holding("insufficient_data", loss.clone());
+                .holding(ReasonCode::InsufficientData, loss.clone());
         }
         let present: Vec<f64> = context.counted.iter().filter_map(value_of).collect();
         if present.is_empty() {
@@ -466,7 +471,8 @@ impl TargetPolicy {
             } else {
                 format!("no {} data in the last {} s", self.metric.name(), self.period_secs)
             };
-            return verdict(&self.name, AlarmState::InsufficientData, vec![None]).holding("insufficient_data", text);
+            return verdict(&self.name, AlarmState::InsufficientData, vec![None])
+                .holding(ReasonCode::InsufficientData, text);
         }
         // Missing members count as 0 here: they can only lower the recommendation.
         let sum: f64 = present.iter().sum();
@@ -486,7 +492,7 @@ impl TargetPolicy {
             v.recommendation = Some(wanted.max(desired));
             if wanted <= desired {
                 return v.holding(
-                    "warming",
+                    ReasonCode::Warming,
                     format!(
                         "{measured} wants {wanted}, already there: {} member(s) still launching or warming up",
                         context.uncounted
@@ -500,7 +506,7 @@ impl TargetPolicy {
                         .saturating_sub(context.changed_within(limit.period_secs, true));
                     if left == 0 {
                         return v.holding(
-                            "rate_limited",
+                            ReasonCode::RateLimited,
                             format!(
                                 "{measured} wants {wanted}, but the scale-out limit for {} s is used up",
                                 limit.period_secs
@@ -515,21 +521,21 @@ impl TargetPolicy {
         }
         if ratio >= 1.0 - self.scale_in_tolerance {
             v.recommendation = Some(desired);
-            return v.holding("within_tolerance", format!("{measured}, within tolerance"));
+            return v.holding(ReasonCode::WithinTolerance, format!("{measured}, within tolerance"));
         }
         // Members still launching or warming up count as exactly at the target.
         let wanted = (sum / self.target).ceil() as u32 + context.uncounted;
         v.recommendation = Some(wanted);
         if self.disable_scale_in {
             return v.holding(
-                "scale_in_disabled",
+                ReasonCode::ScaleInDisabled,
                 format!("{measured} wants {wanted}, but scale-in is disabled"),
             );
         }
         if let Some(member) = context.counted.iter().find(|m| value_of(m).is_none()) {
             v.state = AlarmState::InsufficientData;
             return v.holding(
-                "insufficient_data",
+                ReasonCode::InsufficientData,
                 format!("{measured}, but member {} sent no data, so no scale-in", member.id),
             );
         }
@@ -542,7 +548,7 @@ impl TargetPolicy {
             .fold(wanted, u32::max);
         if stabilized >= desired {
             return v.holding(
-                "stabilizing",
+                ReasonCode::Stabilizing,
                 format!(
                     "{measured} wants {wanted}, but the highest recommendation of the last {} s is {stabilized}",
                     self.stabilization_secs
@@ -556,7 +562,7 @@ impl TargetPolicy {
                     .saturating_sub(context.changed_within(limit.period_secs, false));
                 if left == 0 {
                     return v.holding(
-                        "rate_limited",
+                        ReasonCode::RateLimited,
                         format!(
                             "{measured} wants {stabilized}, but the scale-in limit for {} s is used up",
                             limit.period_secs

@@ -24,7 +24,7 @@ pub enum Metric {
     /// Share of the member's health checks that passed, percent (100 or 0 per check).
     HealthRatio,
     /// `custom:NAME`: a value the agent reads from a file (its `[custom_metrics]`). `slot` is where samples
-    /// keep it, assigned by the configuration ([`crate::config::parse`]).
+    /// keep it, assigned by the collector's configuration (`config::parse`).
     Custom {
         slot: u8,
         name: &'static str,

@@ -105,7 +105,7 @@ fn group(desired: u32, members: Vec<MemberInput>) -> GroupInput {
 }
 
 fn outcome(e: &Evaluation) -> (Action, u32, &'static str) {
-    (e.action, e.desired, e.reason.code)
+    (e.action, e.desired, e.reason.code.as_str())
 }
 
 #[test]
@@ -657,7 +657,7 @@ fn seed_heat_scales_up_to_max_and_stops() {
         let mut g = group(desired, members);
         g.max_size = 3;
         let e = engine.evaluate(&g);
-        history.push(e.reason.code);
+        history.push(e.reason.code.as_str());
         desired = e.desired;
     }
     assert_eq!(desired, 3);
@@ -806,7 +806,7 @@ proptest! {
             m.means = vec![vec![None; 15]; 4];
         }
         let e = engine.evaluate(&g);
-        if e.action == Action::ScaleIn && e.reason.code != "limits" {
+        if e.action == Action::ScaleIn && e.reason.code != ReasonCode::Limits {
             // Only possible when no counted member lacks data.
             prop_assert!(e.members.counted <= 1, "{}", e.explanation);
         }

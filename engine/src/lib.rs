@@ -20,6 +20,8 @@
 //!   in a row, or when silent for `silent_secs` while others still report; healthy again after
 //!   `healthy_threshold` passes. A member never healthy `launch_timeout_secs` after launch is unhealthy.
 
+#![forbid(unsafe_code)]
+
 mod policy;
 mod reading;
 pub mod schedule;
@@ -165,8 +167,85 @@ pub struct GroupInput {
 /// Why something did or did not happen: a stable code and words.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Reason {
-    pub code: &'static str,
+    pub code: ReasonCode,
     pub text: String,
+}
+
+impl Reason {
+    pub fn new(code: ReasonCode, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            text: text.into(),
+        }
+    }
+}
+
+/// A reason's stable code: in JSON, the store and the Admin API, its `snake_case` name.
+///
+/// The first group is what a policy that did not act says, in order of priority: when no policy acts, the
+/// decision gives the earliest one any policy gave (a policy short of data is more telling than one within
+/// its tolerance). The rest are the decision's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonCode {
+    InsufficientData,
+    Warming,
+    Stabilizing,
+    RateLimited,
+    ScaleInDisabled,
+    WithinTolerance,
+    NoStep,
+    NoChange,
+    /// A policy whose alarm is not raised; as the decision's reason, no policy is in alarm.
+    NoAlarm,
+    Suspended,
+    Limits,
+    AtMax,
+    AtMin,
+    InCooldown,
+    /// A policy's proposal was carried out.
+    Policy,
+    NoPolicies,
+}
+
+impl ReasonCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InsufficientData => "insufficient_data",
+            Self::Warming => "warming",
+            Self::Stabilizing => "stabilizing",
+            Self::RateLimited => "rate_limited",
+            Self::ScaleInDisabled => "scale_in_disabled",
+            Self::WithinTolerance => "within_tolerance",
+            Self::NoStep => "no_step",
+            Self::NoChange => "no_change",
+            Self::NoAlarm => "no_alarm",
+            Self::Suspended => "suspended",
+            Self::Limits => "limits",
+            Self::AtMax => "at_max",
+            Self::AtMin => "at_min",
+            Self::InCooldown => "in_cooldown",
+            Self::Policy => "policy",
+            Self::NoPolicies => "no_policies",
+        }
+    }
+}
+
+/// What one evaluation decides about capacity, before health replacement is added.
+struct Decision {
+    desired: u32,
+    action: Action,
+    reason: Reason,
+    /// The policy whose proposal was carried out or held back.
+    policy: Option<String>,
+}
+
+/// The two ways a policy can move capacity; what differs between them is data, and one gate
+/// ([`Engine::gate`]) decides both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Out,
+    In,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -358,7 +437,12 @@ impl Engine {
                 })
             })
             .collect();
-        let (desired, action, reason, policy) = self.decide(input, &verdicts);
+        let Decision {
+            desired,
+            action,
+            reason,
+            policy,
+        } = self.decide(input, &verdicts);
         let replace: Vec<String> = if self.health.replace_unhealthy && !input.suspended {
             input
                 .members
@@ -462,12 +546,17 @@ impl Engine {
         changes
     }
 
-    fn decide(&self, input: &GroupInput, verdicts: &[Verdict]) -> (u32, Action, Reason, Option<String>) {
+    fn decide(&self, input: &GroupInput, verdicts: &[Verdict]) -> Decision {
         let current = input.desired;
         let (min, max) = (input.min_size, input.max_size);
-        let hold = |code, text: String| (current, Action::None, Reason { code, text }, None);
+        let hold = |code, text: String| Decision {
+            desired: current,
+            action: Action::None,
+            reason: Reason::new(code, text),
+            policy: None,
+        };
         if input.suspended {
-            return hold("suspended", "scaling is suspended by an operator".into());
+            return hold(ReasonCode::Suspended, "scaling is suspended by an operator".into());
         }
         if !(min..=max).contains(&current) {
             let to = current.clamp(min, max);
@@ -478,124 +567,106 @@ impl Engine {
             };
             let text =
                 format!("desired capacity {current} is outside min_size..max_size ({min}..{max}); {current} → {to}");
-            return (to, action, Reason { code: "limits", text }, None);
+            return Decision {
+                desired: to,
+                action,
+                reason: Reason::new(ReasonCode::Limits, text),
+                policy: None,
+            };
         }
-        let best = |out: bool| {
-            verdicts
+        // Scale-out beats scale-in; in each direction the largest capacity wins, the first policy on a tie.
+        for direction in [Direction::Out, Direction::In] {
+            let best = verdicts
                 .iter()
                 .enumerate()
                 .filter_map(|(i, v)| Some((i, v, v.proposal?)))
-                .filter(|(_, _, to)| (*to > current) == out && *to != current)
-                .max_by_key(|(i, _, to)| (*to, std::cmp::Reverse(*i)))
-        };
-        if let Some((_, verdict, wanted)) = best(true) {
-            let name = Some(verdict.policy.clone());
-            if current >= max {
-                return (
-                    current,
-                    Action::None,
-                    Reason {
-                        code: "at_max",
-                        text: format!(
-                            "{} asks for {wanted}, but capacity {current} is at max_size",
-                            verdict.policy
-                        ),
-                    },
-                    name,
-                );
+                .filter(|(_, _, to)| *to != current && (*to > current) == (direction == Direction::Out))
+                .max_by_key(|(i, _, to)| (*to, std::cmp::Reverse(*i)));
+            if let Some((_, verdict, wanted)) = best {
+                return self.gate(input, direction, verdict, wanted);
             }
-            if let Some(left) = cooldown_left(input.last_scale_out, self.scale_out_cooldown_secs, input.now) {
-                let text = format!(
-                    "{} asks for {wanted}, but scale-out cooldown has {left} s left",
-                    verdict.policy
-                );
-                return (
-                    current,
-                    Action::None,
-                    Reason {
-                        code: "in_cooldown",
-                        text,
-                    },
-                    name,
-                );
-            }
-            let to = wanted.min(max);
-            let clamped = if to < wanted {
-                format!(" (clamped to max_size {max})")
-            } else {
-                String::new()
-            };
-            let text = format!("{}{clamped}", verdict.explanation);
-            return (to, Action::ScaleOut, Reason { code: "policy", text }, name);
-        }
-        if let Some((_, verdict, wanted)) = best(false) {
-            let name = Some(verdict.policy.clone());
-            if current <= min {
-                return (
-                    current,
-                    Action::None,
-                    Reason {
-                        code: "at_min",
-                        text: format!(
-                            "{} asks for {wanted}, but capacity {current} is at min_size",
-                            verdict.policy
-                        ),
-                    },
-                    name,
-                );
-            }
-            let last = input.last_scale_out.max(input.last_scale_in);
-            if let Some(left) = cooldown_left(last, self.scale_in_cooldown_secs, input.now) {
-                let text = format!(
-                    "{} asks for {wanted}, but scale-in cooldown has {left} s left",
-                    verdict.policy
-                );
-                return (
-                    current,
-                    Action::None,
-                    Reason {
-                        code: "in_cooldown",
-                        text,
-                    },
-                    name,
-                );
-            }
-            let to = wanted.max(min);
-            let clamped = if to > wanted {
-                format!(" (clamped to min_size {min})")
-            } else {
-                String::new()
-            };
-            let text = format!("{}{clamped}", verdict.explanation);
-            return (to, Action::ScaleIn, Reason { code: "policy", text }, name);
         }
         if verdicts.is_empty() {
-            return hold("no_policies", "the group has no scaling policy".into());
+            return hold(ReasonCode::NoPolicies, "the group has no scaling policy".into());
         }
         // The most telling reason a policy gave for doing nothing.
-        const ORDER: [&str; 8] = [
-            "insufficient_data",
-            "warming",
-            "stabilizing",
-            "rate_limited",
-            "scale_in_disabled",
-            "within_tolerance",
-            "no_step",
-            "no_change",
-        ];
-        let reason = ORDER
+        let reason = verdicts
             .iter()
-            .find_map(|code| {
-                verdicts
-                    .iter()
-                    .find_map(|v| v.hold.as_ref().filter(|h| h.code == *code))
-            })
+            .filter_map(|v| v.hold.as_ref())
+            .filter(|hold| hold.code < ReasonCode::NoAlarm)
+            .min_by_key(|hold| hold.code)
             .cloned()
-            .unwrap_or(Reason {
-                code: "no_alarm",
-                text: "no policy in alarm".into(),
-            });
-        (current, Action::None, reason, None)
+            .unwrap_or_else(|| Reason::new(ReasonCode::NoAlarm, "no policy in alarm"));
+        Decision {
+            desired: current,
+            action: Action::None,
+            reason,
+            policy: None,
+        }
+    }
+
+    /// Whether `verdict`'s proposal of `wanted` goes ahead: not past the limit in its direction, not within
+    /// its cooldown; clamped to the limit, saying so.
+    fn gate(&self, input: &GroupInput, direction: Direction, verdict: &Verdict, wanted: u32) -> Decision {
+        let current = input.desired;
+        let (at_limit, limit_code, limit_name, limit, last, cooldown_secs, action, word) = match direction {
+            Direction::Out => (
+                current >= input.max_size,
+                ReasonCode::AtMax,
+                "max_size",
+                input.max_size,
+                input.last_scale_out,
+                self.scale_out_cooldown_secs,
+                Action::ScaleOut,
+                "scale-out",
+            ),
+            Direction::In => (
+                current <= input.min_size,
+                ReasonCode::AtMin,
+                "min_size",
+                input.min_size,
+                input.last_scale_out.max(input.last_scale_in),
+                self.scale_in_cooldown_secs,
+                Action::ScaleIn,
+                "scale-in",
+            ),
+        };
+        let policy = Some(verdict.policy.clone());
+        let hold = |code, text: String| Decision {
+            desired: current,
+            action: Action::None,
+            reason: Reason::new(code, text),
+            policy: policy.clone(),
+        };
+        if at_limit {
+            let text = format!(
+                "{} asks for {wanted}, but capacity {current} is at {limit_name}",
+                verdict.policy
+            );
+            return hold(limit_code, text);
+        }
+        if let Some(left) = cooldown_left(last, cooldown_secs, input.now) {
+            let text = format!(
+                "{} asks for {wanted}, but {word} cooldown has {left} s left",
+                verdict.policy
+            );
+            return hold(ReasonCode::InCooldown, text);
+        }
+        let to = match direction {
+            Direction::Out => wanted.min(limit),
+            Direction::In => wanted.max(limit),
+        };
+        let clamped = if to != wanted {
+            format!(" (clamped to {limit_name} {limit})")
+        } else {
+            String::new()
+        };
+        Decision {
+            desired: to,
+            action,
+            reason: Reason::new(ReasonCode::Policy, format!("{}{clamped}", verdict.explanation)),
+            policy,
+        }
     }
 
     /// The members a scale-in removes, in order: those still launching first (cancelled), then by the
@@ -640,7 +711,12 @@ impl Evaluation {
     fn describe(&self) -> String {
         let m = &self.members;
         let mut text = match self.action {
-            Action::None => format!("hold at {} ({}): {}", self.desired, self.reason.code, self.reason.text),
+            Action::None => format!(
+                "hold at {} ({}): {}",
+                self.desired,
+                self.reason.code.as_str(),
+                self.reason.text
+            ),
             Action::Replace => format!("replace {}; capacity stays {}", self.replace.join(", "), self.desired),
             _ => format!(
                 "{} {} → {}: {}",
