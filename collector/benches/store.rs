@@ -172,10 +172,11 @@ async fn restart(dir: &std::path::Path, count: usize) -> Duration {
         explanations: ExplanationLog::new(store.clone(), 3600),
         store,
         cluster_id: "bench".into(),
+        clock: Arc::new(ebb_collector::clock::SystemClock),
         collector_url: "https://127.0.0.1:7300".into(),
     };
     let (mut controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps).await.unwrap();
-    controller.step(ebb_collector::reconcile::now_ms()).await;
+    controller.step(ebb_collector::clock::now_ms()).await;
     let elapsed = started.elapsed();
     let ids: Vec<String> = handle.status().members.iter().map(|m| m.member.id.clone()).collect();
     assert_eq!(ids.len(), count, "every member, adopted ones included: {ids:?}");

@@ -390,7 +390,7 @@ pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<(
                 std::time::Duration::from_secs(3600),
             )?;
             let lifetime = std::time::Duration::from_secs(u64::from(days) * 24 * 3600);
-            let (cert, key) = pki.issue_admin(&name, crate::reconcile::now_ms(), lifetime)?;
+            let (cert, key) = pki.issue_admin(&name, crate::clock::now_ms(), lifetime)?;
             std::fs::create_dir_all(&out)?;
             pki::write_private(&out.join("admin.key"), &key)?;
             pki::write_private(&out.join("admin.pem"), &cert.pem)?;

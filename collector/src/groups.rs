@@ -105,6 +105,7 @@ impl Groups {
                 explanations: shared.explanations.clone(),
                 store: shared.store.clone(),
                 cluster_id: shared.cluster_id.clone(),
+                clock: Arc::new(crate::clock::SystemClock),
                 collector_url: group.collector_url(&shared.server, shared.grpc_address),
             };
             let name = group.name.clone();

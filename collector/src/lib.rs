@@ -28,6 +28,7 @@ macro_rules! out {
 
 pub mod activity;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod explain;
@@ -318,7 +319,7 @@ fn pki(config: &CollectorConfig) -> anyhow::Result<Pki> {
     let admin_cert = server.state_dir.join("admin.pem");
     if !admin_cert.exists() {
         let year = std::time::Duration::from_secs(365 * 24 * 3600);
-        let (cert, key) = pki.issue_admin("local", reconcile::now_ms(), year)?;
+        let (cert, key) = pki.issue_admin("local", clock::now_ms(), year)?;
         pki::write_private(&server.state_dir.join("admin.key"), &key)?;
         pki::write_private(&admin_cert, &cert.pem)?;
     }

@@ -26,10 +26,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::activity::{Activity, ActivityLog};
+use crate::clock::now_ms;
 use crate::ingest::{CloseReason, IngestError, IngestHandle, MAX_SAMPLES_PER_BATCH};
 use crate::metrics::{ConnectedAgent, Metrics};
 use crate::pki::{Authority, CertRejection, ClientIdentity};
-use crate::reconcile::{GroupHandle, GroupStatus, Process, Suspended, now_ms};
+use crate::reconcile::{GroupHandle, GroupStatus, Process, Suspended};
 use crate::tls::PeerInfo;
 
 pub use crate::transport::limits::MAX_MESSAGE_BYTES;

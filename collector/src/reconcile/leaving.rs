@@ -2,7 +2,7 @@
 //! terminating hooks, then terminated with an intent written first and the certificate revoked; and the
 //! instance refresh that rolls members launched from an older launch specification.
 
-use super::{GroupController, Member, MemberState, now_ms};
+use super::{GroupController, Member, MemberState};
 use crate::activity::ActivityKind;
 use crate::engine::Millis;
 use crate::hooks::{HookResult, Transition};
@@ -113,7 +113,7 @@ impl GroupController {
     /// Out of the load balancer first, then terminated; `false` if the termination failed (the member
     /// stays, and a later pass tries again).
     pub(super) async fn remove(&mut self, index: usize, cause: &str) -> bool {
-        let now = now_ms();
+        let now = self.now;
         let intent = Intent {
             key: format!("terminate-{}-{now}", self.members[index].id),
             group: self.config.name.clone(),

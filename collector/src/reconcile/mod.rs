@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::MissedTickBehavior;
 
 use crate::activity::{Activity, ActivityKind, ActivityLog};
+use crate::clock::Clock;
 use crate::config::GroupConfig;
 pub use crate::engine::MemberState;
 use crate::engine::schedule::ScheduledAction;
@@ -390,6 +391,8 @@ pub struct Dependencies {
     pub store: Arc<Store>,
     /// This collector's identity, tagged on every instance it launches.
     pub cluster_id: String,
+    /// Read at the start of each step and command; nothing inside them reads the time again.
+    pub clock: Arc<dyn Clock>,
     /// The URL agents use to reach the collector.
     pub collector_url: String,
 }
@@ -439,6 +442,8 @@ pub struct GroupController {
     recovered: bool,
     /// When this controller started: members restored from the store are judged from then.
     started_at: Millis,
+    /// The time of the step or command being carried out: activities, intents and warnings use it.
+    now: Millis,
     hooks: Hooks,
     /// The fingerprint of the provider settings new members are launched with.
     launch_spec: String,
@@ -477,6 +482,7 @@ impl GroupController {
             )
         });
         migrate_launch_specs(&config, &mut members, &spec);
+        let started_at = deps.clock.now_ms();
         let (status, status_rx) = watch::channel(GroupStatus::default());
         let (commands, commands_rx) = mpsc::channel(16);
         let mut controller = Self {
@@ -505,7 +511,8 @@ impl GroupController {
             saved: None,
             store_failing: false,
             recovered: false,
-            started_at: now_ms(),
+            started_at,
+            now: started_at,
             hooks,
             launch_spec: spec,
             refresh: None,
@@ -607,7 +614,7 @@ impl GroupController {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.step(now_ms()).await,
+                _ = ticker.tick() => self.step(self.deps.clock.now_ms()).await,
                 Some(command) = commands.recv() => self.handle_queued(command, &mut commands).await,
                 _ = stop.changed() => break,
             }
@@ -635,16 +642,17 @@ impl GroupController {
             };
         }
         if !joins.is_empty() {
-            self.join_all(joins, now_ms()).await;
+            self.join_all(joins, self.deps.clock.now_ms()).await;
             self.save();
         }
         if let Some(command) = next {
-            self.handle(command, now_ms()).await;
+            self.handle(command, self.deps.clock.now_ms()).await;
         }
     }
 
     /// Joins each VM, then publishes the new state once and answers them all.
     async fn join_all(&mut self, joins: Vec<Join>, now: Millis) {
+        self.now = now;
         let mut answers = Vec::with_capacity(joins.len());
         for (facts, protected, reply) in joins {
             answers.push((self.join_external(facts, protected, now).await, reply));
@@ -657,6 +665,7 @@ impl GroupController {
 
     /// Carries out an operator's or an enrolling VM's request, then publishes the new state before answering.
     async fn handle(&mut self, command: Command, now: Millis) {
+        self.now = now;
         self.carry_out(command, now).await;
         self.save();
     }
@@ -877,6 +886,7 @@ impl GroupController {
     /// takes milliseconds, and the Report streams sharing this worker thread should wait for one phase,
     /// not for the whole step.
     pub async fn step(&mut self, now: Millis) {
+        self.now = now;
         if self.store_failing && !self.save() {
             self.last_evaluation = "paused: the store refuses writes (disk full or unwritable); see the log".into();
             self.refresh_status().await;
@@ -1189,7 +1199,7 @@ impl GroupController {
             }
             Err(e) => {
                 self.repeated
-                    .failed(&self.config.name, DESCRIBE, &e.to_string(), now_ms());
+                    .failed(&self.config.name, DESCRIBE, &e.to_string(), self.now);
                 return;
             }
         };
@@ -1629,7 +1639,7 @@ impl GroupController {
             cause,
             outcome,
             detail,
-            at: now_ms(),
+            at: self.now,
             from_capacity: capacity.0,
             to_capacity: capacity.1,
             member_id: member.to_string(),
@@ -1775,13 +1785,6 @@ impl RepeatedWarnings {
         tracing::info!(group, failures = run.repeats + 1, "{what}: works again");
         true
     }
-}
-
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
 }
 
 mod leaving;

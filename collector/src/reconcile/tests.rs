@@ -1,6 +1,7 @@
 //! The controller against the fake provider and load balancer: every behaviour of a group, step by step.
 
 use super::*;
+use crate::clock::now_ms;
 use crate::lb::fake::FakeLoadBalancer;
 use crate::providers::fake::FakeProvider;
 use ebb_proto::v1::health_check::Status as HealthStatus;
@@ -79,6 +80,7 @@ async fn harness_on(
         explanations: ExplanationLog::new(store.clone(), 3600),
         store: store.clone(),
         cluster_id: "test".into(),
+        clock: Arc::new(crate::clock::SystemClock),
         collector_url: "https://127.0.0.1:7300".into(),
     };
     let (controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps).await.unwrap();
@@ -1471,4 +1473,20 @@ async fn new_user_data_at_reload_makes_the_members_launched_before_it_outdated()
         2,
         "both members were launched with the old user data"
     );
+}
+
+/// A step's activities carry the time the step was given, not the wall clock's: a run driven with other
+/// times (a simulation, these tests) records the same history.
+#[tokio::test]
+async fn activities_carry_the_time_of_their_step() {
+    let mut h = harness().await;
+    let at = 1_700_000_000_000; // 2023-11-14, far from the wall clock
+    h.controller.step(at).await;
+    let launch = h
+        .activities
+        .since(0, "web")
+        .into_iter()
+        .find(|a| a.kind == ActivityKind::Launch)
+        .unwrap();
+    assert_eq!(launch.at, at);
 }

@@ -95,7 +95,7 @@ impl DirCloud {
 #[async_trait]
 impl Provider for DirCloud {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
-        let called_at_ms = crate::reconcile::now_ms();
+        let called_at_ms = crate::clock::now_ms();
         self.delay().await;
         tokio::time::sleep(Duration::from_millis(self.config.launch_latency_ms.into())).await;
         if let Some(known) = self.records()?.into_iter().find(|r| r.launch_id == spec.launch_id) {
