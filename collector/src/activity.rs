@@ -4,135 +4,13 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use crate::engine::Millis;
 use crate::metrics::Metrics;
+pub use crate::model::{Activity, ActivityKind};
 use crate::store::Store;
 
 /// At most this many activities per read.
 const READ_LIMIT: usize = 10_000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ActivityKind {
-    /// A policy raised desired capacity.
-    ScaleOut,
-    /// A policy lowered desired capacity.
-    ScaleIn,
-    /// An operator set desired capacity.
-    SetDesired,
-    Launch,
-    Terminate,
-    /// Put behind the load balancer after passing its health check.
-    Register,
-    /// Taken out of the load balancer.
-    Deregister,
-    /// An instance disappeared without ebb terminating it.
-    InstanceLost,
-    /// A VM ebb did not launch joined with an operator's token.
-    Join,
-    /// Such a VM left the group (scale-in); it keeps running.
-    Leave,
-    /// Judged unhealthy: out of the load balancer, replaced if the group replaces unhealthy members.
-    Unhealthy,
-    /// Judged healthy again.
-    Healthy,
-    /// A scheduled action changed the group's limits or desired capacity.
-    Scheduled,
-    /// Something an operator should look at, like a setting shorter than the group's boot time.
-    Warning,
-    /// An operator suspended or resumed scaling.
-    Suspension,
-    /// A launch interrupted by a restart was found running and taken back into the group.
-    Adopt,
-    /// An instance tagged for the group that no member owns.
-    Orphan,
-    /// Out of the load balancer, finishing its requests before it goes.
-    Drain,
-    /// The configuration was reloaded.
-    Reconfigure,
-    /// A lifecycle hook answered (or timed out).
-    Hook,
-    /// An instance refresh started, replaced a member, or finished.
-    Refresh,
-    /// An operator protected a member from scale-in, or lifted the protection.
-    Protection,
-}
-
-impl ActivityKind {
-    const ALL: [ActivityKind; 22] = [
-        ActivityKind::ScaleOut,
-        ActivityKind::ScaleIn,
-        ActivityKind::SetDesired,
-        ActivityKind::Launch,
-        ActivityKind::Terminate,
-        ActivityKind::Register,
-        ActivityKind::Deregister,
-        ActivityKind::InstanceLost,
-        ActivityKind::Join,
-        ActivityKind::Leave,
-        ActivityKind::Unhealthy,
-        ActivityKind::Healthy,
-        ActivityKind::Scheduled,
-        ActivityKind::Warning,
-        ActivityKind::Suspension,
-        ActivityKind::Adopt,
-        ActivityKind::Orphan,
-        ActivityKind::Drain,
-        ActivityKind::Reconfigure,
-        ActivityKind::Hook,
-        ActivityKind::Refresh,
-        ActivityKind::Protection,
-    ];
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|k| k.as_str() == name)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ActivityKind::ScaleOut => "scale_out",
-            ActivityKind::ScaleIn => "scale_in",
-            ActivityKind::SetDesired => "set_desired",
-            ActivityKind::Launch => "launch",
-            ActivityKind::Terminate => "terminate",
-            ActivityKind::Register => "register",
-            ActivityKind::Deregister => "deregister",
-            ActivityKind::InstanceLost => "instance_lost",
-            ActivityKind::Join => "join",
-            ActivityKind::Leave => "leave",
-            ActivityKind::Unhealthy => "unhealthy",
-            ActivityKind::Healthy => "healthy",
-            ActivityKind::Scheduled => "scheduled",
-            ActivityKind::Warning => "warning",
-            ActivityKind::Suspension => "suspension",
-            ActivityKind::Adopt => "adopt",
-            ActivityKind::Orphan => "orphan",
-            ActivityKind::Drain => "drain",
-            ActivityKind::Reconfigure => "reconfigure",
-            ActivityKind::Hook => "hook",
-            ActivityKind::Refresh => "refresh",
-            ActivityKind::Protection => "protection",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Activity {
-    pub id: u64,
-    pub group: String,
-    pub kind: ActivityKind,
-    pub cause: String,
-    /// `ok` or `failed`.
-    pub outcome: &'static str,
-    /// What happened: the error on failure, the instance id on launch, ...
-    pub detail: String,
-    pub at: Millis,
-    pub from_capacity: u32,
-    pub to_capacity: u32,
-    pub member_id: String,
-}
 
 /// Shared by every group; cheap to clone. Kept in the store, so the history survives restarts.
 #[derive(Clone)]

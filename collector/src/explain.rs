@@ -8,33 +8,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
-
 use crate::engine::{Action, Evaluation, Millis, ReasonCode};
+pub use crate::model::Explained;
 use crate::store::Store;
 
 /// How often a record still being extended is written.
 pub const WRITE_EVERY_MS: Millis = 10_000;
 /// How often old records are pruned.
 const PRUNE_EVERY_MS: Millis = 3_600_000;
-
-/// One outcome and the span of evaluations that had it, as kept and served.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Explained {
-    pub from: Millis,
-    pub until: Millis,
-    pub evaluations: u64,
-    /// `true` when the group decides but never acts (`dry_run`).
-    pub dry_run: bool,
-    pub action: String,
-    pub reason: String,
-    pub desired_before: u32,
-    pub desired: u32,
-    /// The latest evaluation of the span, in words.
-    pub text: String,
-    /// The same evaluation as JSON.
-    pub json: String,
-}
 
 /// What makes two evaluations the same outcome.
 #[derive(Debug, Clone, PartialEq)]

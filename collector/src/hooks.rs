@@ -21,29 +21,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::engine::Millis;
-use crate::reconcile::Member;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Transition {
-    Launching,
-    Terminating,
-}
-
-impl Transition {
-    pub fn name(self) -> &'static str {
-        match self {
-            Transition::Launching => "launching",
-            Transition::Terminating => "terminating",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        [Transition::Launching, Transition::Terminating]
-            .into_iter()
-            .find(|t| t.name() == name)
-    }
-}
+use crate::model::Member;
+pub use crate::model::{HookWait, Transition};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,15 +53,6 @@ pub struct HookConfig {
 
 fn default_timeout_secs() -> u32 {
     300
-}
-
-/// A member held by its lifecycle hooks: the `position`-th hook of `transition` is running, until
-/// `deadline`. Saved with the member.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HookWait {
-    pub transition: Transition,
-    pub position: u32,
-    pub deadline: Millis,
 }
 
 struct Run {

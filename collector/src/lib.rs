@@ -40,6 +40,7 @@ pub mod import;
 pub mod ingest;
 pub mod lb;
 pub mod metrics;
+pub mod model;
 pub mod pki;
 pub mod providers;
 pub mod reconcile;

@@ -12,12 +12,8 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
-use crate::activity::{Activity, ActivityKind};
 use crate::engine::{MemberState, Millis};
-use crate::explain::Explained;
-use crate::hooks::{HookWait, Transition};
-use crate::pki::tokens::Token;
-use crate::reconcile::Member;
+use crate::model::{Activity, ActivityKind, Explained, HookWait, Member, Token, Transition};
 
 /// Each entry brings the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[

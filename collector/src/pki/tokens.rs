@@ -5,23 +5,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::engine::Millis;
+pub use crate::model::Token;
 use crate::store::Store;
 
 /// Secrets start with this, so that leaked ones are easy to find in logs and repositories.
 pub const TOKEN_PREFIX: &str = "ebbjt_";
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Token {
-    /// Public: the first 12 hex digits of the hash.
-    pub id: String,
-    pub group: String,
-    pub expires_at: Millis,
-    pub uses_left: u32,
-    /// Members enrolled with it are never chosen for scale-in.
-    pub protected: bool,
-    /// The member of the launch it was minted for.
-    pub bound_member: Option<String>,
-}
 
 /// Why a token was refused; `reason` labels the metric. The message never repeats the secret.
 #[derive(Debug, Clone, PartialEq, Eq)]

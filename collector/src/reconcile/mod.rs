@@ -28,6 +28,7 @@ use crate::hooks::{HookResult, Hooks, Transition};
 use crate::ingest::{self, IngestHandle, LatestSample, Observation};
 use crate::lb::LoadBalancer;
 use crate::metrics::{GroupGauges, Metrics};
+pub use crate::model::Member;
 use crate::pki::Authority;
 use crate::providers::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
 use crate::store::{GroupRecord, Intent, IntentKind, Store};
@@ -112,31 +113,6 @@ impl Suspended {
     }
 }
 
-/// A member of a group, as its controller keeps it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Member {
-    pub id: String,
-    pub instance_id: String,
-    pub address: Option<SocketAddr>,
-    pub state: MemberState,
-    pub launched_at: Millis,
-    pub in_service_since: Option<Millis>,
-    /// Never chosen for scale-in.
-    pub protected: bool,
-    /// Joined with an operator's token; ebb did not launch it and never terminates it.
-    pub external: bool,
-    /// Judged unhealthy by the engine; out of the load balancer.
-    pub unhealthy: bool,
-    /// Unhealthy and being replaced: it goes once enough healthy members serve.
-    pub replacing: bool,
-    /// Draining: terminated at this time, or sooner once its agent reports drained.
-    pub drain_until: Option<Millis>,
-    /// The fingerprint of the provider settings it was launched with (empty for hand-made members).
-    pub launch_spec: String,
-    /// Held by a lifecycle hook: which, and until when.
-    pub hook: Option<crate::hooks::HookWait>,
-}
-
 impl Member {
     /// How a load balancer is told of this member, serving at `address`.
     pub fn registration(&self, address: SocketAddr) -> crate::lb::Registration<'_> {
@@ -144,34 +120,6 @@ impl Member {
             member_id: &self.id,
             instance_id: &self.instance_id,
             address,
-        }
-    }
-
-    /// What operators see: `pending`, `in_service`, `draining`, or `unhealthy` / `replacing` when judged so.
-    pub fn state_name(&self) -> &'static str {
-        match (self.replacing, self.unhealthy) {
-            (true, _) => "replacing",
-            (false, true) => "unhealthy",
-            _ => self.state.as_str(),
-        }
-    }
-
-    /// Launched or joined at `now`, not in service yet; launched by ebb and not protected.
-    pub fn pending(id: &str, instance_id: &str, address: Option<SocketAddr>, now: Millis) -> Self {
-        Self {
-            id: id.to_string(),
-            instance_id: instance_id.to_string(),
-            address,
-            state: MemberState::Pending,
-            launched_at: now,
-            in_service_since: None,
-            protected: false,
-            external: false,
-            unhealthy: false,
-            replacing: false,
-            drain_until: None,
-            launch_spec: String::new(),
-            hook: None,
         }
     }
 }
