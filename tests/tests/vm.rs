@@ -134,10 +134,15 @@ fn a_group_of_real_vms_scales_out_under_load_and_in_after_it() {
         page.starts_with("HTTP/1.0 200") && page.trim_end().lines().last().unwrap().len() == 64,
         "the operator's application (its user data) answers through the load balancer: {page}"
     );
-    let seed_console = std::fs::read_to_string(state.join("qemu/web-1/console.log")).unwrap();
+    // The member serves as soon as the operator's application answers, a moment before cloud-init's final
+    // message (which names the data source) reaches the console.
+    let console = state.join("qemu/web-1/console.log");
     assert!(
-        seed_console.contains("Datasource DataSourceNoCloud"),
-        "cloud-init read the NoCloud seed"
+        wait_for(Duration::from_secs(60), || std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("Datasource DataSourceNoCloud")),
+        "cloud-init read the NoCloud seed: {}",
+        std::fs::read_to_string(&console).unwrap_or_default()
     );
     let (_, listing) = admin("", &state, &["members", "web"]);
     let cpu: f64 = listing
