@@ -10,17 +10,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::activity::ActivityLog;
-use crate::config::{GroupConfig, LoadBalancerConfig, ProviderConfig, ServerConfig};
+use crate::config::{GroupConfig, ServerConfig};
 use crate::explain::ExplanationLog;
 use crate::ingest::IngestHandle;
 use crate::lb::LoadBalancer;
-use crate::lb::builtin::BuiltinLoadBalancer;
-use crate::lb::cloudstack::CloudStackLoadBalancer;
 use crate::metrics::Metrics;
 use crate::pki::Authority;
 use crate::providers::Provider;
-use crate::providers::cloudstack::CloudStackProvider;
-use crate::providers::local::LocalProvider;
 use crate::reconcile::{Dependencies, GroupController, GroupHandle};
 use crate::store::Store;
 
@@ -136,87 +132,17 @@ impl Groups {
         &self,
         group: &GroupConfig,
     ) -> anyhow::Result<(Arc<dyn Provider>, Arc<dyn LoadBalancer>, Option<SocketAddr>)> {
-        let provider_context = || format!("group {}: provider", group.name);
-        let state_dir = &self.shared.server.state_dir;
-        let cluster_id = &self.shared.cluster_id;
-        let cloudstack = match &group.provider {
-            ProviderConfig::Cloudstack(cloudstack) => Some(Arc::new(cloudstack.api().with_context(provider_context)?)),
-            _ => None,
-        };
-        let keystone = match &group.provider {
-            ProviderConfig::Openstack(openstack) => {
-                Some(Arc::new(openstack.keystone().with_context(provider_context)?))
-            }
-            _ => None,
-        };
-        let aws = match &group.provider {
-            ProviderConfig::Aws(aws) => Some(Arc::new(aws.connect().await.with_context(provider_context)?)),
-            _ => None,
-        };
-        let provider: Arc<dyn Provider> = match &group.provider {
-            ProviderConfig::Local(local) => {
-                Arc::new(LocalProvider::new(local.clone(), state_dir.join("local")).with_context(provider_context)?)
-            }
-            ProviderConfig::Qemu(qemu) => Arc::new(
-                crate::providers::qemu::QemuProvider::new(qemu.clone(), state_dir.join("qemu"))
-                    .with_context(provider_context)?,
-            ),
-            ProviderConfig::Fake(fake) => {
-                Arc::new(crate::providers::fake::dir::DirCloud::new(fake.clone()).with_context(provider_context)?)
-            }
-            ProviderConfig::Cloudstack(config) => Arc::new(CloudStackProvider::new(
-                config.clone(),
-                cloudstack.clone().expect("made above for a CloudStack provider"),
-                cluster_id,
-            )),
-            ProviderConfig::Openstack(config) => Arc::new(crate::providers::openstack::OpenStackProvider::new(
-                config.clone(),
-                keystone.clone().expect("made above for an OpenStack provider"),
-                cluster_id,
-            )),
-            ProviderConfig::Aws(config) => Arc::new(crate::providers::aws::AwsProvider::new(
-                config.clone(),
-                aws.clone().expect("made above for an AWS provider"),
-                cluster_id,
-            )),
-        };
-        let mut front = None;
-        let load_balancer: Arc<dyn LoadBalancer> = match &group.load_balancer {
-            LoadBalancerConfig::Builtin { listen } => {
-                let lb = BuiltinLoadBalancer::bind(*listen)
-                    .await
-                    .with_context(|| format!("group {}: cannot listen on load_balancer.listen {listen}", group.name))?;
-                front = Some(lb.front());
-                Arc::new(lb)
-            }
-            LoadBalancerConfig::Cloudstack { rule_id } => Arc::new(CloudStackLoadBalancer::new(
-                cloudstack.expect("validation requires a CloudStack provider"),
-                rule_id,
-                cluster_id,
-            )),
-            LoadBalancerConfig::Octavia {
-                pool_id,
-                subnet_id,
-                weight,
-            } => Arc::new(crate::lb::octavia::OctaviaPool::new(
-                keystone.expect("validation requires an OpenStack provider"),
-                pool_id,
-                subnet_id.clone(),
-                *weight,
-            )),
-            LoadBalancerConfig::AwsTargetGroup {
-                target_group_arn,
-                ip_targets,
-            } => Arc::new(
-                crate::lb::aws::AwsTargetGroup::new(
-                    aws.expect("validation requires an AWS provider"),
-                    target_group_arn,
-                    *ip_targets,
-                )
-                .await
-                .with_context(|| format!("group {}: load_balancer", group.name))?,
-            ),
-        };
+        let (state_dir, cluster_id) = (&self.shared.server.state_dir, &self.shared.cluster_id);
+        let (provider, cloud) = group
+            .provider
+            .build(state_dir, cluster_id)
+            .await
+            .with_context(|| format!("group {}: provider", group.name))?;
+        let (load_balancer, front) = group
+            .load_balancer
+            .build(&cloud, cluster_id)
+            .await
+            .with_context(|| format!("group {}: load_balancer", group.name))?;
         Ok((provider, load_balancer, front))
     }
 }

@@ -9,10 +9,68 @@ pub mod fake;
 pub mod octavia;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::providers::CloudError;
+use crate::config::LoadBalancerConfig;
+use crate::providers::{CloudClient, CloudError};
+
+impl LoadBalancerConfig {
+    /// The load balancer these settings describe, through the group's cloud client (`cloud`), and where
+    /// the built-in one listens. Validation has made sure a cloud's load balancer has its cloud's provider.
+    pub async fn build(
+        &self,
+        cloud: &CloudClient,
+        cluster_id: &str,
+    ) -> Result<(Arc<dyn LoadBalancer>, Option<SocketAddr>), CloudError> {
+        let mismatch = || CloudError::Permanent("the load balancer needs its own cloud's provider".into());
+        Ok(match (self, cloud) {
+            (LoadBalancerConfig::Builtin { listen }, _) => {
+                let lb = builtin::BuiltinLoadBalancer::bind(*listen).await.map_err(|e| {
+                    CloudError::Permanent(format!("cannot listen on load_balancer.listen {listen}: {e}"))
+                })?;
+                let front = lb.front();
+                (Arc::new(lb), Some(front))
+            }
+            (LoadBalancerConfig::Cloudstack { rule_id }, CloudClient::CloudStack(api)) => (
+                Arc::new(cloudstack::CloudStackLoadBalancer::new(
+                    api.clone(),
+                    rule_id,
+                    cluster_id,
+                )),
+                None,
+            ),
+            (
+                LoadBalancerConfig::Octavia {
+                    pool_id,
+                    subnet_id,
+                    weight,
+                },
+                CloudClient::OpenStack(keystone),
+            ) => (
+                Arc::new(octavia::OctaviaPool::new(
+                    keystone.clone(),
+                    pool_id,
+                    subnet_id.clone(),
+                    *weight,
+                )),
+                None,
+            ),
+            (
+                LoadBalancerConfig::AwsTargetGroup {
+                    target_group_arn,
+                    ip_targets,
+                },
+                CloudClient::Aws(aws),
+            ) => (
+                Arc::new(aws::AwsTargetGroup::new(aws.clone(), target_group_arn, *ip_targets).await?),
+                None,
+            ),
+            _ => return Err(mismatch()),
+        })
+    }
+}
 
 /// A member as the load balancer sees it.
 #[derive(Debug, Clone, PartialEq)]

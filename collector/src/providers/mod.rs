@@ -10,9 +10,13 @@ pub mod openstack;
 pub mod qemu;
 
 use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use thiserror::Error;
+
+use crate::config::ProviderConfig;
 
 /// A cloud call that failed, said once for providers and load balancers alike.
 #[derive(Debug, Clone, Error, PartialEq)]
@@ -28,6 +32,54 @@ pub enum CloudError {
 impl CloudError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, CloudError::Retryable(_))
+    }
+}
+
+/// The cloud API client a group's provider talks through, which its load balancer (a CloudStack rule, an
+/// ELBv2 target group, an Octavia pool) uses too.
+#[derive(Clone)]
+pub enum CloudClient {
+    /// The local, qemu and fake providers talk to no cloud.
+    None,
+    CloudStack(Arc<cloudstack::api::Api>),
+    OpenStack(Arc<openstack::keystone::Keystone>),
+    Aws(Arc<aws::Aws>),
+}
+
+impl ProviderConfig {
+    /// The provider these settings describe, and the client it talks through. The local and qemu providers
+    /// keep their records under `state_dir`; a cloud's provider tags what it launches with `cluster_id`.
+    pub async fn build(
+        &self,
+        state_dir: &Path,
+        cluster_id: &str,
+    ) -> Result<(Arc<dyn Provider>, CloudClient), CloudError> {
+        Ok(match self {
+            ProviderConfig::Local(config) => (
+                Arc::new(local::LocalProvider::new(config.clone(), state_dir.join("local"))?),
+                CloudClient::None,
+            ),
+            ProviderConfig::Qemu(config) => (
+                Arc::new(qemu::QemuProvider::new(config.clone(), state_dir.join("qemu"))?),
+                CloudClient::None,
+            ),
+            ProviderConfig::Fake(config) => (Arc::new(fake::dir::DirCloud::new(config.clone())?), CloudClient::None),
+            ProviderConfig::Cloudstack(config) => {
+                let api = Arc::new(config.api()?);
+                let provider = cloudstack::CloudStackProvider::new(config.clone(), api.clone(), cluster_id);
+                (Arc::new(provider), CloudClient::CloudStack(api))
+            }
+            ProviderConfig::Openstack(config) => {
+                let keystone = Arc::new(config.keystone()?);
+                let provider = openstack::OpenStackProvider::new(config.clone(), keystone.clone(), cluster_id);
+                (Arc::new(provider), CloudClient::OpenStack(keystone))
+            }
+            ProviderConfig::Aws(config) => {
+                let aws = Arc::new(config.connect().await?);
+                let provider = aws::AwsProvider::new(config.clone(), aws.clone(), cluster_id);
+                (Arc::new(provider), CloudClient::Aws(aws))
+            }
+        })
     }
 }
 
