@@ -154,3 +154,14 @@ pub fn cloud_answer(body: &str) {
         }
     }
 }
+
+/// A guest's serial console (the VM's to fill), as an activity quotes its end: at most
+/// [`CONSOLE_LINES`](crate::providers::qemu::CONSOLE_LINES) lines, none empty, no control character.
+pub fn console_tail(bytes: &[u8]) {
+    use crate::providers::qemu::{CONSOLE_LINES, last_lines};
+    for cut in [false, true] {
+        let lines = last_lines(bytes, cut, CONSOLE_LINES);
+        assert!(lines.len() <= CONSOLE_LINES);
+        assert!(lines.iter().all(|l| !l.is_empty() && !l.chars().any(char::is_control)));
+    }
+}

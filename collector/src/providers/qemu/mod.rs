@@ -639,9 +639,33 @@ async fn exits_within(record: &Record, limit: Duration) -> bool {
     true
 }
 
-/// The last `count` lines of a console log, without terminal control characters.
-fn last_lines(text: &str, count: usize) -> Vec<String> {
-    let lines: Vec<String> = text
+/// How much of a console's end is read for its last lines: a guest may print without end, and the file
+/// is the guest's to fill.
+const CONSOLE_TAIL_BYTES: u64 = 16 * 1024;
+
+/// The last lines of the console at `path`, from its last [`CONSOLE_TAIL_BYTES`] only.
+fn console_last_lines(path: &Path) -> std::io::Result<Vec<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let start = file.metadata()?.len().saturating_sub(CONSOLE_TAIL_BYTES);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.take(CONSOLE_TAIL_BYTES).read_to_end(&mut tail)?;
+    Ok(last_lines(&tail, start > 0, CONSOLE_LINES))
+}
+
+/// How many of a console's lines an activity quotes.
+pub const CONSOLE_LINES: usize = 8;
+
+/// The last `count` non-empty lines of console bytes, without terminal control characters; when `cut`
+/// (the bytes start inside the file), the first line, likely partial, is dropped.
+pub fn last_lines(bytes: &[u8], cut: bool, count: usize) -> Vec<String> {
+    let bytes = match (cut, bytes.iter().position(|b| *b == b'\n')) {
+        (true, Some(newline)) => &bytes[newline + 1..],
+        (true, None) => &[][..],
+        (false, _) => bytes,
+    };
+    let lines: Vec<String> = String::from_utf8_lossy(bytes)
         .lines()
         .map(|line| line.chars().filter(|c| !c.is_control()).collect::<String>())
         .map(|line| line.trim().to_string())
@@ -693,9 +717,7 @@ impl Provider for QemuProvider {
     async fn console_tail(&self, id: &str) -> Option<String> {
         let member_id = id.strip_prefix("qemu-")?;
         let path = self.console_path(member_id);
-        let text = std::fs::read(&path).ok()?;
-        let tail = &text[text.len().saturating_sub(16 * 1024)..];
-        let lines = last_lines(&String::from_utf8_lossy(tail), 8);
+        let lines = console_last_lines(&path).ok()?;
         Some(if lines.is_empty() {
             format!("its console ({}) is empty: the VM printed nothing", path.display())
         } else {

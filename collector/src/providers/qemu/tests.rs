@@ -207,6 +207,25 @@ async fn qemu_refusing_to_start_fails_the_launch_with_what_it_said_and_leaves_no
 }
 
 #[tokio::test]
+async fn a_console_a_guest_filled_is_read_from_its_end_only() {
+    let bench = Bench::new("exec sleep 30");
+    let provider = bench.provider();
+    let instance = provider.launch(&spec("web-1")).await.unwrap();
+    // 64 MiB of one endless line, then the boot's last words: only the end is read, the partial line dropped.
+    let path = bench.path("vms/web-1/console.log");
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(64 << 20).unwrap();
+    drop(file);
+    let mut console = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut console, b"x".repeat(40_000).as_slice()).unwrap();
+    std::io::Write::write_all(&mut console, b"\nlogin: \n").unwrap();
+    drop(console);
+    let tail = provider.console_tail(&instance.id).await.unwrap();
+    assert!(tail.ends_with("): login:"), "only the last whole line: {tail}");
+    provider.terminate(&instance.id).await.unwrap();
+}
+
+#[tokio::test]
 async fn the_console_tail_names_the_file_and_its_last_lines() {
     let bench = Bench::new("exec sleep 30");
     let provider = bench.provider();
