@@ -7,6 +7,7 @@ pub mod cloudstack;
 pub mod fake;
 pub mod local;
 pub mod openstack;
+mod process;
 pub mod qemu;
 
 use std::net::IpAddr;

@@ -17,59 +17,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
+use super::process::{ProcessRecord, ProcessRecords};
 use super::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
 use crate::config::LocalProviderConfig;
-
-/// What a launch leaves on disk, enough to find, describe and stop the instance from any later collector.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    group: String,
-    member_id: String,
-    launch_id: String,
-    cluster_id: String,
-    address: IpAddr,
-    /// The workload's PID, which is also its process group's id (the agent is in the same group).
-    pid: i32,
-    /// The process's start time in clock ticks since boot (`/proc/PID/stat`, field 22).
-    started: u64,
-}
-
-impl Record {
-    const FILE: &str = "instance.json";
-
-    fn id(&self) -> String {
-        format!("local-{}", self.member_id)
-    }
-
-    fn state(&self) -> InstanceState {
-        if start_time(self.pid) == Some(self.started) {
-            InstanceState::Running
-        } else {
-            InstanceState::Terminated {
-                reason: "the instance's process exited".into(),
-            }
-        }
-    }
-
-    fn signal(&self, signal: Signal) {
-        // Only while the group is still ours: after it exits, its id may be another process's.
-        if start_time(self.pid) == Some(self.started) {
-            let _ = killpg(Pid::from_raw(self.pid), signal);
-        }
-    }
-
-    fn instance(&self) -> Instance {
-        Instance {
-            id: self.id(),
-            member_id: self.member_id.clone(),
-            address: Some(self.address),
-            state: self.state(),
-        }
-    }
-}
 
 /// When a running (not zombie) process started, in clock ticks since boot; `None` if it is gone.
 pub fn start_time(pid: i32) -> Option<u64> {
@@ -85,7 +37,8 @@ pub fn start_time(pid: i32) -> Option<u64> {
 
 pub struct LocalProvider {
     config: LocalProviderConfig,
-    instances_dir: PathBuf,
+    /// The instances, each in `<instances_dir>/<member_id>/`.
+    records: ProcessRecords,
     agent_path: PathBuf,
     collector_exe: PathBuf,
     /// Held while a launch picks its address and writes its record, so two launches never share one.
@@ -121,38 +74,24 @@ impl LocalProvider {
         let agent_path = agent_path(&config)?;
         Ok(Self {
             config,
-            instances_dir,
+            records: ProcessRecords {
+                dir: instances_dir,
+                kind: "local",
+                exited: "the instance's process exited",
+            },
             agent_path,
             collector_exe,
             launching: Mutex::new(()),
         })
     }
 
-    /// Every instance recorded in the instances directory, running or not.
-    fn records(&self) -> Vec<Record> {
-        let Ok(entries) = std::fs::read_dir(&self.instances_dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|entry| read_record(&entry.path()))
-            .collect()
-    }
-
-    fn record(&self, id: &str) -> Option<Record> {
-        let member_id = id.strip_prefix("local-")?;
-        if member_id.is_empty() || member_id.contains('/') || member_id.starts_with('.') {
-            return None;
-        }
-        read_record(&self.instances_dir.join(member_id)).filter(|record| record.id() == id)
-    }
-
     /// The first `<prefix>.N` that no running instance uses and where `port` is free.
     fn free_address(&self, port: u16) -> Result<IpAddr, CloudError> {
         let taken: Vec<IpAddr> = self
-            .records()
+            .records
+            .all()
             .into_iter()
-            .filter(|r| r.state() == InstanceState::Running)
+            .filter(ProcessRecord::running)
             .map(|r| r.address)
             .collect();
         free_loopback_address(&self.config.address_prefix, port, &taken)
@@ -182,7 +121,7 @@ impl LocalProvider {
 
     /// Starts the workload and its agent in one new process group and records them; all of it undone if
     /// any step fails.
-    fn start(&self, spec: &LaunchSpec, dir: &Path) -> Result<Record, CloudError> {
+    fn start(&self, spec: &LaunchSpec, dir: &Path) -> Result<ProcessRecord, CloudError> {
         let address = self.free_address(spec.service_port)?;
         // The VM's "user data": the agent's configuration with this launch's join token, in the instance's
         // own owner-only directory, which is also the agent's state directory. A directory left by an
@@ -211,7 +150,7 @@ impl LocalProvider {
                 argv[0]
             ))
         })?;
-        let record = Record {
+        let record = ProcessRecord {
             group: spec.group.clone(),
             member_id: spec.member_id.clone(),
             launch_id: spec.launch_id.clone(),
@@ -249,13 +188,13 @@ impl LocalProvider {
                 )))
             })?;
         let json = serde_json::to_vec_pretty(&record).expect("a record serializes");
-        write_private(dir, Record::FILE, &json)
+        write_private(dir, ProcessRecord::FILE, &json)
             .map_err(|e| undo(CloudError::Permanent(format!("cannot write {}: {e}", dir.display()))))?;
         Ok(record)
     }
 
     /// SIGTERM to the process group, SIGKILL after the grace period, then the record goes.
-    async fn stop(&self, record: Record) {
+    async fn stop(&self, record: ProcessRecord) {
         record.signal(Signal::SIGTERM);
         let grace = Duration::from_secs(self.config.stop_grace_secs.into());
         if !exits_within(&record, grace).await {
@@ -265,23 +204,19 @@ impl LocalProvider {
         }
         // Anything else left in the group: its id is not reused while any member is alive.
         let _ = killpg(Pid::from_raw(record.pid), Signal::SIGKILL);
-        let _ = std::fs::remove_dir_all(self.instances_dir.join(&record.member_id));
+        let _ = std::fs::remove_dir_all(self.records.dir.join(&record.member_id));
     }
 }
 
-async fn exits_within(record: &Record, limit: Duration) -> bool {
+async fn exits_within(record: &ProcessRecord, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
-    while record.state() == InstanceState::Running {
+    while record.running() {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     true
-}
-
-fn read_record(dir: &Path) -> Option<Record> {
-    read_json(&dir.join(Record::FILE))
 }
 
 /// An instance record (`instance.json`) as a provider that keeps its instances on disk wrote it; `None`
@@ -306,21 +241,19 @@ pub(crate) fn free_loopback_address(prefix: &str, port: u16, taken: &[IpAddr]) -
 impl Provider for LocalProvider {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
         let _launching = self.launching.lock().unwrap();
-        let dir = self.instances_dir.join(&spec.member_id);
+        let dir = self.records.dir.join(&spec.member_id);
         // A launch retried after it already happened finds its instance instead of starting a second one.
-        if let Some(record) =
-            read_record(&dir).filter(|r| r.launch_id == spec.launch_id && r.state() == InstanceState::Running)
-        {
-            return Ok(record.instance());
+        if let Some(record) = ProcessRecord::read(&dir).filter(|r| r.launch_id == spec.launch_id && r.running()) {
+            return Ok(self.records.instance(&record));
         }
-        Ok(self.start(spec, &dir)?.instance())
+        Ok(self.records.instance(&self.start(spec, &dir)?))
     }
 
     async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceState>, CloudError> {
         Ok(ids
             .iter()
-            .map(|id| match self.record(id) {
-                Some(record) => record.state(),
+            .map(|id| match self.records.find(id) {
+                Some(record) => self.records.state(&record),
                 None => InstanceState::Terminated {
                     reason: "no such local instance".into(),
                 },
@@ -329,7 +262,7 @@ impl Provider for LocalProvider {
     }
 
     async fn terminate(&self, id: &str) -> Result<(), CloudError> {
-        if let Some(record) = self.record(id) {
+        if let Some(record) = self.records.find(id) {
             self.stop(record).await;
         }
         Ok(())
@@ -337,15 +270,16 @@ impl Provider for LocalProvider {
 
     async fn list(&self, group: &str) -> Result<Vec<Instance>, CloudError> {
         Ok(self
-            .records()
+            .records
+            .all()
             .iter()
             .filter(|r| r.group == group)
-            .map(Record::instance)
+            .map(|record| self.records.instance(record))
             .collect())
     }
 
     async fn close(&self) {
-        let all = self.records();
+        let all = self.records.all();
         // Signal them all first, so their grace periods run at the same time.
         all.iter().for_each(|record| record.signal(Signal::SIGTERM));
         for record in all {
@@ -376,9 +310,9 @@ impl Drop for LocalProvider {
     /// A provider dropped without `close` (a panic, an early return) still leaves no process behind; only a
     /// collector that dies without unwinding (SIGKILL, a power cut) leaves its instances for the next one.
     fn drop(&mut self) {
-        for record in self.records() {
+        for record in self.records.all() {
             record.signal(Signal::SIGKILL);
-            let _ = std::fs::remove_dir_all(self.instances_dir.join(&record.member_id));
+            let _ = std::fs::remove_dir_all(self.records.dir.join(&record.member_id));
         }
     }
 }
@@ -426,7 +360,7 @@ mod tests {
     }
 
     fn pid_of(provider: &LocalProvider, instance: &Instance) -> i32 {
-        provider.record(&instance.id).expect("a recorded instance").pid
+        provider.records.find(&instance.id).expect("a recorded instance").pid
     }
 
     #[tokio::test]
@@ -467,7 +401,7 @@ mod tests {
         let (provider, _instances) = provider(&["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"], "127.0.7");
         let instance = provider.launch(&spec("web-1")).await.unwrap();
         let pid = pid_of(&provider, &instance);
-        let config = provider.instances_dir.join("web-1/agent.toml");
+        let config = provider.records.dir.join("web-1/agent.toml");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
@@ -522,7 +456,7 @@ mod tests {
 
     #[test]
     fn a_reused_pid_is_not_taken_for_the_instance() {
-        let record = Record {
+        let record = ProcessRecord {
             group: "web".into(),
             member_id: "web-1".into(),
             launch_id: "web-1-1".into(),
@@ -531,7 +465,7 @@ mod tests {
             pid: std::process::id() as i32,
             started: start_time(std::process::id() as i32).unwrap() + 1,
         };
-        assert!(matches!(record.state(), InstanceState::Terminated { .. }));
+        assert!(!record.running());
         // And signalling it does nothing to this process.
         record.signal(Signal::SIGTERM);
     }

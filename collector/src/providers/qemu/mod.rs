@@ -25,13 +25,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
-use super::local::{free_loopback_address, read_json, start_time, write_private};
+use super::local::{free_loopback_address, start_time, write_private};
+use super::process::{ProcessRecord, ProcessRecords};
 use super::{CloudError, Instance, InstanceState, LaunchSpec, Provider};
 
 /// The guest's view of this machine's 127.0.0.1 under qemu's user-mode networking.
@@ -205,64 +205,10 @@ fn find_program(program: &Path) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-/// What a launch leaves on disk, enough to find, describe and stop the VM from any later collector.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    group: String,
-    member_id: String,
-    launch_id: String,
-    cluster_id: String,
-    address: IpAddr,
-    /// The qemu process, also its process group's id.
-    pid: i32,
-    /// Its start time in clock ticks since boot, so a reused PID is never taken for it.
-    started: u64,
-}
-
-impl Record {
-    const FILE: &str = "instance.json";
-
-    fn id(&self) -> String {
-        format!("qemu-{}", self.member_id)
-    }
-
-    fn running(&self) -> bool {
-        start_time(self.pid) == Some(self.started)
-    }
-
-    fn state(&self) -> InstanceState {
-        if self.running() {
-            InstanceState::Running
-        } else {
-            InstanceState::Terminated {
-                reason: "the VM's qemu process exited".into(),
-            }
-        }
-    }
-
-    fn kill(&self) {
-        if self.running() {
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-        }
-    }
-
-    fn instance(&self) -> Instance {
-        Instance {
-            id: self.id(),
-            member_id: self.member_id.clone(),
-            address: Some(self.address),
-            state: self.state(),
-        }
-    }
-}
-
-fn read_record(dir: &Path) -> Option<Record> {
-    read_json(&dir.join(Record::FILE))
-}
-
 pub struct QemuProvider {
     config: QemuConfig,
-    instances_dir: PathBuf,
+    /// The VMs, each in `<instances_dir>/<member_id>/`.
+    records: ProcessRecords,
     /// The template, absolute: overlays name their backing file by path.
     image: PathBuf,
     accelerator: tokio::sync::OnceCell<Accelerator>,
@@ -278,37 +224,23 @@ impl QemuProvider {
             .map_err(|e| CloudError::Permanent(format!("provider.image: {}: {e}", config.image.display())))?;
         Ok(Self {
             config,
-            instances_dir,
+            records: ProcessRecords {
+                dir: instances_dir,
+                kind: "qemu",
+                exited: "the VM's qemu process exited",
+            },
             image,
             accelerator: tokio::sync::OnceCell::new(),
             launching: tokio::sync::Mutex::new(()),
         })
     }
 
-    fn records(&self) -> Vec<Record> {
-        let Ok(entries) = std::fs::read_dir(&self.instances_dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|entry| read_record(&entry.path()))
-            .collect()
-    }
-
-    fn record(&self, id: &str) -> Option<Record> {
-        let member_id = id.strip_prefix("qemu-")?;
-        if member_id.is_empty() || member_id.contains('/') || member_id.starts_with('.') {
-            return None;
-        }
-        read_record(&self.instances_dir.join(member_id)).filter(|record| record.id() == id)
-    }
-
     fn console_path(&self, member_id: &str) -> PathBuf {
-        let live = self.instances_dir.join(member_id).join("console.log");
+        let live = self.records.dir.join(member_id).join("console.log");
         if live.exists() {
             live
         } else {
-            self.instances_dir.join("consoles").join(format!("{member_id}.log"))
+            self.records.dir.join("consoles").join(format!("{member_id}.log"))
         }
     }
 
@@ -318,7 +250,7 @@ impl QemuProvider {
             .accelerator
             .get_or_init(|| async {
                 let chosen = match self.config.accelerator {
-                    Accelerator::Auto => match probe_kvm(&self.config.qemu, &self.instances_dir).await {
+                    Accelerator::Auto => match probe_kvm(&self.config.qemu, &self.records.dir).await {
                         Ok(()) => Accelerator::Kvm,
                         Err(why) => {
                             tracing::warn!(
@@ -340,9 +272,10 @@ impl QemuProvider {
     /// The first `<prefix>.N` that no running VM uses and where `port` is free.
     fn free_address(&self, port: u16) -> Result<IpAddr, CloudError> {
         let taken: Vec<IpAddr> = self
-            .records()
+            .records
+            .all()
             .into_iter()
-            .filter(Record::running)
+            .filter(ProcessRecord::running)
             .map(|r| r.address)
             .collect();
         free_loopback_address(&self.config.address_prefix, port, &taken)
@@ -403,7 +336,7 @@ impl QemuProvider {
     }
 
     /// Creates the overlay and the seed, starts qemu and records it; all of it undone if a step fails.
-    async fn start(&self, spec: &LaunchSpec, dir: &Path) -> Result<Record, CloudError> {
+    async fn start(&self, spec: &LaunchSpec, dir: &Path) -> Result<ProcessRecord, CloudError> {
         let accelerator = self.accelerator().await;
         let address = self.free_address(spec.service_port)?;
         let failed = |what: &str, e: &dyn std::fmt::Display| CloudError::Permanent(format!("{what}: {e}"));
@@ -449,7 +382,7 @@ impl QemuProvider {
             .spawn()
             .map_err(|e| undo(failed(&format!("cannot start {}", self.config.qemu.display()), &e)))?;
         let pid = child.id().expect("a process that was just spawned has a pid") as i32;
-        let record = Record {
+        let record = ProcessRecord {
             group: spec.group.clone(),
             member_id: spec.member_id.clone(),
             launch_id: spec.launch_id.clone(),
@@ -459,8 +392,8 @@ impl QemuProvider {
             started: start_time(pid).unwrap_or(0),
         };
         let json = serde_json::to_vec_pretty(&record).expect("a record serializes");
-        if let Err(e) = write_private(dir, Record::FILE, &json) {
-            record.kill();
+        if let Err(e) = write_private(dir, ProcessRecord::FILE, &json) {
+            record.signal(Signal::SIGKILL);
             return Err(undo(failed(&format!("cannot write {}", dir.display()), &e)));
         }
         let _ = std::fs::remove_file(dir.join(".launching"));
@@ -479,37 +412,37 @@ impl QemuProvider {
 
     /// ACPI power-off for all of them at once, SIGKILL for those still running after the grace period;
     /// each one's console kept, the rest of its directory removed.
-    async fn stop(&self, records: Vec<Record>) {
+    async fn stop(&self, records: Vec<ProcessRecord>) {
         for record in records.iter().filter(|r| r.running()) {
-            let socket = self.instances_dir.join(&record.member_id).join("qmp.sock");
+            let socket = self.records.dir.join(&record.member_id).join("qmp.sock");
             if let Err(e) = power_off(&socket).await {
                 tracing::warn!(member = %record.member_id, error = %e, "Cannot ask the VM to power off; killing it.");
-                record.kill();
+                record.signal(Signal::SIGKILL);
             }
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(self.config.stop_grace_secs.into());
-        while records.iter().any(Record::running) && tokio::time::Instant::now() < deadline {
+        while records.iter().any(ProcessRecord::running) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         for record in records {
             if record.running() {
                 tracing::warn!(member = %record.member_id, "The VM did not power off in stop_grace_secs; killing it.");
-                record.kill();
+                record.signal(Signal::SIGKILL);
                 exits_within(&record, Duration::from_secs(5)).await;
             }
             self.keep_console(&record.member_id);
-            let _ = std::fs::remove_dir_all(self.instances_dir.join(&record.member_id));
+            let _ = std::fs::remove_dir_all(self.records.dir.join(&record.member_id));
         }
     }
 
     /// Moves a member's console to `consoles/`, keeping the newest `KEPT_CONSOLES`.
     fn keep_console(&self, member_id: &str) {
-        let kept = self.instances_dir.join("consoles");
+        let kept = self.records.dir.join("consoles");
         if std::fs::create_dir_all(&kept).is_err() {
             return;
         }
         let _ = std::fs::rename(
-            self.instances_dir.join(member_id).join("console.log"),
+            self.records.dir.join(member_id).join("console.log"),
             kept.join(format!("{member_id}.log")),
         );
         let Ok(entries) = std::fs::read_dir(&kept) else { return };
@@ -628,7 +561,7 @@ async fn power_off(socket: &Path) -> std::io::Result<()> {
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-async fn exits_within(record: &Record, limit: Duration) -> bool {
+async fn exits_within(record: &ProcessRecord, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while record.running() {
         if tokio::time::Instant::now() >= deadline {
@@ -678,19 +611,19 @@ pub fn last_lines(bytes: &[u8], cut: bool, count: usize) -> Vec<String> {
 impl Provider for QemuProvider {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Instance, CloudError> {
         let _launching = self.launching.lock().await;
-        let dir = self.instances_dir.join(&spec.member_id);
+        let dir = self.records.dir.join(&spec.member_id);
         // A launch retried after it already happened finds its VM instead of starting a second one.
-        if let Some(record) = read_record(&dir).filter(|r| r.launch_id == spec.launch_id && r.running()) {
-            return Ok(record.instance());
+        if let Some(record) = ProcessRecord::read(&dir).filter(|r| r.launch_id == spec.launch_id && r.running()) {
+            return Ok(self.records.instance(&record));
         }
-        Ok(self.start(spec, &dir).await?.instance())
+        Ok(self.records.instance(&self.start(spec, &dir).await?))
     }
 
     async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceState>, CloudError> {
         Ok(ids
             .iter()
-            .map(|id| match self.record(id) {
-                Some(record) => record.state(),
+            .map(|id| match self.records.find(id) {
+                Some(record) => self.records.state(&record),
                 None => InstanceState::Terminated {
                     reason: "no such VM".into(),
                 },
@@ -699,7 +632,7 @@ impl Provider for QemuProvider {
     }
 
     async fn terminate(&self, id: &str) -> Result<(), CloudError> {
-        if let Some(record) = self.record(id) {
+        if let Some(record) = self.records.find(id) {
             self.stop(vec![record]).await;
         }
         Ok(())
@@ -707,16 +640,16 @@ impl Provider for QemuProvider {
 
     async fn list(&self, group: &str) -> Result<Vec<Instance>, CloudError> {
         Ok(self
-            .records()
+            .records
+            .all()
             .iter()
             .filter(|r| r.group == group)
-            .map(Record::instance)
+            .map(|record| self.records.instance(record))
             .collect())
     }
 
     async fn console_tail(&self, id: &str) -> Option<String> {
-        let member_id = id.strip_prefix("qemu-")?;
-        let path = self.console_path(member_id);
+        let path = self.console_path(self.records.member_of(id)?);
         let lines = console_last_lines(&path).ok()?;
         Some(if lines.is_empty() {
             format!("its console ({}) is empty: the VM printed nothing", path.display())
@@ -726,7 +659,7 @@ impl Provider for QemuProvider {
     }
 
     async fn close(&self) {
-        self.stop(self.records()).await;
+        self.stop(self.records.all()).await;
     }
 }
 
@@ -734,9 +667,9 @@ impl Drop for QemuProvider {
     /// A provider dropped without `close` (a panic, an early return) still leaves no VM behind; only a
     /// collector that dies without unwinding leaves its VMs for the next one to adopt.
     fn drop(&mut self) {
-        for record in self.records() {
-            record.kill();
-            let _ = std::fs::remove_dir_all(self.instances_dir.join(&record.member_id));
+        for record in self.records.all() {
+            record.signal(Signal::SIGKILL);
+            let _ = std::fs::remove_dir_all(self.records.dir.join(&record.member_id));
         }
     }
 }

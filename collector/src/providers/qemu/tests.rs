@@ -78,7 +78,7 @@ fn spec(member_id: &str) -> LaunchSpec {
 }
 
 fn pid_of(provider: &QemuProvider, instance: &Instance) -> i32 {
-    provider.record(&instance.id).expect("a recorded VM").pid
+    provider.records.find(&instance.id).expect("a recorded VM").pid
 }
 
 #[tokio::test]
