@@ -65,7 +65,7 @@ impl Timeline {
     }
 }
 
-/// A file read as it grows: the lines completed since the last read.
+/// A file read as it grows: the lines completed since the last read, reading only what was added.
 struct Tail {
     path: PathBuf,
     offset: usize,
@@ -77,18 +77,20 @@ impl Tail {
     }
 
     fn new_lines(&mut self) -> Vec<String> {
-        let Ok(bytes) = std::fs::read(&self.path) else {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut bytes = Vec::new();
+        let read = std::fs::File::open(&self.path).and_then(|mut file| {
+            file.seek(SeekFrom::Start(self.offset as u64))?;
+            file.read_to_end(&mut bytes)
+        });
+        if read.is_err() {
+            return Vec::new();
+        }
+        let Some(end) = bytes.iter().rposition(|b| *b == b'\n').map(|i| i + 1) else {
             return Vec::new();
         };
-        let Some(end) = bytes[self.offset.min(bytes.len())..]
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map(|i| self.offset + i + 1)
-        else {
-            return Vec::new();
-        };
-        let text = String::from_utf8_lossy(&bytes[self.offset..end]).into_owned();
-        self.offset = end;
+        self.offset += end;
+        let text = String::from_utf8_lossy(&bytes[..end]);
         text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect()
     }
 }
@@ -267,5 +269,23 @@ fn accelerator_used(log: &Path) -> &'static str {
         "KVM"
     } else {
         "TCG"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_returns_each_completed_line_once() {
+        let dir = TempDir::new("ebb-tail-test").unwrap();
+        let path = dir.0.join("console.log");
+        let mut tail = Tail::new(path.clone());
+        assert!(tail.new_lines().is_empty(), "no file yet");
+        std::fs::write(&path, "a\r\nb").unwrap();
+        assert_eq!(tail.new_lines(), ["a"]);
+        std::fs::write(&path, "a\r\nbc\nd\n").unwrap();
+        assert_eq!(tail.new_lines(), ["bc", "d"]);
+        assert!(tail.new_lines().is_empty());
     }
 }
