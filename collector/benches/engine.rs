@@ -9,7 +9,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use ebb_collector::engine::{Engine, GroupInput, HealthRun, MemberInput, MemberState};
+use ebb_collector::engine::{Engine, GroupInput, HealthRun, MemberInput, MemberState, Rollout};
 
 const NOW: i64 = 1_000_000_000;
 
@@ -81,11 +81,15 @@ fn group(members: usize) -> GroupInput {
                     },
                     means: vec![vec![Some(cpu); 3], vec![Some(cpu); 5], vec![Some(cpu)]],
                     load: Some(cpu),
+                    replacing: false,
+                    leaving: false,
+                    outdated: false,
                 }
             })
             .collect(),
         recommendations: Vec::new(),
         changes: Vec::new(),
+        rollout: Rollout::default(),
     }
 }
 

@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+mod plan;
 mod policy;
 mod reading;
 pub mod schedule;
@@ -29,6 +30,7 @@ pub mod snapshot;
 
 use serde::Serialize;
 
+pub use plan::{Convergence, Plan, Rollout};
 pub use policy::{
     AdjustmentType, AlarmState, Comparison, OnMetricLoss, Policy, RateLimit, Statistic, Step, StepPolicy, TargetPolicy,
     Verdict,
@@ -123,6 +125,12 @@ pub struct MemberInput {
     pub means: Vec<Vec<Option<f64>>>,
     /// Latest CPU, for `least_loaded`.
     pub load: Option<f64>,
+    /// Marked for replacement: a new member launches first, then this one goes.
+    pub replacing: bool,
+    /// Leaving the group (draining, or its termination under way).
+    pub leaving: bool,
+    /// Launched from an older launch specification than the group's (an instance refresh replaces it).
+    pub outdated: bool,
 }
 
 impl MemberInput {
@@ -162,6 +170,8 @@ pub struct GroupInput {
     pub members: Vec<MemberInput>,
     pub recommendations: Vec<Recommendation>,
     pub changes: Vec<Change>,
+    /// What carrying out the decision may do this step.
+    pub rollout: Rollout,
 }
 
 /// Why something did or did not happen: a stable code and words.
@@ -667,37 +677,6 @@ impl Engine {
             reason: Reason::new(ReasonCode::Policy, format!("{}{clamped}", verdict.explanation)),
             policy,
         }
-    }
-
-    /// The members a scale-in removes, in order: those still launching first (cancelled), then by the
-    /// group's termination policy; protected members never. `count` at most.
-    pub fn victims(&self, members: &[MemberInput], count: usize, now: Millis) -> Vec<String> {
-        let billing = Millis::from(self.billing_period_secs.max(1)) * 1000;
-        // Members are in launch order, so a tie in launch time goes by position.
-        let mut candidates: Vec<(usize, &MemberInput)> =
-            members.iter().enumerate().filter(|(_, m)| !m.protected).collect();
-        candidates.sort_by(|(i, a), (j, b)| {
-            let pending = |m: &MemberInput| m.state != MemberState::Pending;
-            pending(a)
-                .cmp(&pending(b))
-                .then_with(|| match self.termination {
-                    Termination::Newest => b.launched.cmp(&a.launched),
-                    Termination::Oldest => a.launched.cmp(&b.launched),
-                    Termination::LeastLoaded => {
-                        let load = |m: &MemberInput| m.load.unwrap_or(f64::INFINITY);
-                        load(a).total_cmp(&load(b))
-                    }
-                    Termination::ClosestToBillingHour => {
-                        let left = |m: &MemberInput| billing - (now - m.launched).rem_euclid(billing);
-                        left(a).cmp(&left(b))
-                    }
-                })
-                .then_with(|| match self.termination {
-                    Termination::Newest => j.cmp(i),
-                    _ => i.cmp(j),
-                })
-        });
-        candidates.into_iter().take(count).map(|(_, m)| m.id.clone()).collect()
     }
 }
 

@@ -13,7 +13,7 @@
 
 use serde::Deserialize;
 
-use super::{Engine, GroupInput, HealthRun, MemberInput, MemberState, Metric, Millis, Reading, mean};
+use super::{Engine, GroupInput, HealthRun, MemberInput, MemberState, Metric, Millis, Reading, Rollout, mean};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,6 +151,9 @@ impl Snapshot {
                     health: HealthRun::of(readings.iter().filter(|r| r.at <= now)),
                     means,
                     load: readings.last().and_then(|r| r.value(Metric::Cpu)),
+                    replacing: false,
+                    leaving: false,
+                    outdated: false,
                 }
             })
             .collect();
@@ -165,6 +168,7 @@ impl Snapshot {
             members,
             recommendations: Vec::new(),
             changes: Vec::new(),
+            rollout: Rollout::default(),
         }
     }
 }

@@ -86,6 +86,9 @@ fn member(id: &str, cpu: Option<f64>) -> MemberInput {
         },
         means: vec![vec![cpu; 15]; 4],
         load: cpu,
+        replacing: false,
+        leaving: false,
+        outdated: false,
     }
 }
 
@@ -101,6 +104,7 @@ fn group(desired: u32, members: Vec<MemberInput>) -> GroupInput {
         members,
         recommendations: Vec::new(),
         changes: Vec::new(),
+        rollout: Rollout::default(),
     }
 }
 
@@ -532,6 +536,155 @@ fn a_member_never_healthy_is_replaced_after_the_launch_timeout() {
     assert_eq!(e.replace, vec!["stuck".to_string()]);
     stuck.launched = NOW - 899 * SEC;
     assert!(high_low().evaluate(&group(2, vec![stuck])).replace.is_empty());
+}
+
+/// The plan of a group of `members` (each `member(id, Some(40.0))` unless changed) at `desired`.
+fn plan_of(desired: u32, members: Vec<MemberInput>, rollout: Rollout) -> Plan {
+    high_low().plan(&GroupInput {
+        rollout,
+        ..group(desired, members)
+    })
+}
+
+fn serving(id: &str) -> MemberInput {
+    member(id, Some(40.0))
+}
+
+#[test]
+fn an_unhealthy_member_is_replaced_a_new_member_first_then_it_goes() {
+    let mut sick = serving("sick");
+    (sick.health.passes, sick.health.failures) = (0, 3);
+    let plan = plan_of(2, vec![serving("a"), sick.clone()], Rollout::default());
+    assert_eq!(plan.evaluation.replace, ["sick"]);
+    let c = &plan.convergence;
+    assert_eq!((c.replacing.as_slice(), c.launch), (&["sick".to_string()][..], 1));
+    // Only one healthy member serves of the two desired: the sick one stays until its replacement serves.
+    assert!(c.retire.is_empty() && c.victims.is_empty(), "{c:?}");
+
+    sick.unhealthy = true;
+    sick.replacing = true;
+    let plan = plan_of(2, vec![serving("a"), sick.clone(), serving("new")], Rollout::default());
+    assert_eq!(plan.convergence.retire, ["sick"]);
+    assert_eq!(plan.convergence.launch, 0);
+    assert!(plan.convergence.victims.is_empty());
+
+    // Suspended replacement: judged unhealthy, but nobody launches for it.
+    let mut sick = serving("sick");
+    sick.health.failures = 3;
+    let held = Rollout {
+        replace_unhealthy: false,
+        ..Rollout::default()
+    };
+    let plan = plan_of(2, vec![serving("a"), sick], held);
+    assert!(plan.convergence.replacing.is_empty());
+    assert_eq!(plan.convergence.launch, 0);
+}
+
+#[test]
+fn a_member_healthy_again_in_service_is_no_longer_replaced() {
+    let mut back = serving("back");
+    (back.unhealthy, back.replacing) = (true, true);
+    back.health.failures = 0;
+    let plan = plan_of(2, vec![serving("a"), back, serving("new")], Rollout::default());
+    assert_eq!(plan.evaluation.health.len(), 1, "{:?}", plan.evaluation.health);
+    assert!(plan.convergence.replacing.is_empty());
+    // Three live members now for two desired: the newest goes, not the one that recovered.
+    assert_eq!(plan.convergence.victims, ["new"]);
+}
+
+#[test]
+fn launches_fill_desired_with_at_most_max_surge_in_flight() {
+    let mut booting = serving("booting");
+    (booting.state, booting.in_service_since) = (MemberState::Pending, None);
+    booting.launched = NOW - 10 * SEC;
+    let members = vec![serving("a"), booting];
+    let surge = |max_surge| Rollout {
+        max_surge,
+        ..Rollout::default()
+    };
+    assert_eq!(plan_of(4, members.clone(), surge(10)).convergence.launch, 2);
+    assert_eq!(plan_of(4, members.clone(), surge(2)).convergence.launch, 1);
+    assert_eq!(plan_of(4, members.clone(), surge(1)).convergence.launch, 0);
+    let waiting = Rollout {
+        launch: false,
+        ..Rollout::default()
+    };
+    assert_eq!(plan_of(4, members, waiting).convergence.launch, 0);
+}
+
+#[test]
+fn a_scale_in_takes_victims_among_live_unprotected_members_only() {
+    let mut leaving = serving("leaving");
+    leaving.leaving = true;
+    let mut guarded = serving("guarded");
+    guarded.protected = true;
+    let members = vec![serving("a"), guarded.clone(), leaving.clone(), serving("b")];
+    let plan = plan_of(1, members.clone(), Rollout::default());
+    assert_eq!(plan.convergence.victims, ["b", "a"]);
+    assert!(!plan.convergence.only_protected_left);
+
+    let mut members = members;
+    members[0].protected = true;
+    let plan = plan_of(1, members, Rollout::default());
+    assert_eq!(plan.convergence.victims, ["b"]);
+    assert!(
+        plan.convergence.only_protected_left,
+        "a and guarded stay though the group is above desired"
+    );
+
+    let held = Rollout {
+        terminate: false,
+        ..Rollout::default()
+    };
+    assert!(
+        plan_of(1, vec![serving("a"), serving("b")], held)
+            .convergence
+            .victims
+            .is_empty()
+    );
+}
+
+#[test]
+fn an_instance_refresh_replaces_outdated_members_in_batches_within_its_healthy_percentage() {
+    let outdated = |id: &str| MemberInput {
+        outdated: true,
+        ..serving(id)
+    };
+    let members: Vec<MemberInput> = ["a", "b", "c", "d"].into_iter().map(outdated).collect();
+    let refresh = |percent| Rollout {
+        refresh: Some(percent),
+        ..Rollout::default()
+    };
+    // Keeping 50 % of 4: two at once, each replaced by a launch first.
+    let c = plan_of(4, members.clone(), refresh(50)).convergence;
+    assert_eq!(
+        (c.refreshed.as_slice(), c.launch),
+        (&["a".to_string(), "b".to_string()][..], 2)
+    );
+    assert!(!c.refresh_finished);
+    // Keeping 100 %: still one at a time, never none.
+    assert_eq!(plan_of(4, members.clone(), refresh(100)).convergence.refreshed, ["a"]);
+    // One already being replaced counts against the batch.
+    let mut members = members;
+    members[0].replacing = true;
+    assert_eq!(plan_of(4, members, refresh(50)).convergence.refreshed, ["b"]);
+    // Nothing outdated and nothing being replaced: the refresh is over.
+    let c = plan_of(2, vec![serving("a"), serving("b")], refresh(50)).convergence;
+    assert!(c.refresh_finished && c.refreshed.is_empty());
+}
+
+#[test]
+fn an_operators_desired_capacity_converges_without_a_decision() {
+    let mut input = group(1, vec![serving("a"), serving("b"), serving("c")]);
+    input.members[1].protected = true;
+    let c = high_low().converge(&input);
+    assert_eq!(
+        (c.launch, c.victims.as_slice()),
+        (0, &["c".to_string(), "a".to_string()][..])
+    );
+    input.desired = 5;
+    let c = high_low().converge(&input);
+    assert_eq!((c.launch, c.victims.len()), (2, 0));
 }
 
 #[test]

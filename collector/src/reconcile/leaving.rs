@@ -1,6 +1,6 @@
 //! How members leave: out of the load balancer, drained (the agent's pre-stop, `drain_secs`), held by
 //! terminating hooks, then terminated with an intent written first and the certificate revoked; and the
-//! instance refresh that rolls members launched from an older launch specification.
+//! members an instance refresh replaces (launched from an older launch specification).
 
 use super::{GroupController, Member, MemberState};
 use crate::activity::ActivityKind;
@@ -29,7 +29,10 @@ impl GroupController {
     /// [`Self::finish_drains`] at `drain_secs` or when the agent reports drained.
     /// A member that never served (pending: never registered with the load balancer) has nothing to drain
     /// and no deregistration delay to wait out: it goes at once, as EC2 terminates pending instances.
-    pub(super) async fn start_drain(&mut self, index: usize, cause: &str, now: Millis) {
+    pub(super) async fn start_drain(&mut self, member_id: &str, cause: &str, now: Millis) {
+        let Some(index) = self.members.iter().position(|m| m.id == member_id) else {
+            return;
+        };
         let member = self.members[index].clone();
         if member.state == MemberState::InService {
             self.leave_load_balancer(&member, cause, (self.desired, self.desired))
@@ -176,46 +179,16 @@ impl GroupController {
         true
     }
 
-    /// Members ebb launched from another launch specification than the current one, not already leaving.
-    pub(super) fn outdated(&self) -> Vec<usize> {
-        (0..self.members.len())
-            .filter(|&i| {
-                let m = &self.members[i];
-                !m.external && m.launch_spec != self.launch_spec && !m.replacing && m.drain_until.is_none()
-            })
-            .collect()
+    /// Launched by ebb from another launch specification than the current one.
+    pub(super) fn is_outdated(&self, member: &Member) -> bool {
+        !member.external && member.launch_spec != self.launch_spec
     }
 
-    /// An instance refresh's next step: mark outdated members for replacement (a new member serves before
-    /// each leaves), at most as many at once as the healthy percentage allows; done when none is left.
-    pub(super) fn roll_refresh(&mut self) {
-        let Some(percent) = self.refresh else {
-            return;
-        };
-        let outdated = self.outdated();
-        let in_flight = self.members.iter().filter(|m| m.replacing).count();
-        if outdated.is_empty() && in_flight == 0 {
-            self.refresh = None;
-            self.record(
-                ActivityKind::Refresh,
-                "the instance refresh finished".into(),
-                Ok("every member runs the current launch specification".into()),
-                "",
-                (self.desired, self.desired),
-            );
-            return;
-        }
-        let batch = ((self.desired * (100 - percent)) / 100).max(1) as usize;
-        for index in outdated.into_iter().take(batch.saturating_sub(in_flight)) {
-            self.members[index].replacing = true;
-            let id = self.members[index].id.clone();
-            self.record(
-                ActivityKind::Refresh,
-                "launched from an older launch specification".into(),
-                Ok("a replacement launches first".into()),
-                &id,
-                (self.desired, self.desired),
-            );
-        }
+    /// Members an instance refresh would replace: outdated, not already being replaced or leaving.
+    pub(super) fn outdated(&self) -> usize {
+        self.members
+            .iter()
+            .filter(|m| self.is_outdated(m) && !m.replacing && m.drain_until.is_none())
+            .count()
     }
 }

@@ -1,11 +1,17 @@
 //! The controller against the fake provider and load balancer: every behaviour of a group, step by step.
 
+use super::launch::launch_spec_v1;
 use super::*;
+use crate::activity::ActivityKind;
 use crate::clock::now_ms;
 use crate::lb::fake::FakeLoadBalancer;
 use crate::providers::fake::FakeProvider;
+use crate::providers::{CloudError, LaunchSpec};
+use crate::store::{Intent, IntentKind};
+use ebb_proto::v1::AgentSettings;
 use ebb_proto::v1::health_check::Status as HealthStatus;
 use ebb_proto::v1::{HealthCheck, Hello, Sample};
+use tokio::sync::oneshot;
 
 const GROUP: &str = r#"
     [[groups]]
