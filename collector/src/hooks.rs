@@ -21,7 +21,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::engine::Millis;
-use crate::model::Member;
 pub use crate::model::{HookWait, Transition};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -53,6 +52,14 @@ pub struct HookConfig {
 
 fn default_timeout_secs() -> u32 {
     300
+}
+
+/// Whom a transition's hooks run for: the facts a command's arguments and an endpoint's body carry.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub member_id: &'a str,
+    pub instance_id: &'a str,
+    pub address: Option<std::net::SocketAddr>,
 }
 
 struct Run {
@@ -87,26 +94,32 @@ impl Hooks {
     }
 
     /// Whether `member` may go through `transition`: `None` while its hooks are still running (they are
-    /// started here as needed, from where `member.hook` says they stand), then their verdict. Keeps
-    /// `member.hook` up to date.
-    pub fn check(&mut self, member: &mut Member, transition: Transition, now: Millis) -> Option<Verdict> {
+    /// started here as needed, from where `wait` — the member's saved hook state — says they stand), then
+    /// their verdict. Keeps `wait` up to date.
+    pub fn check(
+        &mut self,
+        member: Subject<'_>,
+        wait: &mut Option<HookWait>,
+        transition: Transition,
+        now: Millis,
+    ) -> Option<Verdict> {
         let order: Vec<usize> = (0..self.hooks.len())
             .filter(|&i| self.hooks[i].transition == transition)
             .collect();
-        let key = (member.id.clone(), transition);
-        let wait = match member.hook {
-            Some(wait) if wait.transition == transition => wait,
+        let key = (member.member_id.to_string(), transition);
+        let current = match *wait {
+            Some(current) if current.transition == transition => current,
             _ => {
                 let Some(&first) = order.first() else {
-                    return Some(self.decided(member, &key, HookResult::Continue, String::new()));
+                    return Some(self.decided(wait, &key, HookResult::Continue, String::new()));
                 };
-                self.start(first, 0, member, transition, now + self.timeout_ms(first))
+                self.start(first, 0, member, wait, transition, now + self.timeout_ms(first))
             }
         };
-        let position = wait.position as usize;
+        let position = current.position as usize;
         let Some(&index) = order.get(position) else {
             let why = "lifecycle hooks changed while the member waited; continuing".to_string();
-            return Some(self.decided(member, &key, HookResult::Continue, why));
+            return Some(self.decided(wait, &key, HookResult::Continue, why));
         };
         let hook = &self.hooks[index];
         let timed_out = || {
@@ -117,15 +130,15 @@ impl Hooks {
         };
         let (result, how) = match self.running.get_mut(&key) {
             // Held since before a restart or a reload, and out of time.
-            None if now >= wait.deadline => timed_out(),
+            None if now >= current.deadline => timed_out(),
             None => {
-                self.start(index, position, member, transition, wait.deadline);
+                self.start(index, position, member, wait, transition, current.deadline);
                 return None;
             }
             Some(run) => match run.answer.try_recv() {
                 Ok(true) => (HookResult::Continue, "confirmed".to_string()),
                 Ok(false) => (HookResult::Abandon, format!("abandoned ({})", run.refusal)),
-                Err(oneshot::error::TryRecvError::Empty) if now < wait.deadline => return None,
+                Err(oneshot::error::TryRecvError::Empty) if now < current.deadline => return None,
                 Err(oneshot::error::TryRecvError::Empty) => {
                     run.task.abort();
                     timed_out()
@@ -136,18 +149,31 @@ impl Hooks {
         let why = format!("lifecycle hook {} {how}", hook.name);
         match order.get(position + 1) {
             Some(&next) if result == HookResult::Continue => {
-                self.start(next, position + 1, member, transition, now + self.timeout_ms(next));
+                self.start(
+                    next,
+                    position + 1,
+                    member,
+                    wait,
+                    transition,
+                    now + self.timeout_ms(next),
+                );
                 None
             }
-            _ => Some(self.decided(member, &key, result, why)),
+            _ => Some(self.decided(wait, &key, result, why)),
         }
     }
 
-    fn decided(&mut self, member: &mut Member, key: &(String, Transition), result: HookResult, why: String) -> Verdict {
+    fn decided(
+        &mut self,
+        wait: &mut Option<HookWait>,
+        key: &(String, Transition),
+        result: HookResult,
+        why: String,
+    ) -> Verdict {
         if let Some(run) = self.running.remove(key) {
             run.task.abort();
         }
-        member.hook = None;
+        *wait = None;
         Verdict { result, why }
     }
 
@@ -170,7 +196,8 @@ impl Hooks {
         &mut self,
         index: usize,
         position: usize,
-        member: &mut Member,
+        member: Subject<'_>,
+        wait: &mut Option<HookWait>,
         transition: Transition,
         deadline: Millis,
     ) -> HookWait {
@@ -181,7 +208,7 @@ impl Hooks {
         let (task, refusal) = if let Some(url) = hook.url.clone() {
             let body = serde_json::json!({
                 "group": self.group,
-                "member_id": member.id,
+                "member_id": member.member_id,
                 "instance_id": member.instance_id,
                 "address": address,
                 "transition": transition.name(),
@@ -212,8 +239,8 @@ impl Hooks {
                 .command
                 .iter()
                 .map(|arg| {
-                    arg.replace("{member_id}", &member.id)
-                        .replace("{instance_id}", &member.instance_id)
+                    arg.replace("{member_id}", member.member_id)
+                        .replace("{instance_id}", member.instance_id)
                         .replace("{address}", &address)
                         .replace("{group}", &self.group)
                         .replace("{transition}", transition.name())
@@ -245,19 +272,19 @@ impl Hooks {
             });
             (task, "non-zero exit")
         };
-        let wait = HookWait {
+        let started = HookWait {
             transition,
             position: position as u32,
             deadline,
         };
-        member.hook = Some(wait);
-        if let Some(old) = self
-            .running
-            .insert((member.id.clone(), transition), Run { answer, task, refusal })
-        {
+        *wait = Some(started);
+        if let Some(old) = self.running.insert(
+            (member.member_id.to_string(), transition),
+            Run { answer, task, refusal },
+        ) {
             old.task.abort();
         }
-        wait
+        started
     }
 }
 
@@ -280,6 +307,19 @@ impl Drop for Hooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Member;
+
+    impl Hooks {
+        /// `check` for a whole member.
+        fn check_member(&mut self, member: &mut Member, transition: Transition, now: Millis) -> Option<Verdict> {
+            let subject = Subject {
+                member_id: &member.id,
+                instance_id: &member.instance_id,
+                address: member.address,
+            };
+            self.check(subject, &mut member.hook, transition, now)
+        }
+    }
 
     fn hook(name: &str, transition: Transition, script: &str, default_result: HookResult) -> HookConfig {
         HookConfig {
@@ -309,7 +349,7 @@ mod tests {
     /// Checks until the hooks answer (bounded).
     async fn answer(hooks: &mut Hooks, member: &mut Member, transition: Transition, now: Millis) -> Verdict {
         for _ in 0..200 {
-            if let Some(verdict) = hooks.check(member, transition, now) {
+            if let Some(verdict) = hooks.check_member(member, transition, now) {
                 return verdict;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -338,7 +378,10 @@ mod tests {
         assert_eq!(member.hook, None, "decided: nothing holds the member");
         // No hooks for terminating: it continues at once.
         assert_eq!(
-            hooks.check(&mut member, Transition::Terminating, 0).unwrap().result,
+            hooks
+                .check_member(&mut member, Transition::Terminating, 0)
+                .unwrap()
+                .result,
             HookResult::Continue
         );
     }
@@ -430,9 +473,11 @@ mod tests {
         // Without the CA the endpoint cannot be trusted, so it never answers: the default result.
         let mut untrusting = Hooks::new("web", vec![http("private", &url, None)]);
         let mut member = member();
-        assert!(untrusting.check(&mut member, Transition::Launching, 0).is_none());
+        assert!(untrusting.check_member(&mut member, Transition::Launching, 0).is_none());
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        let verdict = untrusting.check(&mut member, Transition::Launching, 5_000).unwrap();
+        let verdict = untrusting
+            .check_member(&mut member, Transition::Launching, 5_000)
+            .unwrap();
         assert_eq!(verdict.why, "lifecycle hook private gave no answer in 5 s");
         assert!(requests.lock().unwrap().is_empty());
 
@@ -450,14 +495,16 @@ mod tests {
         );
         let mut member = member();
         assert!(
-            hooks.check(&mut member, Transition::Terminating, 0).is_none(),
+            hooks.check_member(&mut member, Transition::Terminating, 0).is_none(),
             "started, waiting"
         );
         assert!(
-            hooks.check(&mut member, Transition::Terminating, 4_000).is_none(),
+            hooks
+                .check_member(&mut member, Transition::Terminating, 4_000)
+                .is_none(),
             "before its timeout"
         );
-        let verdict = hooks.check(&mut member, Transition::Terminating, 5_000).unwrap();
+        let verdict = hooks.check_member(&mut member, Transition::Terminating, 5_000).unwrap();
         assert_eq!(verdict.result, HookResult::Abandon);
         assert_eq!(verdict.why, "lifecycle hook slow gave no answer in 5 s");
     }
@@ -475,13 +522,17 @@ mod tests {
         let mut member = member();
         let mut hooks = Hooks::new("web", config.clone());
         // The first confirms at 1 s; the second starts then, with 5 s to answer.
-        assert!(hooks.check(&mut member, Transition::Terminating, 0).is_none());
+        assert!(hooks.check_member(&mut member, Transition::Terminating, 0).is_none());
         for _ in 0..200 {
             if runs() == 1 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            assert!(hooks.check(&mut member, Transition::Terminating, 1_000).is_none());
+            assert!(
+                hooks
+                    .check_member(&mut member, Transition::Terminating, 1_000)
+                    .is_none()
+            );
         }
         let expected = HookWait {
             transition: Transition::Terminating,
@@ -494,7 +545,11 @@ mod tests {
         // The collector restarts at 3 s with the member as the store kept it: the slow hook runs again
         // (its answer was lost), still due at 6 s.
         let mut restarted = Hooks::new("web", config.clone());
-        assert!(restarted.check(&mut member, Transition::Terminating, 3_000).is_none());
+        assert!(
+            restarted
+                .check_member(&mut member, Transition::Terminating, 3_000)
+                .is_none()
+        );
         assert_eq!(member.hook, Some(expected), "the wait does not start over");
         for _ in 0..200 {
             if runs() == 2 {
@@ -503,15 +558,21 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert_eq!(runs(), 2, "ran again after the restart");
-        assert!(restarted.check(&mut member, Transition::Terminating, 5_999).is_none());
-        let verdict = restarted.check(&mut member, Transition::Terminating, 6_000).unwrap();
+        assert!(
+            restarted
+                .check_member(&mut member, Transition::Terminating, 5_999)
+                .is_none()
+        );
+        let verdict = restarted
+            .check_member(&mut member, Transition::Terminating, 6_000)
+            .unwrap();
         assert_eq!(verdict.why, "lifecycle hook slow gave no answer in 5 s");
         drop(restarted);
 
         // Down past the deadline: the default result at once, without running the hook a third time.
         member.hook = Some(expected);
         let mut late = Hooks::new("web", config);
-        let verdict = late.check(&mut member, Transition::Terminating, 60_000).unwrap();
+        let verdict = late.check_member(&mut member, Transition::Terminating, 60_000).unwrap();
         assert_eq!(verdict.result, HookResult::Abandon);
         assert_eq!(member.hook, None);
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -91,137 +91,190 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition: every family of [`FAMILIES`], in order.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        header(
-            &mut out,
-            "ebb_samples_ingested_total",
-            "counter",
-            "Samples validated and stored.",
-        );
-        let _ = writeln!(
-            out,
-            "ebb_samples_ingested_total {}",
-            self.samples_ingested.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "ebb_samples_duplicate_total",
-            "counter",
-            "Samples dropped because their sequence number was already stored (replays).",
-        );
-        let _ = writeln!(
-            out,
-            "ebb_samples_duplicate_total {}",
-            self.samples_duplicate.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "ebb_store_errors_total",
-            "counter",
-            "Reads and writes of the store that failed (disk full, unwritable); each is also logged at ERROR.",
-        );
-        let _ = writeln!(
-            out,
-            "ebb_store_errors_total {}",
-            self.store_errors.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "ebb_samples_rejected_total",
-            "counter",
-            "Samples refused by validation, by reason; never stored.",
-        );
-        for (reason, count) in self.samples_rejected.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "ebb_samples_rejected_total{{reason=\"{reason}\"}} {count}");
-        }
-        header(
-            &mut out,
-            "ebb_agents_connected",
-            "gauge",
-            "Agents with an open telemetry stream.",
-        );
-        let _ = writeln!(
-            out,
-            "ebb_agents_connected {}",
-            self.agents_connected.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "ebb_enrollments_total",
-            "counter",
-            "Certificates issued to enrolling agents.",
-        );
-        let _ = writeln!(
-            out,
-            "ebb_enrollments_total {}",
-            self.enrollments.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "ebb_requests_refused_total",
-            "counter",
-            "Requests refused for their credentials (token, certificate, identity, rate), by service and reason.",
-        );
-        for ((service, reason), count) in self.refused.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "ebb_requests_refused_total{{service=\"{service}\",reason=\"{reason}\"}} {count}"
-            );
-        }
-        let groups = self.groups.lock().expect("metrics lock").clone();
-        let capacity_gauges: [(&str, &str, GaugeOf); 3] = [
-            ("ebb_group_desired_capacity", "Members the group should have.", |g| {
-                g.desired
-            }),
-            (
-                "ebb_group_in_service",
-                "Members registered with the load balancer.",
-                |g| g.in_service,
-            ),
-            ("ebb_group_pending", "Members launched but not yet in service.", |g| {
-                g.pending
-            }),
-        ];
-        for (name, help, value) in capacity_gauges {
-            header(&mut out, name, "gauge", help);
-            for (group, gauges) in &groups {
-                let _ = writeln!(out, "{name}{{group=\"{group}\"}} {}", value(gauges));
-            }
-        }
-        header(
-            &mut out,
-            "ebb_group_metric",
-            "gauge",
-            "Aggregated member metrics over the last 10 s, by name.",
-        );
-        for (group, gauges) in &groups {
-            for (name, value) in &gauges.values {
-                let _ = writeln!(out, "ebb_group_metric{{group=\"{group}\",name=\"{name}\"}} {value}");
-            }
-        }
-        header(
-            &mut out,
-            "ebb_activities_total",
-            "counter",
-            "Scaling and lifecycle activities, by kind and outcome.",
-        );
-        for ((group, kind, outcome), count) in self.activities.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "ebb_activities_total{{group=\"{group}\",kind=\"{kind}\",outcome=\"{outcome}\"}} {count}"
-            );
+        for family in FAMILIES {
+            write_family(&mut out, family, &(family.series)(self));
         }
         out
     }
 }
 
-/// Reads one gauge of a group.
-type GaugeOf = fn(&GroupGauges) -> u32;
+/// Whether a family only grows or goes up and down.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// One series of a family: its labels and its value.
+type Series = (Vec<(&'static str, String)>, f64);
+
+/// One metric family: its name, kind and help, and how its series are read.
+struct Family {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    series: fn(&Metrics) -> Vec<Series>,
+}
+
+/// A family with a single unlabelled series.
+fn one(value: f64) -> Vec<Series> {
+    vec![(Vec::new(), value)]
+}
+
+/// Every metric the collector exposes, in the order `/metrics` lists them.
+const FAMILIES: &[Family] = &[
+    Family {
+        name: "ebb_samples_ingested_total",
+        kind: Kind::Counter,
+        help: "Samples validated and stored.",
+        series: |m| one(m.samples_ingested.load(Ordering::Relaxed) as f64),
+    },
+    Family {
+        name: "ebb_samples_duplicate_total",
+        kind: Kind::Counter,
+        help: "Samples dropped because their sequence number was already stored (replays).",
+        series: |m| one(m.samples_duplicate.load(Ordering::Relaxed) as f64),
+    },
+    Family {
+        name: "ebb_store_errors_total",
+        kind: Kind::Counter,
+        help: "Reads and writes of the store that failed (disk full, unwritable); each is also logged at ERROR.",
+        series: |m| one(m.store_errors.load(Ordering::Relaxed) as f64),
+    },
+    Family {
+        name: "ebb_samples_rejected_total",
+        kind: Kind::Counter,
+        help: "Samples refused by validation, by reason; never stored.",
+        series: |m| {
+            let rejected = m.samples_rejected.lock().expect("metrics lock");
+            rejected
+                .iter()
+                .map(|(reason, count)| (vec![("reason", reason.to_string())], *count as f64))
+                .collect()
+        },
+    },
+    Family {
+        name: "ebb_agents_connected",
+        kind: Kind::Gauge,
+        help: "Agents with an open telemetry stream.",
+        series: |m| one(m.agents_connected.load(Ordering::Relaxed) as f64),
+    },
+    Family {
+        name: "ebb_enrollments_total",
+        kind: Kind::Counter,
+        help: "Certificates issued to enrolling agents.",
+        series: |m| one(m.enrollments.load(Ordering::Relaxed) as f64),
+    },
+    Family {
+        name: "ebb_requests_refused_total",
+        kind: Kind::Counter,
+        help: "Requests refused for their credentials (token, certificate, identity, rate), by service and reason.",
+        series: |m| {
+            let refused = m.refused.lock().expect("metrics lock");
+            refused
+                .iter()
+                .map(|((service, reason), count)| {
+                    let labels = vec![("service", service.to_string()), ("reason", reason.to_string())];
+                    (labels, *count as f64)
+                })
+                .collect()
+        },
+    },
+    Family {
+        name: "ebb_group_desired_capacity",
+        kind: Kind::Gauge,
+        help: "Members the group should have.",
+        series: |m| per_group(m, |g| g.desired),
+    },
+    Family {
+        name: "ebb_group_in_service",
+        kind: Kind::Gauge,
+        help: "Members registered with the load balancer.",
+        series: |m| per_group(m, |g| g.in_service),
+    },
+    Family {
+        name: "ebb_group_pending",
+        kind: Kind::Gauge,
+        help: "Members launched but not yet in service.",
+        series: |m| per_group(m, |g| g.pending),
+    },
+    Family {
+        name: "ebb_group_metric",
+        kind: Kind::Gauge,
+        help: "Aggregated member metrics over the last 10 s, by name.",
+        series: |m| {
+            let groups = m.groups.lock().expect("metrics lock");
+            groups
+                .iter()
+                .flat_map(|(group, gauges)| {
+                    gauges
+                        .values
+                        .iter()
+                        .map(move |(name, value)| (vec![("group", group.clone()), ("name", name.to_string())], *value))
+                })
+                .collect()
+        },
+    },
+    Family {
+        name: "ebb_activities_total",
+        kind: Kind::Counter,
+        help: "Scaling and lifecycle activities, by kind and outcome.",
+        series: |m| {
+            let activities = m.activities.lock().expect("metrics lock");
+            activities
+                .iter()
+                .map(|((group, kind, outcome), count)| {
+                    let labels = vec![
+                        ("group", group.clone()),
+                        ("kind", kind.to_string()),
+                        ("outcome", outcome.to_string()),
+                    ];
+                    (labels, *count as f64)
+                })
+                .collect()
+        },
+    },
+];
+
+/// One of each group's capacity gauges.
+fn per_group(metrics: &Metrics, gauge: fn(&GroupGauges) -> u32) -> Vec<Series> {
+    let groups = metrics.groups.lock().expect("metrics lock");
+    groups
+        .iter()
+        .map(|(group, gauges)| (vec![("group", group.clone())], f64::from(gauge(gauges))))
+        .collect()
+}
+
+/// Writes one family in the Prometheus text format, label values escaped.
+fn write_family(out: &mut String, family: &Family, series: &[Series]) {
+    let kind = match family.kind {
+        Kind::Counter => "counter",
+        Kind::Gauge => "gauge",
+    };
+    let _ = writeln!(
+        out,
+        "# HELP {} {}\n# TYPE {} {kind}",
+        family.name, family.help, family.name
+    );
+    for (labels, value) in series {
+        out.push_str(family.name);
+        if !labels.is_empty() {
+            let labels: Vec<String> = labels
+                .iter()
+                .map(|(name, value)| format!("{name}=\"{}\"", escape_label(value)))
+                .collect();
+            let _ = write!(out, "{{{}}}", labels.join(","));
+        }
+        let _ = writeln!(out, " {value}");
+    }
+}
+
+/// A label value as the text format wants it: backslash, double quote and newline escaped.
+fn escape_label(value: &str) -> String {
+    value.replace('\\', r"\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Decrements the connected-agents gauge when dropped.
@@ -300,5 +353,57 @@ mod tests {
         client.read_to_string(&mut response).await.unwrap();
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
         assert!(response.contains("ebb_agents_connected 0"), "{response}");
+    }
+
+    /// Every family is announced once with its type, counters end in `_total`, and each series line
+    /// belongs to the family announced before it.
+    #[test]
+    fn each_family_is_announced_once_and_its_series_follow_it() {
+        let metrics = Metrics::default();
+        metrics.sample_rejected("future");
+        metrics.refused("enroll", "token");
+        metrics.activity("web", "launch", "ok");
+        let mut values = BTreeMap::new();
+        values.insert("cpu_avg_percent", 42.5);
+        metrics.set_group(
+            "web",
+            GroupGauges {
+                desired: 3,
+                in_service: 2,
+                pending: 1,
+                values,
+            },
+        );
+        let text = metrics.render();
+        let mut announced = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(name.ends_with("_total"), kind == "counter", "{line}");
+                assert!(!announced.contains(&name), "{name} announced twice");
+                announced.push(name);
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert_eq!(Some(&name), announced.last(), "{line} outside its family");
+            }
+        }
+        assert_eq!(announced.len(), FAMILIES.len());
+        for expected in [
+            "ebb_samples_rejected_total{reason=\"future\"} 1",
+            "ebb_requests_refused_total{service=\"enroll\",reason=\"token\"} 1",
+            "ebb_group_desired_capacity{group=\"web\"} 3",
+            "ebb_group_in_service{group=\"web\"} 2",
+            "ebb_group_pending{group=\"web\"} 1",
+            "ebb_group_metric{group=\"web\",name=\"cpu_avg_percent\"} 42.5",
+            "ebb_activities_total{group=\"web\",kind=\"launch\",outcome=\"ok\"} 1",
+            "ebb_agents_connected 0",
+        ] {
+            assert!(text.lines().any(|l| l == expected), "{expected} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

@@ -108,8 +108,8 @@ fn group(desired: u32, members: Vec<MemberInput>) -> GroupInput {
     }
 }
 
-fn outcome(e: &Evaluation) -> (Action, u32, &'static str) {
-    (e.action, e.desired, e.reason.code.as_str())
+fn outcome(e: &Evaluation) -> (Action, u32, ReasonCode) {
+    (e.action, e.desired, e.reason.code)
 }
 
 #[test]
@@ -141,7 +141,7 @@ fn windows_are_consecutive_periods_ending_now() {
 #[test]
 fn scales_out_with_the_policy_and_value_in_the_explanation() {
     let e = high_low().evaluate(&group(1, vec![member("web-1", Some(85.0))]));
-    assert_eq!(outcome(&e), (Action::ScaleOut, 3, "policy"));
+    assert_eq!(outcome(&e), (Action::ScaleOut, 3, ReasonCode::Policy));
     assert_eq!(e.policy.as_deref(), Some("cpu-high"));
     assert!(
         e.reason.text.contains("avg cpu > 60%: cpu 85% over 10 s"),
@@ -159,26 +159,26 @@ fn scale_out_is_clamped_to_max_and_holds_at_max() {
         member("c", Some(90.0)),
     ];
     let e = high_low().evaluate(&group(3, members.clone()));
-    assert_eq!(outcome(&e), (Action::ScaleOut, 4, "policy"));
+    assert_eq!(outcome(&e), (Action::ScaleOut, 4, ReasonCode::Policy));
     assert!(e.reason.text.contains("clamped to max_size 4"), "{}", e.reason.text);
     let mut at_max = members;
     at_max.push(member("d", Some(90.0)));
     let e = high_low().evaluate(&group(4, at_max));
-    assert_eq!(outcome(&e), (Action::None, 4, "at_max"));
+    assert_eq!(outcome(&e), (Action::None, 4, ReasonCode::AtMax));
 }
 
 #[test]
 fn scales_in_when_idle_but_never_below_min() {
     let e = high_low().evaluate(&group(2, vec![member("a", Some(5.0)), member("b", Some(3.0))]));
-    assert_eq!(outcome(&e), (Action::ScaleIn, 1, "policy"));
+    assert_eq!(outcome(&e), (Action::ScaleIn, 1, ReasonCode::Policy));
     let e = high_low().evaluate(&group(1, vec![member("a", Some(5.0))]));
-    assert_eq!(outcome(&e), (Action::None, 1, "at_min"));
+    assert_eq!(outcome(&e), (Action::None, 1, ReasonCode::AtMin));
 }
 
 #[test]
 fn a_silent_member_blocks_scale_in_and_counts_as_zero_for_scale_out() {
     let e = high_low().evaluate(&group(2, vec![member("a", Some(2.0)), member("b", None)]));
-    assert_eq!(outcome(&e), (Action::None, 2, "insufficient_data"));
+    assert_eq!(outcome(&e), (Action::None, 2, ReasonCode::InsufficientData));
     assert!(e.explanation.contains("member b sent no cpu data"), "{}", e.explanation);
     // 100 and a silent member: avg 50, not > 60.
     let e = high_low().evaluate(&group(2, vec![member("a", Some(100.0)), member("b", None)]));
@@ -189,9 +189,9 @@ fn a_silent_member_blocks_scale_in_and_counts_as_zero_for_scale_out() {
 #[test]
 fn no_data_at_all_never_scales() {
     let e = high_low().evaluate(&group(2, vec![member("a", None), member("b", None)]));
-    assert_eq!(outcome(&e), (Action::None, 2, "insufficient_data"));
+    assert_eq!(outcome(&e), (Action::None, 2, ReasonCode::InsufficientData));
     let e = high_low().evaluate(&group(1, vec![]));
-    assert_eq!(outcome(&e), (Action::None, 1, "insufficient_data"));
+    assert_eq!(outcome(&e), (Action::None, 1, ReasonCode::InsufficientData));
 }
 
 #[test]
@@ -203,7 +203,7 @@ fn warming_and_pending_members_are_left_out_and_absorb_a_repeated_alarm() {
     pending.in_service_since = None;
     // One busy member wanted +2: the two are on their way, so no more.
     let e = high_low().evaluate(&group(3, vec![member("old", Some(90.0)), warming, pending]));
-    assert_eq!(outcome(&e), (Action::None, 3, "warming"));
+    assert_eq!(outcome(&e), (Action::None, 3, ReasonCode::Warming));
     assert_eq!((e.members.counted, e.members.warming, e.members.pending), (1, 1, 1));
 }
 
@@ -232,10 +232,10 @@ fn a_bigger_breach_adds_the_difference_while_members_warm_up() {
     warming.in_service_since = Some(NOW - 5 * SEC);
     // 70% (breach 10): +1 over the one counted member = 2, already there.
     let e = engine.evaluate(&group(2, vec![member("old", Some(70.0)), warming.clone()]));
-    assert_eq!(outcome(&e), (Action::None, 2, "warming"));
+    assert_eq!(outcome(&e), (Action::None, 2, ReasonCode::Warming));
     // 95% (breach 35): +3 over one counted = 4, two more.
     let e = engine.evaluate(&group(2, vec![member("old", Some(95.0)), warming]));
-    assert_eq!(outcome(&e), (Action::ScaleOut, 4, "policy"));
+    assert_eq!(outcome(&e), (Action::ScaleOut, 4, ReasonCode::Policy));
 }
 
 /// The EC2 Auto Scaling guide's step adjustments example: a group of 10, alarms at 50 % both ways, steps in
@@ -333,7 +333,7 @@ fn separate_cooldowns_scale_in_waits_after_any_scaling() {
     let busy = vec![member("a", Some(90.0))];
     let mut g = group(1, busy);
     g.last_scale_out = Some(NOW - 20 * SEC);
-    assert_eq!(outcome(&engine.evaluate(&g)), (Action::None, 1, "in_cooldown"));
+    assert_eq!(outcome(&engine.evaluate(&g)), (Action::None, 1, ReasonCode::InCooldown));
     g.last_scale_out = Some(NOW - 31 * SEC);
     assert_eq!(engine.evaluate(&g).action, Action::ScaleOut);
     // A scale-out right after a scale-in is allowed.
@@ -343,7 +343,7 @@ fn separate_cooldowns_scale_in_waits_after_any_scaling() {
     let mut idle = group(2, vec![member("a", Some(1.0)), member("b", Some(1.0))]);
     idle.last_scale_out = Some(NOW - 200 * SEC);
     let e = engine.evaluate(&idle);
-    assert_eq!(outcome(&e), (Action::None, 2, "in_cooldown"));
+    assert_eq!(outcome(&e), (Action::None, 2, ReasonCode::InCooldown));
     assert!(e.reason.text.contains("100 s left"), "{}", e.reason.text);
 }
 
@@ -378,23 +378,29 @@ fn scale_out_beats_scale_in_and_the_largest_wins() {
     // Even a scale-out held by cooldown keeps scale-in from happening.
     let mut g = group(2, vec![member("a", Some(80.0)), member("b", Some(80.0))]);
     g.last_scale_out = Some(NOW - SEC);
-    assert_eq!(outcome(&engine.evaluate(&g)), (Action::None, 2, "in_cooldown"));
+    assert_eq!(outcome(&engine.evaluate(&g)), (Action::None, 2, ReasonCode::InCooldown));
 }
 
 #[test]
 fn desired_outside_the_limits_is_corrected() {
     let e = high_low().evaluate(&group(9, vec![]));
-    assert_eq!(outcome(&e), (Action::ScaleIn, 4, "limits"));
+    assert_eq!(outcome(&e), (Action::ScaleIn, 4, ReasonCode::Limits));
     let mut g = group(0, vec![]);
     g.min_size = 2;
-    assert_eq!(outcome(&high_low().evaluate(&g)), (Action::ScaleOut, 2, "limits"));
+    assert_eq!(
+        outcome(&high_low().evaluate(&g)),
+        (Action::ScaleOut, 2, ReasonCode::Limits)
+    );
 }
 
 #[test]
 fn suspended_decides_nothing() {
     let mut g = group(1, vec![member("a", Some(99.0))]);
     g.suspended = true;
-    assert_eq!(outcome(&high_low().evaluate(&g)), (Action::None, 1, "suspended"));
+    assert_eq!(
+        outcome(&high_low().evaluate(&g)),
+        (Action::None, 1, ReasonCode::Suspended)
+    );
 }
 
 #[test]
@@ -402,7 +408,7 @@ fn target_tracking_scales_out_in_one_step() {
     let engine = engine(vec![target(50.0)]);
     // 2 members at 90%: 180 / 50 = 3.6 → 4.
     let e = engine.evaluate(&group(2, vec![member("a", Some(90.0)), member("b", Some(90.0))]));
-    assert_eq!(outcome(&e), (Action::ScaleOut, 4, "policy"));
+    assert_eq!(outcome(&e), (Action::ScaleOut, 4, ReasonCode::Policy));
     assert_eq!(e.recommendations[0].capacity, 4);
 }
 
@@ -410,7 +416,7 @@ fn target_tracking_scales_out_in_one_step() {
 fn target_tracking_tolerance_and_stabilization() {
     let engine = engine(vec![target(50.0)]);
     let e = engine.evaluate(&group(2, vec![member("a", Some(53.0)), member("b", Some(54.0))]));
-    assert_eq!(outcome(&e), (Action::None, 2, "within_tolerance"));
+    assert_eq!(outcome(&e), (Action::None, 2, ReasonCode::WithinTolerance));
     // Idle: 2 × 10% / 50% = 0.4 → 1, but a recommendation of 2 was made 100 s ago.
     let mut g = group(2, vec![member("a", Some(10.0)), member("b", Some(10.0))]);
     g.recommendations = vec![Recommendation {
@@ -418,22 +424,31 @@ fn target_tracking_tolerance_and_stabilization() {
         at: NOW - 100 * SEC,
         capacity: 2,
     }];
-    assert_eq!(outcome(&engine.evaluate(&g)), (Action::None, 2, "stabilizing"));
+    assert_eq!(
+        outcome(&engine.evaluate(&g)),
+        (Action::None, 2, ReasonCode::Stabilizing)
+    );
     g.recommendations[0].at = NOW - 301 * SEC;
-    assert_eq!(outcome(&engine.evaluate(&g)), (Action::ScaleIn, 1, "policy"));
+    assert_eq!(outcome(&engine.evaluate(&g)), (Action::ScaleIn, 1, ReasonCode::Policy));
 }
 
 #[test]
 fn target_tracking_scale_in_can_be_disabled_and_needs_every_member() {
     let mut engine = engine(vec![target(50.0)]);
     let idle = group(2, vec![member("a", Some(10.0)), member("b", None)]);
-    assert_eq!(outcome(&engine.evaluate(&idle)), (Action::None, 2, "insufficient_data"));
+    assert_eq!(
+        outcome(&engine.evaluate(&idle)),
+        (Action::None, 2, ReasonCode::InsufficientData)
+    );
     let Policy::TargetTracking(t) = &mut engine.policies[0] else {
         unreachable!()
     };
     t.disable_scale_in = true;
     let idle = group(2, vec![member("a", Some(10.0)), member("b", Some(10.0))]);
-    assert_eq!(outcome(&engine.evaluate(&idle)), (Action::None, 2, "scale_in_disabled"));
+    assert_eq!(
+        outcome(&engine.evaluate(&idle)),
+        (Action::None, 2, ReasonCode::ScaleInDisabled)
+    );
 }
 
 #[test]
@@ -462,7 +477,10 @@ fn target_tracking_rate_limits() {
         from: 2,
         to: 3,
     });
-    assert_eq!(outcome(&engine.evaluate(&g)), (Action::None, 2, "rate_limited"));
+    assert_eq!(
+        outcome(&engine.evaluate(&g)),
+        (Action::None, 2, ReasonCode::RateLimited)
+    );
 }
 
 #[test]
@@ -512,7 +530,7 @@ fn silence_is_unhealthy_only_while_others_report() {
     other.id = "other".into();
     let e = engine.evaluate(&group(2, vec![quiet.clone(), other.clone()]));
     assert!(e.replace.is_empty());
-    assert_eq!(outcome(&e), (Action::None, 2, "insufficient_data"));
+    assert_eq!(outcome(&e), (Action::None, 2, ReasonCode::InsufficientData));
     assert!(
         e.reason.text.contains("no member has reported for 30 s"),
         "{}",
@@ -739,7 +757,7 @@ fn seed_k5_cpu_alarms() {
     let mut g = group(2, vec![member("vm-1", Some(40.0)), member("vm-2", Some(70.0))]);
     (g.min_size, g.max_size) = (2, 6);
     let e = k5().evaluate(&g);
-    assert_eq!(outcome(&e), (Action::ScaleOut, 3, "policy"));
+    assert_eq!(outcome(&e), (Action::ScaleOut, 3, ReasonCode::Policy));
     assert!(e.reason.text.contains("cpu 55% over 60 s"), "{}", e.reason.text);
     let mut g = group(
         3,
@@ -750,7 +768,7 @@ fn seed_k5_cpu_alarms() {
         ],
     );
     (g.min_size, g.max_size) = (2, 6);
-    assert_eq!(outcome(&k5().evaluate(&g)), (Action::ScaleIn, 2, "policy"));
+    assert_eq!(outcome(&k5().evaluate(&g)), (Action::ScaleIn, 2, ReasonCode::Policy));
 }
 
 /// Seed 003 (K5): HealthyThreshold 3 and UnhealthyThreshold 3 with checks every Interval 10 s: a server
@@ -810,11 +828,20 @@ fn seed_heat_scales_up_to_max_and_stops() {
         let mut g = group(desired, members);
         g.max_size = 3;
         let e = engine.evaluate(&g);
-        history.push(e.reason.code.as_str());
+        history.push(e.reason.code);
         desired = e.desired;
     }
     assert_eq!(desired, 3);
-    assert_eq!(history, ["policy", "policy", "at_max", "at_max", "at_max"]);
+    assert_eq!(
+        history,
+        [
+            ReasonCode::Policy,
+            ReasonCode::Policy,
+            ReasonCode::AtMax,
+            ReasonCode::AtMax,
+            ReasonCode::AtMax
+        ]
+    );
 }
 
 /// Seed 003's four cooldown / grace-period patterns. A new server's boot-time CPU spike and failing
@@ -969,4 +996,53 @@ proptest! {
     fn same_input_same_output(engine in arb_engine(), g in arb_group()) {
         prop_assert_eq!(engine.evaluate(&g), engine.evaluate(&g));
     }
+}
+
+/// The codes' names are what operators see in `explain`, the Admin API's JSON and the store: stable, the
+/// same in every one; the enum's order is the priority among policies that did not act.
+#[test]
+fn reason_codes_have_stable_names_and_their_order_is_their_priority() {
+    use ReasonCode::*;
+    let all = [
+        InsufficientData,
+        Warming,
+        Stabilizing,
+        RateLimited,
+        ScaleInDisabled,
+        WithinTolerance,
+        NoStep,
+        NoChange,
+        NoAlarm,
+        Suspended,
+        Limits,
+        AtMax,
+        AtMin,
+        InCooldown,
+        Policy,
+        NoPolicies,
+    ];
+    for code in all {
+        assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+    }
+    assert!(all.windows(2).all(|w| w[0] < w[1]));
+    let names: Vec<&str> = all.iter().map(|c| c.as_str()).collect();
+    assert_eq!(
+        names.join(" "),
+        "insufficient_data warming stabilizing rate_limited scale_in_disabled within_tolerance no_step \
+         no_change no_alarm suspended limits at_max at_min in_cooldown policy no_policies"
+    );
+}
+
+/// The English of one whole evaluation, once: every other test asserts codes and figures.
+#[test]
+fn an_evaluation_reads_as_a_sentence_per_fact() {
+    let e = high_low().evaluate(&group(2, vec![member("a", Some(85.0)), member("b", Some(75.0))]));
+    assert_eq!(
+        e.explanation,
+        "scale_out 2 → 4: policy cpu-high: avg cpu > 60%: cpu 80% over 10 s, 1 of 1 periods breaching \
+         (1 needed) → alarm → 2 → 4\n  \
+         members: 2 counted, 0 warming, 0 pending, 0 unhealthy, 0 draining, 0 silent\n  \
+         policy cpu-high: avg cpu > 60%: cpu 80% over 10 s, 1 of 1 periods breaching (1 needed) → alarm → 2 → 4\n  \
+         policy cpu-low: avg cpu < 20%: cpu 80% over 10 s, 0 of 1 periods breaching (1 needed) → ok"
+    );
 }

@@ -8,7 +8,7 @@ use ebb_collector::lb::cloudstack::CloudStackLoadBalancer;
 use ebb_collector::lb::{LoadBalancer, Registration};
 use ebb_collector::providers::cloudstack::api::{Api, Credentials, SignatureVersion};
 use ebb_collector::providers::cloudstack::{CloudStackConfig, CloudStackProvider};
-use ebb_collector::providers::{CloudError, InstanceState, LaunchSpec, Provider};
+use ebb_collector::providers::{InstanceState, LaunchSpec, Provider};
 use ebb_tests::cloudstack::{FakeCloudStack, Fault};
 
 const CLUSTER: &str = "0123456789abcdef";
@@ -112,7 +112,7 @@ async fn a_wrong_secret_is_refused_and_the_error_says_what_to_check_without_the_
     let fake = FakeCloudStack::start(None);
     let provider = CloudStackProvider::new(config(), api(&fake, "not-the-secret", SignatureVersion::V3), CLUSTER);
     let error = provider.list("web").await.unwrap_err();
-    assert!(matches!(error, CloudError::Permanent(_)), "{error:?}");
+    assert!(!error.is_retryable(), "{error:?}");
     let text = error.to_string();
     assert!(
         text.contains("check api_key and secret_key") && text.contains("401"),

@@ -32,7 +32,7 @@ impl AwsTargetGroup {
             )
             .await?;
         let document = roxmltree::Document::parse(&xml)
-            .map_err(|e| CloudError::Retryable(format!("ELBv2 answered with XML ebb cannot read: {e}")))?;
+            .map_err(|e| CloudError::retryable(format!("ELBv2 answered with XML ebb cannot read: {e}")).caused_by(e))?;
         let deregistration_delay_secs = document
             .descendants()
             .filter(|n| n.has_tag_name("member"))
@@ -96,7 +96,7 @@ impl LoadBalancer for AwsTargetGroup {
             .elbv2("DescribeTargetHealth", &[("TargetGroupArn".into(), self.arn.clone())])
             .await?;
         let document = roxmltree::Document::parse(&xml)
-            .map_err(|e| CloudError::Retryable(format!("ELBv2 answered with XML ebb cannot read: {e}")))?;
+            .map_err(|e| CloudError::retryable(format!("ELBv2 answered with XML ebb cannot read: {e}")).caused_by(e))?;
         Ok(document
             .descendants()
             .filter(|n| n.has_tag_name("member") && n.children().any(|c| c.has_tag_name("Target")))

@@ -24,11 +24,11 @@ impl LoadBalancerConfig {
         cloud: &CloudClient,
         cluster_id: &str,
     ) -> Result<(Arc<dyn LoadBalancer>, Option<SocketAddr>), CloudError> {
-        let mismatch = || CloudError::Permanent("the load balancer needs its own cloud's provider".into());
+        let mismatch = || CloudError::permanent("the load balancer needs its own cloud's provider");
         Ok(match (self, cloud) {
             (LoadBalancerConfig::Builtin { listen }, _) => {
                 let lb = builtin::BuiltinLoadBalancer::bind(*listen).await.map_err(|e| {
-                    CloudError::Permanent(format!("cannot listen on load_balancer.listen {listen}: {e}"))
+                    CloudError::permanent(format!("cannot listen on load_balancer.listen {listen}: {e}"))
                 })?;
                 let front = lb.front();
                 (Arc::new(lb), Some(front))

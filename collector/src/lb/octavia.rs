@@ -83,7 +83,7 @@ impl OctaviaPool {
             match (status, state) {
                 (200, "ACTIVE") | (404, _) => return Ok(()),
                 (200, "ERROR") => {
-                    return Err(CloudError::Retryable(format!("pool member {member} went to ERROR")));
+                    return Err(CloudError::retryable(format!("pool member {member} went to ERROR")));
                 }
                 (200, _) => {}
                 (status, _) => return Err(refusal("Octavia: read a pool member", status, &body)),
@@ -91,7 +91,7 @@ impl OctaviaPool {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(5));
         }
-        Err(CloudError::Retryable(format!(
+        Err(CloudError::retryable(format!(
             "pool member {member} is still PENDING; ebb stopped waiting"
         )))
     }

@@ -15,24 +15,71 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use thiserror::Error;
 
 use crate::config::ProviderConfig;
 
-/// A cloud call that failed, said once for providers and load balancers alike.
-#[derive(Debug, Clone, Error, PartialEq)]
-pub enum CloudError {
-    /// Worth trying again later: throttling, a timeout, a temporary capacity shortage.
-    #[error("{0} (temporary; ebb will retry)")]
-    Retryable(String),
-    /// Will fail the same way until an operator changes something: credentials, quota, configuration.
-    #[error("{0}")]
-    Permanent(String),
+/// A cloud call that failed, said once for providers and load balancers alike: what an operator reads,
+/// whether it is worth retrying, and the error underneath it (an I/O or HTTP error), kept for logs and for
+/// code that looks deeper.
+#[derive(Debug, Clone)]
+pub struct CloudError {
+    retryable: bool,
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl CloudError {
+    /// Worth trying again later: throttling, a timeout, a temporary capacity shortage.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        CloudError {
+            retryable: true,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Will fail the same way until an operator changes something: credentials, quota, configuration.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        CloudError {
+            retryable: false,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// The same error, keeping `source` as the error underneath it.
+    pub fn caused_by(self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        CloudError {
+            source: Some(Arc::new(source)),
+            ..self
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
-        matches!(self, CloudError::Retryable(_))
+        self.retryable
+    }
+}
+
+impl std::fmt::Display for CloudError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        if self.retryable {
+            f.write_str(" (temporary; ebb will retry)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CloudError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Two errors are the same if they say the same and are retried the same; their sources are not compared.
+impl PartialEq for CloudError {
+    fn eq(&self, other: &Self) -> bool {
+        (self.retryable, &self.message) == (other.retryable, &other.message)
     }
 }
 
@@ -157,4 +204,24 @@ pub trait Provider: Send + Sync {
     /// providers stop their processes and VMs, so the demo leaves nothing running on the machine (after a crash they keep
     /// running, and the next start adopts them).
     async fn close(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CloudError;
+
+    #[test]
+    fn a_cloud_error_says_its_message_and_keeps_the_error_underneath() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied");
+        let error = CloudError::permanent("cannot write /x: denied").caused_by(io);
+        assert_eq!(error.to_string(), "cannot write /x: denied");
+        let source = std::error::Error::source(&error).expect("kept");
+        let io = source.downcast_ref::<std::io::Error>().expect("the io error itself");
+        assert_eq!(io.kind(), std::io::ErrorKind::PermissionDenied);
+        assert_eq!(error, CloudError::permanent("cannot write /x: denied"), "sources are not compared");
+        let retry = CloudError::retryable("throttled");
+        assert_eq!(retry.to_string(), "throttled (temporary; ebb will retry)");
+        assert!(retry.is_retryable() && !error.is_retryable());
+        assert!(std::error::Error::source(&retry).is_none());
+    }
 }

@@ -266,7 +266,7 @@ impl GroupController {
 
     /// Joins each VM, then publishes the new state once and answers them all.
     pub(super) async fn join_all(&mut self, joins: Vec<Join>, now: Millis) {
-        self.now = now;
+        self.clocks.now = now;
         let mut answers = Vec::with_capacity(joins.len());
         for (facts, protected, reply) in joins {
             answers.push((self.join_external(facts, protected, now).await, reply));
@@ -279,7 +279,7 @@ impl GroupController {
 
     /// Carries out an operator's or an enrolling VM's request, then publishes the new state before answering.
     pub(super) async fn handle(&mut self, command: Command, now: Millis) {
-        self.now = now;
+        self.clocks.now = now;
         self.carry_out(command, now).await;
         self.save();
     }
@@ -325,7 +325,7 @@ impl GroupController {
                         "{outdated} member(s) launched from an older launch specification"
                     )),
                     "",
-                    (self.desired, self.desired),
+                    (self.capacity.desired, self.capacity.desired),
                 );
                 let _ = reply.send(outdated);
             }
@@ -356,7 +356,7 @@ impl GroupController {
                         format!("an operator {verb} {}", processes.names().join(", ")),
                         Ok(format!("suspended now: {now_suspended}")),
                         "",
-                        (self.desired, self.desired),
+                        (self.capacity.desired, self.capacity.desired),
                     );
                 }
                 let _ = reply.send(self.suspended);
@@ -393,19 +393,19 @@ impl GroupController {
             cause.into(),
             Ok(String::new()),
             member_id,
-            (self.desired, self.desired),
+            (self.capacity.desired, self.capacity.desired),
         );
         Ok(())
     }
 
     pub(super) async fn set_desired(&mut self, desired: u32, now: Millis) -> Result<(), ControlError> {
-        if !(self.min_size..=self.max_size).contains(&desired) {
+        if !(self.capacity.min_size..=self.capacity.max_size).contains(&desired) {
             return Err(ControlError::Refused(format!(
                 "desired capacity {desired} is outside group {}'s min_size..max_size ({}..{}); change the group's limits in the configuration first",
-                self.config.name, self.min_size, self.max_size
+                self.config.name, self.capacity.min_size, self.capacity.max_size
             )));
         }
-        let from = self.desired;
+        let from = self.capacity.desired;
         self.record(
             ActivityKind::SetDesired,
             format!("an operator set desired capacity {from} → {desired}"),
@@ -413,9 +413,9 @@ impl GroupController {
             "",
             (from, desired),
         );
-        self.desired = desired;
+        self.capacity.desired = desired;
         // Policies wait their cooldowns after an operator's change too.
-        (self.last_scale_out, self.last_scale_in) = (Some(now), Some(now));
+        (self.memory.last_scale_out, self.memory.last_scale_in) = (Some(now), Some(now));
         let plan = self.engine.converge(&self.group_input(now));
         self.converge(plan, now, "an operator set desired capacity").await;
         Ok(())
@@ -427,10 +427,10 @@ impl GroupController {
         protected: bool,
         now: Millis,
     ) -> Result<String, ControlError> {
-        if self.members.len() as u32 >= self.max_size {
+        if self.members.len() as u32 >= self.capacity.max_size {
             return Err(ControlError::Refused(format!(
                 "group {} is at max_size {}; raise it before adding VMs by hand",
-                self.config.name, self.max_size
+                self.config.name, self.capacity.max_size
             )));
         }
         self.launches += 1;
@@ -447,8 +447,12 @@ impl GroupController {
         })
         .await;
         // It counts toward capacity like any member.
-        let from = self.desired;
-        self.desired = self.desired.max(self.live()).clamp(self.min_size, self.max_size);
+        let from = self.capacity.desired;
+        self.capacity.desired = self
+            .capacity
+            .desired
+            .max(self.live())
+            .clamp(self.capacity.min_size, self.capacity.max_size);
         let detail = format!("host {} instance {}", facts.hostname, facts.instance_id);
         let cause = if protected {
             "a VM enrolled with an operator's token (protected from scale-in)"
@@ -460,7 +464,7 @@ impl GroupController {
             cause.into(),
             Ok(detail),
             &member_id,
-            (from, self.desired),
+            (from, self.capacity.desired),
         );
         Ok(member_id)
     }
@@ -471,9 +475,12 @@ impl GroupController {
         self.engine = config.engine();
         self.schedules = config.scheduled_actions();
         self.hooks = Hooks::new(&config.name, config.lifecycle_hooks.clone());
-        (self.min_size, self.max_size) = (config.min_size, config.max_size);
-        let from = self.desired;
-        self.desired = self.desired.clamp(self.min_size, self.max_size);
+        (self.capacity.min_size, self.capacity.max_size) = (config.min_size, config.max_size);
+        let from = self.capacity.desired;
+        self.capacity.desired = self
+            .capacity
+            .desired
+            .clamp(self.capacity.min_size, self.capacity.max_size);
         // New user data (a changed user_data_file) makes the members launched with the old outdated.
         self.launch_spec = launch_spec(&config);
         self.config = config;
@@ -484,9 +491,12 @@ impl GroupController {
         self.record(
             ActivityKind::Reconfigure,
             "the configuration was reloaded".into(),
-            Ok(format!("min_size..max_size {}..{}", self.min_size, self.max_size)),
+            Ok(format!(
+                "min_size..max_size {}..{}",
+                self.capacity.min_size, self.capacity.max_size
+            )),
             "",
-            (from, self.desired),
+            (from, self.capacity.desired),
         );
     }
 }

@@ -117,8 +117,8 @@ impl GroupController {
         };
         let operator = self.operator_user_data().await?;
         let text = userdata::compose(format, agent_config, operator.as_ref().map(|(o, _)| o))
-            .map_err(CloudError::Permanent)?;
-        let bytes = userdata::fit(text, format, limit).map_err(CloudError::Permanent)?;
+            .map_err(CloudError::permanent)?;
+        let bytes = userdata::fit(text, format, limit).map_err(CloudError::permanent)?;
         Ok((bytes, user_data_holds(operator.as_ref())))
     }
 
@@ -132,7 +132,7 @@ impl GroupController {
             return Ok(None);
         };
         let operator = OperatorUserData::parse(&found.bytes).map_err(|e| {
-            CloudError::Permanent(format!(
+            CloudError::permanent(format!(
                 "the user data of {} {e}; ebb would have sent it beside its enrolment",
                 found.source
             ))

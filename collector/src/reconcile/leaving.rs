@@ -35,7 +35,7 @@ impl GroupController {
         };
         let member = self.members[index].clone();
         if member.state == MemberState::InService {
-            self.leave_load_balancer(&member, cause, (self.desired, self.desired))
+            self.leave_load_balancer(&member, cause, (self.capacity.desired, self.capacity.desired))
                 .await;
         }
         let (drain_secs, outcome) = if member.in_service_since.is_none() {
@@ -52,7 +52,7 @@ impl GroupController {
             cause.to_string(),
             Ok(outcome),
             &member.id,
-            (self.desired, self.desired),
+            (self.capacity.desired, self.capacity.desired),
         );
         self.save();
     }
@@ -92,7 +92,8 @@ impl GroupController {
                 continue;
             };
             // Terminating hooks hold it; either answer lets it go.
-            let Some(verdict) = self.hooks.check(&mut self.members[index], Transition::Terminating, now) else {
+            let (subject, wait) = self.members[index].hook_state();
+            let Some(verdict) = self.hooks.check(subject, wait, Transition::Terminating, now) else {
                 continue;
             };
             if !verdict.why.is_empty() {
@@ -106,7 +107,7 @@ impl GroupController {
                     verdict.why,
                     Ok(result.into()),
                     &id,
-                    (self.desired, self.desired),
+                    (self.capacity.desired, self.capacity.desired),
                 );
             }
             self.remove(index, cause).await;
@@ -116,7 +117,7 @@ impl GroupController {
     /// Out of the load balancer first, then terminated; `false` if the termination failed (the member
     /// stays, and a later pass tries again).
     pub(super) async fn remove(&mut self, index: usize, cause: &str) -> bool {
-        let now = self.now;
+        let now = self.clocks.now;
         let intent = Intent {
             key: format!("terminate-{}-{now}", self.members[index].id),
             group: self.config.name.clone(),

@@ -6,7 +6,7 @@
 //! on the same group at once. Operators' commands arrive on a channel; the latest state is published on a
 //! watch channel for the Admin API and the demo.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +46,23 @@ const LAUNCH_RETRY_MS: Millis = 10_000;
 const DESCRIBE_INTERVAL_MS: Millis = 10_000;
 
 impl Member {
+    /// What its lifecycle hooks are given, beside where they stand (kept with the member), to update.
+    fn hook_state(&mut self) -> (crate::hooks::Subject<'_>, &mut Option<crate::hooks::HookWait>) {
+        let Member {
+            id,
+            instance_id,
+            address,
+            hook,
+            ..
+        } = self;
+        let subject = crate::hooks::Subject {
+            member_id: id,
+            instance_id,
+            address: *address,
+        };
+        (subject, hook)
+    }
+
     /// How a load balancer is told of this member, serving at `address`.
     pub fn registration(&self, address: SocketAddr) -> crate::lb::Registration<'_> {
         crate::lb::Registration {
@@ -78,54 +95,73 @@ pub struct GroupController {
     config: GroupConfig,
     engine: Engine,
     deps: Dependencies,
-    /// The limits in force: the configuration's, until a scheduled action changes them.
-    min_size: u32,
-    max_size: u32,
-    desired: u32,
-    last_scale_out: Option<Millis>,
-    last_scale_in: Option<Millis>,
-    /// Target tracking's recent recommendations and the policies' recent changes, for the engine.
-    recommendations: Vec<Recommendation>,
-    changes: Vec<Change>,
-    schedules: Vec<ScheduledAction>,
-    /// Scheduled actions due up to this time have run.
-    schedules_checked: Option<Millis>,
-    suspended: Suspended,
-    /// Settings already warned about as shorter than the group's boot time.
-    warned: std::collections::HashSet<&'static str>,
-    /// Cloud calls failing again and again, said once and then summarised.
-    repeated: RepeatedWarnings,
+    capacity: Capacity,
+    memory: ScalingMemory,
+    clocks: Clocks,
     members: Vec<Member>,
-    launches: u64,
-    next_launch_at: Millis,
-    last_evaluation: String,
-    policy_cpu: Option<PolicyFigure>,
-    cpu_avg: Option<f64>,
     /// What the latest observation saw of each member, by member id: never by position, so a member
     /// that leaves mid-step cannot hand its figures to another.
     observed: HashMap<String, Observation>,
+    /// Members launched so far: the next member id's number.
+    launches: u64,
+    schedules: Vec<ScheduledAction>,
+    suspended: Suspended,
+    hooks: Hooks,
+    /// The fingerprint of the provider settings new members are launched with.
+    launch_spec: String,
+    /// An instance refresh under way: the healthy percentage of desired it keeps.
+    refresh: Option<u32>,
+    /// Instances tagged for this group that no member owns: instance id → (member id, first seen).
+    orphans: HashMap<String, (String, Millis)>,
     /// What the store last accepted.
     saved: Option<Saved>,
     /// The last write failed: decisions pause until one succeeds.
     store_failing: bool,
     /// The provider's instances have been compared with the store since start.
     recovered: bool,
-    /// When this controller started: members restored from the store are judged from then.
-    started_at: Millis,
+    /// Settings already warned about as shorter than the group's boot time.
+    warned: HashSet<&'static str>,
+    /// Cloud calls failing again and again, said once and then summarised.
+    repeated: RepeatedWarnings,
+    last_evaluation: String,
+    policy_cpu: Option<PolicyFigure>,
+    cpu_avg: Option<f64>,
+    status: watch::Sender<GroupStatus>,
+}
+
+/// The limits in force (the configuration's, until a scheduled action changes them) and desired capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Capacity {
+    min_size: u32,
+    max_size: u32,
+    desired: u32,
+}
+
+/// What the engine remembers between evaluations: when the group last scaled, target tracking's recent
+/// recommendations and the policies' recent changes.
+#[derive(Debug, Default)]
+struct ScalingMemory {
+    last_scale_out: Option<Millis>,
+    last_scale_in: Option<Millis>,
+    recommendations: Vec<Recommendation>,
+    changes: Vec<Change>,
+}
+
+/// The controller's times, all read from its `Clock` at the start of a step or command.
+#[derive(Debug, Default)]
+struct Clocks {
     /// The time of the step or command being carried out: activities, intents and warnings use it.
     now: Millis,
-    hooks: Hooks,
-    /// The fingerprint of the provider settings new members are launched with.
-    launch_spec: String,
-    /// An instance refresh under way: the healthy percentage of desired it keeps.
-    refresh: Option<u32>,
+    /// When this controller started: members restored from the store are judged from then.
+    started_at: Millis,
+    /// After a failed launch, none is tried before this.
+    next_launch_at: Millis,
+    /// Scheduled actions due up to this time have run.
+    schedules_checked: Option<Millis>,
     /// When the provider's instances were last listed.
     last_inventory: Millis,
     /// When the cloud was last asked about the group's instances (see [`DESCRIBE_INTERVAL_MS`]).
     last_describe: Millis,
-    /// Instances tagged for this group that no member owns: instance id → (member id, first seen).
-    orphans: std::collections::HashMap<String, (String, Millis)>,
-    status: watch::Sender<GroupStatus>,
 }
 
 impl GroupController {
@@ -159,36 +195,38 @@ impl GroupController {
             config,
             engine,
             deps,
-            min_size,
-            max_size,
-            desired: saved.desired.clamp(min_size, max_size),
-            last_scale_out: saved.last_scale_out,
-            last_scale_in: saved.last_scale_in,
-            recommendations: Vec::new(),
-            changes: Vec::new(),
-            schedules,
-            schedules_checked: None,
-            suspended: Suspended(saved.suspended),
-            warned: Default::default(),
-            repeated: RepeatedWarnings::default(),
+            capacity: Capacity {
+                min_size,
+                max_size,
+                desired: saved.desired.clamp(min_size, max_size),
+            },
+            memory: ScalingMemory {
+                last_scale_out: saved.last_scale_out,
+                last_scale_in: saved.last_scale_in,
+                ..ScalingMemory::default()
+            },
+            clocks: Clocks {
+                now: started_at,
+                started_at,
+                ..Clocks::default()
+            },
             members,
-            launches: saved.launches,
-            next_launch_at: 0,
-            last_evaluation: "not evaluated yet".into(),
-            cpu_avg: None,
-            policy_cpu: None,
             observed: HashMap::new(),
-            saved: None,
-            store_failing: false,
-            recovered: false,
-            started_at,
-            now: started_at,
+            launches: saved.launches,
+            schedules,
+            suspended: Suspended(saved.suspended),
             hooks,
             launch_spec: spec,
             refresh: None,
-            last_inventory: 0,
-            last_describe: 0,
-            orphans: Default::default(),
+            orphans: HashMap::new(),
+            saved: None,
+            store_failing: false,
+            recovered: false,
+            warned: HashSet::new(),
+            repeated: RepeatedWarnings::default(),
+            last_evaluation: "not evaluated yet".into(),
+            policy_cpu: None,
+            cpu_avg: None,
             status,
         };
         for member in &controller.members {

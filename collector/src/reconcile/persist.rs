@@ -19,12 +19,12 @@ impl GroupController {
     /// What the store keeps of this group.
     pub(super) fn group_record(&self) -> GroupRecord {
         GroupRecord {
-            min_size: self.min_size,
-            max_size: self.max_size,
-            desired: self.desired,
+            min_size: self.capacity.min_size,
+            max_size: self.capacity.max_size,
+            desired: self.capacity.desired,
             suspended: self.suspended.0,
-            last_scale_out: self.last_scale_out,
-            last_scale_in: self.last_scale_in,
+            last_scale_out: self.memory.last_scale_out,
+            last_scale_in: self.memory.last_scale_in,
             launches: self.launches,
         }
     }

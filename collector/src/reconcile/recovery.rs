@@ -130,7 +130,7 @@ impl GroupController {
                 "finishing a termination interrupted by a restart".into(),
                 result.map(|()| format!("instance {}", intent.instance_id)),
                 &intent.member_id,
-                (self.desired, self.desired),
+                (self.capacity.desired, self.capacity.desired),
             );
             return (outcome, gone);
         }
@@ -179,7 +179,7 @@ impl GroupController {
                 "its load-balancer membership was removed outside ebb; restored".into(),
                 result.map(|()| address.to_string()),
                 &id,
-                (self.desired, self.desired),
+                (self.capacity.desired, self.capacity.desired),
             );
         }
     }
@@ -212,7 +212,7 @@ impl GroupController {
                     ),
                     Ok(fate),
                     &instance.member_id,
-                    (self.desired, self.desired),
+                    (self.capacity.desired, self.capacity.desired),
                 );
             }
             let (_, first_seen) = self.orphans[&instance.id];
@@ -226,7 +226,7 @@ impl GroupController {
                     format!("an orphan for more than {} s", self.config.orphan_grace_secs),
                     result.map(|()| format!("instance {}", instance.id)),
                     &instance.member_id,
-                    (self.desired, self.desired),
+                    (self.capacity.desired, self.capacity.desired),
                 );
             }
         }

@@ -90,7 +90,7 @@ impl GroupController {
             cause,
             outcome,
             detail,
-            at: self.now,
+            at: self.clocks.now,
             from_capacity: capacity.0,
             to_capacity: capacity.1,
             member_id: member.to_string(),
@@ -110,9 +110,9 @@ impl GroupController {
             .collect();
         let status = GroupStatus {
             name: self.config.name.clone(),
-            min_size: self.min_size,
-            max_size: self.max_size,
-            desired: self.desired,
+            min_size: self.capacity.min_size,
+            max_size: self.capacity.max_size,
+            desired: self.capacity.desired,
             members,
             cpu_avg: self.cpu_avg,
             last_evaluation: self.last_evaluation.clone(),

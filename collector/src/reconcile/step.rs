@@ -20,7 +20,7 @@ impl GroupController {
     /// takes milliseconds, and the Report streams sharing this worker thread should wait for one phase,
     /// not for the whole step.
     pub async fn step(&mut self, now: Millis) {
-        self.now = now;
+        self.clocks.now = now;
         if self.store_failing && !self.save() {
             self.last_evaluation = "paused: the store refuses writes (disk full or unwritable); see the log".into();
             self.refresh_status().await;
@@ -32,15 +32,15 @@ impl GroupController {
                 self.refresh_status().await;
                 return;
             }
-            (self.recovered, self.last_inventory) = (true, now);
-        } else if now - self.last_inventory >= Millis::from(self.config.reconcile_interval_secs) * 1000 {
+            (self.recovered, self.clocks.last_inventory) = (true, now);
+        } else if now - self.clocks.last_inventory >= Millis::from(self.config.reconcile_interval_secs) * 1000 {
             self.take_inventory(now).await;
-            self.last_inventory = now;
+            self.clocks.last_inventory = now;
         }
         self.run_schedules(now);
-        if now - self.last_describe >= DESCRIBE_INTERVAL_MS {
+        if now - self.clocks.last_describe >= DESCRIBE_INTERVAL_MS {
             self.forget_lost_instances().await;
-            self.last_describe = now;
+            self.clocks.last_describe = now;
         }
         self.observe(now).await;
         self.admit_healthy_members(now).await;
@@ -78,18 +78,18 @@ impl GroupController {
     pub(super) fn group_input(&self, now: Millis) -> GroupInput {
         GroupInput {
             now,
-            min_size: self.min_size,
-            max_size: self.max_size,
-            desired: self.desired,
-            last_scale_out: self.last_scale_out,
-            last_scale_in: self.last_scale_in,
+            min_size: self.capacity.min_size,
+            max_size: self.capacity.max_size,
+            desired: self.capacity.desired,
+            last_scale_out: self.memory.last_scale_out,
+            last_scale_in: self.memory.last_scale_in,
             suspended: self.suspended.has(Process::Decide),
             members: self.member_inputs(),
-            recommendations: self.recommendations.clone(),
-            changes: self.changes.clone(),
+            recommendations: self.memory.recommendations.clone(),
+            changes: self.memory.changes.clone(),
             rollout: Rollout {
                 max_surge: self.config.max_surge,
-                launch: now >= self.next_launch_at && !self.suspended.has(Process::Launch),
+                launch: now >= self.clocks.next_launch_at && !self.suspended.has(Process::Launch),
                 terminate: !self.suspended.has(Process::Terminate),
                 replace_unhealthy: !self.suspended.has(Process::ReplaceUnhealthy),
                 refresh: self.refresh,
@@ -107,7 +107,7 @@ impl GroupController {
                     id: m.id.clone(),
                     state: m.state,
                     launched: m.launched_at,
-                    watched_since: Some(self.started_at),
+                    watched_since: Some(self.clocks.started_at),
                     in_service_since: m.in_service_since,
                     protected: m.protected,
                     unhealthy: m.unhealthy,
@@ -168,7 +168,7 @@ impl GroupController {
                 change.why.clone(),
                 Ok(detail),
                 &change.member,
-                (self.desired, self.desired),
+                (self.capacity.desired, self.capacity.desired),
             );
             // The judgement is kept even in a dry run, so that it is made (and recorded) once.
             self.members[index].unhealthy = change.unhealthy;
@@ -181,7 +181,7 @@ impl GroupController {
             }
             if change.unhealthy {
                 let cause = format!("unhealthy: {}", change.why);
-                self.leave_load_balancer(&member, &cause, (self.desired, self.desired))
+                self.leave_load_balancer(&member, &cause, (self.capacity.desired, self.capacity.desired))
                     .await;
             } else if let Some(address) = member.address {
                 let result = self.deps.load_balancer.register(&member.registration(address)).await;
@@ -190,7 +190,7 @@ impl GroupController {
                     format!("healthy again: {}", change.why),
                     result.map(|()| address.to_string()),
                     &member.id,
-                    (self.desired, self.desired),
+                    (self.capacity.desired, self.capacity.desired),
                 );
             }
         }
@@ -220,35 +220,41 @@ impl GroupController {
             });
         // Recommendations older than any stabilization window are of no further use.
         let horizon = now - 3_600_000;
-        self.recommendations.retain(|r| r.at > horizon);
-        self.recommendations.extend(evaluation.recommendations.iter().cloned());
-        self.changes.retain(|c| c.at > horizon);
+        self.memory.recommendations.retain(|r| r.at > horizon);
+        self.memory
+            .recommendations
+            .extend(evaluation.recommendations.iter().cloned());
+        self.memory.changes.retain(|c| c.at > horizon);
         let (from, to) = (evaluation.desired_before, evaluation.desired);
         if self.config.dry_run || from == to {
             return if evaluation.action == Action::Replace {
                 format!("replacing unhealthy {}", evaluation.replace.join(", "))
             } else {
-                format!("the group has {} of its desired {} members", self.live(), self.desired)
+                format!(
+                    "the group has {} of its desired {} members",
+                    self.live(),
+                    self.capacity.desired
+                )
             };
         }
         let kind = if to > from {
-            self.last_scale_out = Some(now);
+            self.memory.last_scale_out = Some(now);
             ActivityKind::ScaleOut
         } else {
-            self.last_scale_in = Some(now);
+            self.memory.last_scale_in = Some(now);
             ActivityKind::ScaleIn
         };
         if evaluation.reason.code == crate::engine::ReasonCode::Policy {
-            self.changes.push(Change { at: now, from, to });
+            self.memory.changes.push(Change { at: now, from, to });
         }
         self.record(kind, evaluation.reason.text.clone(), Ok(String::new()), "", (from, to));
-        self.desired = to;
+        self.capacity.desired = to;
         evaluation.reason.text.clone()
     }
 
     /// Runs the scheduled actions that came due since the last evaluation.
     pub(super) fn run_schedules(&mut self, now: Millis) {
-        let Some(checked) = self.schedules_checked.replace(now) else {
+        let Some(checked) = self.clocks.schedules_checked.replace(now) else {
             return;
         };
         if self.suspended.has(Process::ScheduledActions) {
@@ -261,29 +267,32 @@ impl GroupController {
             .cloned()
             .collect();
         for action in due {
-            let before = (self.min_size, self.max_size, self.desired);
+            let before = (self.capacity.min_size, self.capacity.max_size, self.capacity.desired);
             if let Some(min) = action.min_size {
-                self.min_size = min;
-                self.max_size = self.max_size.max(min);
+                self.capacity.min_size = min;
+                self.capacity.max_size = self.capacity.max_size.max(min);
             }
             if let Some(max) = action.max_size {
-                self.max_size = max;
-                self.min_size = self.min_size.min(max);
+                self.capacity.max_size = max;
+                self.capacity.min_size = self.capacity.min_size.min(max);
             }
             if let Some(desired) = action.desired_capacity {
-                self.desired = desired;
+                self.capacity.desired = desired;
             }
-            self.desired = self.desired.clamp(self.min_size, self.max_size);
+            self.capacity.desired = self
+                .capacity
+                .desired
+                .clamp(self.capacity.min_size, self.capacity.max_size);
             let detail = format!(
                 "min_size {} → {}, max_size {} → {}, desired {} → {}",
-                before.0, self.min_size, before.1, self.max_size, before.2, self.desired
+                before.0, self.capacity.min_size, before.1, self.capacity.max_size, before.2, self.capacity.desired
             );
             self.record(
                 ActivityKind::Scheduled,
                 format!("scheduled action {}", action.name),
                 Ok(detail),
                 "",
-                (before.2, self.desired),
+                (before.2, self.capacity.desired),
             );
         }
     }
@@ -306,7 +315,7 @@ impl GroupController {
                     format!("a member took {took} s from launch to healthy, longer than {key} ({secs} s)"),
                     Ok(format!("raise {key} above {took} s for group {}", self.config.name)),
                     "",
-                    (self.desired, self.desired),
+                    (self.capacity.desired, self.capacity.desired),
                 );
             }
         }
@@ -336,7 +345,7 @@ impl GroupController {
             }
             Err(e) => {
                 self.repeated
-                    .failed(&self.config.name, DESCRIBE, &e.to_string(), self.now);
+                    .failed(&self.config.name, DESCRIBE, &e.to_string(), self.clocks.now);
                 return;
             }
         };
@@ -418,7 +427,8 @@ impl GroupController {
                 continue;
             }
             let id = member.id.clone();
-            let Some(verdict) = self.hooks.check(&mut self.members[index], Transition::Launching, now) else {
+            let (subject, wait) = self.members[index].hook_state();
+            let Some(verdict) = self.hooks.check(subject, wait, Transition::Launching, now) else {
                 continue;
             };
             if verdict.result == HookResult::Abandon {
@@ -431,7 +441,7 @@ impl GroupController {
                     verdict.why,
                     Ok("continue".into()),
                     &id,
-                    (self.desired, self.desired),
+                    (self.capacity.desired, self.capacity.desired),
                 );
             }
             let member = &self.members[index];
@@ -456,7 +466,7 @@ impl GroupController {
                 format!("health check passed in {} ms", latest.health.latency_ms),
                 result.map(|()| detail),
                 &id,
-                (self.desired, self.desired),
+                (self.capacity.desired, self.capacity.desired),
             );
             if ok {
                 self.members[index].state = MemberState::InService;
@@ -472,7 +482,7 @@ impl GroupController {
                 why.clone(),
                 Ok("abandon: the member goes".into()),
                 &id,
-                (self.desired, self.desired),
+                (self.capacity.desired, self.capacity.desired),
             );
             if let Some(index) = self.members.iter().position(|m| m.id == id) {
                 self.remove(index, &why).await;
@@ -493,7 +503,7 @@ impl GroupController {
                 "launched from an older launch specification".into(),
                 Ok("a replacement launches first".into()),
                 id,
-                (self.desired, self.desired),
+                (self.capacity.desired, self.capacity.desired),
             );
         }
         if plan.refresh_finished {
@@ -503,11 +513,11 @@ impl GroupController {
                 "the instance refresh finished".into(),
                 Ok("every member runs the current launch specification".into()),
                 "",
-                (self.desired, self.desired),
+                (self.capacity.desired, self.capacity.desired),
             );
         }
         if plan.launch > 0 && !self.launch(plan.launch, now, cause).await {
-            self.next_launch_at = now + LAUNCH_RETRY_MS;
+            self.clocks.next_launch_at = now + LAUNCH_RETRY_MS;
         }
         if self.suspended.has(Process::Terminate) {
             return;
@@ -517,7 +527,7 @@ impl GroupController {
                 .await;
         }
         if plan.only_protected_left {
-            tracing::warn!(group = %self.config.name, desired = self.desired, "Only protected members are left; not scaling in further.");
+            tracing::warn!(group = %self.config.name, desired = self.capacity.desired, "Only protected members are left; not scaling in further.");
         }
         for id in &plan.victims {
             self.start_drain(id, cause, now).await;

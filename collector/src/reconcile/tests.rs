@@ -181,7 +181,7 @@ async fn a_member_joins_the_load_balancer_only_once_healthy() {
 async fn scale_in_deregisters_before_it_terminates() {
     let mut h = harness().await;
     let now = now_ms();
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     for member in ["web-1", "web-2"] {
         h.report(member, now + 100, 50.0, true).await;
@@ -220,7 +220,7 @@ async fn scale_in_deregisters_before_it_terminates() {
 async fn a_failed_launch_is_recorded_and_retried_later_not_every_second() {
     let mut h = harness().await;
     h.provider
-        .fail_next_launch(CloudError::Permanent("quota exceeded: 20 instances".into()));
+        .fail_next_launch(CloudError::permanent("quota exceeded: 20 instances"));
     let now = now_ms();
     h.controller.step(now).await;
     let failed = h.activities.since(0, "web");
@@ -271,7 +271,7 @@ async fn a_failed_launch_among_several_is_recorded_and_the_others_join() {
     let mut h = harness_with(|g| g.replace("max_size = 3", "max_size = 20")).await;
     h.controller.step(now_ms()).await;
     h.provider
-        .fail_next_launch(CloudError::Permanent("quota exceeded: 3 instances".into()));
+        .fail_next_launch(CloudError::permanent("quota exceeded: 3 instances"));
     send(&mut h, |reply| Command::SetDesired { desired: 4, reply }).await;
     assert_eq!(
         h.provider.running().len(),
@@ -355,7 +355,7 @@ async fn a_stopped_instance_that_cannot_be_terminated_yet_stays_until_it_is_and_
     h.controller.step(now + 200).await;
     h.provider.kill("web-1", "the VM is Stopped");
     h.provider
-        .fail_next_terminate(CloudError::Retryable("the cloud is busy".into()));
+        .fail_next_terminate(CloudError::retryable("the cloud is busy"));
     h.controller.step(now + 10_200).await;
     assert_eq!(
         h.provider.calls(),
@@ -461,7 +461,7 @@ async fn protected_members_are_never_scaled_in_and_hand_made_ones_are_never_term
     let monitored = join(&mut h, true).await;
     let extra = join(&mut h, false).await;
     assert_eq!(h.handle.status().members.len(), 3);
-    assert_eq!(h.controller.desired, 3, "joined members count toward capacity");
+    assert_eq!(h.controller.capacity.desired, 3, "joined members count toward capacity");
 
     // Down to 1: the unprotected hand-made member leaves (and keeps running), then ebb's own is terminated.
     send(&mut h, |reply| Command::SetDesired { desired: 1, reply }).await;
@@ -481,7 +481,7 @@ async fn protected_members_are_never_scaled_in_and_hand_made_ones_are_never_term
 
     // The protected member stays even when desired is below what protection allows.
     h.controller.config.min_size = 0;
-    h.controller.min_size = 0;
+    h.controller.capacity.min_size = 0;
     send(&mut h, |reply| Command::SetDesired { desired: 0, reply }).await;
     assert_eq!(h.handle.status().members.len(), 1);
     assert!(h.handle.status().members[0].member.protected);
@@ -528,7 +528,7 @@ async fn an_operator_protects_a_member_from_scale_in_and_lifts_it() {
 
     assert_eq!(protect(&mut h, "web-1", false).await, Ok(()));
     h.controller.config.min_size = 0;
-    h.controller.min_size = 0;
+    h.controller.capacity.min_size = 0;
     send(&mut h, |reply| Command::SetDesired { desired: 0, reply }).await;
     assert!(h.handle.status().members.is_empty(), "unprotected, it can go");
 }
@@ -578,7 +578,7 @@ async fn an_unhealthy_member_is_replaced_new_one_first() {
     })
     .await;
     let now = now_ms();
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     report_span(&mut h, &[("web-1", true), ("web-2", true)], now + 100, now + 1100).await;
     h.controller.step(now + 1200).await;
@@ -663,7 +663,7 @@ async fn max_surge_bounds_launches_in_flight() {
     })
     .await;
     let now = now_ms();
-    h.controller.desired = 5;
+    h.controller.capacity.desired = 5;
     h.controller.step(now).await;
     assert_eq!(h.provider.running().len(), 2);
     h.controller.step(now + 1000).await;
@@ -683,7 +683,7 @@ async fn below_min_one_launch_at_a_time_with_max_surge_one() {
     })
     .await;
     let now = now_ms();
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     assert_eq!(h.provider.running(), ["web-1"]);
     report_span(&mut h, &[("web-1", true)], now + 100, now + 1100).await;
@@ -735,7 +735,7 @@ async fn a_restart_keeps_members_flags_capacity_and_the_launch_counter() {
     let four = |g: String| g.replace("max_size = 3", "max_size = 4");
     let mut h = harness_on(four, store.clone(), provider.clone(), lb.clone()).await;
     let now = now_ms();
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     report_span(&mut h, &[("web-1", true), ("web-2", true)], now + 100, now + 1100).await;
     h.controller.step(now + 1200).await;
@@ -756,7 +756,7 @@ async fn a_restart_keeps_members_flags_capacity_and_the_launch_counter() {
             .any(|m| m.member.id == hand_made && m.member.protected)
     );
     // Still suspended: nothing launches.
-    h.controller.desired = 4;
+    h.controller.capacity.desired = 4;
     h.controller.step(now + 2000).await;
     assert_eq!(h.provider.running().len(), 2);
     suspend(&mut h, Suspended::ALL, false, now + 2100).await;
@@ -772,7 +772,7 @@ async fn decisions_pause_while_the_store_refuses_writes() {
     let mut h = harness().await;
     let now = now_ms();
     h.controller.deps.store.refuse_writes(true);
-    h.controller.desired = 3;
+    h.controller.capacity.desired = 3;
     for t in 0..3 {
         h.controller.step(now + t * 1000).await;
     }
@@ -844,7 +844,7 @@ async fn after_a_crash_a_launch_that_happened_is_adopted_not_repeated() {
     assert!(h.kinds().contains(&"adopt web-1".to_string()), "{:?}", h.kinds());
     assert!(store.open_intents("web").unwrap().is_empty());
     // The next launch takes a new id.
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now + 1000).await;
     assert_eq!(provider.running(), ["web-1", "web-2"]);
 }
@@ -875,7 +875,7 @@ async fn crashed_with_a_termination_intent(
     now: Millis,
 ) -> Member {
     let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb.clone()).await;
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     let member = h.controller.members[1].clone();
     drop(h);
@@ -1071,7 +1071,7 @@ async fn a_load_balancer_membership_removed_by_hand_is_restored() {
 
 /// Two members in service, then an operator scales to one: web-2 starts leaving.
 async fn two_in_service_then_one(h: &mut Harness, now: Millis) {
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     report_span(h, &[("web-1", true), ("web-2", true)], now + 100, now + 1100).await;
     h.controller.step(now + 1200).await;
@@ -1130,7 +1130,7 @@ async fn a_pending_member_scaled_in_goes_at_once_without_the_drain_or_deregistra
     .await;
     h.lb.set_deregistration_delay_secs(300);
     let now = now_ms();
-    h.controller.desired = 1;
+    h.controller.capacity.desired = 1;
     h.controller.step(now).await;
     assert_eq!(h.provider.running(), ["web-1"]);
     assert_eq!(h.lb.registered(), Vec::<String>::new(), "pending: never registered");
@@ -1175,7 +1175,7 @@ async fn processes_are_suspended_one_by_one() {
     assert!(h.lb.registered().is_empty());
     // Launch suspended too: a higher desired capacity waits.
     suspend(&mut h, Suspended::of(&[Process::Launch]), true, now + 1300).await;
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now + 2000).await;
     assert_eq!(h.provider.running(), ["web-1"]);
     // Resumed: both happen.
@@ -1186,7 +1186,7 @@ async fn processes_are_suspended_one_by_one() {
     assert_eq!(h.provider.running(), ["web-1", "web-2"]);
     // Terminate suspended: scale-in waits.
     suspend(&mut h, Suspended::of(&[Process::Terminate]), true, now + 3100).await;
-    h.controller.desired = 1;
+    h.controller.capacity.desired = 1;
     h.controller.step(now + 4000).await;
     assert_eq!(h.provider.running(), ["web-1", "web-2"]);
     assert!(
@@ -1316,7 +1316,7 @@ async fn a_terminating_hook_runs_before_the_member_is_terminated() {
 async fn an_instance_refresh_replaces_old_members_one_by_one_never_below_desired() {
     let mut h = harness().await;
     let now = now_ms();
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     report_span(&mut h, &[("web-1", true), ("web-2", true)], now + 100, now + 1100).await;
     h.controller.step(now + 1200).await;
@@ -1353,7 +1353,7 @@ async fn a_failed_termination_keeps_the_member_and_its_identity() {
     let mut h = harness().await;
     let now = now_ms();
     h.provider
-        .fail_next_terminate(CloudError::Retryable("the cloud is busy".into()));
+        .fail_next_terminate(CloudError::retryable("the cloud is busy"));
     two_in_service_then_one(&mut h, now).await;
     let bound = |h: &Harness| {
         let tokens = h.controller.deps.authority.tokens.list(now);
@@ -1397,7 +1397,7 @@ async fn a_member_abandoned_mid_step_does_not_lend_its_figures_to_the_next() {
     };
     let mut h = harness_with(edit).await;
     let now = now_ms();
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     assert_eq!(h.provider.running(), ["web-1", "web-2"]);
     // web-2 serves, busy; web-1 has not reported yet.
@@ -1437,7 +1437,7 @@ async fn members_stamped_by_an_older_collector_with_todays_settings_are_not_outd
     let (provider, lb) = (FakeProvider::default(), FakeLoadBalancer::default());
     let mut h = harness_on(|g| g, store.clone(), provider.clone(), lb.clone()).await;
     let now = now_ms();
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     let current = h.controller.launch_spec.clone();
     assert!(current.starts_with("v2:") && current.len() == 15, "{current}");
@@ -1456,7 +1456,7 @@ async fn members_stamped_by_an_older_collector_with_todays_settings_are_not_outd
 async fn new_user_data_at_reload_makes_the_members_launched_before_it_outdated() {
     let mut h = harness().await;
     let now = now_ms();
-    h.controller.desired = 2;
+    h.controller.capacity.desired = 2;
     h.controller.step(now).await;
     let before = h.controller.launch_spec.clone();
     // As a reload reads a changed user_data_file: the provider table is the same, its file's text is not.

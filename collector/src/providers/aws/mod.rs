@@ -100,13 +100,13 @@ impl AwsConfig {
         }
         let sdk = loader.load().await;
         let region = sdk.region().map(|r| r.to_string()).ok_or_else(|| {
-            CloudError::Permanent(
-                "no AWS region: set provider.region, AWS_REGION, or region in the profile of ~/.aws/config".into(),
+            CloudError::permanent(
+                "no AWS region: set provider.region, AWS_REGION, or region in the profile of ~/.aws/config",
             )
         })?;
         let credentials = sdk
             .credentials_provider()
-            .ok_or_else(|| CloudError::Permanent("no AWS credentials provider could be set up".into()))?;
+            .ok_or_else(|| CloudError::permanent("no AWS credentials provider could be set up"))?;
         let ec2 = Service {
             signing_name: "ec2",
             endpoint: self
@@ -164,15 +164,14 @@ const TEMPLATE_USER_DATA_TTL: std::time::Duration = std::time::Duration::from_se
 /// The user data of the launch template version in a DescribeLaunchTemplateVersions answer.
 pub(crate) fn template_user_data_in(xml: &str) -> Result<Option<TemplateUserData>, CloudError> {
     let document = roxmltree::Document::parse(xml)
-        .map_err(|e| CloudError::Retryable(format!("EC2 answered with XML ebb cannot read: {e}")))?;
+        .map_err(|e| CloudError::retryable(format!("EC2 answered with XML ebb cannot read: {e}")).caused_by(e))?;
     let Some(version) = document
         .descendants()
         .find(|n| n.has_tag_name("item") && child_text(*n, "versionNumber").is_some())
     else {
-        return Err(CloudError::Permanent(
+        return Err(CloudError::permanent(
             "DescribeLaunchTemplateVersions found no such launch template version: check \
-             provider.launch_template_id (or _name) and launch_template_version"
-                .into(),
+             provider.launch_template_id (or _name) and launch_template_version",
         ));
     };
     let source = format!(
@@ -190,7 +189,7 @@ pub(crate) fn template_user_data_in(xml: &str) -> Result<Option<TemplateUserData
     };
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
-        .map_err(|e| CloudError::Permanent(format!("the user data of {source} is not base64: {e}")))?;
+        .map_err(|e| CloudError::permanent(format!("the user data of {source} is not base64: {e}")).caused_by(e))?;
     Ok(Some(TemplateUserData { source, bytes }))
 }
 
@@ -201,7 +200,7 @@ fn pair(key: impl Into<String>, value: impl Into<String>) -> (String, String) {
 /// The instances in a DescribeInstances or RunInstances answer.
 pub(crate) fn instances_in(xml: &str) -> Result<Vec<Instance>, CloudError> {
     let document = roxmltree::Document::parse(xml)
-        .map_err(|e| CloudError::Retryable(format!("EC2 answered with XML ebb cannot read: {e}")))?;
+        .map_err(|e| CloudError::retryable(format!("EC2 answered with XML ebb cannot read: {e}")).caused_by(e))?;
     Ok(document
         .descendants()
         .filter(|n| n.has_tag_name("item") && child_text(*n, "instanceId").is_some())
@@ -387,7 +386,7 @@ impl Provider for AwsProvider {
                     return instances_in(&xml)?
                         .into_iter()
                         .next()
-                        .ok_or_else(|| CloudError::Retryable("RunInstances answered without an instance".into()));
+                        .ok_or_else(|| CloudError::retryable("RunInstances answered without an instance"));
                 }
                 Err(e) if e.is_capacity() && attempt + 1 < attempts => {
                     tracing::warn!(subnet = subnet.unwrap_or("-"), error = %e, "No capacity in this subnet's zone; trying the next subnet.");
@@ -398,7 +397,7 @@ impl Provider for AwsProvider {
         }
         Err(last_error
             .map(CloudError::from)
-            .unwrap_or_else(|| CloudError::Retryable("no subnet could take the instance".into())))
+            .unwrap_or_else(|| CloudError::retryable("no subnet could take the instance")))
     }
 
     async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceState>, CloudError> {

@@ -82,13 +82,16 @@ impl std::fmt::Display for AwsError {
     }
 }
 
+impl std::error::Error for AwsError {}
+
 impl From<AwsError> for CloudError {
     fn from(error: AwsError) -> Self {
-        if error.is_temporary() {
-            CloudError::Retryable(error.to_string())
+        let said = if error.is_temporary() {
+            CloudError::retryable(error.to_string())
         } else {
-            CloudError::Permanent(error.to_string())
-        }
+            CloudError::permanent(error.to_string())
+        };
+        said.caused_by(error)
     }
 }
 
@@ -116,7 +119,7 @@ impl Query {
         credentials: aws_credential_types::provider::SharedCredentialsProvider,
     ) -> Result<Self, CloudError> {
         Ok(Self {
-            http: crate::http::client(None).map_err(CloudError::Permanent)?,
+            http: crate::http::client(None).map_err(CloudError::permanent)?,
             region,
             credentials,
             cached: Mutex::new(None),

@@ -108,13 +108,22 @@ impl ApiError {
     }
 }
 
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} → {}: {}", self.command, self.code, self.text)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
 impl From<ApiError> for CloudError {
     fn from(error: ApiError) -> Self {
-        if error.is_temporary() {
-            CloudError::Retryable(error.explain())
+        let said = if error.is_temporary() {
+            CloudError::retryable(error.explain())
         } else {
-            CloudError::Permanent(error.explain())
-        }
+            CloudError::permanent(error.explain())
+        };
+        said.caused_by(error)
     }
 }
 
@@ -145,7 +154,7 @@ impl Api {
     ) -> Result<Self, CloudError> {
         Ok(Self {
             credentials,
-            http: crate::http::client(None).map_err(CloudError::Permanent)?,
+            http: crate::http::client(None).map_err(CloudError::permanent)?,
             signature,
             job_timeout,
             first_poll: Duration::from_millis(500),
@@ -437,10 +446,14 @@ mod tests {
                 text: "t".into(),
             })
         };
-        assert!(matches!(error(533), CloudError::Retryable(_)));
-        assert!(matches!(error(530), CloudError::Retryable(_)));
-        assert!(matches!(error(431), CloudError::Permanent(_)));
-        assert!(matches!(error(532), CloudError::Permanent(_)));
+        assert!(error(533).is_retryable());
+        assert!(error(530).is_retryable());
+        assert!(!error(431).is_retryable());
+        assert!(!error(532).is_retryable());
+        let source = std::error::Error::source(&error(532))
+            .expect("the API's answer is kept")
+            .to_string();
+        assert_eq!(source, "deployVirtualMachine → 532: t");
         assert!(error(401).to_string().contains("check api_key and secret_key"));
         assert!(error(532).to_string().contains("raise it or lower max_size"));
     }

@@ -93,7 +93,7 @@ impl CloudStackConfig {
     /// The API client, with the keys found as [`credentials::load`] says.
     pub fn api(&self) -> Result<Api, CloudError> {
         let credentials = credentials::load(self.credentials_file.as_deref(), self.endpoint.as_deref())
-            .map_err(CloudError::Permanent)?;
+            .map_err(CloudError::permanent)?;
         let signature = if self.signature_version == 1 {
             SignatureVersion::V1
         } else {
@@ -306,7 +306,7 @@ impl Provider for CloudStackProvider {
         let vm = result
             .get("virtualmachine")
             .and_then(Vm::parse)
-            .ok_or_else(|| CloudError::Retryable("deployVirtualMachine's job gave no virtual machine".into()))?;
+            .ok_or_else(|| CloudError::retryable("deployVirtualMachine's job gave no virtual machine"))?;
         self.tag(&vm.id, spec).await;
         Ok(self.instance(&vm))
     }

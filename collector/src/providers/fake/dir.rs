@@ -43,7 +43,7 @@ pub struct DirCloud {
 impl DirCloud {
     pub fn new(config: DirCloudConfig) -> Result<Self, CloudError> {
         std::fs::create_dir_all(&config.dir)
-            .map_err(|e| CloudError::Permanent(format!("cannot create {}: {e}", config.dir.display())))?;
+            .map_err(|e| CloudError::permanent(format!("cannot create {}: {e}", config.dir.display())).caused_by(e))?;
         Ok(Self { config })
     }
 
@@ -52,7 +52,7 @@ impl DirCloud {
     }
 
     fn records(&self) -> Result<Vec<Record>, CloudError> {
-        let entries = std::fs::read_dir(&self.config.dir).map_err(|e| CloudError::Retryable(e.to_string()))?;
+        let entries = std::fs::read_dir(&self.config.dir).map_err(|e| CloudError::retryable(e.to_string()))?;
         let mut records = Vec::new();
         for entry in entries.flatten() {
             if entry.path().extension().is_some_and(|e| e == "json")
@@ -72,7 +72,7 @@ impl DirCloud {
         let text = serde_json::to_string(record).expect("a record serializes");
         std::fs::write(&temporary, text)
             .and_then(|()| std::fs::rename(&temporary, &path))
-            .map_err(|e| CloudError::Retryable(e.to_string()))
+            .map_err(|e| CloudError::retryable(e.to_string()))
     }
 
     fn instance(record: &Record) -> Instance {

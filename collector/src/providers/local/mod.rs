@@ -46,7 +46,8 @@ pub struct LocalProvider {
 }
 
 fn this_executable() -> Result<PathBuf, CloudError> {
-    std::env::current_exe().map_err(|e| CloudError::Permanent(format!("cannot find this executable's path: {e}")))
+    std::env::current_exe()
+        .map_err(|e| CloudError::permanent(format!("cannot find this executable's path: {e}")).caused_by(e))
 }
 
 /// The agent the instances run: `provider.agent_path`, else `ebb-agent` beside this executable; an error
@@ -57,7 +58,7 @@ pub fn agent_path(config: &LocalProviderConfig) -> Result<PathBuf, CloudError> {
         None => this_executable()?.with_file_name("ebb-agent"),
     };
     if !agent_path.is_file() {
-        return Err(CloudError::Permanent(format!(
+        return Err(CloudError::permanent(format!(
             "the local provider needs ebb-agent, and {} does not exist: install the ebb-agent package, build it \
              with `cargo build --release -p ebb-agent`, or set provider.agent_path",
             agent_path.display()
@@ -128,7 +129,7 @@ impl LocalProvider {
         // earlier attempt of this member holds nothing worth keeping.
         let _ = std::fs::remove_dir_all(dir);
         write_private(dir, "agent.toml", spec.agent_config.as_bytes())
-            .map_err(|e| CloudError::Permanent(format!("cannot write {}: {e}", dir.display())))?;
+            .map_err(|e| CloudError::permanent(format!("cannot write {}: {e}", dir.display())).caused_by(e))?;
         let argv: Vec<String> = self
             .config
             .command
@@ -142,10 +143,10 @@ impl LocalProvider {
             .stdout(Stdio::null())
             .stderr(self.log_file(&spec.member_id, "workload"))
             .spawn()
-            .map_err(|e| CloudError::Permanent(format!("cannot start `{}`: {e}", argv[0])))?;
+            .map_err(|e| CloudError::permanent(format!("cannot start `{}`: {e}", argv[0])).caused_by(e))?;
         let pid = workload.id().expect("a process that was just spawned has a pid") as i32;
         let started = start_time(pid).ok_or_else(|| {
-            CloudError::Permanent(format!(
+            CloudError::permanent(format!(
                 "`{}` exited as soon as it started; set provider.log_dir to see why",
                 argv[0]
             ))
@@ -182,14 +183,14 @@ impl LocalProvider {
             .stderr(self.log_file(&spec.member_id, "agent"))
             .spawn()
             .map_err(|e| {
-                undo(CloudError::Permanent(format!(
+                undo(CloudError::permanent(format!(
                     "cannot start {}: {e}",
                     self.agent_path.display()
                 )))
             })?;
         let json = serde_json::to_vec_pretty(&record).expect("a record serializes");
         write_private(dir, ProcessRecord::FILE, &json)
-            .map_err(|e| undo(CloudError::Permanent(format!("cannot write {}: {e}", dir.display()))))?;
+            .map_err(|e| undo(CloudError::permanent(format!("cannot write {}: {e}", dir.display()))))?;
         Ok(record)
     }
 
@@ -234,7 +235,7 @@ pub(crate) fn free_loopback_address(prefix: &str, port: u16, taken: &[IpAddr]) -
         .filter_map(|n| format!("{prefix}.{n}").parse::<IpAddr>().ok())
         .filter(|ip| !taken.contains(ip))
         .find(|ip| std::net::TcpListener::bind(SocketAddr::new(*ip, port)).is_ok())
-        .ok_or_else(|| CloudError::Retryable(format!("no free address in {prefix}.1-254 with port {port} free")))
+        .ok_or_else(|| CloudError::retryable(format!("no free address in {prefix}.1-254 with port {port} free")))
 }
 
 #[async_trait]

@@ -162,7 +162,7 @@ impl Keystone {
     pub fn new(cloud: Cloud) -> Result<Self, CloudError> {
         Ok(Self {
             cloud,
-            http: crate::http::client(None).map_err(CloudError::Permanent)?,
+            http: crate::http::client(None).map_err(CloudError::permanent)?,
             token: Mutex::new(None),
         })
     }
@@ -200,13 +200,10 @@ impl Keystone {
         } else {
             url.replace("/auth/tokens", "/v3/auth/tokens")
         };
-        let response = self
-            .http
-            .post(&url)
-            .json(&self.auth_body())
-            .send()
-            .await
-            .map_err(|e| CloudError::Retryable(format!("cannot reach Keystone at {url}: {}", e.without_url())))?;
+        let response = self.http.post(&url).json(&self.auth_body()).send().await.map_err(|e| {
+            let e = e.without_url();
+            CloudError::retryable(format!("cannot reach Keystone at {url}: {e}")).caused_by(e)
+        })?;
         let status = response.status().as_u16();
         let value = response
             .headers()
@@ -226,12 +223,12 @@ impl Keystone {
                     catalog: body["token"]["catalog"].clone(),
                 })
             }
-            (401, _) => Err(CloudError::Permanent(format!(
+            (401, _) => Err(CloudError::permanent(format!(
                 "Keystone refused the credentials (401: {}): check the user or application credential, its password or secret, and the project",
                 body["error"]["message"].as_str().unwrap_or("unauthorized")
             ))),
-            (status, _) if status >= 500 => Err(CloudError::Retryable(format!("Keystone answered {status}"))),
-            (status, _) => Err(CloudError::Permanent(format!(
+            (status, _) if status >= 500 => Err(CloudError::retryable(format!("Keystone answered {status}"))),
+            (status, _) => Err(CloudError::permanent(format!(
                 "Keystone answered {status}: {}",
                 body["error"]["message"].as_str().unwrap_or("no reason given")
             ))),
@@ -259,7 +256,7 @@ impl Keystone {
         let service = services
             .iter()
             .find(|s| s["type"] == service_type)
-            .ok_or_else(|| CloudError::Permanent(format!("the service catalog has no `{service_type}` service")))?;
+            .ok_or_else(|| CloudError::permanent(format!("the service catalog has no `{service_type}` service")))?;
         service["endpoints"]
             .as_array()
             .into_iter()
@@ -275,7 +272,7 @@ impl Keystone {
             .and_then(|e| e["url"].as_str())
             .map(|url| url.trim_end_matches('/').to_string())
             .ok_or_else(|| {
-                CloudError::Permanent(format!(
+                CloudError::permanent(format!(
                     "the `{service_type}` service has no {} endpoint{}",
                     self.cloud.interface,
                     self.cloud
@@ -314,11 +311,9 @@ impl Keystone {
                 request = request.json(body);
             }
             let response = request.send().await.map_err(|e| {
-                CloudError::Retryable(format!(
-                    "{service_type} {method} {path} at {}: {}",
-                    crate::http::host_of(&url),
-                    e.without_url()
-                ))
+                let e = e.without_url();
+                let host = crate::http::host_of(&url);
+                CloudError::retryable(format!("{service_type} {method} {path} at {host}: {e}")).caused_by(e)
             })?;
             let status = response.status().as_u16();
             if status == 401 && !renew {
@@ -336,9 +331,9 @@ impl Keystone {
 pub fn refusal(what: &str, status: u16, body: &Value) -> CloudError {
     let text = format!("{what} → {status}: {}", message(body));
     if status >= 500 || status == 409 || status == 429 {
-        CloudError::Retryable(text)
+        CloudError::retryable(text)
     } else {
-        CloudError::Permanent(text)
+        CloudError::permanent(text)
     }
 }
 

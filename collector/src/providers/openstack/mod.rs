@@ -87,7 +87,7 @@ impl OpenStackConfig {
     }
 
     pub fn keystone(&self) -> Result<Keystone, CloudError> {
-        let mut cloud = Cloud::load(self.cloud.as_deref()).map_err(CloudError::Permanent)?;
+        let mut cloud = Cloud::load(self.cloud.as_deref()).map_err(CloudError::permanent)?;
         if let Some(region) = &self.region {
             cloud.region = Some(region.clone());
         }
@@ -183,10 +183,10 @@ impl OpenStackProvider {
             .collect();
         match matches.as_slice() {
             [one] => Ok(one["id"].as_str().unwrap_or_default().to_string()),
-            [] => Err(CloudError::Permanent(format!(
+            [] => Err(CloudError::permanent(format!(
                 "no {key} named `{name}`: give its id or an existing name"
             ))),
-            _ => Err(CloudError::Permanent(format!(
+            _ => Err(CloudError::permanent(format!(
                 "several {key} are named `{name}`: give the id"
             ))),
         }
@@ -312,7 +312,7 @@ impl Provider for OpenStackProvider {
                         .unwrap_or("no fault message")
                         .to_string();
                     let deleted = self.delete(&id).await;
-                    return Err(CloudError::Retryable(format!(
+                    return Err(CloudError::retryable(format!(
                         "server {id} went to ERROR: {fault}{}",
                         if deleted.is_ok() {
                             " (deleted)"
@@ -322,7 +322,7 @@ impl Provider for OpenStackProvider {
                     )));
                 }
                 _ if tokio::time::Instant::now() >= deadline => {
-                    return Err(CloudError::Retryable(format!(
+                    return Err(CloudError::retryable(format!(
                         "server {id} still building after {} s; ebb stopped waiting (it is found again by listing)",
                         self.config.build_timeout_secs
                     )));

@@ -166,7 +166,7 @@ pub fn preflight(config: &QemuConfig) -> Result<(), CloudError> {
         ("qemu_img", &config.qemu_img, "qemu-utils"),
     ] {
         if find_program(program).is_none() {
-            return Err(CloudError::Permanent(format!(
+            return Err(CloudError::permanent(format!(
                 "provider.{key}: {} not found; install Debian's {package} (apt-get install {package}) or set \
                  provider.{key}",
                 program.display()
@@ -186,7 +186,7 @@ pub fn preflight(config: &QemuConfig) -> Result<(), CloudError> {
             } else {
                 ""
             };
-            return Err(CloudError::Permanent(format!(
+            return Err(CloudError::permanent(format!(
                 "provider.{key}: cannot read {}: {e}{hint}",
                 path.display()
             )));
@@ -220,8 +220,9 @@ impl QemuProvider {
     /// Checks the machine (`preflight`); each VM is kept in `<instances_dir>/<member_id>/`.
     pub fn new(config: QemuConfig, instances_dir: PathBuf) -> Result<Self, CloudError> {
         preflight(&config)?;
-        let image = std::fs::canonicalize(&config.image)
-            .map_err(|e| CloudError::Permanent(format!("provider.image: {}: {e}", config.image.display())))?;
+        let image = std::fs::canonicalize(&config.image).map_err(|e| {
+            CloudError::permanent(format!("provider.image: {}: {e}", config.image.display())).caused_by(e)
+        })?;
         Ok(Self {
             config,
             records: ProcessRecords {
@@ -339,13 +340,13 @@ impl QemuProvider {
     async fn start(&self, spec: &LaunchSpec, dir: &Path) -> Result<ProcessRecord, CloudError> {
         let accelerator = self.accelerator().await;
         let address = self.free_address(spec.service_port)?;
-        let failed = |what: &str, e: &dyn std::fmt::Display| CloudError::Permanent(format!("{what}: {e}"));
+        let failed = |what: &str, e: &dyn std::fmt::Display| CloudError::permanent(format!("{what}: {e}"));
         // A directory left by an earlier attempt of this member holds nothing worth keeping.
         let _ = std::fs::remove_dir_all(dir);
         write_private(dir, ".launching", b"").map_err(|e| failed(&format!("cannot create {}", dir.display()), &e))?;
         let socket = dir.join("qmp.sock");
         if socket.as_os_str().len() > 100 {
-            return Err(CloudError::Permanent(format!(
+            return Err(CloudError::permanent(format!(
                 "{} is too long for a Unix socket; use a shorter server.state_dir",
                 socket.display()
             )));
@@ -365,7 +366,7 @@ impl QemuProvider {
             .await
             .map_err(|e| undo(failed(&format!("cannot run {}", self.config.qemu_img.display()), &e)))?;
         if !overlay.status.success() {
-            return Err(undo(CloudError::Permanent(format!(
+            return Err(undo(CloudError::permanent(format!(
                 "qemu-img could not make the overlay of {}: {}",
                 self.image.display(),
                 String::from_utf8_lossy(&overlay.stderr).trim()
@@ -401,7 +402,7 @@ impl QemuProvider {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if !record.running() {
             let said = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
-            return Err(undo(CloudError::Permanent(format!(
+            return Err(undo(CloudError::permanent(format!(
                 "qemu exited at once: {}",
                 said.trim().lines().last().unwrap_or("(it said nothing)")
             ))));
