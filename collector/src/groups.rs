@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
-use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::StartError;
 use crate::activity::ActivityLog;
 use crate::config::{GroupConfig, ServerConfig};
 use crate::explain::ExplanationLog;
@@ -16,7 +16,7 @@ use crate::ingest::IngestHandle;
 use crate::lb::LoadBalancer;
 use crate::metrics::Metrics;
 use crate::pki::Authority;
-use crate::providers::Provider;
+use crate::providers::{CloudError, Provider};
 use crate::reconcile::{Dependencies, GroupController, GroupHandle};
 use crate::store::Store;
 
@@ -82,7 +82,7 @@ impl Groups {
 
     /// Starts `groups`: every provider and load balancer is made first, so that when one cannot be (a
     /// missing key, a port in use) none of them starts; then their controllers.
-    pub async fn start(&self, groups: Vec<GroupConfig>) -> anyhow::Result<()> {
+    pub async fn start(&self, groups: Vec<GroupConfig>) -> Result<(), StartError> {
         let mut parts = Vec::new();
         for group in groups {
             let (provider, load_balancer, front) = self.connect(&group).await?;
@@ -105,9 +105,12 @@ impl Groups {
                 collector_url: group.collector_url(&shared.server, shared.grpc_address),
             };
             let name = group.name.clone();
-            let (controller, handle, commands) = GroupController::new(group, deps)
-                .await
-                .with_context(|| format!("group {name}: cannot read its state from the store"))?;
+            let (controller, handle, commands) =
+                GroupController::new(group, deps).await.map_err(|e| StartError::Group {
+                    group: name.clone(),
+                    what: "cannot read its state from the store",
+                    source: Box::new(e),
+                })?;
             started.push((name, controller, handle, commands, front));
         }
         let mut running = self.running.write().unwrap();
@@ -131,18 +134,25 @@ impl Groups {
     async fn connect(
         &self,
         group: &GroupConfig,
-    ) -> anyhow::Result<(Arc<dyn Provider>, Arc<dyn LoadBalancer>, Option<SocketAddr>)> {
+    ) -> Result<(Arc<dyn Provider>, Arc<dyn LoadBalancer>, Option<SocketAddr>), StartError> {
+        let failed = |what: &'static str| {
+            move |e: CloudError| StartError::Group {
+                group: group.name.clone(),
+                what,
+                source: Box::new(e),
+            }
+        };
         let (state_dir, cluster_id) = (&self.shared.server.state_dir, &self.shared.cluster_id);
         let (provider, cloud) = group
             .provider
             .build(state_dir, cluster_id)
             .await
-            .with_context(|| format!("group {}: provider", group.name))?;
+            .map_err(failed("provider"))?;
         let (load_balancer, front) = group
             .load_balancer
             .build(&cloud, cluster_id)
             .await
-            .with_context(|| format!("group {}: load_balancer", group.name))?;
+            .map_err(failed("load_balancer"))?;
         Ok((provider, load_balancer, front))
     }
 }

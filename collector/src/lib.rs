@@ -61,7 +61,6 @@ use std::sync::Arc;
 
 use std::os::unix::fs::FileTypeExt;
 
-use anyhow::Context;
 use ebb_proto::v1::admin_server::AdminServer;
 use ebb_proto::v1::enrollment_server::EnrollmentServer;
 use ebb_proto::v1::telemetry_server::TelemetryServer;
@@ -105,9 +104,50 @@ pub struct Collector {
     metrics_server: JoinHandle<()>,
 }
 
+/// Why the collector did not start. Each says what it was doing; the error underneath is its `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file, directory, socket or listener.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another collector runs with this state directory (its admin socket answers).
+    #[error("{} is in use: another collector runs with this state directory", .0.display())]
+    InUse(std::path::PathBuf),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The server's certificate and key could not make a TLS configuration.
+    #[error("cannot set up TLS with the server certificate")]
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The open-file limit could not be read or raised.
+    #[error("{0}")]
+    OpenFiles(&'static str, #[source] nix::Error),
+    /// A group's provider or load balancer could not be made, or its state not read.
+    #[error("group {group}: {what}")]
+    Group {
+        group: String,
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Turns an I/O error into a [`StartError`] saying `what` was being done.
+pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
 impl Collector {
     /// Binds every listener and starts every task; returns once all are listening.
-    pub async fn start(config: CollectorConfig) -> anyhow::Result<Self> {
+    pub async fn start(config: CollectorConfig) -> Result<Self, StartError> {
         secure_state_dir(&config.server.state_dir)?;
         let metrics = Arc::new(Metrics::default());
         let pki = pki(&config)?;
@@ -133,23 +173,37 @@ impl Collector {
 
         let grpc = TcpListener::bind(config.server.grpc_listen)
             .await
-            .with_context(|| format!("cannot listen on server.grpc_listen {}", config.server.grpc_listen))?;
-        let grpc_address = grpc.local_addr()?;
+            .map_err(io_error(format!(
+                "cannot listen on server.grpc_listen {}",
+                config.server.grpc_listen
+            )))?;
+        let grpc_address = grpc
+            .local_addr()
+            .map_err(io_error("cannot read server.grpc_listen's address"))?;
         let http = TcpListener::bind(config.server.http_listen)
             .await
-            .with_context(|| format!("cannot listen on server.http_listen {}", config.server.http_listen))?;
-        let http_address = http.local_addr()?;
+            .map_err(io_error(format!(
+                "cannot listen on server.http_listen {}",
+                config.server.http_listen
+            )))?;
+        let http_address = http
+            .local_addr()
+            .map_err(io_error("cannot read server.http_listen's address"))?;
         let admin_socket = config.server.admin_socket();
         let admin_unix = bind_admin_socket(&admin_socket)?;
         let admin_tcp = match config.server.admin_listen {
             Some(address) => Some(
                 TcpListener::bind(address)
                     .await
-                    .with_context(|| format!("cannot listen on server.admin_listen {address}"))?,
+                    .map_err(io_error(format!("cannot listen on server.admin_listen {address}")))?,
             ),
             None => None,
         };
-        let admin_address = admin_tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let admin_address = admin_tcp
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(io_error("cannot read server.admin_listen's address"))?;
         let collector_url = config.server.collector_url(grpc_address);
 
         let (stop, stop_rx) = watch::channel(false);
@@ -205,7 +259,10 @@ impl Collector {
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         };
-        let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
+        // Fails only on descriptors compiled in that do not decode: every test that starts a collector says so.
+        const DESCRIPTORS: &str = "the descriptors compiled in decode";
+        let reflection_v1 = reflection().build_v1().expect(DESCRIPTORS);
+        let reflection_v1alpha = reflection().build_v1alpha().expect(DESCRIPTORS);
 
         let agents_routes = tonic::service::Routes::new(telemetry)
             .add_service(enrollment)
@@ -301,7 +358,7 @@ impl Collector {
 /// The collector's CA (its own, created on first start, or the operator's), and on first start an admin
 /// certificate in the state directory for the local CLI.
 /// The CA (created in the state directory on first start, or the operator's) and a local admin certificate.
-fn pki(config: &CollectorConfig) -> anyhow::Result<Pki> {
+fn pki(config: &CollectorConfig) -> Result<Pki, pki::PkiError> {
     let server = &config.server;
     let lifetime = std::time::Duration::from_secs(server.member_cert_lifetime_secs.into());
     // The Admin API's Unix socket is reached as `localhost`; qemu guests reach it through their gateway.
@@ -334,13 +391,15 @@ pub const RESERVED_FILES: u64 = 1024;
 /// Raises the soft open-file limit as far as `max_connections` needs (and the hard limit allows), and returns
 /// how many agents' connections fit: `max_connections`, or fewer when the hard limit is too low, so that a
 /// full agents' port never leaves the store, the cloud API or the admin socket without a descriptor.
-pub fn fit_open_file_limit(max_connections: u32) -> anyhow::Result<u32> {
+pub fn fit_open_file_limit(max_connections: u32) -> Result<u32, StartError> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("cannot read the open-file limit")?;
+    let (soft, hard) =
+        getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| StartError::OpenFiles("cannot read the open-file limit", e))?;
     let wanted = u64::from(max_connections) + RESERVED_FILES;
     let raised = wanted.min(hard).max(soft);
     if raised > soft {
-        setrlimit(Resource::RLIMIT_NOFILE, raised, hard).context("cannot raise the open-file limit")?;
+        setrlimit(Resource::RLIMIT_NOFILE, raised, hard)
+            .map_err(|e| StartError::OpenFiles("cannot raise the open-file limit", e))?;
     }
     if hard >= wanted {
         return Ok(max_connections);
@@ -358,26 +417,27 @@ pub fn fit_open_file_limit(max_connections: u32) -> anyhow::Result<u32> {
 
 /// The state directory holds the CA key, token hashes, members and activities: owner-only (0700, every file
 /// in it 0600), whatever the umask it was made under, also when an earlier version or a hand left it open.
-fn secure_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+fn secure_state_dir(dir: &std::path::Path) -> Result<(), StartError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+        .map_err(io_error(format!("cannot create the state directory {}", dir.display())))?;
     let mut pending = vec![dir.to_path_buf()];
     while let Some(dir) = pending.pop() {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot make {} owner-only", dir.display()))?;
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
-            let entry = entry?;
+            .map_err(io_error(format!("cannot make {} owner-only", dir.display())))?;
+        let cannot_read = || io_error(format!("cannot read {}", dir.display()));
+        for entry in std::fs::read_dir(&dir).map_err(cannot_read())? {
+            let entry = entry.map_err(cannot_read())?;
             // Not followed: a link's target is not ours to change.
-            let kind = entry.file_type()?;
+            let kind = entry.file_type().map_err(cannot_read())?;
             if kind.is_dir() {
                 pending.push(entry.path());
             } else if kind.is_file() || kind.is_socket() {
                 std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))
-                    .with_context(|| format!("cannot make {} owner-only", entry.path().display()))?;
+                    .map_err(io_error(format!("cannot make {} owner-only", entry.path().display())))?;
             }
         }
     }
@@ -386,32 +446,34 @@ fn secure_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// The Admin API's Unix socket, owner-only. A stale socket left by a crash is replaced; a live one means
 /// another collector uses this state directory.
-fn bind_admin_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+fn bind_admin_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener, StartError> {
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
-        anyhow::ensure!(
-            std::os::unix::net::UnixStream::connect(path).is_err(),
-            "{} is in use: another collector runs with this state directory",
-            path.display()
-        );
-        std::fs::remove_file(path).with_context(|| format!("cannot remove the stale {}", path.display()))?;
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io_error(format!("cannot remove the stale {}", path.display())))?;
     }
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => std::path::Path::new("."),
     };
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir).map_err(io_error(format!("cannot create {}", dir.display())))?;
     // Bound in a private (0700) directory beside it, made owner-only there, then moved into place: it is
     // never reachable by others, not even for the moment between bind and chmod.
     let staging = tempfile::Builder::new()
         .prefix(".admin-socket-")
         .tempdir_in(dir)
-        .with_context(|| format!("cannot create a private directory in {}", dir.display()))?;
+        .map_err(io_error(format!(
+            "cannot create a private directory in {}",
+            dir.display()
+        )))?;
     let staged = staging.path().join("admin.sock");
     let listener =
-        tokio::net::UnixListener::bind(&staged).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&staged, path).with_context(|| format!("cannot place the admin socket at {}", path.display()))?;
+        tokio::net::UnixListener::bind(&staged).map_err(io_error(format!("cannot listen on {}", path.display())))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_error(format!("cannot make {} owner-only", path.display())))?;
+    std::fs::rename(&staged, path).map_err(io_error(format!("cannot place the admin socket at {}", path.display())))?;
     Ok(listener)
 }
 

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::DistinguishedName;
+
+use crate::StartError;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -92,16 +94,21 @@ impl ClientCertVerifier for CertificateOptional {
 }
 
 /// The rustls configuration for `chain_pem` (leaf first) and `key_pem`, speaking HTTP/2.
-pub fn server_config(chain_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let tls = |e| StartError::Tls(Box::new(e));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StartError::Tls(Box::new(e)))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| StartError::Tls(Box::new(e)))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .map_err(tls)?
         .with_client_cert_verifier(Arc::new(CertificateOptional {
             algorithms: provider.signature_verification_algorithms,
         }))
-        .with_single_cert(chain, key)?;
+        .with_single_cert(chain, key)
+        .map_err(tls)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

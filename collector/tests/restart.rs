@@ -45,3 +45,33 @@ async fn agents_tokens_revocations_and_history_survive_a_restart() {
     assert!(h.collector.activities.newest("web", 100).len() >= joins_before);
     h.collector.shutdown().await;
 }
+
+/// A collector that cannot start says why, as a typed error: a second one on the same state directory
+/// finds the first's admin socket alive; a port taken by another program is named with its setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_cannot_start_says_what_is_in_the_way() {
+    let h = common::Harness::start("").await;
+    let second = ebb_collector::Collector::start(common::config(h.state.path(), "")).await;
+    let Err(ebb_collector::StartError::InUse(path)) = second else {
+        panic!("a second collector on one state directory started: {:?}", second.err());
+    };
+    assert_eq!(path, h.state.path().join("admin.sock"));
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_state = tempfile::tempdir().unwrap();
+    let mut config = common::config(other_state.path(), "");
+    config.server.grpc_listen = taken.local_addr().unwrap();
+    let error = ebb_collector::Collector::start(config)
+        .await
+        .err()
+        .expect("the port is taken");
+    let ebb_collector::StartError::Io { what, source } = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(
+        what,
+        &format!("cannot listen on server.grpc_listen {}", taken.local_addr().unwrap())
+    );
+    assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
+    h.collector.shutdown().await;
+}

@@ -218,7 +218,11 @@ mod tests {
         let source = std::error::Error::source(&error).expect("kept");
         let io = source.downcast_ref::<std::io::Error>().expect("the io error itself");
         assert_eq!(io.kind(), std::io::ErrorKind::PermissionDenied);
-        assert_eq!(error, CloudError::permanent("cannot write /x: denied"), "sources are not compared");
+        assert_eq!(
+            error,
+            CloudError::permanent("cannot write /x: denied"),
+            "sources are not compared"
+        );
         let retry = CloudError::retryable("throttled");
         assert_eq!(retry.to_string(), "throttled (temporary; ebb will retry)");
         assert!(retry.is_retryable() && !error.is_retryable());
