@@ -19,7 +19,7 @@ use ebb_collector::metrics::Metrics;
 use ebb_collector::pki::{Authority, Pki};
 use ebb_collector::providers::fake::FakeProvider;
 use ebb_collector::providers::{LaunchSpec, Provider};
-use ebb_collector::reconcile::{Dependencies, GroupController, Member};
+use ebb_collector::reconcile::{Dependencies, GroupController, Member, Services};
 use ebb_collector::store::{GroupRecord, Intent, IntentKind, Store};
 
 const GROUP: &str = r#"
@@ -165,14 +165,16 @@ async fn restart(dir: &std::path::Path, count: usize) -> Duration {
     let deps = Dependencies {
         provider: Arc::new(provider),
         load_balancer: Arc::new(FakeLoadBalancer::default()),
-        ingest: IngestHandle::spawn(metrics.clone(), 600_000, Vec::new()),
-        activities: ActivityLog::new(metrics.clone(), store.clone(), 42),
-        metrics,
-        authority: Arc::new(Authority::new(pki, 1800, Default::default(), store.clone()).unwrap()),
-        explanations: ExplanationLog::new(store.clone(), 3600),
-        store,
-        cluster_id: "bench".into(),
-        clock: Arc::new(ebb_collector::clock::SystemClock),
+        services: Services {
+            ingest: IngestHandle::spawn(metrics.clone(), 600_000, Vec::new()),
+            activities: ActivityLog::new(metrics.clone(), store.clone(), 42),
+            metrics,
+            authority: Arc::new(Authority::new(pki, 1800, Default::default(), store.clone()).unwrap()),
+            explanations: ExplanationLog::new(store.clone(), 3600),
+            store,
+            cluster_id: "bench".into(),
+            clock: Arc::new(ebb_collector::clock::SystemClock),
+        },
         collector_url: "https://127.0.0.1:7300".into(),
     };
     let (mut controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps).await.unwrap();

@@ -9,28 +9,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::StartError;
-use crate::activity::ActivityLog;
 use crate::config::{GroupConfig, ServerConfig};
-use crate::explain::ExplanationLog;
-use crate::ingest::IngestHandle;
 use crate::lb::LoadBalancer;
-use crate::metrics::Metrics;
-use crate::pki::Authority;
 use crate::providers::{CloudError, Provider};
-use crate::reconcile::{Dependencies, GroupController, GroupHandle};
-use crate::store::Store;
+use crate::reconcile::{Dependencies, GroupController, GroupHandle, Services};
 
 /// What every group's controller is given besides its own provider and load balancer.
 pub struct Shared {
     pub server: ServerConfig,
     pub grpc_address: SocketAddr,
-    pub ingest: IngestHandle,
-    pub activities: ActivityLog,
-    pub metrics: Arc<Metrics>,
-    pub authority: Arc<Authority>,
-    pub explanations: ExplanationLog,
-    pub store: Arc<Store>,
-    pub cluster_id: String,
+    pub services: Services,
     /// Fires when the collector shuts down; every controller stops then.
     pub stop: watch::Receiver<bool>,
 }
@@ -94,14 +82,7 @@ impl Groups {
             let deps = Dependencies {
                 provider,
                 load_balancer,
-                ingest: shared.ingest.clone(),
-                activities: shared.activities.clone(),
-                metrics: shared.metrics.clone(),
-                authority: shared.authority.clone(),
-                explanations: shared.explanations.clone(),
-                store: shared.store.clone(),
-                cluster_id: shared.cluster_id.clone(),
-                clock: Arc::new(crate::clock::SystemClock),
+                services: shared.services.clone(),
                 collector_url: group.collector_url(&shared.server, shared.grpc_address),
             };
             let name = group.name.clone();
@@ -142,7 +123,7 @@ impl Groups {
                 source: Box::new(e),
             }
         };
-        let (state_dir, cluster_id) = (&self.shared.server.state_dir, &self.shared.cluster_id);
+        let (state_dir, cluster_id) = (&self.shared.server.state_dir, &self.shared.services.cluster_id);
         let (provider, cloud) = group
             .provider
             .build(state_dir, cluster_id)

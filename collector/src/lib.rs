@@ -210,13 +210,16 @@ impl Collector {
         let groups = Groups::new(groups::Shared {
             server: config.server.clone(),
             grpc_address,
-            ingest: ingest.clone(),
-            activities: activities.clone(),
-            metrics: metrics.clone(),
-            authority: authority.clone(),
-            explanations: explanations.clone(),
-            store: store.clone(),
-            cluster_id: cluster_id.clone(),
+            services: reconcile::Services {
+                ingest: ingest.clone(),
+                activities: activities.clone(),
+                metrics: metrics.clone(),
+                authority: authority.clone(),
+                explanations: explanations.clone(),
+                store: store.clone(),
+                cluster_id: cluster_id.clone(),
+                clock: Arc::new(clock::SystemClock),
+            },
             stop: stop_rx.clone(),
         });
         groups.start(config.groups.clone()).await?;

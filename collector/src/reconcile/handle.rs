@@ -256,11 +256,11 @@ impl GroupController {
             };
         }
         if !joins.is_empty() {
-            self.join_all(joins, self.deps.clock.now_ms()).await;
+            self.join_all(joins, self.deps.services.clock.now_ms()).await;
             self.save();
         }
         if let Some(command) = next {
-            self.handle(command, self.deps.clock.now_ms()).await;
+            self.handle(command, self.deps.services.clock.now_ms()).await;
         }
     }
 
@@ -308,7 +308,7 @@ impl GroupController {
             Command::LeaveExternal { member_id } => {
                 if let Some(index) = self.members.iter().position(|m| m.id == member_id) {
                     let member = self.members.remove(index);
-                    self.deps.ingest.unregister(&member.id).await;
+                    self.deps.services.ingest.unregister(&member.id).await;
                 }
                 self.refresh_status().await;
             }
@@ -486,7 +486,7 @@ impl GroupController {
         self.config = config;
         for member in &self.members {
             let settings = self.agent_settings(member);
-            self.deps.ingest.register(&member.id, settings).await;
+            self.deps.services.ingest.register(&member.id, settings).await;
         }
         self.record(
             ActivityKind::Reconfigure,

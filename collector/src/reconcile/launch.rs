@@ -76,9 +76,9 @@ impl GroupController {
         }
         // Allowed to report before the instance exists: its agent may be quicker than the launch call.
         let settings = self.agent_settings(&Member::pending(&member_id, "", None, now));
-        self.deps.ingest.register(&member_id, settings).await;
+        self.deps.services.ingest.register(&member_id, settings).await;
         // This launch's own token: single use, bound to this member id.
-        let authority = &self.deps.authority;
+        let authority = &self.deps.services.authority;
         let (token, _) = authority.tokens.create(
             &self.config.name,
             now,
@@ -97,7 +97,7 @@ impl GroupController {
             let spec = LaunchSpec {
                 group: self.config.name.clone(),
                 member_id,
-                cluster_id: self.deps.cluster_id.clone(),
+                cluster_id: self.deps.services.cluster_id.clone(),
                 launch_id,
                 service_port: self.config.member_port,
                 user_data,
@@ -162,8 +162,8 @@ impl GroupController {
                 self.add_pending(member).await;
             }
             Err(_) => {
-                self.deps.ingest.unregister(member_id).await;
-                self.deps.authority.revoke_member(member_id);
+                self.deps.services.ingest.unregister(member_id).await;
+                self.deps.services.authority.revoke_member(member_id);
             }
         }
         let detail = result
@@ -194,6 +194,7 @@ impl GroupController {
     /// Adds a member that waits for its first healthy check, telling ingest what its agent should check.
     pub(super) async fn add_pending(&mut self, member: Member) {
         self.deps
+            .services
             .ingest
             .register(&member.id, self.agent_settings(&member))
             .await;

@@ -46,7 +46,7 @@ impl GroupController {
         self.members[index].state = MemberState::Draining;
         self.members[index].drain_until = Some(now + Millis::from(drain_secs) * 1000);
         let settings = self.agent_settings(&self.members[index]);
-        self.deps.ingest.register(&member.id, settings).await;
+        self.deps.services.ingest.register(&member.id, settings).await;
         self.record(
             ActivityKind::Drain,
             cause.to_string(),
@@ -139,8 +139,8 @@ impl GroupController {
         if member.external {
             // ebb did not launch it and does not terminate it; it only leaves the group, and its
             // certificate is denied at once (its stream closes).
-            self.deps.authority.revoke_member(&member.id);
-            self.deps.ingest.unregister(&member.id).await;
+            self.deps.services.authority.revoke_member(&member.id);
+            self.deps.services.ingest.unregister(&member.id).await;
             self.record(
                 ActivityKind::Leave,
                 cause.to_string(),
@@ -172,8 +172,8 @@ impl GroupController {
             return false;
         }
         // Terminated: its certificate is denied from now on and its stream closed.
-        self.deps.authority.revoke_member(&member.id);
-        self.deps.ingest.unregister(&member.id).await;
+        self.deps.services.authority.revoke_member(&member.id);
+        self.deps.services.ingest.unregister(&member.id).await;
         if self.save() {
             self.finish_intent(&intent.key, now, "terminated");
         }

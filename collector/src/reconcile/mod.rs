@@ -77,6 +77,14 @@ impl Member {
 pub struct Dependencies {
     pub provider: Arc<dyn Provider>,
     pub load_balancer: Arc<dyn LoadBalancer>,
+    pub services: Services,
+    /// The URL agents use to reach the collector.
+    pub collector_url: String,
+}
+
+/// The collector's services every group's controller uses.
+#[derive(Clone)]
+pub struct Services {
     pub ingest: IngestHandle,
     pub activities: ActivityLog,
     pub metrics: Arc<Metrics>,
@@ -87,8 +95,6 @@ pub struct Dependencies {
     pub cluster_id: String,
     /// Read at the start of each step and command; nothing inside them reads the time again.
     pub clock: Arc<dyn Clock>,
-    /// The URL agents use to reach the collector.
-    pub collector_url: String,
 }
 
 pub struct GroupController {
@@ -177,7 +183,7 @@ impl GroupController {
         let (min_size, max_size) = (config.min_size, config.max_size);
         let hooks = Hooks::new(&config.name, config.lifecycle_hooks.clone());
         let spec = launch_spec(&config);
-        let (saved, mut members) = deps.store.load_group(&config.name)?.unwrap_or_else(|| {
+        let (saved, mut members) = deps.services.store.load_group(&config.name)?.unwrap_or_else(|| {
             let desired = config.desired_capacity.unwrap_or(config.min_size);
             (
                 GroupRecord {
@@ -188,7 +194,7 @@ impl GroupController {
             )
         });
         migrate_launch_specs(&config, &mut members, &spec);
-        let started_at = deps.clock.now_ms();
+        let started_at = deps.services.clock.now_ms();
         let (status, status_rx) = watch::channel(GroupStatus::default());
         let (commands, commands_rx) = mpsc::channel(16);
         let mut controller = Self {
@@ -231,7 +237,7 @@ impl GroupController {
         };
         for member in &controller.members {
             let settings = controller.agent_settings(member);
-            controller.deps.ingest.register(&member.id, settings).await;
+            controller.deps.services.ingest.register(&member.id, settings).await;
         }
         controller.save();
         controller.publish(Vec::new());
@@ -248,7 +254,7 @@ impl GroupController {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.step(self.deps.clock.now_ms()).await,
+                _ = ticker.tick() => self.step(self.deps.services.clock.now_ms()).await,
                 Some(command) = commands.recv() => self.handle_queued(command, &mut commands).await,
                 _ = stop.changed() => break,
             }

@@ -36,7 +36,10 @@ impl GroupController {
         let record = self.group_record();
         let (result, changed, removed) = match &self.saved {
             None => (
-                self.deps.store.save_group(&self.config.name, &record, &self.members),
+                self.deps
+                    .services
+                    .store
+                    .save_group(&self.config.name, &record, &self.members),
                 self.members.clone(),
                 Vec::new(),
             ),
@@ -57,10 +60,11 @@ impl GroupController {
                 if saved.record == record && changed.is_empty() && removed.is_empty() {
                     return true;
                 }
-                let result = self
-                    .deps
-                    .store
-                    .save_group_changes(&self.config.name, &record, &changed, &removed);
+                let result =
+                    self.deps
+                        .services
+                        .store
+                        .save_group_changes(&self.config.name, &record, &changed, &removed);
                 (result, changed, removed)
             }
         };
@@ -83,7 +87,7 @@ impl GroupController {
                 if !self.store_failing {
                     tracing::error!(group = %self.config.name, error = %e, "Cannot save the group's state; decisions pause until the store accepts writes.");
                 }
-                self.deps.metrics.store_error();
+                self.deps.services.metrics.store_error();
                 self.store_failing = true;
                 false
             }
@@ -92,11 +96,11 @@ impl GroupController {
 
     /// Writes an intent; false (logged, counted, decisions paused) if the store refuses.
     pub(super) fn write_intent(&mut self, intent: &Intent) -> bool {
-        match self.deps.store.begin_intent(intent) {
+        match self.deps.services.store.begin_intent(intent) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(group = %self.config.name, error = %e, "Cannot write an intent; not calling the cloud.");
-                self.deps.metrics.store_error();
+                self.deps.services.metrics.store_error();
                 self.store_failing = true;
                 false
             }
@@ -104,9 +108,9 @@ impl GroupController {
     }
 
     pub(super) fn finish_intent(&mut self, key: &str, now: Millis, outcome: &str) {
-        if let Err(e) = self.deps.store.finish_intent(key, now, outcome) {
+        if let Err(e) = self.deps.services.store.finish_intent(key, now, outcome) {
             tracing::error!(group = %self.config.name, error = %e, "Cannot mark an intent done.");
-            self.deps.metrics.store_error();
+            self.deps.services.metrics.store_error();
             self.store_failing = true;
         }
     }

@@ -28,11 +28,11 @@ impl GroupController {
                 return false;
             }
         };
-        let intents = match self.deps.store.open_intents(&self.config.name) {
+        let intents = match self.deps.services.store.open_intents(&self.config.name) {
             Ok(intents) => intents,
             Err(e) => {
                 tracing::error!(group = %self.config.name, error = %e, "Cannot read the intent log.");
-                self.deps.metrics.store_error();
+                self.deps.services.metrics.store_error();
                 return false;
             }
         };
@@ -69,7 +69,7 @@ impl GroupController {
             .iter()
             .find(|i| i.member_id == intent.member_id && !matches!(i.state, InstanceState::Terminated { .. }));
         let Some(instance) = running else {
-            self.deps.authority.revoke_member(&intent.member_id);
+            self.deps.services.authority.revoke_member(&intent.member_id);
             return "did not happen; capacity is reconciled against desired".into();
         };
         let address = instance.address.map(|ip| SocketAddr::new(ip, self.config.member_port));
@@ -98,8 +98,8 @@ impl GroupController {
             if !running && !self.members[index].external {
                 let member = self.members.remove(index);
                 self.hooks.forget(&member.id);
-                self.deps.authority.revoke_member(&member.id);
-                self.deps.ingest.unregister(&member.id).await;
+                self.deps.services.authority.revoke_member(&member.id);
+                self.deps.services.ingest.unregister(&member.id).await;
                 self.save();
                 return (
                     "the cloud had terminated it before the restart; its record is removed".into(),

@@ -83,7 +83,7 @@ impl GroupController {
             Ok(detail) => ("ok", detail),
             Err(e) => ("failed", e.to_string()),
         };
-        self.deps.activities.record(Activity {
+        self.deps.services.activities.record(Activity {
             id: 0,
             group: self.config.name.clone(),
             kind,
@@ -122,7 +122,7 @@ impl GroupController {
         if let Some(cpu) = status.cpu_avg {
             values.insert("cpu_avg_percent", cpu);
         }
-        self.deps.metrics.set_group(
+        self.deps.services.metrics.set_group(
             &status.name,
             GroupGauges {
                 desired: status.desired,

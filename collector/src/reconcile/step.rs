@@ -63,6 +63,7 @@ impl GroupController {
         self.apply_health(&evaluation).await;
         let cause = self.apply_decision(&evaluation, now);
         self.deps
+            .services
             .explanations
             .record(&self.config.name, evaluation, self.config.dry_run);
         if !self.config.dry_run {
@@ -387,7 +388,7 @@ impl GroupController {
             }],
         ));
         let ids: Vec<String> = self.members.iter().map(|m| m.id.clone()).collect();
-        let observations = self.deps.ingest.observe(ids.clone(), windows).await;
+        let observations = self.deps.services.ingest.observe(ids.clone(), windows).await;
         let status_cpu: Vec<f64> = self
             .members
             .iter()

@@ -71,22 +71,24 @@ async fn harness_on(
     let deps = Dependencies {
         provider: Arc::new(provider.clone()),
         load_balancer: Arc::new(lb.clone()),
-        ingest: ingest.clone(),
-        activities: activities.clone(),
-        metrics,
-        authority: Arc::new(
-            Authority::new(
-                crate::pki::tests::pki(pki_dir.path()),
-                1800,
-                Default::default(),
-                store.clone(),
-            )
-            .unwrap(),
-        ),
-        explanations: ExplanationLog::new(store.clone(), 3600),
-        store: store.clone(),
-        cluster_id: "test".into(),
-        clock: Arc::new(crate::clock::SystemClock),
+        services: Services {
+            ingest: ingest.clone(),
+            activities: activities.clone(),
+            metrics,
+            authority: Arc::new(
+                Authority::new(
+                    crate::pki::tests::pki(pki_dir.path()),
+                    1800,
+                    Default::default(),
+                    store.clone(),
+                )
+                .unwrap(),
+            ),
+            explanations: ExplanationLog::new(store.clone(), 3600),
+            store: store.clone(),
+            cluster_id: "test".into(),
+            clock: Arc::new(crate::clock::SystemClock),
+        },
         collector_url: "https://127.0.0.1:7300".into(),
     };
     let (controller, handle, _commands) = GroupController::new(config.groups[0].clone(), deps).await.unwrap();
@@ -510,13 +512,13 @@ async fn an_operator_protects_a_member_from_scale_in_and_lifts_it() {
     );
 
     // A change the store cannot keep is refused, not half made.
-    h.controller.deps.store.refuse_writes(true);
+    h.controller.deps.services.store.refuse_writes(true);
     let refused = protect(&mut h, "web-1", false).await.unwrap_err();
     assert!(
         matches!(&refused, ControlError::Unavailable(why) if why.contains("the store refuses writes")),
         "{refused}"
     );
-    h.controller.deps.store.refuse_writes(false);
+    h.controller.deps.services.store.refuse_writes(false);
     assert!(h.controller.members.iter().any(|m| m.id == "web-1" && m.protected));
 
     // The oldest member would go first; protected, it stays whatever the policy says.
@@ -626,7 +628,7 @@ async fn dry_run_decides_and_explains_but_never_calls_the_cloud() {
     h.controller.step(now).await;
     assert!(h.provider.running().is_empty());
     assert_eq!(h.handle.status().desired, 1);
-    let records = h.controller.deps.explanations.since("web", 0, 10);
+    let records = h.controller.deps.services.explanations.since("web", 0, 10);
     assert!(records.iter().all(|r| r.dry_run), "{records:?}");
     assert!(h.handle.status().last_evaluation.starts_with("dry run: "));
 }
@@ -721,7 +723,7 @@ async fn a_suspended_group_launches_nothing() {
     suspend(&mut h, Suspended::ALL, true, now).await;
     h.controller.step(now).await;
     assert!(h.provider.running().is_empty());
-    let records = h.controller.deps.explanations.since("web", 0, 1);
+    let records = h.controller.deps.services.explanations.since("web", 0, 1);
     assert_eq!(records[0].reason, "suspended");
     suspend(&mut h, Suspended::ALL, false, now).await;
     h.controller.step(now + 1000).await;
@@ -771,7 +773,7 @@ async fn a_restart_keeps_members_flags_capacity_and_the_launch_counter() {
 async fn decisions_pause_while_the_store_refuses_writes() {
     let mut h = harness().await;
     let now = now_ms();
-    h.controller.deps.store.refuse_writes(true);
+    h.controller.deps.services.store.refuse_writes(true);
     h.controller.capacity.desired = 3;
     for t in 0..3 {
         h.controller.step(now + t * 1000).await;
@@ -784,7 +786,7 @@ async fn decisions_pause_while_the_store_refuses_writes() {
             .last_evaluation
             .starts_with("paused: the store refuses writes")
     );
-    h.controller.deps.store.refuse_writes(false);
+    h.controller.deps.services.store.refuse_writes(false);
     // Resumed once the store accepts writes (after the failed launch's retry delay).
     h.controller.step(now + LAUNCH_RETRY_MS + 3000).await;
     assert_eq!(h.provider.running().len(), 3);
@@ -1094,7 +1096,7 @@ async fn scale_in_drains_before_it_terminates_and_the_agent_is_told() {
     assert_eq!(h.provider.running(), ["web-1", "web-2"]);
     // Its identity still works while it drains (its agent must hear "drain" and report back)...
     let bound = |h: &Harness| {
-        let tokens = h.controller.deps.authority.tokens.list(now);
+        let tokens = h.controller.deps.services.authority.tokens.list(now);
         tokens.iter().any(|t| t.bound_member.as_deref() == Some("web-2"))
     };
     assert!(bound(&h));
@@ -1356,7 +1358,7 @@ async fn a_failed_termination_keeps_the_member_and_its_identity() {
         .fail_next_terminate(CloudError::retryable("the cloud is busy"));
     two_in_service_then_one(&mut h, now).await;
     let bound = |h: &Harness| {
-        let tokens = h.controller.deps.authority.tokens.list(now);
+        let tokens = h.controller.deps.services.authority.tokens.list(now);
         tokens.iter().any(|t| t.bound_member.as_deref() == Some("web-2"))
     };
     assert_eq!(h.provider.running(), ["web-1", "web-2"]);
