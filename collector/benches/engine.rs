@@ -9,7 +9,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use ebb_collector::engine::{Engine, GroupInput, HealthRun, MemberInput, MemberState, Rollout};
+use ebb_collector::engine::{Engine, GroupInput, HealthRun, Means, MemberInput, MemberState, Rollout};
 
 const NOW: i64 = 1_000_000_000;
 
@@ -79,7 +79,7 @@ fn group(members: usize) -> GroupInput {
                         failures: 0,
                         last_heard: Some(NOW - 500),
                     },
-                    means: vec![vec![Some(cpu); 3], vec![Some(cpu); 5], vec![Some(cpu)]],
+                    means: Means::new(vec![vec![Some(cpu); 3], vec![Some(cpu); 5], vec![Some(cpu)]]),
                     load: Some(cpu),
                     replacing: false,
                     leaving: false,

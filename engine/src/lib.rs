@@ -77,6 +77,31 @@ pub struct Engine {
     pub billing_period_secs: u32,
 }
 
+/// One policy's evaluation periods, newest first, and the metric to average over each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyWindows {
+    pub metric: Metric,
+    pub windows: Vec<Window>,
+}
+
+/// A member's means of each policy's metric over each of that policy's periods, in the shape
+/// [`Engine::windows`] asked for them; read by policy and period with [`Means::get`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Means(Vec<Vec<Option<f64>>>);
+
+impl Means {
+    /// `per_policy[p][k]`: the mean over period `k` of the `p`-th [`PolicyWindows`] that
+    /// [`Engine::windows`] gave (`None` where the member sent no data).
+    pub fn new(per_policy: Vec<Vec<Option<f64>>>) -> Self {
+        Means(per_policy)
+    }
+
+    /// The mean of policy `policy`'s metric over its period `period` (0: the one ending now), if any.
+    pub fn get(&self, policy: usize, period: usize) -> Option<f64> {
+        self.0.get(policy)?.get(period).copied().flatten()
+    }
+}
+
 /// A half-open time range `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -121,8 +146,8 @@ pub struct MemberInput {
     /// Judged unhealthy by an earlier evaluation.
     pub unhealthy: bool,
     pub health: HealthRun,
-    /// `means[p][k]`: the member's mean of policy `p`'s metric over window `k` of [`Engine::windows`].
-    pub means: Vec<Vec<Option<f64>>>,
+    /// Its mean of each policy's metric over each of the policy's periods ([`Engine::windows`]).
+    pub means: Means,
     /// Latest CPU, for `least_loaded`.
     pub load: Option<f64>,
     /// Marked for replacement: a new member launches first, then this one goes.
@@ -348,18 +373,23 @@ impl Context<'_> {
 }
 
 impl Engine {
-    /// The windows each policy needs, newest first: its periods ending at `now`.
-    pub fn windows(&self, now: Millis) -> Vec<Vec<Window>> {
+    /// What each policy averages, in the order of [`Engine::policies`]: its metric over its periods
+    /// ending at `now`, newest first.
+    pub fn windows(&self, now: Millis) -> Vec<PolicyWindows> {
         self.policies
             .iter()
             .map(|policy| {
                 let period = Millis::from(policy.period_secs()) * 1000;
-                (0..Millis::from(policy.periods()))
+                let windows = (0..Millis::from(policy.periods()))
                     .map(|k| Window {
                         start: now - (k + 1) * period,
                         end: now - k * period,
                     })
-                    .collect()
+                    .collect();
+                PolicyWindows {
+                    metric: policy.metric(),
+                    windows,
+                }
             })
             .collect()
     }

@@ -333,7 +333,7 @@ impl StepPolicy {
             let mut present = Vec::with_capacity(context.counted.len());
             let mut missing = false;
             for member in &context.counted {
-                match member.means.get(p).and_then(|m| m.get(k).copied().flatten()) {
+                match member.means.get(p, k) {
                     Some(v) => present.push(v),
                     None if self.comparison.is_upward() => present.push(0.0),
                     None => {
@@ -342,10 +342,7 @@ impl StepPolicy {
                     }
                 }
             }
-            let any_data = context
-                .counted
-                .iter()
-                .any(|m| m.means.get(p).and_then(|m| m.get(k).copied().flatten()).is_some());
+            let any_data = context.counted.iter().any(|m| m.means.get(p, k).is_some());
             values.push((!missing && any_data).then(|| self.statistic.apply(&present)));
         }
         let Some(newest) = values[0] else {
@@ -452,7 +449,7 @@ impl StepPolicy {
 
 impl TargetPolicy {
     fn verdict(&self, p: usize, context: &Context) -> Verdict {
-        let value_of = |m: &&super::MemberInput| m.means.get(p).and_then(|m| m.first().copied().flatten());
+        let value_of = |m: &&super::MemberInput| m.means.get(p, 0);
         if let Some(loss) = &context.metric_loss {
             if context.on_metric_loss == crate::OnMetricLoss::AssumeHigh {
                 let to = context.desired + 1;

@@ -13,7 +13,7 @@
 
 use serde::Deserialize;
 
-use super::{Engine, GroupInput, HealthRun, MemberInput, MemberState, Metric, Millis, Reading, Rollout, mean};
+use super::{Engine, GroupInput, HealthRun, Means, MemberInput, MemberState, Metric, Millis, Reading, Rollout, mean};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,16 +126,15 @@ impl Snapshot {
                     }
                     SnapshotState::Draining => (MemberState::Draining, since),
                 };
-                let means = engine
-                    .policies
+                let means = windows
                     .iter()
-                    .zip(&windows)
-                    .map(|(policy, windows)| {
-                        windows
+                    .map(|policy| {
+                        policy
+                            .windows
                             .iter()
                             .map(|w| {
                                 let inside = readings.iter().filter(|r| r.at >= w.start && r.at < w.end);
-                                mean(inside, policy.metric())
+                                mean(inside, policy.metric)
                             })
                             .collect()
                     })
@@ -149,7 +148,7 @@ impl Snapshot {
                     protected: m.protected,
                     unhealthy: matches!(m.state, SnapshotState::Unhealthy),
                     health: HealthRun::of(readings.iter().filter(|r| r.at <= now)),
-                    means,
+                    means: Means::new(means),
                     load: readings.last().and_then(|r| r.value(Metric::Cpu)),
                     replacing: false,
                     leaving: false,

@@ -84,7 +84,7 @@ fn member(id: &str, cpu: Option<f64>) -> MemberInput {
             failures: 0,
             last_heard: Some(NOW - SEC),
         },
-        means: vec![vec![cpu; 15]; 4],
+        means: Means::new(vec![vec![cpu; 15]; 4]),
         load: cpu,
         replacing: false,
         leaving: false,
@@ -120,16 +120,18 @@ fn windows_are_consecutive_periods_ending_now() {
     };
     p.evaluation_periods = 3;
     let windows = engine.windows(NOW);
-    assert_eq!(windows[0].len(), 3);
+    assert_eq!(windows[0].metric, Metric::Cpu);
+    let windows = &windows[0].windows;
+    assert_eq!(windows.len(), 3);
     assert_eq!(
-        windows[0][0],
+        windows[0],
         Window {
             start: NOW - 10 * SEC,
             end: NOW
         }
     );
     assert_eq!(
-        windows[0][2],
+        windows[2],
         Window {
             start: NOW - 30 * SEC,
             end: NOW - 20 * SEC
@@ -356,10 +358,9 @@ fn m_of_n_periods() {
     p.evaluation_periods = 3;
     p.datapoints_to_alarm = 2;
     let mut m = member("a", None);
-    m.means[0] = vec![Some(90.0), Some(10.0), Some(10.0)];
+    m.means = Means::new(vec![vec![Some(90.0), Some(10.0), Some(10.0)], vec![None]]);
     assert_eq!(engine.evaluate(&group(1, vec![m.clone()])).action, Action::None);
-    m.means[0] = vec![Some(90.0), Some(10.0), Some(95.0)];
-    m.means[1] = vec![Some(50.0)];
+    m.means = Means::new(vec![vec![Some(90.0), Some(10.0), Some(95.0)], vec![Some(50.0)]]);
     assert_eq!(engine.evaluate(&group(1, vec![m])).action, Action::ScaleOut);
 }
 
@@ -983,7 +984,7 @@ proptest! {
     #[test]
     fn never_scales_in_while_a_counted_member_lacks_data(engine in arb_engine(), mut g in arb_group()) {
         for m in g.members.iter_mut().skip(1) {
-            m.means = vec![vec![None; 15]; 4];
+            m.means = Means::new(vec![vec![None; 15]; 4]);
         }
         let e = engine.evaluate(&g);
         if e.action == Action::ScaleIn && e.reason.code != ReasonCode::Limits {

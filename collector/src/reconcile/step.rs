@@ -7,7 +7,7 @@ use crate::activity::ActivityKind;
 use crate::engine::MemberState;
 use crate::engine::schedule::ScheduledAction;
 use crate::engine::{
-    Action, Change, Convergence, Evaluation, GroupInput, MemberInput, Metric, Millis, Plan, Rollout, Window,
+    Action, Change, Convergence, Evaluation, GroupInput, Means, MemberInput, Metric, Millis, Plan, Rollout, Window,
 };
 use crate::hooks::{HookResult, Transition};
 use crate::ingest::{self, LatestSample};
@@ -113,7 +113,7 @@ impl GroupController {
                     protected: m.protected,
                     unhealthy: m.unhealthy,
                     health: observed.map(|o| o.health).unwrap_or_default(),
-                    means: observed.map(|o| o.means.clone()).unwrap_or_default(),
+                    means: observed.map(|o| Means::new(o.means.clone())).unwrap_or_default(),
                     load: observed
                         .and_then(|o| o.latest.as_ref())
                         .and_then(|l| l.cpu_busy_percent),
@@ -375,10 +375,9 @@ impl GroupController {
     pub(super) async fn observe(&mut self, now: Millis) {
         let mut windows: Vec<(Metric, Vec<Window>)> = self
             .engine
-            .policies
-            .iter()
-            .map(|p| p.metric())
-            .zip(self.engine.windows(now))
+            .windows(now)
+            .into_iter()
+            .map(|policy| (policy.metric, policy.windows))
             .collect();
         windows.push((
             Metric::Cpu,
