@@ -10,47 +10,49 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use ebb_collector::engine::{Engine, GroupInput, HealthRun, Means, MemberInput, MemberState, Rollout};
+use ebb_collector::testing::GroupToml;
 
 const NOW: i64 = 1_000_000_000;
 
-/// The group's rules as an operator writes them; the collector's own defaults fill in the rest.
-const GROUP: &str = r#"
-    [[groups]]
-    name = "web"
-    min_size = 1
-    max_size = 2000
-    cooldown_secs = 60
-    scale_in_cooldown_secs = 300
-    [groups.provider]
-    type = "local"
-    [groups.load_balancer]
-    type = "builtin"
-    listen = "127.0.0.1:0"
-    [[groups.policies]]
-    name = "out"
-    metric = "cpu"
-    statistic = "p95"
-    evaluation_periods = 3
-    comparison = "gt"
-    threshold = 70.0
-    steps = [{ lower = 0.0, upper = 15.0, adjustment = 1 }, { lower = 15.0, adjustment = 3 }]
-    [[groups.policies]]
-    name = "in"
-    metric = "cpu"
-    statistic = "p95"
-    evaluation_periods = 5
-    comparison = "lt"
-    threshold = 20.0
-    adjustment = -1
-    [[groups.policies]]
-    name = "target"
-    type = "target_tracking"
-    metric = "cpu"
-    target = 50.0
+/// The group's policies as an operator writes them; the collector's own defaults fill in the rest.
+const POLICIES: &str = r#"
+[[groups.policies]]
+name = "out"
+metric = "cpu"
+statistic = "p95"
+evaluation_periods = 3
+comparison = "gt"
+threshold = 70.0
+steps = [{ lower = 0.0, upper = 15.0, adjustment = 1 }, { lower = 15.0, adjustment = 3 }]
+[[groups.policies]]
+name = "in"
+metric = "cpu"
+statistic = "p95"
+evaluation_periods = 5
+comparison = "lt"
+threshold = 20.0
+adjustment = -1
+[[groups.policies]]
+name = "target"
+type = "target_tracking"
+metric = "cpu"
+target = 50.0
 "#;
 
+/// The benchmark's group: local instances behind the built-in load balancer, with [`POLICIES`].
+fn group_toml() -> String {
+    GroupToml::local("web")
+        .set("min_size", 1)
+        .set("max_size", 2000)
+        .set("cooldown_secs", 60)
+        .set("scale_in_cooldown_secs", 300)
+        .table(POLICIES)
+        .to_toml()
+}
+
 fn engine() -> Engine {
-    let config = ebb_collector::config::parse(std::path::Path::new("bench.toml"), GROUP).expect("a valid group");
+    let config =
+        ebb_collector::config::parse(std::path::Path::new("bench.toml"), &group_toml()).expect("a valid group");
     config.groups[0].engine()
 }
 

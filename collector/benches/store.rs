@@ -21,24 +21,26 @@ use ebb_collector::providers::fake::FakeProvider;
 use ebb_collector::providers::{LaunchSpec, Provider};
 use ebb_collector::reconcile::{Dependencies, GroupController, Member, Services};
 use ebb_collector::store::{GroupRecord, Intent, IntentKind, Store};
+use ebb_collector::testing::GroupToml;
 
-const GROUP: &str = r#"
-    [[groups]]
-    name = "web"
-    min_size = 1
-    max_size = 2000
-    [groups.provider]
-    type = "local"
-    [groups.load_balancer]
-    type = "builtin"
-    listen = "127.0.0.1:0"
-    [[groups.policies]]
-    name = "cpu-high"
-    metric = "cpu"
-    comparison = "gt"
-    threshold = 70.0
-    adjustment = 1
+/// The group's policies.
+const POLICIES: &str = r#"
+[[groups.policies]]
+name = "cpu-high"
+metric = "cpu"
+comparison = "gt"
+threshold = 70.0
+adjustment = 1
 "#;
+
+/// The benchmark's group: local instances behind the built-in load balancer, with [`POLICIES`].
+fn group_toml() -> String {
+    GroupToml::local("web")
+        .set("min_size", 1)
+        .set("max_size", 2000)
+        .table(POLICIES)
+        .to_toml()
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3
@@ -158,7 +160,7 @@ async fn restart(dir: &std::path::Path, count: usize) -> Duration {
     };
     store.save_group("web", &record, &saved).unwrap();
 
-    let config = ebb_collector::config::parse(std::path::Path::new("bench.toml"), GROUP).unwrap();
+    let config = ebb_collector::config::parse(std::path::Path::new("bench.toml"), &group_toml()).unwrap();
     let metrics = Arc::new(Metrics::default());
     let pki = Pki::load_or_create(dir, &["localhost".into()], Duration::from_secs(3600)).unwrap();
     let started = Instant::now();

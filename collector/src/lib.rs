@@ -47,6 +47,7 @@ pub mod reconcile;
 pub mod reload;
 pub mod server;
 pub mod store;
+pub mod testing;
 pub mod tls;
 pub mod transport;
 pub mod userdata;
@@ -135,6 +136,18 @@ pub enum StartError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+/// An error and every error underneath it, as one line: `what: why: why`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Turns an I/O error into a [`StartError`] saying `what` was being done.

@@ -47,7 +47,7 @@ impl Reloader {
         self.groups
             .start(plan.added)
             .await
-            .map_err(|e| kept(format!("{e:#}")))?;
+            .map_err(|e| kept(crate::error_chain(&e)))?;
         self.ingest
             .configure(next.sample_retention_ms(), next.custom_metric_slots())
             .await;
@@ -159,6 +159,7 @@ pub fn guests_need_gateway(config: &CollectorConfig) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::GroupToml;
     use std::path::Path;
 
     fn parse(text: &str) -> CollectorConfig {
@@ -174,12 +175,18 @@ mod tests {
 
     /// A second group on the fake directory cloud, after the example's `web`.
     fn with_api_group(extra: &str) -> String {
-        format!(
-            "{}\n[[groups]]\nname = \"api\"\nmin_size = 0\nmax_size = 2\n{extra}\n\
-             [groups.provider]\ntype = \"fake\"\ndir = \"/tmp/cloud\"\n\
-             [groups.load_balancer]\ntype = \"builtin\"\nlisten = \"127.0.0.1:8001\"\n",
-            config::LOCAL_EXAMPLE
-        )
+        with_group(api_group().table(extra))
+    }
+
+    /// The example's configuration with `group` after its `web`.
+    fn with_group(group: GroupToml) -> String {
+        format!("{}\n{}", config::LOCAL_EXAMPLE, group.to_toml())
+    }
+
+    fn api_group() -> GroupToml {
+        GroupToml::fake("api", Path::new("/tmp/cloud"))
+            .set("max_size", 2)
+            .load_balancer("listen", "127.0.0.1:8001")
     }
 
     #[test]
@@ -232,15 +239,13 @@ mod tests {
     #[test]
     fn the_first_qemu_group_without_a_collector_url_needs_a_restart() {
         let running = parse(config::LOCAL_EXAMPLE);
-        let qemu = with_api_group("").replace(
-            "type = \"fake\"\ndir = \"/tmp/cloud\"",
-            "type = \"qemu\"\nimage = \"/t.qcow2\"\nkernel = \"/vmlinuz\"\ninitrd = \"/initrd.img\"",
-        );
-        assert!(refusal(&running, &parse(&qemu)).contains("10.0.2.2"));
-        let reachable = qemu.replace(
-            "initrd = \"/initrd.img\"",
-            "initrd = \"/initrd.img\"\ncollector_url = \"https://192.0.2.1:7300\"",
-        );
-        assert!(plan(&running, &parse(&reachable)).is_ok());
+        let qemu = api_group()
+            .provider_type("qemu")
+            .provider("image", "/t.qcow2")
+            .provider("kernel", "/vmlinuz")
+            .provider("initrd", "/initrd.img");
+        assert!(refusal(&running, &parse(&with_group(qemu.clone()))).contains("10.0.2.2"));
+        let reachable = qemu.provider("collector_url", "https://192.0.2.1:7300");
+        assert!(plan(&running, &parse(&with_group(reachable))).is_ok());
     }
 }

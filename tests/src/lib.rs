@@ -377,17 +377,9 @@ pub fn idle_collector_config(grpc: &str, admin: &str, state_dir: &Path) -> Strin
         http_listen = "127.0.0.1:{http}"
         state_dir = "{state}"
 
-        [[groups]]
-        name = "web"
-        min_size = 0
-        max_size = 3
-        [groups.provider]
-        type = "local"
-        [groups.load_balancer]
-        type = "builtin"
-        listen = "127.0.0.1:0"
-        "#,
+        {group}"#,
         http = free_port(),
-        state = state_dir.display()
+        state = state_dir.display(),
+        group = ebb_collector::testing::GroupToml::local("web").to_toml()
     )
 }

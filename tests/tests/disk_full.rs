@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use ebb_collector::testing::GroupToml;
 use ebb_tests::{Running, admin, collector_bin, free_port, running_in, serial, wait_for};
 
 /// The PIDs of `pid`'s children.
@@ -74,22 +75,14 @@ fn a_full_disk_pauses_decisions_and_they_resume_when_space_returns() {
         http_listen = "{http_address}"
         state_dir = "{}"
 
-        [[groups]]
-        name = "web"
-        min_size = 0
-        max_size = 6
-        drain_secs = 0
-        [groups.provider]
-        type = "fake"
-        dir = "{}"
-        latency_ms = 20
-        [groups.load_balancer]
-        type = "builtin"
-        listen = "127.0.0.1:0"
-        "#,
+        {}"#,
         free_port(),
         state.display(),
-        cloud.display()
+        GroupToml::fake("web", &cloud)
+            .set("max_size", 6)
+            .set("drain_secs", 0)
+            .provider("latency_ms", 20)
+            .to_toml()
     );
     let config_path = dir.path().join("collector.toml");
     std::fs::write(&config_path, config).unwrap();

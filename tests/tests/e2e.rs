@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use ebb_collector::testing::GroupToml;
 use ebb_tests::{
     Running, admin, agent_bin, collector_bin, examples_dir, free_port, processes_mentioning, running_in, serial,
     try_http_get, wait_for,
@@ -679,25 +680,17 @@ fn kill_9_during_scaling_leaves_no_extra_instance_no_orphan_and_no_lost_activity
         http_listen = "127.0.0.1:{}"
         state_dir = "{}"
 
-        [[groups]]
-        name = "web"
-        min_size = 0
-        max_size = 6
-        drain_secs = 0
-        reconcile_interval_secs = 1
-        orphan_grace_secs = 0
-        [groups.provider]
-        type = "fake"
-        dir = "{}"
-        latency_ms = 150
-        [groups.load_balancer]
-        type = "builtin"
-        listen = "127.0.0.1:0"
-        "#,
+        {}"#,
         free_port(),
         free_port(),
         state.display(),
-        cloud.display()
+        GroupToml::fake("web", &cloud)
+            .set("max_size", 6)
+            .set("drain_secs", 0)
+            .set("reconcile_interval_secs", 1)
+            .set("orphan_grace_secs", 0)
+            .provider("latency_ms", 150)
+            .to_toml()
     );
     let config_path = dir.path().join("collector.toml");
     std::fs::write(&config_path, config).unwrap();

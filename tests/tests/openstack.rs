@@ -353,23 +353,19 @@ fn the_collector_authenticates_from_os_variables() {
         http_listen = "127.0.0.1:{}"
         state_dir = "{}"
 
-        [[groups]]
-        name = "web"
-        min_size = 1
-        max_size = 1
-
-        [groups.provider]
-        type = "openstack"
-        image = "web-image"
-        flavor = "m1.small"
-
-        [groups.load_balancer]
-        type = "octavia"
-        pool_id = "pool-1"
-        "#,
+        {}"#,
         free_port(),
         free_port(),
-        dir.path().join("state").display()
+        dir.path().join("state").display(),
+        ebb_collector::testing::GroupToml::local("web")
+            .set("min_size", 1)
+            .set("max_size", 1)
+            .provider_type("openstack")
+            .provider("image", "web-image")
+            .provider("flavor", "m1.small")
+            .load_balancer_type("octavia")
+            .load_balancer("pool_id", "pool-1")
+            .to_toml()
     );
     let path = dir.path().join("collector.toml");
     std::fs::write(&path, config).unwrap();

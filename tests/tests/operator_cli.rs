@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use ebb_collector::testing::GroupToml;
 use ebb_tests::{Running, admin, collector_bin, free_port, idle_collector_config, running_in, serial, wait_for};
 
 /// A config whose `server.state_dir` is `state_dir`, with one local group that launches nothing.
@@ -89,9 +90,17 @@ fn validate_warns_when_vms_could_not_reach_the_collector() {
         std::fs::write(
             &path,
             format!(
-                "[server]\n{server}\n[[groups]]\nname = \"web\"\nmin_size = 1\nmax_size = 2\n\
-                 [groups.provider]\ntype = \"openstack\"\ncloud = \"overcloud\"\nimage = \"web\"\nflavor = \"m1.small\"\n\
-                 [groups.load_balancer]\ntype = \"octavia\"\npool_id = \"pool-1\"\n"
+                "[server]\n{server}\n{}",
+                GroupToml::local("web")
+                    .set("min_size", 1)
+                    .set("max_size", 2)
+                    .provider_type("openstack")
+                    .provider("cloud", "overcloud")
+                    .provider("image", "web")
+                    .provider("flavor", "m1.small")
+                    .load_balancer_type("octavia")
+                    .load_balancer("pool_id", "pool-1")
+                    .to_toml()
             ),
         )
         .unwrap();
@@ -199,12 +208,11 @@ fn a_group_added_to_the_packaged_config_starts_at_reload() {
     assert!(text.contains("no groups: add a [[groups]] table"), "{text}");
 
     let with_group = |listen: &str| {
-        format!(
-            "{packaged}\n[[groups]]\nname = \"api\"\nmin_size = 1\nmax_size = 2\n\
-             [groups.provider]\ntype = \"fake\"\ndir = \"{}\"\n\
-             [groups.load_balancer]\ntype = \"builtin\"\nlisten = \"{listen}\"\n",
-            cloud.display()
-        )
+        let group = GroupToml::fake("api", &cloud)
+            .set("min_size", 1)
+            .set("max_size", 2)
+            .load_balancer("listen", listen);
+        format!("{packaged}\n{}", group.to_toml())
     };
     // A group that cannot start (its load balancer's port is taken) is refused, and nothing starts.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

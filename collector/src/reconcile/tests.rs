@@ -8,33 +8,22 @@ use crate::lb::fake::FakeLoadBalancer;
 use crate::providers::fake::FakeProvider;
 use crate::providers::{CloudError, LaunchSpec};
 use crate::store::{Intent, IntentKind};
+use crate::testing::GroupToml;
 use ebb_proto::v1::AgentSettings;
 use ebb_proto::v1::health_check::Status as HealthStatus;
 use ebb_proto::v1::{HealthCheck, Hello, Sample};
 use tokio::sync::oneshot;
 
-const GROUP: &str = r#"
-    [[groups]]
-    name = "web"
-    min_size = 1
-    max_size = 3
-    cooldown_secs = 0
-    warmup_secs = 0
-    drain_secs = 0
-    member_port = 8080
-    [groups.provider]
-    type = "local"
-    [groups.load_balancer]
-    type = "builtin"
-    listen = "127.0.0.1:0"
-    [[groups.policies]]
-    name = "cpu-low"
-    metric = "cpu"
-    period_secs = 10
-    comparison = "lt"
-    threshold = 20.0
-    adjustment = -1
-"#;
+/// The test group: one to three local members, no cooldowns, warm-up or drain, a CPU scale-in policy.
+fn group() -> GroupToml {
+    GroupToml::local("web")
+        .set("min_size", 1)
+        .set("cooldown_secs", 0)
+        .set("warmup_secs", 0)
+        .set("drain_secs", 0)
+        .set("member_port", 8080)
+        .cpu_policy("cpu-low", "lt", 20.0, -1)
+}
 
 struct Harness {
     controller: GroupController,
@@ -51,19 +40,19 @@ async fn harness() -> Harness {
 }
 
 /// A harness for the test group with its TOML changed by `edit`.
-async fn harness_with(edit: impl FnOnce(String) -> String) -> Harness {
+async fn harness_with(edit: impl FnOnce(GroupToml) -> GroupToml) -> Harness {
     let store = Arc::new(Store::in_memory());
     harness_on(edit, store, FakeProvider::default(), FakeLoadBalancer::default()).await
 }
 
 /// A harness whose state lives in `store`, with these cloud fakes (a restart keeps all three).
 async fn harness_on(
-    edit: impl FnOnce(String) -> String,
+    edit: impl FnOnce(GroupToml) -> GroupToml,
     store: Arc<Store>,
     provider: FakeProvider,
     lb: FakeLoadBalancer,
 ) -> Harness {
-    let config = crate::config::parse(std::path::Path::new("test.toml"), &edit(GROUP.to_string())).unwrap();
+    let config = crate::config::parse(std::path::Path::new("test.toml"), &edit(group()).to_toml()).unwrap();
     let metrics = Arc::new(Metrics::default());
     let ingest = IngestHandle::spawn(metrics.clone(), 600_000, Vec::new());
     let activities = ActivityLog::new(metrics.clone(), store.clone(), 42);
@@ -237,11 +226,7 @@ async fn a_failed_launch_is_recorded_and_retried_later_not_every_second() {
 
 #[tokio::test(start_paused = true)]
 async fn a_scale_out_of_ten_sends_all_ten_launch_calls_at_once() {
-    let mut h = harness_with(|g| {
-        g.replace("min_size = 1", "min_size = 0")
-            .replace("max_size = 3", "max_size = 20")
-    })
-    .await;
+    let mut h = harness_with(|g| g.set("min_size", 0).set("max_size", 20)).await;
     h.controller.step(now_ms()).await;
     assert!(h.provider.running().is_empty());
     h.provider.set_latency(Duration::from_secs(2));
@@ -270,7 +255,7 @@ async fn a_scale_out_of_ten_sends_all_ten_launch_calls_at_once() {
 
 #[tokio::test]
 async fn a_failed_launch_among_several_is_recorded_and_the_others_join() {
-    let mut h = harness_with(|g| g.replace("max_size = 3", "max_size = 20")).await;
+    let mut h = harness_with(|g| g.set("max_size", 20)).await;
     h.controller.step(now_ms()).await;
     h.provider
         .fail_next_launch(CloudError::permanent("quota exceeded: 3 instances"));
@@ -575,8 +560,8 @@ async fn report_span(h: &mut Harness, members: &[(&str, bool)], from: Millis, to
 #[tokio::test]
 async fn an_unhealthy_member_is_replaced_new_one_first() {
     let mut h = harness_with(|g| {
-        g.replace("min_size = 1", "min_size = 2")
-            + "[groups.health_check]\ngrace_period_secs = 0\nunhealthy_threshold = 3\n"
+        g.set("min_size", 2)
+            .table("[groups.health_check]\ngrace_period_secs = 0\nunhealthy_threshold = 3\n")
     })
     .await;
     let now = now_ms();
@@ -623,7 +608,7 @@ async fn an_unhealthy_member_is_replaced_new_one_first() {
 
 #[tokio::test]
 async fn dry_run_decides_and_explains_but_never_calls_the_cloud() {
-    let mut h = harness_with(|g| g.replace("cooldown_secs = 0", "cooldown_secs = 0\ndry_run = true")).await;
+    let mut h = harness_with(|g| g.set("dry_run", true)).await;
     let now = now_ms();
     h.controller.step(now).await;
     assert!(h.provider.running().is_empty());
@@ -636,8 +621,8 @@ async fn dry_run_decides_and_explains_but_never_calls_the_cloud() {
 #[tokio::test]
 async fn in_dry_run_an_unhealthy_member_is_judged_once_and_the_load_balancer_left_alone() {
     let mut h = harness_with(|g| {
-        g.replace("cooldown_secs = 0", "cooldown_secs = 0\ndry_run = true")
-            + "[groups.health_check]\ngrace_period_secs = 0\n"
+        g.set("dry_run", true)
+            .table("[groups.health_check]\ngrace_period_secs = 0\n")
     })
     .await;
     // A hand-made member, healthy, then failing.
@@ -659,11 +644,7 @@ async fn in_dry_run_an_unhealthy_member_is_judged_once_and_the_load_balancer_lef
 
 #[tokio::test]
 async fn max_surge_bounds_launches_in_flight() {
-    let mut h = harness_with(|g| {
-        g.replace("max_size = 3", "max_size = 10")
-            .replace("cooldown_secs = 0", "cooldown_secs = 0\nmax_surge = 2")
-    })
-    .await;
+    let mut h = harness_with(|g| g.set("max_size", 10).set("max_surge", 2)).await;
     let now = now_ms();
     h.controller.capacity.desired = 5;
     h.controller.step(now).await;
@@ -679,11 +660,7 @@ async fn max_surge_bounds_launches_in_flight() {
 /// ebb does the same, one launch at a time, until min_size.
 #[tokio::test]
 async fn below_min_one_launch_at_a_time_with_max_surge_one() {
-    let mut h = harness_with(|g| {
-        g.replace("min_size = 1", "min_size = 2")
-            .replace("cooldown_secs = 0", "cooldown_secs = 0\nmax_surge = 1")
-    })
-    .await;
+    let mut h = harness_with(|g| g.set("min_size", 2).set("max_surge", 1)).await;
     let now = now_ms();
     h.controller.capacity.desired = 2;
     h.controller.step(now).await;
@@ -699,8 +676,8 @@ async fn below_min_one_launch_at_a_time_with_max_surge_one() {
 #[tokio::test]
 async fn a_scheduled_action_sets_the_limits_and_desired() {
     let mut h = harness_with(|g| {
-        g.replace("max_size = 3", "max_size = 10")
-            + "[[groups.schedules]]\nname = \"every-minute\"\ncron = \"* * * * *\"\ntime_zone = \"Asia/Tokyo\"\nmin_size = 3\n"
+        g.set("max_size", 10)
+            .table("[[groups.schedules]]\nname = \"every-minute\"\ncron = \"* * * * *\"\ntime_zone = \"Asia/Tokyo\"\nmin_size = 3\n")
     }).await;
     let minute = 60_000;
     let start = (now_ms() / minute) * minute + 100;
@@ -734,7 +711,7 @@ async fn a_suspended_group_launches_nothing() {
 async fn a_restart_keeps_members_flags_capacity_and_the_launch_counter() {
     let store = Arc::new(Store::in_memory());
     let (provider, lb) = (FakeProvider::default(), FakeLoadBalancer::default());
-    let four = |g: String| g.replace("max_size = 3", "max_size = 4");
+    let four = |g: GroupToml| g.set("max_size", 4);
     let mut h = harness_on(four, store.clone(), provider.clone(), lb.clone()).await;
     let now = now_ms();
     h.controller.capacity.desired = 2;
@@ -997,12 +974,7 @@ async fn orphans_are_reported_then_terminated_after_their_grace() {
         user_data: Vec::new(),
     };
     provider.launch(&spec).await.unwrap();
-    let edit = |g: String| {
-        g.replace(
-            "cooldown_secs = 0",
-            "cooldown_secs = 0\norphan_grace_secs = 30\nreconcile_interval_secs = 10",
-        )
-    };
+    let edit = |g: GroupToml| g.set("orphan_grace_secs", 30).set("reconcile_interval_secs", 10);
     let mut h = harness_on(edit, store, provider.clone(), FakeLoadBalancer::default()).await;
     h.controller.step(now).await;
     assert!(h.kinds().contains(&"orphan web-77".to_string()), "{:?}", h.kinds());
@@ -1030,12 +1002,7 @@ async fn orphans_are_only_reported_when_so_configured() {
     let (store, provider) = (Arc::new(Store::in_memory()), FakeProvider::default());
     interrupted_launch(&store, &provider, "stray-1", 0).await;
     store.finish_intent("stray-1-0", 1, "test").unwrap();
-    let edit = |g: String| {
-        g.replace(
-            "cooldown_secs = 0",
-            "cooldown_secs = 0\norphan_grace_secs = 0\nterminate_orphans = false",
-        )
-    };
+    let edit = |g: GroupToml| g.set("orphan_grace_secs", 0).set("terminate_orphans", false);
     let mut h = harness_on(edit, store, provider.clone(), FakeLoadBalancer::default()).await;
     h.controller.step(now_ms()).await;
     assert!(provider.running().contains(&"stray-1".to_string()));
@@ -1044,7 +1011,7 @@ async fn orphans_are_only_reported_when_so_configured() {
 
 #[tokio::test]
 async fn a_load_balancer_membership_removed_by_hand_is_restored() {
-    let edit = |g: String| g.replace("cooldown_secs = 0", "cooldown_secs = 0\nreconcile_interval_secs = 10");
+    let edit = |g: GroupToml| g.set("reconcile_interval_secs", 10);
     let mut h = harness_with(edit).await;
     let now = now_ms();
     h.controller.step(now).await;
@@ -1082,7 +1049,7 @@ async fn two_in_service_then_one(h: &mut Harness, now: Millis) {
 
 #[tokio::test]
 async fn scale_in_drains_before_it_terminates_and_the_agent_is_told() {
-    let mut h = harness_with(|g| g.replace("drain_secs = 0", "drain_secs = 30")).await;
+    let mut h = harness_with(|g| g.set("drain_secs", 30)).await;
     let now = now_ms();
     two_in_service_then_one(&mut h, now).await;
     // Out of the load balancer at once, still running.
@@ -1113,7 +1080,7 @@ async fn scale_in_drains_before_it_terminates_and_the_agent_is_told() {
 
 #[tokio::test]
 async fn a_drained_agent_lets_its_member_go_before_the_deadline() {
-    let mut h = harness_with(|g| g.replace("drain_secs = 0", "drain_secs = 300")).await;
+    let mut h = harness_with(|g| g.set("drain_secs", 300)).await;
     let now = now_ms();
     two_in_service_then_one(&mut h, now).await;
     h.report_sample("web-2", now + 2000, 1.0, true, true).await;
@@ -1125,11 +1092,7 @@ async fn a_drained_agent_lets_its_member_go_before_the_deadline() {
 
 #[tokio::test]
 async fn a_pending_member_scaled_in_goes_at_once_without_the_drain_or_deregistration_delay() {
-    let mut h = harness_with(|g| {
-        g.replace("drain_secs = 0", "drain_secs = 300")
-            .replace("min_size = 1", "min_size = 0")
-    })
-    .await;
+    let mut h = harness_with(|g| g.set("drain_secs", 300).set("min_size", 0)).await;
     h.lb.set_deregistration_delay_secs(300);
     let now = now_ms();
     h.controller.capacity.desired = 1;
@@ -1224,7 +1187,7 @@ async fn after_a_restart_members_get_time_to_reconnect_before_they_are_judged() 
         ..GroupRecord::default()
     };
     store.save_group("web", &record, &saved).unwrap();
-    let edit = |g: String| g + "[groups.health_check]\ngrace_period_secs = 0\nsilent_secs = 30\n";
+    let edit = |g: GroupToml| g.table("[groups.health_check]\ngrace_period_secs = 0\nsilent_secs = 30\n");
     let mut h = harness_on(edit, store, provider.clone(), FakeLoadBalancer::default()).await;
     // web-1's agent is back at once; web-2's takes 20 s, within silent_secs of the restart.
     report_span(&mut h, &[("web-1", true)], now, now + 20_000).await;
@@ -1254,10 +1217,10 @@ async fn a_launching_hook_holds_the_member_out_of_the_load_balancer_until_it_con
     let dir = tempfile::tempdir().unwrap();
     let gate = dir.path().join("gate");
     let script = format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display());
-    let edit = move |g: String| {
-        g + &format!(
+    let edit = move |g: GroupToml| {
+        g.table(&format!(
             "[[groups.lifecycle_hooks]]\nname = \"warm-cache\"\ntransition = \"launching\"\ncommand = [\"sh\", \"-c\", \"{script}\"]\ntimeout_secs = 60\n"
-        )
+        ))
     };
     let mut h = harness_with(edit).await;
     let now = now_ms();
@@ -1275,8 +1238,8 @@ async fn a_launching_hook_holds_the_member_out_of_the_load_balancer_until_it_con
 
 #[tokio::test]
 async fn an_abandoning_launching_hook_terminates_the_member() {
-    let edit = |g: String| {
-        g + "[[groups.lifecycle_hooks]]\nname = \"check\"\ntransition = \"launching\"\ncommand = [\"false\"]\n"
+    let edit = |g: GroupToml| {
+        g.table("[[groups.lifecycle_hooks]]\nname = \"check\"\ntransition = \"launching\"\ncommand = [\"false\"]\n")
     };
     let mut h = harness_with(edit).await;
     let now = now_ms();
@@ -1297,10 +1260,10 @@ async fn a_terminating_hook_runs_before_the_member_is_terminated() {
     let dir = tempfile::tempdir().unwrap();
     let flushed = dir.path().join("flushed");
     let script = format!("sleep 0.2; echo {{member_id}} > {}", flushed.display());
-    let edit = move |g: String| {
-        g + &format!(
+    let edit = move |g: GroupToml| {
+        g.table(&format!(
             "[[groups.lifecycle_hooks]]\nname = \"flush-logs\"\ntransition = \"terminating\"\ncommand = [\"sh\", \"-c\", \"{script}\"]\n"
-        )
+        ))
     };
     let mut h = harness_with(edit).await;
     let now = now_ms();
@@ -1393,9 +1356,11 @@ fn a_failure_repeated_every_step_is_said_once_then_once_a_minute() {
 /// the members after it: the evaluation of that same step sees each member's own CPU and health.
 #[tokio::test]
 async fn a_member_abandoned_mid_step_does_not_lend_its_figures_to_the_next() {
-    let edit = |g: String| {
-        g + "[[groups.lifecycle_hooks]]\nname = \"only-web-2\"\ntransition = \"launching\"\n\
-             command = [\"sh\", \"-c\", \"test {member_id} = web-2\"]\n"
+    let edit = |g: GroupToml| {
+        g.table(
+            "[[groups.lifecycle_hooks]]\nname = \"only-web-2\"\ntransition = \"launching\"\n\
+             command = [\"sh\", \"-c\", \"test {member_id} = web-2\"]\n",
+        )
     };
     let mut h = harness_with(edit).await;
     let now = now_ms();

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ebb_agent::identity::{self, Identity};
 use ebb_collector::Collector;
+use ebb_collector::testing::GroupToml;
 use ebb_proto::v1::telemetry_client::TelemetryClient;
 use ebb_proto::v1::{Hello, ReportRequest, Sample, SampleBatch, report_request};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,11 +35,10 @@ pub fn config(state_dir: &Path, extra_server: &str) -> ebb_collector::config::Co
     let groups: String = ["web", "db"]
         .iter()
         .map(|name| {
-            format!(
-                "[[groups]]\nname = \"{name}\"\nmin_size = 0\nmax_size = 5\n\
-                 [groups.provider]\ntype = \"local\"\nagent_path = \"/bin/true\"\n\
-                 [groups.load_balancer]\ntype = \"builtin\"\nlisten = \"127.0.0.1:0\"\n"
-            )
+            GroupToml::local(name)
+                .set("max_size", 5)
+                .provider("agent_path", "/bin/true")
+                .to_toml()
         })
         .collect();
     let text = text + &groups;
