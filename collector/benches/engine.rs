@@ -109,7 +109,7 @@ fn main() {
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
-        black_box(engine.evaluate(black_box(&big)));
+        black_box(engine.plan(black_box(&big)));
         times.push(started.elapsed());
     }
     times.sort();
@@ -120,7 +120,7 @@ fn main() {
     println!("| measure | median | p99 | goal |");
     println!("|---|---|---|---|");
     println!(
-        "| one evaluation, 1,000 members, 3 policies ({runs} runs) | {evaluation_median_ms:.3} ms | {evaluation_p99_ms:.3} ms | ≤ 1 ms |"
+        "| one evaluation and its plan, 1,000 members, 3 policies ({runs} runs) | {evaluation_median_ms:.3} ms | {evaluation_p99_ms:.3} ms | ≤ 1 ms |"
     );
     // For `cargo xtask bench engine`, which keeps them in target/bench/engine.json.
     println!("figure evaluation_median_ms {evaluation_median_ms}");
@@ -132,7 +132,7 @@ fn main() {
     for _ in 0..rounds {
         let started = Instant::now();
         for g in &groups {
-            black_box(engine.evaluate(black_box(g)));
+            black_box(engine.plan(black_box(g)));
         }
         round_times.push(started.elapsed());
     }

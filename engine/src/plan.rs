@@ -60,27 +60,43 @@ pub struct Plan {
     pub convergence: Convergence,
 }
 
+/// A member as the plan sees it: its input, with what this step's judgements make of it.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    member: &'a MemberInput,
+    unhealthy: bool,
+    replacing: bool,
+}
+
 impl Engine {
     /// Evaluates, then carries the outcome through: the health judgements and the new desired capacity
     /// applied to the members, and what reaching that capacity takes ([`Engine::converge`]).
     pub fn plan(&self, input: &GroupInput) -> Plan {
         let evaluation = self.evaluate(input);
-        let mut after = input.clone();
-        after.desired = evaluation.desired;
-        for member in &mut after.members {
-            if let Some(change) = evaluation.health.iter().find(|c| c.member == member.id) {
-                member.unhealthy = change.unhealthy;
-                // Healthy again and serving: its replacement is no longer needed.
-                if !change.unhealthy && member.state == MemberState::InService {
-                    member.replacing = false;
+        let views = input
+            .members
+            .iter()
+            .map(|member| {
+                let (mut unhealthy, mut replacing) = (member.unhealthy, member.replacing);
+                if let Some(change) = evaluation.health.iter().find(|c| c.member == member.id) {
+                    unhealthy = change.unhealthy;
+                    // Healthy again and serving: its replacement is no longer needed.
+                    if !change.unhealthy && member.state == MemberState::InService {
+                        replacing = false;
+                    }
                 }
-            }
-            if input.rollout.replace_unhealthy && evaluation.replace.contains(&member.id) {
-                member.replacing = true;
-            }
-        }
+                if input.rollout.replace_unhealthy && evaluation.replace.contains(&member.id) {
+                    replacing = true;
+                }
+                View {
+                    member,
+                    unhealthy,
+                    replacing,
+                }
+            })
+            .collect();
         Plan {
-            convergence: self.converge(&after),
+            convergence: self.converge_views(input, evaluation.desired, views),
             evaluation,
         }
     }
@@ -89,32 +105,48 @@ impl Engine {
     /// to desired (not counting members being replaced or leaving) with at most `max_surge` in flight,
     /// replaced members retired once enough healthy members serve, and the victims of a scale-in.
     pub fn converge(&self, input: &GroupInput) -> Convergence {
+        let views = input
+            .members
+            .iter()
+            .map(|member| View {
+                member,
+                unhealthy: member.unhealthy,
+                replacing: member.replacing,
+            })
+            .collect();
+        self.converge_views(input, input.desired, views)
+    }
+
+    fn converge_views(&self, input: &GroupInput, desired: u32, mut members: Vec<View<'_>>) -> Convergence {
         let rollout = input.rollout;
-        let mut members: Vec<MemberInput> = input.members.clone();
         let mut convergence = Convergence::default();
         if let Some(percent) = rollout.refresh {
             let outdated: Vec<usize> = (0..members.len())
-                .filter(|&i| members[i].outdated && !members[i].replacing && !members[i].leaving)
+                .filter(|&i| members[i].member.outdated && !members[i].replacing && !members[i].member.leaving)
                 .collect();
             let in_flight = members.iter().filter(|m| m.replacing).count();
             if outdated.is_empty() && in_flight == 0 {
                 convergence.refresh_finished = true;
             }
-            let batch = ((input.desired * (100 - percent.min(100))) / 100).max(1) as usize;
+            let batch = ((desired * (100 - percent.min(100))) / 100).max(1) as usize;
             for index in outdated.into_iter().take(batch.saturating_sub(in_flight)) {
                 members[index].replacing = true;
-                convergence.refreshed.push(members[index].id.clone());
+                convergence.refreshed.push(members[index].member.id.clone());
             }
         }
-        convergence.replacing = members.iter().filter(|m| m.replacing).map(|m| m.id.clone()).collect();
-        let live = members.iter().filter(|m| !m.replacing && !m.leaving).count() as u32;
+        convergence.replacing = members
+            .iter()
+            .filter(|m| m.replacing)
+            .map(|m| m.member.id.clone())
+            .collect();
+        let is_live = |m: &View| !m.replacing && !m.member.leaving;
+        let live = members.iter().filter(|m| is_live(m)).count() as u32;
         if rollout.launch {
             let in_flight = members
                 .iter()
-                .filter(|m| m.state == MemberState::Pending && !m.replacing)
+                .filter(|m| m.member.state == MemberState::Pending && !m.replacing)
                 .count() as u32;
-            convergence.launch = input
-                .desired
+            convergence.launch = desired
                 .saturating_sub(live)
                 .min(rollout.max_surge.saturating_sub(in_flight));
         }
@@ -123,19 +155,19 @@ impl Engine {
         }
         let serving = members
             .iter()
-            .filter(|m| m.state == MemberState::InService && !m.unhealthy && !m.replacing)
+            .filter(|m| m.member.state == MemberState::InService && !m.unhealthy && !m.replacing)
             .count() as u32;
-        if serving >= input.desired {
+        if serving >= desired {
             convergence.retire = members
                 .iter()
-                .filter(|m| m.replacing && !m.leaving)
-                .map(|m| m.id.clone())
+                .filter(|m| m.replacing && !m.member.leaving)
+                .map(|m| m.member.id.clone())
                 .collect();
         }
-        let excess = live.saturating_sub(input.desired) as usize;
+        let excess = live.saturating_sub(desired) as usize;
         if excess > 0 {
-            let candidates: Vec<MemberInput> = members.into_iter().filter(|m| !m.replacing && !m.leaving).collect();
-            convergence.victims = self.victims(&candidates, excess, input.now);
+            let candidates: Vec<&MemberInput> = members.iter().filter(|m| is_live(m)).map(|m| m.member).collect();
+            convergence.victims = self.choose_victims(candidates, excess, input.now);
             convergence.only_protected_left = convergence.victims.len() < excess;
         }
         convergence
@@ -144,10 +176,14 @@ impl Engine {
     /// The members a scale-in removes, in order: those still launching first (cancelled), then by the
     /// group's termination policy; protected members never. `count` at most.
     pub fn victims(&self, members: &[MemberInput], count: usize, now: Millis) -> Vec<String> {
+        self.choose_victims(members.iter().collect(), count, now)
+    }
+
+    fn choose_victims(&self, members: Vec<&MemberInput>, count: usize, now: Millis) -> Vec<String> {
         let billing = Millis::from(self.billing_period_secs.max(1)) * 1000;
         // Members are in launch order, so a tie in launch time goes by position.
         let mut candidates: Vec<(usize, &MemberInput)> =
-            members.iter().enumerate().filter(|(_, m)| !m.protected).collect();
+            members.into_iter().enumerate().filter(|(_, m)| !m.protected).collect();
         candidates.sort_by(|(i, a), (j, b)| {
             let pending = |m: &MemberInput| m.state != MemberState::Pending;
             pending(a)
