@@ -33,6 +33,35 @@ pub fn client(extra_ca: Option<&Path>) -> Result<reqwest::Client, String> {
         .map_err(|e| format!("cannot set up the HTTP client: {e}"))
 }
 
+/// The most of a cloud API's answer ebb reads: far above any real answer (a CloudStack listing of thousands of
+/// VMs is a few MB), low enough that a broken or hostile endpoint cannot make the collector run out of memory.
+pub const MAX_ANSWER_BYTES: usize = 32 << 20;
+
+/// Why an answer's body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Transport(#[from] reqwest::Error),
+    #[error("the answer is larger than {} KiB; ebb stops reading there", .0 / 1024)]
+    TooLarge(usize),
+}
+
+/// `response`'s body as text (invalid UTF-8 replaced), at most `limit` bytes: past it, an error, having
+/// buffered no more than `limit` and one chunk.
+pub async fn text_capped(mut response: reqwest::Response, limit: usize) -> Result<String, BodyError> {
+    if response.content_length().is_some_and(|length| length > limit as u64) {
+        return Err(BodyError::TooLarge(limit));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 /// `value` percent-encoded for a query string or form: RFC 3986's unreserved characters stay, every other
 /// byte of the UTF-8 is `%XX`.
 pub fn encode(value: &str) -> String {
@@ -67,6 +96,61 @@ pub fn host_of(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves one answer of `body_bytes` bytes on loopback, chunked (no length announced) or with its length.
+    async fn serve_once(body_bytes: usize, chunked: bool) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            let head = if chunked {
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_string()
+            } else {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {body_bytes}\r\n\r\n")
+            };
+            let _ = socket.write_all(head.as_bytes()).await;
+            let mut left = body_bytes;
+            while left > 0 {
+                let n = left.min(4096);
+                let piece = "x".repeat(n);
+                let data = if chunked {
+                    format!("{n:x}\r\n{piece}\r\n")
+                } else {
+                    piece
+                };
+                if socket.write_all(data.as_bytes()).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            if chunked {
+                let _ = socket.write_all(b"0\r\n\r\n").await;
+            }
+        });
+        format!("http://{address}/")
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_the_cap_is_refused_whether_announced_or_not() {
+        let client = super::client(None).unwrap();
+        for chunked in [true, false] {
+            let url = serve_once(10_000, chunked).await;
+            let response = client.get(&url).send().await.unwrap();
+            assert_eq!(super::text_capped(response, 20_000).await.unwrap().len(), 10_000);
+            let url = serve_once(100_000, chunked).await;
+            let response = client.get(&url).send().await.unwrap();
+            let error = super::text_capped(response, 20_000).await.unwrap_err();
+            assert!(matches!(error, super::BodyError::TooLarge(20_000)), "{error}");
+            assert_eq!(
+                error.to_string(),
+                "the answer is larger than 19 KiB; ebb stops reading there"
+            );
+        }
+    }
+
     #[test]
     fn host_of_names_host_and_port_only() {
         assert_eq!(

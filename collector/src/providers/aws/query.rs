@@ -220,10 +220,12 @@ impl Query {
             .await
             .map_err(|e| error("Transport", transport(&service.endpoint, e)))?;
         let status = response.status().as_u16();
-        let text = response
-            .text()
+        let text = crate::http::text_capped(response, crate::http::MAX_ANSWER_BYTES)
             .await
-            .map_err(|e| error("Transport", transport(&service.endpoint, e)))?;
+            .map_err(|e| match e {
+                crate::http::BodyError::Transport(e) => error("Transport", transport(&service.endpoint, e)),
+                too_large => error(&format!("Http{status}"), too_large.to_string()),
+            })?;
         if (200..300).contains(&status) {
             return Ok(text);
         }

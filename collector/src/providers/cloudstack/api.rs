@@ -218,10 +218,12 @@ impl Api {
             .await
             .map_err(|e| error(0, transport_error(&self.credentials.endpoint, &e)))?;
         let status = response.status().as_u16();
-        let body = response
-            .text()
+        let body = crate::http::text_capped(response, crate::http::MAX_ANSWER_BYTES)
             .await
-            .map_err(|e| error(0, transport_error(&self.credentials.endpoint, &e)))?;
+            .map_err(|e| match e {
+                crate::http::BodyError::Transport(e) => error(0, transport_error(&self.credentials.endpoint, &e)),
+                too_large => error(status, too_large.to_string()),
+            })?;
         answer_of(command, status, &body)
     }
 

@@ -210,7 +210,10 @@ impl Keystone {
             .get("x-subject-token")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let text = crate::http::text_capped(response, crate::http::MAX_ANSWER_BYTES)
+            .await
+            .unwrap_or_default();
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         match (status, value) {
             (201, Some(value)) => {
                 let expires_at = body["token"]["expires_at"]
@@ -320,7 +323,9 @@ impl Keystone {
                 renew = true;
                 continue;
             }
-            let text = response.text().await.unwrap_or_default();
+            let text = crate::http::text_capped(response, crate::http::MAX_ANSWER_BYTES)
+                .await
+                .unwrap_or_default();
             let body = serde_json::from_str(&text).unwrap_or(Value::Null);
             return Ok((status, body));
         }
