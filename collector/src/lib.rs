@@ -138,6 +138,17 @@ pub enum StartError {
     },
 }
 
+/// A TCP listener on `address` (the setting `key`), and the address it got (the port, when 0 was asked).
+async fn listen(key: &str, address: std::net::SocketAddr) -> Result<(TcpListener, std::net::SocketAddr), StartError> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(io_error(format!("cannot listen on {key} {address}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(io_error(format!("cannot read {key}'s address")))?;
+    Ok((listener, bound))
+}
+
 /// An error and every error underneath it, as one line: `what: why: why`.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -184,39 +195,17 @@ impl Collector {
         )?);
         let tls = tls::server_config(authority.pki.server_chain_pem(), authority.pki.server_key_pem())?;
 
-        let grpc = TcpListener::bind(config.server.grpc_listen)
-            .await
-            .map_err(io_error(format!(
-                "cannot listen on server.grpc_listen {}",
-                config.server.grpc_listen
-            )))?;
-        let grpc_address = grpc
-            .local_addr()
-            .map_err(io_error("cannot read server.grpc_listen's address"))?;
-        let http = TcpListener::bind(config.server.http_listen)
-            .await
-            .map_err(io_error(format!(
-                "cannot listen on server.http_listen {}",
-                config.server.http_listen
-            )))?;
-        let http_address = http
-            .local_addr()
-            .map_err(io_error("cannot read server.http_listen's address"))?;
+        let (grpc, grpc_address) = listen("server.grpc_listen", config.server.grpc_listen).await?;
+        let (http, http_address) = listen("server.http_listen", config.server.http_listen).await?;
         let admin_socket = config.server.admin_socket();
         let admin_unix = bind_admin_socket(&admin_socket)?;
-        let admin_tcp = match config.server.admin_listen {
-            Some(address) => Some(
-                TcpListener::bind(address)
-                    .await
-                    .map_err(io_error(format!("cannot listen on server.admin_listen {address}")))?,
-            ),
-            None => None,
+        let (admin_tcp, admin_address) = match config.server.admin_listen {
+            Some(address) => {
+                let (listener, bound) = listen("server.admin_listen", address).await?;
+                (Some(listener), Some(bound))
+            }
+            None => (None, None),
         };
-        let admin_address = admin_tcp
-            .as_ref()
-            .map(|l| l.local_addr())
-            .transpose()
-            .map_err(io_error("cannot read server.admin_listen's address"))?;
         let collector_url = config.server.collector_url(grpc_address);
 
         let (stop, stop_rx) = watch::channel(false);

@@ -93,14 +93,18 @@ impl ClientCertVerifier for CertificateOptional {
     }
 }
 
+/// A certificate, key or TLS setting that cannot make the server's configuration.
+fn tls(error: impl std::error::Error + Send + Sync + 'static) -> StartError {
+    StartError::Tls(Box::new(error))
+}
+
 /// The rustls configuration for `chain_pem` (leaf first) and `key_pem`, speaking HTTP/2.
 pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, StartError> {
-    let tls = |e| StartError::Tls(Box::new(e));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StartError::Tls(Box::new(e)))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| StartError::Tls(Box::new(e)))?;
+        .map_err(tls)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(tls)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(tls)?
