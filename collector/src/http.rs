@@ -151,6 +151,39 @@ mod tests {
         }
     }
 
+    /// A peer that announces a body and then trickles it is cut off by the client's request timeout, which
+    /// covers the body as well as the head: reading an answer is bounded in time, not only in size.
+    #[tokio::test]
+    async fn a_trickling_answer_ends_at_the_request_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                .await;
+            for _ in 0..1000 {
+                if socket.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        });
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let response = client.get(format!("http://{address}/")).send().await.unwrap();
+        let error = super::text_capped(response, 20_000).await.unwrap_err();
+        // Without the timeout the whole body would arrive (in 50 s) and the read succeed.
+        assert!(
+            matches!(&error, super::BodyError::Transport(e) if e.is_timeout()),
+            "{error:?}"
+        );
+    }
+
     #[test]
     fn host_of_names_host_and_port_only() {
         assert_eq!(
