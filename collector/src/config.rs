@@ -235,7 +235,9 @@ impl GroupConfig {
                 c.user_data_format,
                 SizeLimit::NOCLOUD_SEED,
             )),
-            ProviderConfig::Local(_) | ProviderConfig::Fake(_) => None,
+            ProviderConfig::Local(_) => None,
+            #[cfg(feature = "fake-cloud")]
+            ProviderConfig::Fake(_) => None,
         }
     }
 
@@ -599,7 +601,9 @@ pub struct ScheduleConfig {
 pub enum ProviderConfig {
     /// Instances are local process groups; see `providers::local`.
     Local(LocalProviderConfig),
-    /// A fake cloud in a directory, for fault tests and benchmarks; see `providers::fake::dir`.
+    /// A fake cloud in a directory, for fault tests and benchmarks; see `providers::fake::dir`. Only in
+    /// builds with the `fake-cloud` feature.
+    #[cfg(feature = "fake-cloud")]
     Fake(crate::providers::fake::dir::DirCloudConfig),
     /// CloudStack (IDCF Cloud and others); see `providers::cloudstack`.
     Cloudstack(crate::providers::cloudstack::CloudStackConfig),
@@ -1090,6 +1094,7 @@ impl CollectorConfig {
                 problems.push(format!("{at}.load_balancer.rule_id: must not be empty"));
             }
             match &group.provider {
+                #[cfg(feature = "fake-cloud")]
                 ProviderConfig::Fake(_) => {}
                 ProviderConfig::Cloudstack(cloudstack) => {
                     problems.extend(cloudstack.problems().into_iter().map(|p| format!("{at}.{p}")));

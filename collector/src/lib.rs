@@ -510,7 +510,9 @@ pub fn preflight(config: &config::CollectorConfig) -> (Vec<String>, Vec<String>)
             ProviderConfig::Openstack(openstack) => openstack.keystone().map(drop),
             ProviderConfig::Local(local) => crate::providers::local::agent_path(local).map(drop),
             ProviderConfig::Qemu(qemu) => crate::providers::qemu::preflight(qemu),
-            ProviderConfig::Aws(_) | ProviderConfig::Fake(_) => Ok(()),
+            ProviderConfig::Aws(_) => Ok(()),
+            #[cfg(feature = "fake-cloud")]
+            ProviderConfig::Fake(_) => Ok(()),
         };
         if let Err(e) = result {
             problems.push(format!("groups[{i}].provider: {e}"));

@@ -32,7 +32,8 @@ impl GroupToml {
         .set("max_size", 3)
     }
 
-    /// A group on the directory-backed fake cloud in `dir` (`providers::fake::dir`), otherwise as [`Self::local`].
+    /// A group on the directory-backed fake cloud in `dir` (`providers::fake::dir`), otherwise as [`Self::local`];
+    /// only a collector built with the `fake-cloud` feature reads it.
     pub fn fake(name: &str, dir: &Path) -> Self {
         Self::local(name)
             .provider_type("fake")

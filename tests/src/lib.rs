@@ -52,14 +52,15 @@ pub fn cargo() -> Command {
     command
 }
 
-/// Builds `ebb-collector` and `ebb-agent` once per test process, in this test's profile, and returns the
-/// directory holding them.
+/// Builds `ebb-collector` (with the fake clouds, as this crate links it) and `ebb-agent` once per test
+/// process, in this test's profile, and returns the directory holding them.
 pub fn binaries() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let dir = bin_dir();
         let mut build = cargo();
         build.args(["build", "--quiet", "--bins", "-p", "ebb-agent", "-p", "ebb-collector"]);
+        build.args(["--features", "fake-cloud"]); // ebb-collector's; ebb-agent has none
         if dir.ends_with("release") {
             build.arg("--release");
         }

@@ -338,8 +338,8 @@ name = "api"
 min_size = 1
 max_size = 2
 [groups.provider]
-type = "fake"
-dir = "/var/lib/ebb/fake-cloud"
+type = "local"
+agent_path = "/bin/true"
 [groups.load_balancer]
 type = "builtin"
 listen = "127.0.0.1:8000"
@@ -347,8 +347,11 @@ END
 ebb-collector validate --config /etc/ebb/collector.toml 2>&1 | show VALIDATE
 systemctl reload ebb-collector
 check reload "$?"
-for i in $(seq 60); do ls /var/lib/ebb/fake-cloud/*.json > /dev/null 2>&1 && break; sleep 1; done
-check launched "$(ls /var/lib/ebb/fake-cloud/ 2>/dev/null | grep -c 'json$')"
+for i in $(seq 60); do ls /var/lib/ebb/local/*/instance.json > /dev/null 2>&1 && break; sleep 1; done
+check launched "$(ls /var/lib/ebb/local/*/instance.json 2>/dev/null | wc -l)"
+# The shipped build has no fake cloud: a group on it is refused.
+sed 's/type = "local"/type = "fake"/; s|agent_path = .*|dir = "/tmp/cloud"|' /etc/ebb/collector.toml > /tmp/fake.toml
+ebb-collector validate --config /tmp/fake.toml 2>&1 | show FAKE
 ebb-collector groups 2>&1 | show GROUPS-AFTER
 check same_process "$([ "$pid" = "$(systemctl show -p MainPID --value ebb-collector)" ] && echo yes || echo no)"
 check active_after "$(systemctl is-active ebb-collector)"
@@ -460,6 +463,11 @@ fn the_collector_package_runs_under_systemd_in_a_vm() {
     );
     let after = shown("GROUPS-AFTER");
     assert!(after.lines().any(|l| l.starts_with("api ")), "{after}");
+    let fake = shown("FAKE");
+    assert!(
+        fake.contains("unknown variant `fake`"),
+        "the shipped collector has no fake cloud: {fake}"
+    );
     assert_eq!(check("same_process"), "yes", "a reload, not a restart");
     assert_eq!(check("active_after"), "active");
     assert!(

@@ -158,9 +158,12 @@ fn cargo_command() -> Command {
     command
 }
 
+/// The agent and the collector for benchmarks: release profile, the collector with its fake clouds (the
+/// reaction benchmark's `type = "fake"`). `cargo xtask package` rebuilds the collector without them.
 pub(crate) fn build_release() -> anyhow::Result<PathBuf> {
     let status = cargo_command()
         .args(["build", "--release", "-p", "ebb-agent", "-p", "ebb-collector"])
+        .args(["--features", "fake-cloud"]) // ebb-collector's
         .status()?;
     ensure!(status.success(), "cargo build --release failed");
     Ok(root().join("target/release"))
@@ -179,7 +182,7 @@ const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The packaging tools, pinned, installed into `target/package-tools/` if missing.
 const PACKAGE_TOOLS: [(&str, &str); 2] = [("cargo-deb", "3.8.0"), ("cargo-generate-rpm", "0.21.1")];
 
-/// `cargo xtask package`: the collector (release profile) and the agent (agent profile: small, static) as
+/// `cargo xtask package`: the collector (release profile, no fake cloud) and the agent (agent profile: small, static) as
 /// .deb and .rpm in `target/packages/`.
 /// With `debs_only`, the .deb packages only (what the VM tests install).
 fn package(debs_only: bool) -> anyhow::Result<()> {

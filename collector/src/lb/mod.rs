@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod builtin;
 pub mod cloudstack;
+#[cfg(feature = "fake-cloud")]
 pub mod fake;
 pub mod octavia;
 

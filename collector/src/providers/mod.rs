@@ -4,6 +4,7 @@
 
 pub mod aws;
 pub mod cloudstack;
+#[cfg(feature = "fake-cloud")]
 pub mod fake;
 pub mod local;
 pub mod openstack;
@@ -111,6 +112,7 @@ impl ProviderConfig {
                 Arc::new(qemu::QemuProvider::new(config.clone(), state_dir.join("qemu"))?),
                 CloudClient::None,
             ),
+            #[cfg(feature = "fake-cloud")]
             ProviderConfig::Fake(config) => (Arc::new(fake::dir::DirCloud::new(config.clone())?), CloudClient::None),
             ProviderConfig::Cloudstack(config) => {
                 let api = Arc::new(config.api()?);
