@@ -171,15 +171,35 @@ fn inputs_digest(agent_deb: &[u8]) -> String {
 }
 
 /// The Debian packages the build runs, installed when missing (as root; otherwise it says what to run).
+/// Checked again after installing: apt may remove one to install another (qemu-system-x86 from Debian
+/// replaces a backported qemu-utils it conflicts with), and then that one is installed from Debian too.
 pub fn install_tools() -> anyhow::Result<()> {
+    for _ in 0..2 {
+        let missing: Vec<&str> = TOOLS
+            .iter()
+            .filter(|(command, _)| !on_path(command))
+            .map(|(_, package)| *package)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        install_packages(&missing)?;
+    }
     let missing: Vec<&str> = TOOLS
         .iter()
         .filter(|(command, _)| !on_path(command))
-        .map(|(_, package)| *package)
+        .map(|(command, _)| *command)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
+    ensure!(
+        missing.is_empty(),
+        "after apt-get install, {} still missing: install the packages by hand (`apt-get install {}`)",
+        missing.join(", "),
+        TOOLS.iter().map(|(_, p)| *p).collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
+fn install_packages(missing: &[&str]) -> anyhow::Result<()> {
     let is_root = Command::new("id")
         .arg("-u")
         .output()
