@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+mod memory;
 mod plan;
 mod policy;
 mod reading;
@@ -30,6 +31,7 @@ pub mod snapshot;
 
 use serde::Serialize;
 
+pub use memory::{Capacity, ScalingMemory};
 pub use plan::{Convergence, Plan, Rollout};
 pub use policy::{
     AdjustmentType, AlarmState, Comparison, OnMetricLoss, Policy, RateLimit, Statistic, Step, StepPolicy, TargetPolicy,

@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::config::GroupConfig;
 pub use crate::engine::MemberState;
 use crate::engine::schedule::ScheduledAction;
-use crate::engine::{Change, Engine, Millis, Recommendation};
+use crate::engine::{Capacity, Engine, Millis, ScalingMemory};
 use crate::explain::ExplanationLog;
 use crate::hooks::Hooks;
 use crate::ingest::{IngestHandle, Observation};
@@ -38,7 +38,7 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// The window behind the status's CPU average.
 const STATUS_WINDOW_MS: Millis = 10_000;
 /// After a failed launch, the next attempt waits this long.
-const LAUNCH_RETRY_MS: Millis = 10_000;
+pub(crate) const LAUNCH_RETRY_MS: Millis = 10_000;
 /// How often the cloud is asked about the group's instances between inventories, to notice one that died.
 /// Not every tick: clouds rate-limit these calls per account (EC2's describe actions, CloudStack's
 /// management server, Nova), and a member whose instance died also stops reporting, which the health
@@ -133,24 +133,6 @@ pub struct GroupController {
     policy_cpu: Option<PolicyFigure>,
     cpu_avg: Option<f64>,
     status: watch::Sender<GroupStatus>,
-}
-
-/// The limits in force (the configuration's, until a scheduled action changes them) and desired capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Capacity {
-    min_size: u32,
-    max_size: u32,
-    desired: u32,
-}
-
-/// What the engine remembers between evaluations: when the group last scaled, target tracking's recent
-/// recommendations and the policies' recent changes.
-#[derive(Debug, Default)]
-struct ScalingMemory {
-    last_scale_out: Option<Millis>,
-    last_scale_in: Option<Millis>,
-    recommendations: Vec<Recommendation>,
-    changes: Vec<Change>,
 }
 
 /// The controller's times, all read from its `Clock` at the start of a step or command.

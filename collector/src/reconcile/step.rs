@@ -7,7 +7,7 @@ use crate::activity::ActivityKind;
 use crate::engine::MemberState;
 use crate::engine::schedule::ScheduledAction;
 use crate::engine::{
-    Action, Change, Convergence, Evaluation, GroupInput, Means, MemberInput, Metric, Millis, Plan, Rollout, Window,
+    Action, Convergence, Evaluation, GroupInput, Means, MemberInput, Metric, Millis, Plan, Rollout, Window,
 };
 use crate::hooks::{HookResult, Transition};
 use crate::ingest::{self, LatestSample};
@@ -61,7 +61,7 @@ impl GroupController {
                 .push_str(&format!("\nThe new members' user data: {holds}."));
         }
         self.apply_health(&evaluation).await;
-        let cause = self.apply_decision(&evaluation, now);
+        let cause = self.apply_decision(&evaluation);
         self.deps
             .services
             .explanations
@@ -198,7 +198,7 @@ impl GroupController {
     }
 
     /// Takes the engine's decision (unless in dry run) and returns the cause for the calls that follow.
-    pub(super) fn apply_decision(&mut self, evaluation: &Evaluation, now: Millis) -> String {
+    pub(super) fn apply_decision(&mut self, evaluation: &Evaluation) -> String {
         let summary = evaluation.explanation.lines().next().unwrap_or_default();
         let verdicts: Vec<&str> = evaluation.verdicts.iter().map(|v| v.explanation.as_str()).collect();
         self.last_evaluation = match (self.config.dry_run, evaluation.action) {
@@ -219,13 +219,7 @@ impl GroupController {
                     value: verdict.values.first().copied().flatten()?,
                 })
             });
-        // Recommendations older than any stabilization window are of no further use.
-        let horizon = now - 3_600_000;
-        self.memory.recommendations.retain(|r| r.at > horizon);
-        self.memory
-            .recommendations
-            .extend(evaluation.recommendations.iter().cloned());
-        self.memory.changes.retain(|c| c.at > horizon);
+        self.memory.remember(evaluation, !self.config.dry_run);
         let (from, to) = (evaluation.desired_before, evaluation.desired);
         if self.config.dry_run || from == to {
             return if evaluation.action == Action::Replace {
@@ -239,15 +233,10 @@ impl GroupController {
             };
         }
         let kind = if to > from {
-            self.memory.last_scale_out = Some(now);
             ActivityKind::ScaleOut
         } else {
-            self.memory.last_scale_in = Some(now);
             ActivityKind::ScaleIn
         };
-        if evaluation.reason.code == crate::engine::ReasonCode::Policy {
-            self.memory.changes.push(Change { at: now, from, to });
-        }
         self.record(kind, evaluation.reason.text.clone(), Ok(String::new()), "", (from, to));
         self.capacity.desired = to;
         evaluation.reason.text.clone()
@@ -269,21 +258,7 @@ impl GroupController {
             .collect();
         for action in due {
             let before = (self.capacity.min_size, self.capacity.max_size, self.capacity.desired);
-            if let Some(min) = action.min_size {
-                self.capacity.min_size = min;
-                self.capacity.max_size = self.capacity.max_size.max(min);
-            }
-            if let Some(max) = action.max_size {
-                self.capacity.max_size = max;
-                self.capacity.min_size = self.capacity.min_size.min(max);
-            }
-            if let Some(desired) = action.desired_capacity {
-                self.capacity.desired = desired;
-            }
-            self.capacity.desired = self
-                .capacity
-                .desired
-                .clamp(self.capacity.min_size, self.capacity.max_size);
+            self.capacity.schedule(&action);
             let detail = format!(
                 "min_size {} → {}, max_size {} → {}, desired {} → {}",
                 before.0, self.capacity.min_size, before.1, self.capacity.max_size, before.2, self.capacity.desired
