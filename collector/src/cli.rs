@@ -234,6 +234,54 @@ pub enum CaCommand {
     Show,
 }
 
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    #[arg(long, env = "EBB_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    #[arg(long)]
+    pub group: String,
+    /// `time,demand` lines: time in seconds or RFC 3339, demand in the unit of --member-capacity.
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// What one member serves, in the trace's unit (requests per second, ...).
+    #[arg(long)]
+    pub member_capacity: f64,
+    /// From launch to serving: boot, agent up, health check passed.
+    #[arg(long, default_value_t = 120.0)]
+    pub boot_secs: f64,
+    /// Each boot takes boot-secs × (1 ± this), uniformly.
+    #[arg(long, default_value_t = 0.0)]
+    pub boot_jitter: f64,
+    /// The share of launch calls the cloud refuses.
+    #[arg(long, default_value_t = 0.0)]
+    pub launch_failure_rate: f64,
+    /// CPUs per member (load averages are per member: load1 2 is a busy 2-CPU VM).
+    #[arg(long, default_value_t = 2.0)]
+    pub member_cpus: f64,
+    /// Seconds between evaluations (the collector evaluates every second).
+    #[arg(long, default_value_t = 10)]
+    pub step_secs: u32,
+    /// Divides the time between the trace's points: 30 replays half-hour points one a minute.
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
+    /// Anchors to run beside the group, comma-separated: ec2-target, ec2-step, heat, k5, ssh-scale, hpa,
+    /// or all.
+    #[arg(long, value_delimiter = ',')]
+    pub compare: Vec<String>,
+    /// The oracle's utilisation in percent; default: the group's CPU target, or 50.
+    #[arg(long)]
+    pub oracle_target: Option<f64>,
+    /// Seeds boot jitter and launch failures: the same seed gives the same run.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the figures as JSON: one record per policy.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write a chart of demand and each policy's capacity here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the collector.
@@ -301,6 +349,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replay a demand trace through a group's policies in virtual time, beside the systems operators
+    /// come from (--compare), on a simulated cloud: under-provisioned time, unserved demand,
+    /// instance-hours and their slack over a perfect-foresight oracle.
+    Simulate(SimulateArgs),
     /// Suspend a group's processes until `resume`: all of them, or those named with --process (decide,
     /// launch, terminate, replace_unhealthy, scheduled_actions, add_to_load_balancer).
     Suspend {
@@ -407,10 +459,7 @@ pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<(
             json,
         } => {
             let config = config::load(&config)?;
-            let Some(group) = config.groups.iter().find(|g| g.name == group) else {
-                let names: Vec<&str> = config.groups.iter().map(|g| g.name.as_str()).collect();
-                anyhow::bail!("no group named `{group}`; the groups are: {}", names.join(", "));
-            };
+            let group = find_group(&config, &group)?;
             let snapshot_path = snapshot;
             let text = config::read_operator_file(&snapshot_path, MAX_SNAPSHOT_BYTES)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", snapshot_path.display()))?;
@@ -432,7 +481,54 @@ pub fn local(connection: &AdminConnection, command: Command) -> anyhow::Result<(
                 crate::outln!("{}", evaluation.explanation);
             }
         }
+        Command::Simulate(args) => simulate(args)?,
         _ => unreachable!("not a local command"),
+    }
+    Ok(())
+}
+
+fn find_group<'a>(config: &'a config::CollectorConfig, name: &str) -> anyhow::Result<&'a config::GroupConfig> {
+    config.groups.iter().find(|g| g.name == name).ok_or_else(|| {
+        let names: Vec<&str> = config.groups.iter().map(|g| g.name.as_str()).collect();
+        anyhow::anyhow!("no group named `{name}`; the groups are: {}", names.join(", "))
+    })
+}
+
+fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    use crate::simulate::{Options, anchors, fleet::CloudModel, trace};
+    let config = config::load(&args.config)?;
+    let group = find_group(&config, &args.group)?;
+    let text = config::read_operator_file(&args.trace, trace::MAX_TRACE_BYTES)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.trace.display()))?;
+    let trace =
+        trace::Trace::parse(&text, args.speedup).map_err(|e| anyhow::anyhow!("{}: {e}", args.trace.display()))?;
+    let compare = if args.compare.iter().any(|c| c == "all") {
+        anchors::NAMES.iter().map(|n| n.to_string()).collect()
+    } else {
+        args.compare
+    };
+    let options = Options {
+        cloud: CloudModel {
+            boot_secs: args.boot_secs,
+            jitter: args.boot_jitter,
+            failure_rate: args.launch_failure_rate,
+            member_capacity: args.member_capacity,
+            member_cpus: args.member_cpus,
+            seed: args.seed,
+        },
+        step_secs: args.step_secs,
+        compare,
+        oracle_target_percent: args.oracle_target,
+    };
+    let report = crate::simulate::simulate(group, &trace, &options).map_err(anyhow::Error::msg)?;
+    if args.json {
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        crate::out!("{}", report.table());
+    }
+    if let Some(path) = &args.svg {
+        let svg = report.svg().map_err(anyhow::Error::msg)?;
+        std::fs::write(path, svg).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
     Ok(())
 }

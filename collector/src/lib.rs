@@ -46,6 +46,7 @@ pub mod providers;
 pub mod reconcile;
 pub mod reload;
 pub mod server;
+pub mod simulate;
 pub mod store;
 pub mod testing;
 pub mod tls;

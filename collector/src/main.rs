@@ -69,7 +69,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Workload(_) => unreachable!("handled before the runtime starts"),
-        command @ (Command::Ca { .. } | Command::AdminCert { .. } | Command::Evaluate { .. }) => {
+        command
+        @ (Command::Ca { .. } | Command::AdminCert { .. } | Command::Evaluate { .. } | Command::Simulate(_)) => {
             ebb_collector::cli::local(&cli.connection, command)?;
             Ok(true)
         }

@@ -3,7 +3,7 @@
 //! simulator keep these the same way, through these functions.
 
 use crate::schedule::ScheduledAction;
-use crate::{Change, Evaluation, Millis, ReasonCode, Recommendation};
+use crate::{Change, Evaluation, GroupInput, MemberInput, Millis, ReasonCode, Recommendation, Rollout};
 
 /// How long recommendations and changes are kept: longer than any stabilization or rate-limit window.
 const MEMORY_MS: Millis = 3_600_000;
@@ -65,6 +65,33 @@ impl ScalingMemory {
         }
         if evaluation.reason.code == ReasonCode::Policy {
             self.changes.push(Change { at: now, from, to });
+        }
+    }
+}
+
+impl GroupInput {
+    /// The group as the engine sees it at `now`: its capacity and limits, what it remembers of earlier
+    /// evaluations, its members, and what carrying out the decision may do.
+    pub fn new(
+        now: Millis,
+        capacity: &Capacity,
+        memory: &ScalingMemory,
+        suspended: bool,
+        members: Vec<MemberInput>,
+        rollout: Rollout,
+    ) -> Self {
+        GroupInput {
+            now,
+            min_size: capacity.min_size,
+            max_size: capacity.max_size,
+            desired: capacity.desired,
+            last_scale_out: memory.last_scale_out,
+            last_scale_in: memory.last_scale_in,
+            suspended,
+            members,
+            recommendations: memory.recommendations.clone(),
+            changes: memory.changes.clone(),
+            rollout,
         }
     }
 }

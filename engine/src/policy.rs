@@ -447,6 +447,12 @@ impl StepPolicy {
     }
 }
 
+/// The members that carry `sum` at `target` each: rounded up, but not past a whole number that float
+/// arithmetic missed (three members at 33.33 % are 100 %, two members at 50 %, not three).
+fn members_for(sum: f64, target: f64) -> u32 {
+    (sum / target - 1e-9).ceil() as u32
+}
+
 impl TargetPolicy {
     fn verdict(&self, p: usize, context: &Context) -> Verdict {
         let value_of = |m: &&super::MemberInput| m.means.get(p, 0);
@@ -485,7 +491,7 @@ impl TargetPolicy {
         let desired = context.desired;
         let ratio = mean / self.target;
         if ratio > 1.0 + self.scale_out_tolerance {
-            let wanted = (sum / self.target).ceil() as u32;
+            let wanted = members_for(sum, self.target);
             v.recommendation = Some(wanted.max(desired));
             if wanted <= desired {
                 return v.holding(
@@ -521,7 +527,7 @@ impl TargetPolicy {
             return v.holding(ReasonCode::WithinTolerance, format!("{measured}, within tolerance"));
         }
         // Members still launching or warming up count as exactly at the target.
-        let wanted = (sum / self.target).ceil() as u32 + context.uncounted;
+        let wanted = members_for(sum, self.target) + context.uncounted;
         v.recommendation = Some(wanted);
         if self.disable_scale_in {
             return v.holding(

@@ -414,6 +414,20 @@ fn target_tracking_scales_out_in_one_step() {
 }
 
 #[test]
+fn target_tracking_rounds_up_only_past_a_whole_member() {
+    // 3 members at a third of the load each carry 100 %: two members at 50 %, not three (the float sum
+    // is a hair above 100).
+    let third = 100.0 / 3.0;
+    let members = vec![
+        member("a", Some(third)),
+        member("b", Some(third)),
+        member("c", Some(third)),
+    ];
+    let e = engine(vec![target(50.0)]).evaluate(&group(3, members));
+    assert_eq!(e.recommendations[0].capacity, 2);
+}
+
+#[test]
 fn target_tracking_tolerance_and_stabilization() {
     let engine = engine(vec![target(50.0)]);
     let e = engine.evaluate(&group(2, vec![member("a", Some(53.0)), member("b", Some(54.0))]));

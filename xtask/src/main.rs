@@ -13,6 +13,7 @@
 //!   with cargo-deb and cargo-generate-rpm (installed into `target/package-tools/` on first use) from the
 //!   crates' metadata.
 //! - `image` (`image.rs`): the VM template the qemu provider boots, in `target/images/`.
+//! - `trace` (`trace.rs`): a synthetic demand trace for `ebb-collector simulate`.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ mod fleet;
 mod image;
 mod reaction;
 mod report;
+mod trace;
 mod vm;
 
 /// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ, 100 on every supported Linux).
@@ -45,7 +47,9 @@ const USAGE: &str = "usage: cargo xtask demo [--vm] [ARGS]    the local demo, or
        cargo xtask bench store                   store writes and a restart with 1,000 members
        cargo xtask bench vm [--members N]        real VMs: power-on to in service, the agent inside (2)
        cargo xtask package [--deb]               .deb and .rpm packages (or the .debs only) in target/packages/
-       cargo xtask image                         the qemu provider's VM template in target/images/";
+       cargo xtask image                         the qemu provider's VM template in target/images/
+       cargo xtask trace [--kind smooth|flash] [--weeks N] [--step-secs S] [--peak P] [--seed N]
+                                                 a synthetic demand trace (CSV) on stdout";
 
 /// Each benchmark: its name and how to run it; true when it met its goals.
 type Bench = fn(&[String]) -> anyhow::Result<bool>;
@@ -65,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         ["package"] => return package(false),
         ["package", "--deb"] => return package(true),
         ["image", ..] => return image::image(&args[1..]),
+        ["trace", ..] => return trace::trace(&args[1..]),
         ["bench", "store"] => return cargo_bench("store").map(drop),
         ["bench", "vm", ..] => vm::bench_vm(&args[2..])?,
         ["bench", "all"] => bench_all()?,

@@ -77,25 +77,22 @@ impl GroupController {
 
     /// The group as the engine sees it now.
     pub(super) fn group_input(&self, now: Millis) -> GroupInput {
-        GroupInput {
+        let rollout = Rollout {
+            max_surge: self.config.max_surge,
+            launch: now >= self.clocks.next_launch_at && !self.suspended.has(Process::Launch),
+            terminate: !self.suspended.has(Process::Terminate),
+            replace_unhealthy: !self.suspended.has(Process::ReplaceUnhealthy),
+            refresh: self.refresh,
+        };
+        let suspended = self.suspended.has(Process::Decide);
+        GroupInput::new(
             now,
-            min_size: self.capacity.min_size,
-            max_size: self.capacity.max_size,
-            desired: self.capacity.desired,
-            last_scale_out: self.memory.last_scale_out,
-            last_scale_in: self.memory.last_scale_in,
-            suspended: self.suspended.has(Process::Decide),
-            members: self.member_inputs(),
-            recommendations: self.memory.recommendations.clone(),
-            changes: self.memory.changes.clone(),
-            rollout: Rollout {
-                max_surge: self.config.max_surge,
-                launch: now >= self.clocks.next_launch_at && !self.suspended.has(Process::Launch),
-                terminate: !self.suspended.has(Process::Terminate),
-                replace_unhealthy: !self.suspended.has(Process::ReplaceUnhealthy),
-                refresh: self.refresh,
-            },
-        }
+            &self.capacity,
+            &self.memory,
+            suspended,
+            self.member_inputs(),
+            rollout,
+        )
     }
 
     /// The members as the engine sees them, each with what the latest observation saw of it.
