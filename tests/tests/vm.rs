@@ -337,6 +337,7 @@ cat >> /etc/ebb/collector.toml <<'END'
 name = "api"
 min_size = 1
 max_size = 2
+member_port = 8081   # the service's user ebb cannot bind port 80
 [groups.provider]
 type = "local"
 agent_path = "/bin/true"
