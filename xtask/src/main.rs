@@ -7,6 +7,7 @@
 //!   - `agent` (`agent.rs`): the agent beside collectd and prometheus-node-exporter.
 //!   - `enroll`, `ingest`, `engine` (`fleet.rs`): many agents, or many groups, against one collector.
 //!   - `reaction`, `fanout` (`reaction.rs`): from load to the launch call; ten launch calls at once.
+//!   - `simulate` (`trace.rs`): `ebb-collector simulate` on synthetic traces, ebb against six anchors.
 //!   - `store`: activity and intent writes, and a restart with 1,000 members (`collector/benches/store.rs`).
 //!   - `vm` (`vm.rs`): real VMs under qemu, power-on to in service, and the agent's footprint inside one.
 //! - `package [--deb]`: `ebb-collector` and `ebb-agent` as .deb and .rpm (or .deb only) in `target/packages/`,
@@ -43,6 +44,7 @@ const USAGE: &str = "usage: cargo xtask demo [--vm] [ARGS]    the local demo, or
        cargo xtask bench engine [--secs N]       one evaluation; a collector with 1,000 groups
        cargo xtask bench reaction [--trials N]   first over-threshold sample to the launch call (5 trials)
        cargo xtask bench fanout                  +10 members in one decision, launches taking 2 s each
+       cargo xtask bench simulate [--weeks N]    the recommended web group and six anchors on 12-week traces
        cargo xtask bench all                     all of the above in turn (under 15 minutes), with a summary
        cargo xtask bench store                   store writes and a restart with 1,000 members
        cargo xtask bench vm [--members N]        real VMs: power-on to in service, the agent inside (2)
@@ -53,13 +55,14 @@ const USAGE: &str = "usage: cargo xtask demo [--vm] [ARGS]    the local demo, or
 
 /// Each benchmark: its name and how to run it; true when it met its goals.
 type Bench = fn(&[String]) -> anyhow::Result<bool>;
-const BENCHES: [(&str, Bench); 6] = [
+const BENCHES: [(&str, Bench); 7] = [
     ("agent", agent::bench_agent),
     ("ingest", fleet::bench_ingest),
     ("enroll", fleet::bench_enroll),
     ("engine", fleet::bench_engine),
     ("reaction", reaction::bench_reaction),
     ("fanout", reaction::bench_fanout),
+    ("simulate", trace::bench_simulate),
 ];
 
 fn main() -> anyhow::Result<()> {

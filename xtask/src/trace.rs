@@ -130,6 +130,122 @@ pub fn trace(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The traces `bench simulate` judges policies on: smooth and with flash crowds, each from two seeds
+/// (two curve shapes).
+const BENCH_TRACES: [(&str, bool, u64); 4] = [
+    ("smooth, seed 1", false, 1),
+    ("flash crowds, seed 1", true, 1),
+    ("smooth, seed 2", false, 2),
+    ("flash crowds, seed 2", true, 2),
+];
+
+/// `cargo xtask bench simulate [--weeks N]`: `examples/web-recommended.toml` and the six anchors on
+/// synthetic traces of `weeks` (12) at one point a minute; each policy's under-provisioned minutes,
+/// instance-hours and slack over the oracle, and whether ebb beats every anchor.
+pub fn bench_simulate(args: &[String]) -> anyhow::Result<bool> {
+    use crate::report::{Report, figure, text};
+    let weeks = crate::fleet::flag(args, "--weeks", 12)?;
+    let bin = crate::build_release()?;
+    let dir = crate::TempDir::new("ebb-bench-simulate")?;
+    let config = crate::root().join("examples/web-recommended.toml");
+    let mut report = Report::new(
+        "simulate",
+        args,
+        &[
+            ("trace: policy", ""),
+            ("under-provisioned", "min"),
+            ("instance-hours", "h"),
+            ("slack over the oracle", "%"),
+            ("flaps", ""),
+        ],
+    );
+    let (mut slowest, mut worst_slack, mut not_beaten) = (0.0f64, f64::MIN, Vec::new());
+    for (name, flash_crowds, seed) in BENCH_TRACES {
+        let spec = TraceSpec {
+            flash_crowds,
+            weeks,
+            step_secs: 60,
+            peak: 2000.0,
+            seed,
+        };
+        let path = dir.0.join(format!("trace-{seed}-{flash_crowds}.csv"));
+        std::fs::write(&path, generate(&spec))?;
+        let started = std::time::Instant::now();
+        let output = std::process::Command::new(bin.join("ebb-collector"))
+            .args([
+                "simulate",
+                "--group",
+                "web",
+                "--member-capacity",
+                "100",
+                "--compare",
+                "all",
+                "--json",
+            ])
+            .arg("--config")
+            .arg(&config)
+            .arg("--trace")
+            .arg(&path)
+            .output()?;
+        let took = started.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            output.status.success(),
+            "simulate failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        slowest = slowest.max(took);
+        eprintln!("{name}: {took:.2} s");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        let policies = json["policies"].as_array().cloned().unwrap_or_default();
+        let figure_of = |p: &serde_json::Value, key: &str| p[key].as_f64().unwrap_or(f64::NAN);
+        let ebb = &policies[0];
+        for policy in &policies {
+            report.row(vec![
+                text(format!("{name}: {}", policy["policy"].as_str().unwrap_or("?"))),
+                figure(figure_of(policy, "under_provisioned_minutes"), 1),
+                figure(figure_of(policy, "instance_hours"), 0),
+                figure(figure_of(policy, "slack_over_oracle_percent"), 1),
+                figure(figure_of(policy, "flaps"), 0),
+            ]);
+        }
+        worst_slack = worst_slack.max(figure_of(ebb, "slack_over_oracle_percent"));
+        let (u, h) = (
+            figure_of(ebb, "under_provisioned_minutes"),
+            figure_of(ebb, "instance_hours"),
+        );
+        for anchor in &policies[1..policies.len() - 1] {
+            let (au, ah) = (
+                figure_of(anchor, "under_provisioned_minutes"),
+                figure_of(anchor, "instance_hours"),
+            );
+            if !(u < au || (u == au && h < ah)) {
+                not_beaten.push(format!("{} on {name}", anchor["policy"].as_str().unwrap_or("?")));
+            }
+        }
+    }
+    report.at_most(
+        format!("one simulate run: {weeks} weeks at a point a minute, ebb and six anchors"),
+        slowest,
+        10.0,
+        "s",
+    );
+    report.at_most(
+        "anchors ebb does not beat (fewer under-provisioned minutes, or as few and fewer instance-hours)",
+        not_beaten.len() as f64,
+        0.0,
+        "",
+    );
+    report.at_most("ebb's slack over the oracle, worst trace", worst_slack, 15.0, "%");
+    if !not_beaten.is_empty() {
+        report.note(format!("not beaten: {}", not_beaten.join(", ")));
+    }
+    report.note(
+        "synthetic traces (cargo xtask trace): peak 2,000 in the trace's unit, members of capacity 100, a 120 s \
+         boot, a step every 10 s; the oracle keeps the group's 55 % target with perfect foresight",
+    );
+    report.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

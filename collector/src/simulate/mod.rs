@@ -522,6 +522,49 @@ mod tests {
         assert!(svg.matches("<polyline").count() >= 4);
     }
 
+    /// Two days of a daily curve (peak 2,000 at 15:00, trough a fifth of it) with three flash crowds of
+    /// +60 % for 20 minutes, one on a morning ramp; a point a minute.
+    fn two_days_with_flash_crowds() -> Trace {
+        let flashes = [11 * 60, 20 * 60 + 30, 33 * 60];
+        let text: String = (0..=2 * 1440)
+            .map(|minute: i64| {
+                let hour = (minute % 1440) as f64 / 60.0;
+                let daily = (0.5 + 0.5 * ((hour - 15.0) / 24.0 * std::f64::consts::TAU).cos()).powf(1.5);
+                let mut demand = 2000.0 * (0.2 + 0.8 * daily);
+                if flashes.iter().any(|&at| (at..at + 20).contains(&minute)) {
+                    demand *= 1.6;
+                }
+                format!("{},{demand:.1}\n", minute * 60)
+            })
+            .collect();
+        Trace::parse(&text, 1.0).unwrap()
+    }
+
+    /// The goal of `examples/web-recommended.toml` (docs/policies.md): never short where an anchor is
+    /// not, and cheaper than every anchor that is never short; within 15 % of perfect foresight.
+    #[test]
+    fn the_recommended_web_group_beats_every_anchor() {
+        let text = include_str!("../../../examples/web-recommended.toml");
+        let config = crate::config::parse(std::path::Path::new("web-recommended.toml"), text).unwrap();
+        let report = simulate(
+            &config.groups[0],
+            &two_days_with_flash_crowds(),
+            &options(&anchors::NAMES),
+        )
+        .unwrap();
+        let ebb = &report.policies[0];
+        for anchor in &report.policies[1..report.policies.len() - 1] {
+            let better = ebb.under_provisioned_minutes < anchor.under_provisioned_minutes
+                || (ebb.under_provisioned_minutes == anchor.under_provisioned_minutes
+                    && ebb.instance_hours < anchor.instance_hours);
+            assert!(better, "ebb does not beat {}:\n{}", anchor.policy, report.table());
+        }
+        assert!(ebb.slack_over_oracle_percent <= 15.0, "{}", report.table());
+        // A flash crowd arriving minutes after a scale-in on a falling slope turns the group round: a
+        // change of direction the demand made, at most once per flash crowd.
+        assert!(ebb.flaps <= 3, "{}", report.table());
+    }
+
     #[test]
     fn what_cannot_be_simulated_is_refused_with_the_reason() {
         let unknown = simulate(&group(), &plateau(), &options(&["nomad"])).unwrap_err();
