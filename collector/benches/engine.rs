@@ -90,6 +90,7 @@ fn group(members: usize) -> GroupInput {
             })
             .collect(),
         recommendations: Vec::new(),
+        predictions: Vec::new(),
         changes: Vec::new(),
         rollout: Rollout::default(),
     }

@@ -9,8 +9,8 @@ use thiserror::Error;
 
 use crate::engine::schedule::{Cron, ScheduledAction};
 use crate::engine::{
-    AdjustmentType, Comparison, Engine, HealthRules, MAX_CUSTOM_METRICS, Metric, OnMetricLoss, Policy, RateLimit,
-    Statistic, Step, StepPolicy, TargetPolicy, Termination,
+    AdjustmentType, Comparison, Engine, HealthRules, MAX_CUSTOM_METRICS, Metric, OnMetricLoss, Policy, PredictiveMode,
+    PredictivePolicy, RateLimit, Statistic, Step, StepPolicy, TargetPolicy, Termination,
 };
 use crate::userdata::{OperatorUserData, SizeLimit, UserDataFormat};
 
@@ -417,6 +417,9 @@ pub struct PolicyConfig {
     pub disable_scale_in: Option<bool>,
     pub scale_out_limit: Option<RateLimit>,
     pub scale_in_limit: Option<RateLimit>,
+    // Predictive policies (and `target`).
+    pub mode: Option<PredictiveMode>,
+    pub scheduling_buffer_secs: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -425,6 +428,7 @@ pub enum PolicyKind {
     #[default]
     Step,
     TargetTracking,
+    Predictive,
 }
 
 impl PolicyConfig {
@@ -453,6 +457,13 @@ impl PolicyConfig {
                     min_adjustment_step: self.min_adjustment_step.unwrap_or(0),
                 })
             }
+            PolicyKind::Predictive => Policy::Predictive(PredictivePolicy {
+                name: self.name.clone(),
+                metric: self.metric,
+                target: self.target.unwrap_or(1.0),
+                mode: self.mode.unwrap_or_default(),
+                scheduling_buffer_secs: self.scheduling_buffer_secs,
+            }),
             PolicyKind::TargetTracking => Policy::TargetTracking(TargetPolicy {
                 name: self.name.clone(),
                 metric: self.metric,
@@ -495,11 +506,23 @@ impl PolicyConfig {
             ("scale_out_limit", self.scale_out_limit.is_some()),
             ("scale_in_limit", self.scale_in_limit.is_some()),
         ];
-        let (foreign, kind) = match self.kind {
-            PolicyKind::Step => (&target_keys[..], "target_tracking"),
-            PolicyKind::TargetTracking => (&step_keys[..], "step"),
-        };
-        for (key, _) in foreign.iter().filter(|(_, set)| *set) {
+        let predictive_keys = [
+            ("mode", self.mode.is_some()),
+            ("scheduling_buffer_secs", self.scheduling_buffer_secs.is_some()),
+        ];
+        let foreign: Vec<(&str, &str)> = match self.kind {
+            PolicyKind::Step => [
+                (&target_keys[..], "target_tracking"),
+                (&predictive_keys[..], "predictive"),
+            ]
+            .to_vec(),
+            PolicyKind::TargetTracking => [(&step_keys[..], "step"), (&predictive_keys[..], "predictive")].to_vec(),
+            PolicyKind::Predictive => [(&step_keys[..], "step"), (&target_keys[1..], "target_tracking")].to_vec(),
+        }
+        .into_iter()
+        .flat_map(|(keys, kind)| keys.iter().filter(|(_, set)| *set).map(move |(key, _)| (*key, kind)))
+        .collect();
+        for (key, kind) in foreign {
             problem(key, format!("applies to `type = \"{kind}\"` policies only"));
         }
         match self.kind {
@@ -548,6 +571,19 @@ impl PolicyConfig {
                         }
                     }
                     _ => {}
+                }
+            }
+            PolicyKind::Predictive => {
+                match self.target {
+                    None => problem("target", "missing: the metric's value each member is planned at".into()),
+                    Some(t) if !t.is_finite() || t <= 0.0 => problem("target", "must be greater than 0".into()),
+                    Some(_) => {}
+                }
+                if self.scheduling_buffer_secs.is_some_and(|b| b > 3600) {
+                    problem(
+                        "scheduling_buffer_secs",
+                        "at most 3600: capacity is raised at most an hour ahead".into(),
+                    );
                 }
             }
             PolicyKind::TargetTracking => {
@@ -1259,7 +1295,7 @@ fn opposing_step_policies(group: &GroupConfig) -> Vec<(StepPolicy, StepPolicy)> 
         .filter(|p| p.problems("").is_empty())
         .filter_map(|p| match p.to_policy() {
             Policy::Step(step) => Some(step),
-            Policy::TargetTracking(_) => None,
+            Policy::TargetTracking(_) | Policy::Predictive(_) => None,
         })
         .collect();
     let mut pairs = Vec::new();
@@ -1530,6 +1566,72 @@ systemctl start httpd
             problems
                 .iter()
                 .any(|p| p.contains("5 custom metrics") && p.contains("at most 4")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_predictive_policy_takes_a_target_a_mode_and_a_buffer_only() {
+        let group = |policy: &str| {
+            crate::testing::GroupToml::local("web")
+                .table(&format!(
+                    "[[groups.policies]]\nname = \"daily\"\ntype = \"predictive\"\nmetric = \"cpu\"\n{policy}"
+                ))
+                .to_toml()
+        };
+        let config = parse(
+            Path::new("c.toml"),
+            &group("target = 55.0\nmode = \"forecast_and_scale\"\nscheduling_buffer_secs = 240"),
+        )
+        .unwrap();
+        let Policy::Predictive(policy) = config.groups[0].policies[0].to_policy() else {
+            panic!("not predictive")
+        };
+        assert_eq!(
+            (policy.target, policy.mode, policy.scheduling_buffer_secs),
+            (55.0, PredictiveMode::ForecastAndScale, Some(240))
+        );
+        let only = parse(Path::new("c.toml"), &group("target = 55.0")).unwrap();
+        let Policy::Predictive(policy) = only.groups[0].policies[0].to_policy() else {
+            panic!("not predictive")
+        };
+        assert_eq!(
+            policy.mode,
+            PredictiveMode::ForecastOnly,
+            "EC2's default: judge the forecast first"
+        );
+        for (keys, expected) in [
+            ("", "target: missing"),
+            (
+                "target = 50.0\nstabilization_secs = 60",
+                "stabilization_secs: applies to `type = \"target_tracking\"`",
+            ),
+            (
+                "target = 50.0\nthreshold = 5.0",
+                "threshold: applies to `type = \"step\"`",
+            ),
+            (
+                "target = 50.0\nscheduling_buffer_secs = 7200",
+                "scheduling_buffer_secs: at most 3600",
+            ),
+            ("target = 50.0\nmode = \"guess\"", "unknown variant `guess`"),
+        ] {
+            let error = parse(Path::new("c.toml"), &group(keys)).unwrap_err().to_string();
+            let problems = match parse(Path::new("c.toml"), &group(keys)) {
+                Err(ConfigError::Invalid { problems, .. }) => problems.join("\n"),
+                _ => error,
+            };
+            assert!(problems.contains(expected), "{keys}: {problems}");
+        }
+        // On a step policy, the predictive keys are refused.
+        let text = QUEUE_GROUP.replace("target = 10.0", "target = 10.0\nmode = \"forecast_only\"");
+        let Err(ConfigError::Invalid { problems, .. }) = parse(Path::new("c.toml"), &text) else {
+            panic!()
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("mode: applies to `type = \"predictive\"`")),
             "{problems:?}"
         );
     }

@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod forecast;
 mod memory;
 mod plan;
 mod policy;
@@ -34,8 +35,8 @@ use serde::Serialize;
 pub use memory::{Capacity, ScalingMemory};
 pub use plan::{Convergence, Plan, Rollout};
 pub use policy::{
-    AdjustmentType, AlarmState, Comparison, OnMetricLoss, Policy, RateLimit, Statistic, Step, StepPolicy, TargetPolicy,
-    Verdict,
+    AdjustmentType, AlarmState, Comparison, OnMetricLoss, Policy, Prediction, PredictiveMode, PredictivePolicy,
+    RateLimit, Statistic, Step, StepPolicy, TargetPolicy, Verdict,
 };
 pub use reading::{HealthRun, MAX_CUSTOM_METRICS, Metric, Reading, mean};
 
@@ -197,6 +198,8 @@ pub struct GroupInput {
     pub members: Vec<MemberInput>,
     pub recommendations: Vec<Recommendation>,
     pub changes: Vec<Change>,
+    /// Predictive policies' forecasts, made by the caller from the group's load history.
+    pub predictions: Vec<Prediction>,
     /// What carrying out the decision may do this step.
     pub rollout: Rollout,
 }
@@ -233,6 +236,10 @@ pub enum ReasonCode {
     WithinTolerance,
     NoStep,
     NoChange,
+    /// A predictive policy in `forecast_only` mode: its forecast, no action.
+    ForecastOnly,
+    /// A predictive policy without a forecast (too little history, no pattern).
+    NoForecast,
     /// A policy whose alarm is not raised; as the decision's reason, no policy is in alarm.
     NoAlarm,
     Suspended,
@@ -240,6 +247,8 @@ pub enum ReasonCode {
     AtMax,
     AtMin,
     InCooldown,
+    /// A scale-in held at the capacity a predictive policy's forecast needs.
+    Forecast,
     /// A policy's proposal was carried out.
     Policy,
     NoPolicies,
@@ -256,12 +265,15 @@ impl ReasonCode {
             Self::WithinTolerance => "within_tolerance",
             Self::NoStep => "no_step",
             Self::NoChange => "no_change",
+            Self::ForecastOnly => "forecast_only",
+            Self::NoForecast => "no_forecast",
             Self::NoAlarm => "no_alarm",
             Self::Suspended => "suspended",
             Self::Limits => "limits",
             Self::AtMax => "at_max",
             Self::AtMin => "at_min",
             Self::InCooldown => "in_cooldown",
+            Self::Forecast => "forecast",
             Self::Policy => "policy",
             Self::NoPolicies => "no_policies",
         }
@@ -360,6 +372,7 @@ pub(crate) struct Context<'a> {
     on_metric_loss: OnMetricLoss,
     recommendations: &'a [Recommendation],
     changes: &'a [Change],
+    predictions: &'a [Prediction],
 }
 
 impl Context<'_> {
@@ -460,6 +473,7 @@ impl Engine {
             on_metric_loss: self.on_metric_loss,
             recommendations: &input.recommendations,
             changes: &input.changes,
+            predictions: &input.predictions,
         };
         let verdicts: Vec<Verdict> = self
             .policies
@@ -625,6 +639,28 @@ impl Engine {
                 .filter(|(_, _, to)| *to != current && (*to > current) == (direction == Direction::Out))
                 .max_by_key(|(i, _, to)| (*to, std::cmp::Reverse(*i)));
             if let Some((_, verdict, wanted)) = best {
+                // A scale-in goes no lower than a predictive policy's forecast needs.
+                let floor = verdicts
+                    .iter()
+                    .zip(&self.policies)
+                    .filter_map(|(v, p)| Some((v.floor?, p.name())))
+                    .max();
+                if direction == Direction::In
+                    && let Some((floor, predictive)) = floor
+                    && wanted < floor
+                {
+                    if floor >= current {
+                        let text = format!(
+                            "{} asks for {wanted}, but policy {predictive}'s forecast needs {floor}",
+                            verdict.policy
+                        );
+                        return Decision {
+                            policy: Some(verdict.policy.clone()),
+                            ..hold(ReasonCode::Forecast, text)
+                        };
+                    }
+                    return self.gate(input, direction, verdict, floor);
+                }
                 return self.gate(input, direction, verdict, wanted);
             }
         }

@@ -3,7 +3,7 @@
 //! simulator keep these the same way, through these functions.
 
 use crate::schedule::ScheduledAction;
-use crate::{Change, Evaluation, GroupInput, MemberInput, Millis, ReasonCode, Recommendation, Rollout};
+use crate::{Change, Evaluation, GroupInput, MemberInput, Millis, Prediction, ReasonCode, Recommendation, Rollout};
 
 /// How long recommendations and changes are kept: longer than any stabilization or rate-limit window.
 const MEMORY_MS: Millis = 3_600_000;
@@ -71,13 +71,15 @@ impl ScalingMemory {
 
 impl GroupInput {
     /// The group as the engine sees it at `now`: its capacity and limits, what it remembers of earlier
-    /// evaluations, its members, and what carrying out the decision may do.
+    /// evaluations, its members, its predictive policies' forecasts, and what carrying out the decision
+    /// may do.
     pub fn new(
         now: Millis,
         capacity: &Capacity,
         memory: &ScalingMemory,
         suspended: bool,
         members: Vec<MemberInput>,
+        predictions: Vec<Prediction>,
         rollout: Rollout,
     ) -> Self {
         GroupInput {
@@ -91,6 +93,7 @@ impl GroupInput {
             members,
             recommendations: memory.recommendations.clone(),
             changes: memory.changes.clone(),
+            predictions,
             rollout,
         }
     }

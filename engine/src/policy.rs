@@ -165,10 +165,102 @@ pub struct TargetPolicy {
     pub scale_in_limit: Option<RateLimit>,
 }
 
+/// Whether a predictive policy acts on its forecast or only says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictiveMode {
+    /// The forecast in the explanation, no action (EC2's default, to judge a forecast before trusting it).
+    #[default]
+    ForecastOnly,
+    /// Capacity raised ahead of the forecast load, and never scaled in below it.
+    ForecastAndScale,
+}
+
+/// Capacity for the load the group's own history forecasts, in service `scheduling_buffer_secs` ahead
+/// of it (see [`crate::forecast`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictivePolicy {
+    pub name: String,
+    /// What the load is measured in: the sum of this metric over the serving members.
+    pub metric: Metric,
+    /// Each member is planned at this value of the metric.
+    pub target: f64,
+    pub mode: PredictiveMode,
+    /// How far ahead capacity is raised; `None`: the group's measured launch-to-in-service time.
+    pub scheduling_buffer_secs: Option<u32>,
+}
+
+/// What a predictive policy's forecast says at one evaluation, made by the caller from the group's load
+/// history ([`crate::forecast::forecast`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub policy: String,
+    pub forecast: Result<crate::forecast::Forecast, crate::forecast::NoForecast>,
+    /// How far ahead the capacity must be in service.
+    pub buffer_secs: u32,
+}
+
+/// Minutes a forecast covers beyond the scheduling buffer.
+pub const FORECAST_LOOKAHEAD_MINUTES: i64 = 10;
+
+impl PredictivePolicy {
+    /// The minutes of forecast this policy reads.
+    pub fn horizon_minutes(&self, buffer_secs: u32) -> i64 {
+        i64::from(buffer_secs.div_ceil(60)) + FORECAST_LOOKAHEAD_MINUTES
+    }
+
+    fn verdict(&self, context: &Context) -> Verdict {
+        let v = verdict(&self.name, AlarmState::Tracking, vec![None]);
+        let Some(prediction) = context.predictions.iter().find(|p| p.policy == self.name) else {
+            return v.holding(ReasonCode::NoForecast, "no forecast made yet".into());
+        };
+        let forecast = match &prediction.forecast {
+            Ok(forecast) => forecast,
+            Err(why) => return v.holding(ReasonCode::NoForecast, why.to_string()),
+        };
+        let minutes = (self.horizon_minutes(prediction.buffer_secs) as usize).min(forecast.loads.len());
+        let (peak_minute, peak) = forecast.loads[..minutes]
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, 0.0), |best, (i, load)| if load > best.1 { (i, load) } else { best });
+        let capacity = members_for(peak, self.target).max(1);
+        let text = format!(
+            "forecast ({} model, {:.0} % off on the last day): load {} {} within {} min needs {capacity} at {}{}",
+            forecast.model.name(),
+            forecast.error * 100.0,
+            fmt_value(peak),
+            self.metric.name(),
+            peak_minute + 1,
+            fmt_value(self.target),
+            self.metric.unit()
+        );
+        let mut v = Verdict {
+            values: vec![Some(peak)],
+            ..v
+        };
+        match self.mode {
+            PredictiveMode::ForecastOnly => v.holding(
+                ReasonCode::ForecastOnly,
+                format!("{text} (mode forecast_only: no action)"),
+            ),
+            PredictiveMode::ForecastAndScale => {
+                v.floor = Some(capacity);
+                if capacity > context.desired {
+                    v.proposing(capacity, format!("{text} → {} → {capacity}", context.desired))
+                } else {
+                    v.holding(ReasonCode::NoChange, format!("{text}, already there"))
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Policy {
     Step(StepPolicy),
     TargetTracking(TargetPolicy),
+    Predictive(PredictivePolicy),
 }
 
 /// What to do when no member has reported for the group's silence limit.
@@ -208,6 +300,8 @@ pub struct Verdict {
     /// Target tracking's recommendation before stabilization, to remember for later evaluations.
     #[serde(skip)]
     pub recommendation: Option<u32>,
+    /// A predictive policy that scales: the capacity its forecast needs, below which no scale-in goes.
+    pub floor: Option<u32>,
 }
 
 impl Policy {
@@ -215,6 +309,7 @@ impl Policy {
         match self {
             Policy::Step(p) => &p.name,
             Policy::TargetTracking(p) => &p.name,
+            Policy::Predictive(p) => &p.name,
         }
     }
 
@@ -222,6 +317,7 @@ impl Policy {
         match self {
             Policy::Step(p) => p.metric,
             Policy::TargetTracking(p) => p.metric,
+            Policy::Predictive(p) => p.metric,
         }
     }
 
@@ -229,6 +325,8 @@ impl Policy {
         match self {
             Policy::Step(p) => p.period_secs,
             Policy::TargetTracking(p) => p.period_secs,
+            // The load is recorded a minute at a time.
+            Policy::Predictive(_) => 60,
         }
     }
 
@@ -236,7 +334,7 @@ impl Policy {
     pub fn periods(&self) -> u32 {
         match self {
             Policy::Step(p) => p.evaluation_periods,
-            Policy::TargetTracking(_) => 1,
+            Policy::TargetTracking(_) | Policy::Predictive(_) => 1,
         }
     }
 
@@ -244,6 +342,7 @@ impl Policy {
         match self {
             Policy::Step(policy) => policy.verdict(p, context),
             Policy::TargetTracking(policy) => policy.verdict(p, context),
+            Policy::Predictive(policy) => policy.verdict(context),
         }
     }
 }
@@ -257,6 +356,7 @@ fn verdict(policy: &str, state: AlarmState, values: Vec<Option<f64>>) -> Verdict
         hold: None,
         explanation: String::new(),
         recommendation: None,
+        floor: None,
     }
 }
 

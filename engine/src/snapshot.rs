@@ -167,6 +167,8 @@ impl Snapshot {
             members,
             recommendations: Vec::new(),
             changes: Vec::new(),
+            // A snapshot carries no load history: predictive policies say they have no forecast.
+            predictions: Vec::new(),
             rollout: Rollout::default(),
         }
     }

@@ -104,6 +104,7 @@ fn group(desired: u32, members: Vec<MemberInput>) -> GroupInput {
         members,
         recommendations: Vec::new(),
         changes: Vec::new(),
+        predictions: Vec::new(),
         rollout: Rollout::default(),
     }
 }
@@ -1027,15 +1028,26 @@ fn reason_codes_have_stable_names_and_their_order_is_their_priority() {
         WithinTolerance,
         NoStep,
         NoChange,
+        ForecastOnly,
+        NoForecast,
         NoAlarm,
         Suspended,
         Limits,
         AtMax,
         AtMin,
         InCooldown,
+        Forecast,
         Policy,
         NoPolicies,
     ];
+    // Every code is in the list above: a new one fails to compile here until it is added.
+    for code in all {
+        match code {
+            InsufficientData | Warming | Stabilizing | RateLimited | ScaleInDisabled | WithinTolerance | NoStep
+            | NoChange | ForecastOnly | NoForecast | NoAlarm | Suspended | Limits | AtMax | AtMin | InCooldown
+            | Forecast | Policy | NoPolicies => {}
+        }
+    }
     for code in all {
         assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
     }
@@ -1044,7 +1056,8 @@ fn reason_codes_have_stable_names_and_their_order_is_their_priority() {
     assert_eq!(
         names.join(" "),
         "insufficient_data warming stabilizing rate_limited scale_in_disabled within_tolerance no_step \
-         no_change no_alarm suspended limits at_max at_min in_cooldown policy no_policies"
+         no_change forecast_only no_forecast no_alarm suspended limits at_max at_min in_cooldown forecast policy \
+         no_policies"
     );
 }
 
@@ -1060,4 +1073,95 @@ fn an_evaluation_reads_as_a_sentence_per_fact() {
          policy cpu-high: avg cpu > 60%: cpu 80% over 10 s, 1 of 1 periods breaching (1 needed) → alarm → 2 → 4\n  \
          policy cpu-low: avg cpu < 20%: cpu 80% over 10 s, 0 of 1 periods breaching (1 needed) → ok"
     );
+}
+
+fn predictive(mode: PredictiveMode) -> Policy {
+    Policy::Predictive(PredictivePolicy {
+        name: "daily".into(),
+        metric: Metric::Cpu,
+        target: 50.0,
+        mode,
+        scheduling_buffer_secs: None,
+    })
+}
+
+/// A forecast whose load (sum of the members' CPU) is `now` for the buffer's minutes, then `later`.
+fn prediction(now: f64, later: f64, buffer_secs: u32) -> Prediction {
+    let minutes = (buffer_secs / 60) as usize;
+    let mut loads = vec![now; minutes];
+    loads.extend([later; 30]);
+    Prediction {
+        policy: "daily".into(),
+        forecast: Ok(forecast::Forecast {
+            made_at: NOW,
+            model: forecast::Model::Daily,
+            error: 0.04,
+            level: 1.0,
+            loads,
+        }),
+        buffer_secs,
+    }
+}
+
+#[test]
+fn a_forecast_only_policy_explains_and_does_nothing() {
+    let engine = engine(vec![predictive(PredictiveMode::ForecastOnly)]);
+    let mut g = group(2, vec![member("a", Some(40.0)), member("b", Some(40.0))]);
+    g.predictions = vec![prediction(80.0, 180.0, 300)];
+    let e = engine.evaluate(&g);
+    assert_eq!(outcome(&e), (Action::None, 2, ReasonCode::ForecastOnly));
+    assert!(
+        e.verdicts[0].explanation.contains("needs 4 at 50%"),
+        "{}",
+        e.verdicts[0].explanation
+    );
+}
+
+#[test]
+fn a_scaling_forecast_raises_capacity_a_buffer_ahead() {
+    let engine = engine(vec![predictive(PredictiveMode::ForecastAndScale)]);
+    let mut g = group(2, vec![member("a", Some(40.0)), member("b", Some(40.0))]);
+    // The load rises to 180 after 5 minutes; with a 5-minute buffer it is within the horizon now.
+    g.predictions = vec![prediction(80.0, 180.0, 300)];
+    assert_eq!(outcome(&engine.evaluate(&g)), (Action::ScaleOut, 4, ReasonCode::Policy));
+    // With the rise 50 minutes away, past a 5-minute buffer and the lookahead, nothing yet.
+    let mut far = prediction(80.0, 180.0, 3000);
+    far.buffer_secs = 300;
+    g.predictions = vec![far];
+    assert_eq!(outcome(&engine.evaluate(&g)).0, Action::None);
+    // Without a forecast it says why.
+    g.predictions = vec![Prediction {
+        forecast: Err(forecast::NoForecast::TooLittleHistory { minutes: 90 }),
+        ..prediction(0.0, 0.0, 60)
+    }];
+    let e = engine.evaluate(&g);
+    assert_eq!(e.verdicts[0].hold.as_ref().unwrap().code, ReasonCode::NoForecast);
+    assert!(
+        e.verdicts[0].explanation.contains("1.5 h of load history"),
+        "{}",
+        e.verdicts[0].explanation
+    );
+}
+
+#[test]
+fn no_scale_in_below_what_the_forecast_needs() {
+    let scaling = engine(vec![target(50.0), predictive(PredictiveMode::ForecastAndScale)]);
+    let idle = |n: usize| (0..n).map(|i| member(&format!("m{i}"), Some(5.0))).collect::<Vec<_>>();
+    // Target tracking wants 1; the forecast needs 3 (150 % of CPU at 50 %): 4 → 3, not 1.
+    let mut g = group(4, idle(4));
+    g.predictions = vec![prediction(150.0, 150.0, 60)];
+    assert_eq!(outcome(&scaling.evaluate(&g)), (Action::ScaleIn, 3, ReasonCode::Policy));
+    // At 3, the forecast holds it.
+    let mut g = group(3, idle(3));
+    g.predictions = vec![prediction(150.0, 150.0, 60)];
+    let e = scaling.evaluate(&g);
+    assert_eq!(outcome(&e), (Action::None, 3, ReasonCode::Forecast));
+    assert!(
+        e.reason.text.contains("policy daily's forecast needs 3"),
+        "{}",
+        e.reason.text
+    );
+    // Forecast-only never holds a scale-in.
+    let only = engine(vec![target(50.0), predictive(PredictiveMode::ForecastOnly)]);
+    assert_eq!(outcome(&only.evaluate(&g)), (Action::ScaleIn, 1, ReasonCode::Policy));
 }

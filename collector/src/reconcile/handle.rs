@@ -11,6 +11,7 @@ use super::{GroupController, GroupStatus};
 use crate::activity::ActivityKind;
 use crate::config::GroupConfig;
 use crate::engine::Millis;
+use crate::engine::forecast::Predictor;
 use crate::hooks::Hooks;
 use crate::model::Member;
 
@@ -416,7 +417,8 @@ impl GroupController {
         self.capacity.desired = desired;
         // Policies wait their cooldowns after an operator's change too.
         (self.memory.last_scale_out, self.memory.last_scale_in) = (Some(now), Some(now));
-        let plan = self.engine.converge(&self.group_input(now));
+        let input = self.group_input(now);
+        let plan = self.engine.converge(&input);
         self.converge(plan, now, "an operator set desired capacity").await;
         Ok(())
     }
@@ -473,6 +475,10 @@ impl GroupController {
     /// get the new interval and health check.
     pub(super) async fn reconfigure(&mut self, config: GroupConfig) {
         self.engine = config.engine();
+        // A changed policy list starts its predictive history afresh (the store keeps no history yet).
+        if Predictor::new(&self.engine).policy_count() != self.predictor.policy_count() {
+            self.predictor = Predictor::new(&self.engine);
+        }
         self.schedules = config.scheduled_actions();
         self.hooks = Hooks::new(&config.name, config.lifecycle_hooks.clone());
         (self.capacity.min_size, self.capacity.max_size) = (config.min_size, config.max_size);

@@ -18,6 +18,7 @@ use crate::activity::ActivityLog;
 use crate::clock::Clock;
 use crate::config::GroupConfig;
 pub use crate::engine::MemberState;
+use crate::engine::forecast::Predictor;
 use crate::engine::schedule::ScheduledAction;
 use crate::engine::{Capacity, Engine, Millis, ScalingMemory};
 use crate::explain::ExplanationLog;
@@ -111,6 +112,8 @@ pub struct GroupController {
     /// Members launched so far: the next member id's number.
     launches: u64,
     schedules: Vec<ScheduledAction>,
+    /// Predictive policies' load history and forecasts.
+    predictor: Predictor,
     suspended: Suspended,
     hooks: Hooks,
     /// The fingerprint of the provider settings new members are launched with.
@@ -161,6 +164,7 @@ impl GroupController {
         deps: Dependencies,
     ) -> Result<(Self, GroupHandle, mpsc::Receiver<Command>), crate::store::StoreError> {
         let engine = config.engine();
+        let predictor = Predictor::new(&engine);
         let schedules = config.scheduled_actions();
         let (min_size, max_size) = (config.min_size, config.max_size);
         let hooks = Hooks::new(&config.name, config.lifecycle_hooks.clone());
@@ -202,6 +206,7 @@ impl GroupController {
             observed: HashMap::new(),
             launches: saved.launches,
             schedules,
+            predictor,
             suspended: Suspended(saved.suspended),
             hooks,
             launch_spec: spec,

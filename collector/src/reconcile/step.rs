@@ -48,7 +48,10 @@ impl GroupController {
         let Plan {
             mut evaluation,
             convergence,
-        } = self.engine.plan(&self.group_input(now));
+        } = {
+            let input = self.group_input(now);
+            self.engine.plan(&input)
+        };
         // A scale-out's record says what the new members boot with (an EC2 template's user data is read
         // here, and the launches use what was read).
         if evaluation.action == Action::ScaleOut && self.config.user_data_rules().is_some() {
@@ -75,8 +78,9 @@ impl GroupController {
         self.refresh_status().await;
     }
 
-    /// The group as the engine sees it now.
-    pub(super) fn group_input(&self, now: Millis) -> GroupInput {
+    /// The group as the engine sees it now (its predictive policies' history and forecasts brought up to
+    /// date on the way).
+    pub(super) fn group_input(&mut self, now: Millis) -> GroupInput {
         let rollout = Rollout {
             max_surge: self.config.max_surge,
             launch: now >= self.clocks.next_launch_at && !self.suspended.has(Process::Launch),
@@ -85,12 +89,16 @@ impl GroupController {
             refresh: self.refresh,
         };
         let suspended = self.suspended.has(Process::Decide);
+        let members = self.member_inputs();
+        self.predictor.observe(&self.engine, now, &members);
+        let predictions = self.predictor.predictions();
         GroupInput::new(
             now,
             &self.capacity,
             &self.memory,
             suspended,
-            self.member_inputs(),
+            members,
+            predictions,
             rollout,
         )
     }
@@ -272,6 +280,7 @@ impl GroupController {
 
     /// Warns once per setting when members take longer from launch to healthy than the setting allows.
     pub(super) fn check_boot_time(&mut self, took_ms: Millis) {
+        self.predictor.boot_measured(took_ms);
         let took = took_ms / 1000;
         let settings = [
             ("scale_out_cooldown_secs", self.engine.scale_out_cooldown_secs),

@@ -6,6 +6,7 @@
 
 use super::fleet::Fleet;
 use crate::config::GroupConfig;
+use crate::engine::forecast::Predictor;
 use crate::engine::schedule::ScheduledAction;
 use crate::engine::{
     Capacity, Engine, GroupInput, HealthRun, Means, MemberInput, MemberState, Metric, Millis, Plan, Rollout,
@@ -31,6 +32,7 @@ pub struct EbbGroup {
     memory: ScalingMemory,
     schedules: Vec<ScheduledAction>,
     schedules_checked: Option<Millis>,
+    predictor: Predictor,
     max_surge: u32,
     next_launch_at: Millis,
     started_at: Millis,
@@ -54,6 +56,7 @@ impl EbbGroup {
         }
         let desired = initial.clamp(config.min_size, config.max_size);
         let start = fleet.start;
+        let predictor = Predictor::new(&engine);
         fleet.desired = desired;
         let members = (1..=desired)
             .map(|n| {
@@ -77,6 +80,7 @@ impl EbbGroup {
                 desired,
             },
             memory: ScalingMemory::default(),
+            predictor,
             schedules: config.scheduled_actions(),
             schedules_checked: None,
             max_surge: config.max_surge,
@@ -92,10 +96,11 @@ impl EbbGroup {
     pub fn step(&mut self, now: Millis) {
         self.run_schedules(now);
         self.admit_healthy_members(now);
+        let input = self.group_input(now);
         let Plan {
             evaluation,
             convergence,
-        } = self.engine.plan(&self.group_input(now));
+        } = self.engine.plan(&input);
         for change in &evaluation.health {
             if let Some(member) = self.members.iter_mut().find(|m| m.id == change.member) {
                 member.unhealthy = change.unhealthy;
@@ -136,6 +141,7 @@ impl EbbGroup {
                 continue;
             };
             if instance.ready <= now {
+                self.predictor.boot_measured(now - member.launched);
                 member.state = MemberState::InService;
                 member.in_service_since = Some(now);
                 instance.serving_since = Some(now);
@@ -143,9 +149,9 @@ impl EbbGroup {
         }
     }
 
-    fn group_input(&self, now: Millis) -> GroupInput {
+    fn group_input(&mut self, now: Millis) -> GroupInput {
         let windows = self.engine.windows(now);
-        let members = self
+        let members: Vec<MemberInput> = self
             .members
             .iter()
             .map(|member| {
@@ -193,7 +199,9 @@ impl EbbGroup {
             launch: now >= self.next_launch_at,
             ..Rollout::default()
         };
-        GroupInput::new(now, &self.capacity, &self.memory, false, members, rollout)
+        self.predictor.observe(&self.engine, now, &members);
+        let predictions = self.predictor.predictions();
+        GroupInput::new(now, &self.capacity, &self.memory, false, members, predictions, rollout)
     }
 
     /// Launches `count` members at once; `false` if any launch call failed.

@@ -565,6 +565,108 @@ mod tests {
         assert!(ebb.flaps <= 3, "{}", report.table());
     }
 
+    /// `days` of a working day: 200 at night, up to 2,000 within ten minutes at 08:00, down at 18:00; or,
+    /// without a pattern, a level drawn afresh every hour.
+    fn working_days(days: i64, patterned: bool) -> Trace {
+        let mut state = 5u64;
+        let mut level = 1000.0;
+        let text: String = (0..=days * 1440)
+            .map(|minute: i64| {
+                let hour = (minute % 1440) as f64 / 60.0;
+                let demand = if patterned {
+                    let up = ((hour - 8.0) * 6.0).clamp(0.0, 1.0);
+                    let down = ((18.0 - hour) * 6.0).clamp(0.0, 1.0);
+                    200.0 + 1800.0 * up.min(down)
+                } else {
+                    if minute % 60 == 0 {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        level = 200.0 + 1800.0 * ((state >> 33) as f64 / (1u64 << 31) as f64);
+                    }
+                    level
+                };
+                format!("{},{demand:.1}\n", minute * 60)
+            })
+            .collect();
+        Trace::parse(&text, 1.0).unwrap()
+    }
+
+    /// The test group with a predictive policy beside its target tracking.
+    fn predictive_group(mode: &str) -> GroupConfig {
+        let mut config = group();
+        config.max_size = 60;
+        let text = format!(
+            "[[groups]]\nname = \"web\"\nmin_size = 1\nmax_size = 60\n[groups.provider]\ntype = \"local\"\n\
+             [groups.load_balancer]\ntype = \"builtin\"\nlisten = \"127.0.0.1:0\"\n[[groups.policies]]\n\
+             name = \"daily\"\ntype = \"predictive\"\nmetric = \"cpu\"\ntarget = 50.0\nmode = \"{mode}\"\n"
+        );
+        let predictive = crate::config::parse(std::path::Path::new("t.toml"), &text)
+            .unwrap()
+            .groups[0]
+            .policies
+            .remove(0);
+        config.policies.push(predictive);
+        config
+    }
+
+    fn with_boot(secs: f64) -> Options {
+        let mut options = options(&[]);
+        options.cloud.boot_secs = secs;
+        options
+    }
+
+    #[test]
+    fn predictive_scaling_launches_ahead_of_a_daily_ramp() {
+        let trace = working_days(3, true);
+        let mut reactive_group = group();
+        reactive_group.max_size = 60;
+        let reactive = simulate(&reactive_group, &trace, &with_boot(300.0)).unwrap();
+        let predictive = simulate(&predictive_group("forecast_and_scale"), &trace, &with_boot(300.0)).unwrap();
+        // On the third day the forecast (two days of history) has members in service as the ramp starts.
+        let step = |day: i64, hour: f64| ((day as f64 * 24.0 + hour) * 360.0) as usize;
+        let before_ramp = step(2, 8.0);
+        assert!(
+            predictive.timelines.serving[0][before_ramp] > 2 * reactive.timelines.serving[0][before_ramp],
+            "{} vs {}",
+            predictive.timelines.serving[0][before_ramp],
+            reactive.timelines.serving[0][before_ramp]
+        );
+        let short = |report: &Report| {
+            report.timelines.demand[step(2, 0.0)..]
+                .iter()
+                .zip(&report.timelines.serving[0][step(2, 0.0)..])
+                .filter(|(d, s)| **d > f64::from(**s) * 100.0)
+                .count()
+        };
+        assert!(
+            short(&predictive) < short(&reactive),
+            "{} vs {}",
+            short(&predictive),
+            short(&reactive)
+        );
+        // The first two days it had too little history, or had just learnt: the same as reactive.
+        assert_eq!(
+            predictive.timelines.serving[0][..step(1, 0.0)],
+            reactive.timelines.serving[0][..step(1, 0.0)]
+        );
+    }
+
+    #[test]
+    fn predictive_scaling_stays_out_of_the_way_without_a_pattern_or_history() {
+        let trace = working_days(3, false);
+        let mut reactive_group = group();
+        reactive_group.max_size = 60;
+        let reactive = simulate(&reactive_group, &trace, &with_boot(300.0)).unwrap();
+        let predictive = simulate(&predictive_group("forecast_and_scale"), &trace, &with_boot(300.0)).unwrap();
+        assert_eq!(predictive.timelines.serving[0], reactive.timelines.serving[0]);
+        // Forecast-only never changes anything, pattern or not.
+        let patterned = working_days(3, true);
+        let only = simulate(&predictive_group("forecast_only"), &patterned, &with_boot(300.0)).unwrap();
+        let reactive = simulate(&reactive_group, &patterned, &with_boot(300.0)).unwrap();
+        assert_eq!(only.timelines.serving[0], reactive.timelines.serving[0]);
+    }
+
     #[test]
     fn what_cannot_be_simulated_is_refused_with_the_reason() {
         let unknown = simulate(&group(), &plateau(), &options(&["nomad"])).unwrap_err();
