@@ -48,11 +48,25 @@ pub struct ScalingMemory {
 impl ScalingMemory {
     /// Remembers `evaluation`: its recommendations always; when its change of desired capacity is `taken`
     /// (not a dry run), when the group scaled and, for a policy's change, by how much.
+    ///
+    /// A recommendation equal to the policy's previous one only moves that one's time forward: a window
+    /// holds one of them exactly when it holds the latest, so stabilization decides the same, and a steady
+    /// group remembers a handful of recommendations instead of one per evaluation for an hour.
     pub fn remember(&mut self, evaluation: &Evaluation, taken: bool) {
         let now = evaluation.at;
         let horizon = now - MEMORY_MS;
         self.recommendations.retain(|r| r.at > horizon);
-        self.recommendations.extend(evaluation.recommendations.iter().cloned());
+        for recommendation in &evaluation.recommendations {
+            let previous = self
+                .recommendations
+                .iter_mut()
+                .rev()
+                .find(|r| r.policy == recommendation.policy);
+            match previous {
+                Some(previous) if previous.capacity == recommendation.capacity => previous.at = recommendation.at,
+                _ => self.recommendations.push(recommendation.clone()),
+            }
+        }
         self.changes.retain(|c| c.at > horizon);
         let (from, to) = (evaluation.desired_before, evaluation.desired);
         if !taken || from == to {
@@ -162,6 +176,15 @@ mod tests {
                 to: 3
             }]
         );
+        // The same recommendation again moves the remembered one's time; a different one is added.
+        evaluation.at = 20_000;
+        evaluation.recommendations[0].at = 20_000;
+        memory.remember(&evaluation, false);
+        assert_eq!(memory.recommendations.len(), 1);
+        assert_eq!(memory.recommendations[0].at, 20_000);
+        evaluation.recommendations[0].capacity = 4;
+        memory.remember(&evaluation, false);
+        assert_eq!(memory.recommendations.len(), 2);
         // An hour on, what was remembered is forgotten.
         evaluation.at += MEMORY_MS;
         evaluation.recommendations.clear();

@@ -137,7 +137,7 @@ impl EbbGroup {
             if member.state != MemberState::Pending || member.unhealthy {
                 continue;
             }
-            let Some(instance) = self.fleet.instances.iter_mut().find(|i| i.id == member.instance) else {
+            let Some(instance) = self.fleet.instance_mut(member.instance) else {
                 continue;
             };
             if instance.ready <= now {
@@ -155,7 +155,7 @@ impl EbbGroup {
             .members
             .iter()
             .map(|member| {
-                let instance = self.fleet.instances.iter().find(|i| i.id == member.instance);
+                let instance = self.fleet.instance(member.instance);
                 let booted = instance.is_some_and(|i| i.ready <= now);
                 let means = windows
                     .iter()

@@ -163,9 +163,20 @@ impl Fleet {
         self.next_id
     }
 
+    /// Instance `id`, if it runs (instances are kept in launch order, so by id).
+    pub fn instance(&self, id: u64) -> Option<&Instance> {
+        let index = self.instances.binary_search_by_key(&id, |i| i.id).ok()?;
+        Some(&self.instances[index])
+    }
+
+    pub fn instance_mut(&mut self, id: u64) -> Option<&mut Instance> {
+        let index = self.instances.binary_search_by_key(&id, |i| i.id).ok()?;
+        Some(&mut self.instances[index])
+    }
+
     /// Takes instance `id` out of the load balancer; it is terminated at the next step.
     pub fn leave(&mut self, id: u64, now: Millis) {
-        if let Some(instance) = self.instances.iter_mut().find(|i| i.id == id) {
+        if let Some(instance) = self.instance_mut(id) {
             instance.leaving_since.get_or_insert(now);
         }
     }
