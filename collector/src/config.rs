@@ -1616,10 +1616,9 @@ systemctl start httpd
             ),
             ("target = 50.0\nmode = \"guess\"", "unknown variant `guess`"),
         ] {
-            let error = parse(Path::new("c.toml"), &group(keys)).unwrap_err().to_string();
-            let problems = match parse(Path::new("c.toml"), &group(keys)) {
-                Err(ConfigError::Invalid { problems, .. }) => problems.join("\n"),
-                _ => error,
+            let problems = match parse(Path::new("c.toml"), &group(keys)).unwrap_err() {
+                ConfigError::Invalid { problems, .. } => problems.join("\n"),
+                other => other.to_string(),
             };
             assert!(problems.contains(expected), "{keys}: {problems}");
         }

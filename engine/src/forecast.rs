@@ -13,15 +13,16 @@ use std::collections::VecDeque;
 
 use serde::Serialize;
 
-use crate::{Engine, MemberInput, MemberState, Millis, Policy, Prediction};
+use crate::{Engine, MemberInput, MemberState, Metric, Millis, Policy, Prediction};
 
 pub const MINUTE_MS: Millis = 60_000;
 const DAY_MINUTES: i64 = 1440;
 const WEEK_MINUTES: i64 = 7 * DAY_MINUTES;
 /// History kept: two weeks and a day, enough for the weekly model's two weeks back.
 pub const HISTORY_MINUTES: i64 = 2 * WEEK_MINUTES + DAY_MINUTES;
-/// The history a forecast needs.
-pub const MIN_HISTORY_MINUTES: i64 = DAY_MINUTES;
+/// The history a forecast needs: a day to predict from, and half a day more the models are judged on
+/// ([`Model::error`] needs half of the last day predicted).
+pub const MIN_HISTORY_MINUTES: i64 = DAY_MINUTES + DAY_MINUTES / 2;
 /// The largest error on the last day (absolute error over load, summed) a model may have and forecast.
 pub const MAX_ERROR: f64 = 0.2;
 /// The last half hour's level against the model's is followed within these bounds.
@@ -161,7 +162,8 @@ impl std::fmt::Display for NoForecast {
         match self {
             NoForecast::TooLittleHistory { minutes } => write!(
                 f,
-                "no forecast yet: {:.1} h of load history, a forecast needs 24 h",
+                "no forecast yet: {:.1} h of load history, a forecast needs 36 h (a day to learn from, half a \
+                 day to judge it on)",
                 *minutes as f64 / 60.0
             ),
             NoForecast::NoPattern { error: Some(error) } => write!(
@@ -249,7 +251,10 @@ type Choice = Result<(Model, f64), NoForecast>;
 
 #[derive(Debug, Clone)]
 struct PolicyState {
-    index: usize,
+    /// The predictive policy's name and the metric its load is measured in: a reload that keeps both
+    /// keeps the history.
+    name: String,
+    metric: Metric,
     history: LoadHistory,
     /// The hour the model was chosen, and the choice.
     model: Option<(i64, Choice)>,
@@ -262,27 +267,38 @@ pub const DEFAULT_BUFFER_SECS: u32 = 300;
 impl Predictor {
     /// For the engine's predictive policies (none: nothing to do).
     pub fn new(engine: &Engine) -> Self {
-        let policies = engine
-            .policies
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| matches!(p, Policy::Predictive(_)))
-            .map(|(index, _)| PolicyState {
-                index,
-                history: LoadHistory::default(),
-                model: None,
-                prediction: None,
-            })
-            .collect();
-        Predictor {
-            policies,
-            ..Predictor::default()
-        }
+        let mut predictor = Predictor::default();
+        predictor.follow(engine);
+        predictor
     }
 
-    /// How many predictive policies it follows.
-    pub fn policy_count(&self) -> usize {
-        self.policies.len()
+    /// Follows the predictive policies of `engine` (a reloaded configuration): a policy of the same name
+    /// and metric keeps its history; its forecast is made again at the next observation, with the new
+    /// settings.
+    pub fn follow(&mut self, engine: &Engine) {
+        let mut old = std::mem::take(&mut self.policies);
+        self.policies = engine
+            .policies
+            .iter()
+            .filter_map(|policy| match policy {
+                Policy::Predictive(p) => Some(p),
+                _ => None,
+            })
+            .map(|policy| {
+                let kept = old
+                    .iter()
+                    .position(|s| s.name == policy.name && s.metric == policy.metric)
+                    .map(|i| old.swap_remove(i).history);
+                PolicyState {
+                    name: policy.name.clone(),
+                    metric: policy.metric,
+                    history: kept.unwrap_or_default(),
+                    model: None,
+                    prediction: None,
+                }
+            })
+            .collect();
+        self.last_minute = None;
     }
 
     /// A member took this long from launch to in service.
@@ -299,30 +315,39 @@ impl Predictor {
         }
         self.last_minute = Some(minute);
         for state in &mut self.policies {
-            let Policy::Predictive(policy) = &engine.policies[state.index] else {
+            let found = engine
+                .policies
+                .iter()
+                .enumerate()
+                .find_map(|(index, policy)| match policy {
+                    Policy::Predictive(p) if p.name == state.name => Some((index, p)),
+                    _ => None,
+                });
+            let Some((index, policy)) = found else {
                 continue;
             };
             let serving = members
                 .iter()
                 .filter(|m| m.state == MemberState::InService && !m.unhealthy);
-            let measured: Vec<f64> = serving.filter_map(|m| m.means.get(state.index, 0)).collect();
+            let measured: Vec<f64> = serving.filter_map(|m| m.means.get(index, 0)).collect();
             if !measured.is_empty() {
                 state.history.record(now - MINUTE_MS, measured.iter().sum());
             }
             let hour = minute.div_euclid(60);
-            if state.model.as_ref().is_none_or(|(at, _)| *at != hour) {
-                state.model = Some((hour, choose_model(&state.history, now)));
-            }
+            let choice = match &state.model {
+                Some((at, choice)) if *at == hour => choice.clone(),
+                _ => {
+                    let choice = choose_model(&state.history, now);
+                    state.model = Some((hour, choice.clone()));
+                    choice
+                }
+            };
             let buffer_secs = policy
                 .scheduling_buffer_secs
                 .or(self.boot_secs)
                 .unwrap_or(DEFAULT_BUFFER_SECS);
             let minutes = policy.horizon_minutes(buffer_secs);
-            let forecast = match state.model.as_ref().map(|(_, m)| m.clone()) {
-                Some(Ok((model, error))) => Ok(forecast_with(&state.history, now, minutes, model, error)),
-                Some(Err(why)) => Err(why),
-                None => Err(NoForecast::NoPattern { error: None }),
-            };
+            let forecast = choice.map(|(model, error)| forecast_with(&state.history, now, minutes, model, error));
             state.prediction = Some(Prediction {
                 policy: policy.name.clone(),
                 forecast,
@@ -380,17 +405,27 @@ mod tests {
     }
 
     #[test]
-    fn a_day_of_history_is_needed() {
+    fn a_day_and_a_half_of_history_is_needed() {
         let short = history(0, 1.0, 0.0);
         assert!(matches!(
             forecast(&short, 0, 60),
             Err(NoForecast::TooLittleHistory { minutes: 0 })
         ));
-        let almost = history(1, 1.0, 0.0);
-        let mut almost = almost.clone();
-        almost.loads.pop_back();
-        let error = forecast(&almost, DAY_MINUTES * MINUTE_MS, 60).unwrap_err();
-        assert!(error.to_string().contains("24.0 h of load history") || error.to_string().contains("needs 24 h"));
+        let mut almost = history(2, 1.0, 0.0);
+        while almost.span_minutes() >= MIN_HISTORY_MINUTES {
+            almost.loads.pop_back();
+        }
+        let now = almost.span_minutes() * MINUTE_MS;
+        let error = forecast(&almost, now, 60).unwrap_err();
+        assert_eq!(error, NoForecast::TooLittleHistory { minutes: 2159 });
+        assert!(
+            error
+                .to_string()
+                .contains("36.0 h of load history, a forecast needs 36 h"),
+            "{error}"
+        );
+        almost.record(now, 100.0);
+        assert!(forecast(&almost, now + MINUTE_MS, 60).is_ok());
     }
 
     #[test]

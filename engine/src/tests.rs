@@ -1165,3 +1165,35 @@ fn no_scale_in_below_what_the_forecast_needs() {
     let only = engine(vec![target(50.0), predictive(PredictiveMode::ForecastOnly)]);
     assert_eq!(outcome(&only.evaluate(&g)), (Action::ScaleIn, 1, ReasonCode::Policy));
 }
+
+#[test]
+fn a_reload_keeps_a_predictive_policys_history_by_name_wherever_it_moves() {
+    let members = vec![member("a", Some(40.0)), member("b", Some(40.0))];
+    let before = engine(vec![target(50.0), predictive(PredictiveMode::ForecastAndScale)]);
+    let mut predictor = forecast::Predictor::new(&before);
+    let minute = 60 * SEC;
+    for m in 0..37 * 60 {
+        predictor.observe(&before, m * minute, &members);
+    }
+    let has_forecast = |p: &forecast::Predictor| p.predictions()[0].forecast.is_ok();
+    assert!(has_forecast(&predictor), "{:?}", predictor.predictions());
+    // Reloaded with the target-tracking policy gone: the predictive one is now first, its history kept.
+    let after = engine(vec![predictive(PredictiveMode::ForecastAndScale)]);
+    predictor.follow(&after);
+    predictor.observe(&after, 37 * 60 * minute, &members);
+    assert!(has_forecast(&predictor), "{:?}", predictor.predictions());
+    // Renamed, it is another policy: it learns from the start.
+    let renamed = engine(vec![Policy::Predictive(PredictivePolicy {
+        name: "weekly".into(),
+        metric: Metric::Cpu,
+        target: 50.0,
+        mode: PredictiveMode::ForecastAndScale,
+        scheduling_buffer_secs: None,
+    })]);
+    predictor.follow(&renamed);
+    predictor.observe(&renamed, 37 * 60 * minute + minute, &members);
+    assert!(matches!(
+        predictor.predictions()[0].forecast,
+        Err(forecast::NoForecast::TooLittleHistory { .. })
+    ));
+}

@@ -101,3 +101,76 @@ fn group_and_policy_names_are_limited_in_length_and_characters() {
         );
     }
 }
+
+/// `simulate` of the recommended web group on `trace`, with `extra` arguments.
+fn simulate(trace: &str, extra: &[&str]) -> (bool, String) {
+    let config = examples_dir().join("web-recommended.toml");
+    let args = [
+        &[
+            "simulate",
+            "--config",
+            config.to_str().unwrap(),
+            "--group",
+            "web",
+            "--member-capacity",
+            "100",
+            "--trace",
+            trace,
+        ][..],
+        extra,
+    ]
+    .concat();
+    run(&args)
+}
+
+#[test]
+fn simulate_reads_an_operators_trace_and_refuses_what_it_cannot_use() {
+    let (ok, text) = simulate("/dev/zero", &[]);
+    assert!(!ok && text.contains("not a regular file"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "time,demand\n0,100\n60,lots\n").unwrap();
+    let (ok, text) = simulate(bad.to_str().unwrap(), &[]);
+    assert!(!ok && text.contains("line 3: demand `lots` is not a number"), "{text}");
+    // A day of demand stepping up and down: the JSON has a record per policy, the SVG is written.
+    let trace = dir.path().join("day.csv");
+    let text: String = (0..=1440)
+        .map(|minute| {
+            format!(
+                "{},{}\n",
+                minute * 60,
+                if (480..1080).contains(&minute) { 1500 } else { 300 }
+            )
+        })
+        .collect();
+    std::fs::write(&trace, text).unwrap();
+    let chart = dir.path().join("day.svg");
+    let (ok, out) = simulate(
+        trace.to_str().unwrap(),
+        &["--compare", "all", "--json", "--svg", chart.to_str().unwrap()],
+    );
+    assert!(ok, "{out}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = json["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["policy"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "ebb:web",
+            "ec2-target",
+            "ec2-step",
+            "heat",
+            "k5",
+            "ssh-scale",
+            "hpa",
+            "oracle"
+        ]
+    );
+    assert!(std::fs::read_to_string(&chart).unwrap().starts_with("<svg"));
+    let (ok, text) = simulate(trace.to_str().unwrap(), &["--compare", "nomad"]);
+    assert!(!ok && text.contains("no anchor `nomad`"), "{text}");
+}

@@ -11,7 +11,6 @@ use super::{GroupController, GroupStatus};
 use crate::activity::ActivityKind;
 use crate::config::GroupConfig;
 use crate::engine::Millis;
-use crate::engine::forecast::Predictor;
 use crate::hooks::Hooks;
 use crate::model::Member;
 
@@ -475,10 +474,7 @@ impl GroupController {
     /// get the new interval and health check.
     pub(super) async fn reconfigure(&mut self, config: GroupConfig) {
         self.engine = config.engine();
-        // A changed policy list starts its predictive history afresh (the store keeps no history yet).
-        if Predictor::new(&self.engine).policy_count() != self.predictor.policy_count() {
-            self.predictor = Predictor::new(&self.engine);
-        }
+        self.predictor.follow(&self.engine);
         self.schedules = config.scheduled_actions();
         self.hooks = Hooks::new(&config.name, config.lifecycle_hooks.clone());
         (self.capacity.min_size, self.capacity.max_size) = (config.min_size, config.max_size);

@@ -27,12 +27,22 @@ pub trait Anchor {
 /// The anchor `name` (one of [`NAMES`]).
 pub fn anchor(name: &str) -> Option<Box<dyn Anchor>> {
     Some(match name {
-        "ec2-target" => Box::new(Ec2TargetTracking::default()),
-        "ec2-step" => Box::new(Ec2StepScaling::default()),
+        "ec2-target" => Box::new(Ec2TargetTracking {
+            minute: Every::new(MINUTE_MS),
+            datapoints: Vec::new(),
+        }),
+        "ec2-step" => Box::new(Ec2StepScaling {
+            minute: Every::new(MINUTE_MS),
+        }),
         "heat" => Box::new(Alarms::heat()),
         "k5" => Box::new(Alarms::k5()),
-        "ssh-scale" => Box::new(SshScale::default()),
-        "hpa" => Box::new(Hpa::default()),
+        "ssh-scale" => Box::new(SshScale {
+            cron: Every::new(MINUTE_MS),
+        }),
+        "hpa" => Box::new(Hpa {
+            sync: Every::new(15_000),
+            recommendations: Vec::new(),
+        }),
         _ => return None,
     })
 }
@@ -43,19 +53,18 @@ pub fn anchor(name: &str) -> Option<Box<dyn Anchor>> {
 pub fn step(anchor: &mut dyn Anchor, fleet: &mut Fleet, now: Millis, (min, max): (u32, u32)) {
     let desired = anchor.decide(now, fleet, fleet.desired).clamp(min, max);
     fleet.set_desired(desired, now);
-    let live: Vec<(u64, bool, Millis)> = fleet
-        .instances
-        .iter()
-        .filter(|i| i.leaving_since.is_none())
-        .map(|i| (i.id, i.serving_since.is_some(), i.launched))
-        .collect();
-    let count = live.len() as u32;
+    let count = fleet.instances.iter().filter(|i| i.leaving_since.is_none()).count() as u32;
     if desired > count {
         for _ in count..desired {
             fleet.launch(now);
         }
     } else if desired < count {
-        let mut surplus = live;
+        let mut surplus: Vec<(u64, bool, Millis)> = fleet
+            .instances
+            .iter()
+            .filter(|i| i.leaving_since.is_none())
+            .map(|i| (i.id, i.serving_since.is_some(), i.launched))
+            .collect();
         surplus.sort_by_key(|&(id, serving, launched)| (serving, std::cmp::Reverse(launched), std::cmp::Reverse(id)));
         for (id, _, _) in surplus.into_iter().take((count - desired) as usize) {
             fleet.leave(id, now);
@@ -118,15 +127,6 @@ pub struct Ec2TargetTracking {
     datapoints: Vec<Option<f64>>,
 }
 
-impl Default for Ec2TargetTracking {
-    fn default() -> Self {
-        Ec2TargetTracking {
-            minute: Every::new(MINUTE_MS),
-            datapoints: Vec::new(),
-        }
-    }
-}
-
 const EC2_WARMUP_MS: Millis = 300_000;
 
 impl Anchor for Ec2TargetTracking {
@@ -168,14 +168,6 @@ impl Anchor for Ec2TargetTracking {
 #[derive(Debug)]
 pub struct Ec2StepScaling {
     minute: Every,
-}
-
-impl Default for Ec2StepScaling {
-    fn default() -> Self {
-        Ec2StepScaling {
-            minute: Every::new(MINUTE_MS),
-        }
-    }
 }
 
 /// EC2's rounding of a percentage change: below one instance is one, above it rounds down.
@@ -286,14 +278,6 @@ pub struct SshScale {
     cron: Every,
 }
 
-impl Default for SshScale {
-    fn default() -> Self {
-        SshScale {
-            cron: Every::new(MINUTE_MS),
-        }
-    }
-}
-
 impl Anchor for SshScale {
     fn describe(&self) -> &'static str {
         "ssh_scale.py: cron each minute, one VM's load1 > 2 +1, < 1 -1"
@@ -318,15 +302,6 @@ impl Anchor for SshScale {
 pub struct Hpa {
     sync: Every,
     recommendations: Vec<(Millis, u32)>,
-}
-
-impl Default for Hpa {
-    fn default() -> Self {
-        Hpa {
-            sync: Every::new(15_000),
-            recommendations: Vec::new(),
-        }
-    }
 }
 
 impl Anchor for Hpa {
@@ -378,10 +353,7 @@ mod tests {
     /// after each minute.
     fn run(name: &str, serving: u32, demand: impl Fn(Millis) -> f64, minutes: i64) -> Vec<u32> {
         let mut anchor = anchor(name).unwrap();
-        let mut fleet = Fleet::new(model(), 0, STEP, serving);
-        for _ in 0..serving {
-            fleet.add_serving(-3_600_000);
-        }
+        let mut fleet = Fleet::settled(model(), 0, STEP, serving);
         let mut desired = Vec::new();
         for k in 0..minutes * 6 {
             let now = k * STEP;

@@ -4,7 +4,7 @@
 //! members admitted once their agent reports them healthy, drained and terminated as victims or
 //! replaced members.
 
-use super::fleet::Fleet;
+use super::fleet::{Fleet, SETTLED_MS};
 use crate::config::GroupConfig;
 use crate::engine::forecast::Predictor;
 use crate::engine::schedule::ScheduledAction;
@@ -42,9 +42,8 @@ pub struct EbbGroup {
 }
 
 impl EbbGroup {
-    /// The group as configured, starting at `fleet.start` with `initial` members already serving (a
-    /// simulation judges scaling, not the first boot).
-    pub fn new(config: &GroupConfig, mut fleet: Fleet, initial: u32) -> Result<Self, String> {
+    /// The group as configured, its members the instances `fleet` starts with.
+    pub fn new(config: &GroupConfig, fleet: Fleet) -> Result<Self, String> {
         let engine = config.engine();
         if let Some(policy) = engine.policies.iter().find(|p| !Fleet::models(p.metric())) {
             return Err(format!(
@@ -54,22 +53,19 @@ impl EbbGroup {
                 policy.metric().name()
             ));
         }
-        let desired = initial.clamp(config.min_size, config.max_size);
-        let start = fleet.start;
         let predictor = Predictor::new(&engine);
-        fleet.desired = desired;
-        let members = (1..=desired)
-            .map(|n| {
-                let since = start - 3_600_000;
-                Member {
-                    id: format!("m-{n}"),
-                    instance: fleet.add_serving(since),
-                    state: MemberState::InService,
-                    launched: since,
-                    in_service_since: Some(since),
-                    unhealthy: false,
-                    replacing: false,
-                }
+        let members: Vec<Member> = fleet
+            .instances
+            .iter()
+            .enumerate()
+            .map(|(n, instance)| Member {
+                id: format!("m-{}", n + 1),
+                instance: instance.id,
+                state: MemberState::InService,
+                launched: instance.launched,
+                in_service_since: instance.serving_since,
+                unhealthy: false,
+                replacing: false,
             })
             .collect();
         Ok(EbbGroup {
@@ -77,16 +73,16 @@ impl EbbGroup {
             capacity: Capacity {
                 min_size: config.min_size,
                 max_size: config.max_size,
-                desired,
+                desired: fleet.desired,
             },
             memory: ScalingMemory::default(),
             predictor,
             schedules: config.scheduled_actions(),
             schedules_checked: None,
             max_surge: config.max_surge,
-            next_launch_at: start,
-            started_at: start - 3_600_000,
-            launches: u64::from(desired),
+            next_launch_at: fleet.start,
+            started_at: fleet.start - SETTLED_MS,
+            launches: members.len() as u64,
             members,
             fleet,
         })

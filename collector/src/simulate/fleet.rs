@@ -88,6 +88,9 @@ fn uniform(random: &mut Pcg64Mcg) -> f64 {
     (random.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// How long a fleet's starting instances have served when a simulation starts.
+pub const SETTLED_MS: Millis = 3_600_000;
+
 /// Load averages decay over 1, 5 and 15 minutes, as the kernel's do.
 const LOAD_MINUTES: [f64; 3] = [1.0, 5.0, 15.0];
 /// Past this many times its capacity, an instance's queue is not modelled further.
@@ -150,17 +153,22 @@ impl Fleet {
         Some(self.next_id)
     }
 
-    /// An instance serving since `at`, before the simulation starts: the group's starting capacity.
-    pub fn add_serving(&mut self, at: Millis) -> u64 {
-        self.next_id += 1;
-        self.instances.push(Instance {
-            id: self.next_id,
-            launched: at,
-            ready: at,
-            serving_since: Some(at),
-            leaving_since: None,
-        });
-        self.next_id
+    /// A fleet whose group starts with `initial` instances that have served for [`SETTLED_MS`] (a
+    /// simulation judges scaling, not the first boot).
+    pub fn settled(model: CloudModel, start: Millis, step_ms: Millis, initial: u32) -> Self {
+        let mut fleet = Fleet::new(model, start, step_ms, initial);
+        for _ in 0..initial {
+            fleet.next_id += 1;
+            let since = start - SETTLED_MS;
+            fleet.instances.push(Instance {
+                id: fleet.next_id,
+                launched: since,
+                ready: since,
+                serving_since: Some(since),
+                leaving_since: None,
+            });
+        }
+        fleet
     }
 
     /// Instance `id`, if it runs (instances are kept in launch order, so by id).

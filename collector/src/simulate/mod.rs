@@ -91,8 +91,8 @@ pub fn simulate(group: &GroupConfig, trace: &Trace, options: &Options) -> Result
         .unwrap_or_else(|| cpu_target(group).unwrap_or(anchors::TARGET_PERCENT));
     // Every policy starts with the group sized for the first demand, as the oracle would have it.
     let initial = needed(demand[0], &options.cloud, target, limits);
-    let fleet = || Fleet::new(options.cloud, start, step_ms, 0);
-    let mut ebb = ebb::EbbGroup::new(group, fleet(), initial)?;
+    let fleet = || Fleet::settled(options.cloud, start, step_ms, initial);
+    let mut ebb = ebb::EbbGroup::new(group, fleet())?;
     let mut others = Vec::new();
     for name in &options.compare {
         let anchor = anchors::anchor(name).ok_or_else(|| {
@@ -101,12 +101,7 @@ pub fn simulate(group: &GroupConfig, trace: &Trace, options: &Options) -> Result
                 anchors::NAMES.join(", ")
             )
         })?;
-        let mut fleet = fleet();
-        fleet.desired = ebb.fleet.desired;
-        for _ in 0..fleet.desired {
-            fleet.add_serving(start - 3_600_000);
-        }
-        others.push((name.clone(), anchor, fleet));
+        others.push((name.clone(), anchor, fleet()));
     }
     for (k, &d) in demand.iter().enumerate() {
         let now = start + k as Millis * step_ms;
